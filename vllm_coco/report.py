@@ -1,0 +1,83 @@
+"""`coco-tools report`: where the selected neurons sit, as a layer x projection table and heatmap."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from . import artifact
+from .errors import CocoError
+from .models import PROJS
+
+
+def counts(meta: dict, category: str | None = None) -> np.ndarray:
+    """[num_layers, 3] selected-neuron counts per layer and q/k/v projection."""
+    if category is None:
+        neurons = meta["neurons"]
+    elif category in meta["per_category"]:
+        neurons = meta["per_category"][category]["neurons"]
+    else:
+        raise CocoError(f"unknown category {category}; this artifact has {', '.join(meta['categories'])}")
+    grid = np.zeros((meta["model"]["num_layers"], 3), dtype=np.int64)
+    for n in neurons:
+        grid[n["layer"], PROJS.index(n["proj"])] += 1
+    return grid
+
+
+def table(grid: np.ndarray, meta: dict) -> str:
+    sizes = [meta["model"]["q_size"], meta["model"]["kv_size"], meta["model"]["kv_size"]]
+    lines = [f"{'layer':>5} {'q':>6} {'k':>6} {'v':>6} {'total':>6}"]
+    for layer, row in enumerate(grid):
+        lines.append(f"{layer:>5} " + " ".join(f"{c:>6}" for c in row) + f" {row.sum():>6}")
+    tot = grid.sum(0)
+    lines.append(f"{'all':>5} " + " ".join(f"{c:>6}" for c in tot) + f" {tot.sum():>6}")
+    share = [f"{100 * c / (s * grid.shape[0]):.2f}%" for c, s in zip(tot, sizes)]
+    lines.append(f"{'share':>5} " + " ".join(f"{s:>6}" for s in share))
+    return "\n".join(lines)
+
+
+def heatmap(grid: np.ndarray, title: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(3.2, max(3.0, 0.22 * grid.shape[0] + 1.2)))
+    im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
+    ax.set_xticks(range(3), ["q", "k", "v"])
+    ax.set_ylabel("layer")
+    ax.set_title(title, fontsize=9)
+    fig.colorbar(im, ax=ax, label="selected neurons")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def report(neurons_dir, png=None, category=None) -> str:
+    meta, _ = artifact.load(neurons_dir)
+    grid = counts(meta, category)
+    png = Path(png) if png else Path(neurons_dir) / "heatmap.png"
+    if not png.parent.is_dir():
+        raise CocoError(f"directory for --png does not exist: {png.parent}")
+    sel = meta["selection"]
+    what = category or "combined"
+    title = f"COCO neurons ({sel['baseline']}, {what})\n{Path(meta['model']['path']).name}: {grid.sum()} selected"
+    heatmap(grid, title, png)
+    sig = meta["significance"]
+    head = [f"{meta['model']['architecture']} {meta['model']['path']}",
+            f"selection: {sel['baseline']} {sel['rule']} "
+            f"{sel['ratio'] if sel['rule'] == 'ratio' else sel['threshold']}, {grid.sum()} neurons ({what})"]
+    if sig.get("null_best_score") is not None and category is None:
+        head.append(f"significance: {sig['beat_null']}/{sel['count']} beat the null's best score "
+                    f"{sig['null_best_score']:.4f}")
+    return "\n".join(head + [table(grid, meta), f"heatmap: {png}"])

@@ -1,0 +1,70 @@
+"""Which neurons to keep: top ratio (or threshold) by COCO score, the RAND / NORM / MACT baselines
+with the same count, and the per-neuron edit weights (spec, "Selection")."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import CocoError
+
+BASELINES = ("coco", "rand", "norm", "mact")
+WEIGHTINGS = ("magnitude", "signed")
+
+
+def count_for(total: int, ratio: float) -> int:
+    if not 0 < ratio <= 1:
+        raise CocoError(f"--ratio {ratio} is outside (0, 1]; pass e.g. --ratio 0.01 for 1% of neurons")
+    return max(1, round(ratio * total))
+
+
+def top_by_loss(loss: np.ndarray, k: int) -> np.ndarray:
+    """Indices of the k lowest losses, best first (ties by index: deterministic)."""
+    return np.lexsort((np.arange(len(loss)), loss))[:k]
+
+
+def above_threshold(score: np.ndarray, loss: np.ndarray, threshold: float) -> np.ndarray:
+    """Neurons whose score is at least `threshold`, best (lowest loss) first."""
+    keep = np.flatnonzero(score >= threshold)
+    return keep[np.lexsort((keep, loss[keep]))]
+
+
+def rand_like(selected: np.ndarray, proj: np.ndarray, seed: int) -> np.ndarray:
+    """RAND: random neurons with the same per-projection counts as `selected` (seeded)."""
+    rng = np.random.default_rng(seed)
+    out = []
+    for p in range(3):
+        k = int(np.sum(proj[selected] == p))
+        if k:
+            out.append(rng.choice(np.flatnonzero(proj == p), size=k, replace=False))
+    return np.concatenate(out) if out else np.empty(0, dtype=np.int64)
+
+
+def top_by_value(values: np.ndarray, k: int) -> np.ndarray:
+    """NORM / MACT: the k largest values, largest first."""
+    return np.lexsort((np.arange(len(values)), -values))[:k]
+
+
+def baseline(kind: str, coco_selected: np.ndarray, *, proj, weight_norm, mean_intensity, seed: int):
+    """The neuron set of a baseline with the same count as the COCO selection."""
+    k = len(coco_selected)
+    if kind == "coco":
+        return coco_selected
+    if kind == "rand":
+        return rand_like(coco_selected, proj, seed)
+    if kind == "norm":
+        return top_by_value(weight_norm, k)
+    if kind == "mact":
+        return top_by_value(mean_intensity, k)
+    raise CocoError(f"unknown --baseline {kind}; choose one of {', '.join(BASELINES)}")
+
+
+def edit_weights(directions: np.ndarray, weighting: str = "magnitude") -> np.ndarray:
+    """w_n from the directions of a set: |d|/max|d| in [0, 1] (magnitude) or d/max|d| in [-1, 1] (signed)."""
+    if weighting not in WEIGHTINGS:
+        raise CocoError(f"unknown --weighting {weighting}; choose magnitude or signed")
+    if len(directions) == 0:
+        return np.zeros(0)
+    peak = np.max(np.abs(directions))
+    if peak == 0:
+        return np.zeros_like(directions)
+    return (np.abs(directions) if weighting == "magnitude" else directions) / peak
