@@ -80,11 +80,17 @@ def planted_model(out: Path, seed=0) -> Path:
         emb.normal_(0, 0.1)
         emb[:, 0] = 0.0
         emb[:, 1] = 10.0  # every token: drives the HUGE neuron
-        emb[:, 2] = 0.0
+        emb[:, 2:5] = 0.0
+        # dims 3 and 4 compensate, so every response word has the same norm: RMSNorm then does
+        # not leak the biased/unbiased contrast into the HUGE neuron.
         for w in BIASED:
             emb[vocab[w], 0] = 3.0
+        for w in UNBIASED:
+            emb[vocab[w], 3] = 3.0 * 2 ** 0.5  # biased words carry two dims of 3.0 (0, and 2 or 4)
         for w in BIASED[:5]:
             emb[vocab[w], 2] = 3.0
+        for w in BIASED[5:]:
+            emb[vocab[w], 4] = 3.0
         layers = model.model.layers
         for layer, proj, index in PLANTED + [HUGE, PARTIAL]:
             dim = 0 if (layer, proj, index) in PLANTED else 1 if (layer, proj, index) == HUGE else 2
@@ -97,7 +103,7 @@ def planted_model(out: Path, seed=0) -> Path:
         for layer in layers:
             for proj in ("q", "k", "v"):
                 w = getattr(layer.self_attn, f"{proj}_proj").weight
-                w[:, :3] = torch.where(w[:, :3].abs() >= 1.0, w[:, :3], torch.zeros_like(w[:, :3]))
+                w[:, :5] = torch.where(w[:, :5].abs() >= 1.0, w[:, :5], torch.zeros_like(w[:, :5]))
     return save_model(model, tok, out)
 
 

@@ -37,6 +37,9 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[P
     """
     out = check_output_dir(out, force)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a normal mkdir
     try:
         yield tmp
     except BaseException:

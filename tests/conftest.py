@@ -1,0 +1,46 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # tests never reach a hub
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def planted(tmp_path_factory):
+    """(model_dir, pairs.jsonl) of the planted-neuron tiny model."""
+    import tiny
+
+    root = tmp_path_factory.mktemp("planted")
+    return tiny.planted_model(root / "model"), tiny.planted_pairs(root / "pairs.jsonl")
+
+
+@pytest.fixture(scope="session")
+def demo_model(tmp_path_factory):
+    """The SmolLM2 demo model (Llama), materialized once per session (slow: ~30 s)."""
+    from vllm_coco.models import write_demo_model
+
+    out = tmp_path_factory.mktemp("demo") / "smollm2"
+    write_demo_model(out, "llama")
+    return out
+
+
+def run_cli(*args):
+    """Run coco-tools in-process; returns (exit_code, stdout, stderr)."""
+    import contextlib
+    import io
+
+    from vllm_coco.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main([str(a) for a in args])
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+    return code, out.getvalue(), err.getvalue()

@@ -1,0 +1,86 @@
+"""The vectorized COCO score against a direct, loop-by-loop transcription of the formula."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_coco import scoring
+
+
+def slow_loss(a, b, plan, tau):
+    """Direct transcription of the spec for one neuron: a, b are 1-D lists of floats."""
+    both = np.concatenate([a, b])
+    sigma = max(both.std(), 1e-6 * np.abs(both).mean() + 1e-12)
+
+    def s(u, v):
+        return -abs(u - v) / (tau * sigma)
+
+    losses = []
+    for anchors, pos, pool, neg in ((a, plan.pos_a, b, plan.neg_a), (b, plan.pos_b, a, plan.neg_b)):
+        for i, x in enumerate(anchors):
+            num = math.exp(s(x, anchors[pos[i]]))
+            den = num + sum(math.exp(s(x, pool[j])) for j in neg[i])
+            losses.append(-math.log(num / den))
+    return float(np.mean(losses))
+
+
+@pytest.mark.parametrize("n_a,n_b,k", [(7, 7, 256), (9, 5, 256), (12, 12, 4)])
+def test_vectorized_equals_direct(n_a, n_b, k):
+    rng = np.random.default_rng(1)
+    n = 23
+    a = rng.gamma(2.0, 1.0, size=(n_a, n))
+    b = rng.gamma(2.0, 1.0, size=(n_b, n)) + np.linspace(0, 3, n)  # growing contrast across neurons
+    plan = scoring.Plan.make(n_a, n_b, seed=3, k=k)
+    fast = scoring.coco_loss(torch.from_numpy(a), torch.from_numpy(b), plan, tau=0.1).numpy()
+    slow = np.array([slow_loss(a[:, j], b[:, j], plan, 0.1) for j in range(n)])
+    np.testing.assert_allclose(fast, slow, rtol=1e-9, atol=1e-12)
+
+
+def test_chunking_does_not_change_results(monkeypatch):
+    rng = np.random.default_rng(2)
+    a, b = torch.from_numpy(rng.random((10, 50))), torch.from_numpy(rng.random((10, 50)) + 0.3)
+    plan = scoring.Plan.make(10, 10, seed=0)
+    whole = scoring.coco_loss(a, b, plan)
+    monkeypatch.setattr(scoring, "CHUNK_ELEMENTS", 100 * 3)  # 3 neurons per chunk
+    np.testing.assert_allclose(scoring.coco_loss(a, b, plan).numpy(), whole.numpy(), rtol=1e-13)
+
+
+def test_separated_neuron_keeps_precision_near_zero():
+    """Perfectly separated neurons have L near 0, where S = log(1+K) - L rounds to the same float:
+    the loss must keep its digits, since ranking uses it."""
+    a = torch.tensor([[1.0, 1.0], [1.0001, 1.0], [0.9999, 1.0]], dtype=torch.float64)
+    b = torch.tensor([[9.0, 9.0], [9.0001, 9.0], [8.9999, 9.0]], dtype=torch.float64)
+    plan = scoring.Plan.make(3, 3, seed=0)
+    loss = scoring.coco_loss(a, b, plan, tau=0.02).numpy()
+    assert np.all(loss > 0) and np.all(loss < 1e-30)
+    assert loss[1] < loss[0]  # neuron 1 has no spread within a set: the tighter cluster ranks first
+    score = plan.log1pk - loss
+    assert score[0] == score[1]  # ... which the score alone could not tell
+
+
+def test_no_contrast_scores_below_zero():
+    rng = np.random.default_rng(0)
+    x = torch.from_numpy(rng.random((60, 40)))
+    plan = scoring.Plan.make(30, 30, seed=0)
+    score = plan.log1pk - scoring.coco_loss(x[:30], x[30:], plan).numpy()
+    assert np.all(score < 0)
+
+
+def test_derangement_and_null_rounds():
+    rng = np.random.default_rng(0)
+    for n in (2, 3, 10):
+        p = scoring.derangement(n, rng)
+        assert sorted(p) == list(range(n)) and not np.any(p == np.arange(n))
+    rounds = scoring.null_rounds(5, 5, paired=True, rounds=2, seed=0)
+    for ia, ib in rounds:
+        assert sorted(np.concatenate([ia, ib])) == list(range(10))
+        assert np.all(np.abs(ia - ib) == 5)  # each pair stays a pair, labels maybe swapped
+    assert scoring.null_rounds(5, 5, True, 2, seed=0)[0][0].tolist() == rounds[0][0].tolist()
+
+
+def test_direction_sign():
+    a = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
+    b = torch.tensor([[5.0], [6.0]], dtype=torch.float64)
+    assert scoring.direction(a, b).item() > 0
