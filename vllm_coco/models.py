@@ -134,6 +134,20 @@ def attention_layers(model) -> list:
     return found
 
 
+def check_architecture(config) -> None:
+    """Fail fast, before loading any weight, on an architecture without separate q/k/v projections."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            skeleton = AutoModelForCausalLM.from_config(config)
+    except ValueError as exc:
+        first = str(exc).strip().splitlines()[0]
+        raise CocoError(f"cannot build a causal LM from this config: {first}") from None
+    attention_layers(skeleton)
+
+
 def layout_of(model) -> NeuronLayout:
     layers = attention_layers(model)
     a = layers[0]
@@ -153,9 +167,14 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from transformers import AutoConfig
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is happening
     config = read_config(model_dir)
     if "coco" in config:
         raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
+    check_architecture(AutoConfig.from_pretrained(model_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     except Exception as exc:
