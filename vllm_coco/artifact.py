@@ -59,3 +59,26 @@ def artifact_hash(neurons_dir: str | Path) -> str:
     for name in (JSON_NAME, ARRAYS_NAME):
         h.update((Path(neurons_dir) / name).read_bytes())
     return "sha256:" + h.hexdigest()
+
+
+def check_model_matches(meta: dict, model_dir, force: bool = False) -> str:
+    """The artifact must come from exactly these weights (fingerprint) and this layout.
+
+    Returns the model's fingerprint. A fingerprint mismatch is refused unless `force`; a layout
+    mismatch always is (the neuron addresses would point at the wrong channels).
+    """
+    from .models import fingerprint, read_config
+
+    cfg = read_config(model_dir)
+    heads, kv_heads = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
+    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None)
+    m = meta["model"]
+    if (cfg.get("num_hidden_layers"), heads and heads * head_dim, kv_heads and kv_heads * head_dim) != (
+            m["num_layers"], m["q_size"], m["kv_size"]):
+        raise CocoError(f"the neuron artifact is for a model with {m['num_layers']} layers, q_size {m['q_size']}, "
+                        f"kv_size {m['kv_size']}, which {model_dir} is not; pass the model it was identified on")
+    fp = fingerprint(model_dir)
+    if fp != m["fingerprint"] and not force:
+        raise CocoError(f"the neuron artifact was identified on other weights ({m['fingerprint'][:19]}…) than "
+                        f"{model_dir} ({fp[:19]}…); pass the same model, or --force to edit anyway")
+    return fp

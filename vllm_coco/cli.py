@@ -117,6 +117,34 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
 
 
 @cli.command(epilog=EXIT_CODES)
+@click.argument("model")
+@click.argument("neurons_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="NE model directory to create.")
+@click.option("--alpha", type=float, default=1.0, show_default=True, help="Gate strength (0: exactly the base model).")
+@click.option("--beta", type=float, default=2.0, show_default=True, help="Gate sharpness.")
+@click.option("--lam", type=float, default=0.5, show_default=True, help="Weight of the networked engagement (W_hat).")
+@click.option("--ratio", type=float, help="Share of q and v neurons to gate, by |direction| "
+              "(default: the artifact's ratio).")
+@click.option("--force", is_flag=True, help="Replace --out; or edit a model whose fingerprint differs.")
+def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force):
+    """Export an NE-COCO directory: MODEL's weights unchanged plus a runtime nonlinear gate on
+    the selected q/v channels (coco_gate.safetensors; config names CocoLlamaForCausalLM or
+    CocoMistralForCausalLM). Serve it with vLLM and the vllm-coco plugin, or load it in Python
+    with vllm_coco.hf_reference.load_ne_model(DIR).
+
+    \b
+    Examples:
+      coco-tools ne models/smollm2 runs/neurons --out runs/smollm2-ne
+      coco-tools ne models/smollm2 runs/neurons --out runs/ne-strong --alpha 2 --beta 4 --lam 0.2
+    """
+    from .ne import write_ne
+
+    coco = write_ne(model, neurons_dir, out, alpha, beta, lam, ratio, force)
+    click.echo(f"wrote NE-COCO model ({coco['count']} gated channels in "
+               f"{sum(1 for c in coco['gate_channels'] if c)} layers, alpha={alpha}, beta={beta}, lam={lam}) to {out}")
+
+
+@cli.command(epilog=EXIT_CODES)
 @click.argument("neurons_dir", type=click.Path())
 @click.option("--png", type=click.Path(dir_okay=False), help="Heatmap path (default: NEURONS_DIR/heatmap.png).")
 @click.option("--category", help="Show one category's selection instead of the combined one.")
@@ -130,6 +158,39 @@ def report(neurons_dir, png, category):
     from .report import report as run
 
     click.echo(run(neurons_dir, png, category))
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("model")
+@click.argument("neurons_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False),
+              help="Directory to create: the edited model, or with --lora the adapter.")
+@click.option("--mode", type=click.Choice(["le", "ablate-zero", "ablate-mean"]), default="le", show_default=True,
+              help="le: scale each selected row by 1 + alpha*w; ablate-zero: zero the row (and bias); "
+                   "ablate-mean: zero the row, set its bias to the neuron's calibration mean.")
+@click.option("--alpha", type=float, help="LE strength (--mode le only)  [default: 1.0]")
+@click.option("--lora", is_flag=True, help="Write the LE edit as a PEFT LoRA adapter on q/k/v_proj instead of "
+                                           "a full checkpoint (serve with vLLM --enable-lora).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists, and bake even if MODEL's weights "
+                                            "differ from the ones the neurons were identified on.")
+def bake(model, neurons_dir, out, mode, alpha, lora, force):
+    """Bake the edit of the neurons in NEURONS_DIR (from `coco-tools identify`) into a copy of MODEL:
+    LE-COCO (linear enhancement) or an ablation, written as safetensors with the same shards,
+    config and tokenizer, plus OUT/coco_edit.json recording the provenance. MODEL is only read.
+
+    \b
+    Examples:
+      coco-tools bake models/smollm2 runs/neurons --out models/smollm2-le
+      coco-tools bake models/smollm2 runs/neurons --out models/smollm2-le05 --alpha 0.5
+      coco-tools bake models/smollm2 runs/neurons --out adapters/le --lora
+      coco-tools bake models/smollm2 runs/neurons --out models/smollm2-abl --mode ablate-mean
+    """
+    from .bake import bake as run
+
+    rec = run(model, neurons_dir, out, mode=mode, alpha=alpha, lora=lora, force=force)
+    what = f"LoRA adapter (rank {rec['rank']})" if lora else "checkpoint"
+    strength = f" alpha {rec['alpha']}" if mode == "le" else ""
+    click.echo(f"baked {mode}{strength} on {rec['count']} neurons as a {what} -> {out}")
 
 
 def main(argv=None):

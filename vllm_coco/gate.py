@@ -1,0 +1,38 @@
+"""The NE-COCO gate (spec, "Edits", NE-COCO): the one implementation shared by the Hugging Face
+reference and the vLLM model.
+
+    z = (|h_S| - mu) / sigma          standardized intensity, per token
+    e = sign(w) * z                   engagement: > 0 on the unbiased side
+    m = (1 - lam) * e + lam * W_hat e networked engagement
+    g = 1 + alpha * w * logistic(beta * m)
+    h_S <- h_S * g
+
+Pure torch, shape-static (index_select / index_copy, no boolean masks), no host synchronisation,
+so it traces under torch.compile and is safe inside CUDA graphs. `alpha` may be a per-token
+tensor [tokens, 1], so per-request strength needs no rewrite.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def ne_gain(h_sel: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor,
+            w_hat: torch.Tensor, alpha, beta: float, lam: float) -> torch.Tensor:
+    """Gain g for the selected channels. h_sel: [tokens, S]; mu, sigma, w: [S]; w_hat: [S, S];
+    alpha: float or [tokens, 1]. Returns [tokens, S] in float32."""
+    z = (h_sel.float().abs() - mu) / sigma  # [tokens, S]
+    e = torch.sign(w) * z  # [tokens, S]
+    m = (1.0 - lam) * e + lam * (e @ w_hat.t())  # [tokens, S]; (W_hat e)_i = Σ_j W_hat[i, j] e_j
+    return 1.0 + alpha * w * torch.sigmoid(beta * m)
+
+
+def apply_gate(x: torch.Tensor, channels: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
+               w: torch.Tensor, w_hat: torch.Tensor, alpha, beta: float, lam: float) -> torch.Tensor:
+    """x: [..., width] (the packed [q | k | v] projection output); channels: [S] int64 indices into
+    the last dim. Returns x with the selected channels scaled by the gain (out of place)."""
+    shape = x.shape
+    flat = x.reshape(-1, shape[-1])  # [tokens, width]
+    sel = flat.index_select(1, channels)  # [tokens, S]
+    gain = ne_gain(sel, mu, sigma, w, w_hat, alpha, beta, lam)
+    return flat.index_copy(1, channels, (sel.float() * gain).to(x.dtype)).reshape(shape)

@@ -1,0 +1,148 @@
+"""`coco-tools ne`: export an NE-COCO model directory (base weights unchanged + a runtime gate).
+
+Neuron set (spec): the top `ratio` of all q and v neurons by inter-contrast |d_n| (combined
+direction), relaxing intra-consistency. Per layer l with S_l selected channels, the gate tensors are
+
+    model.layers.{l}.self_attn.coco_gate.channels  int64   [S_l]  indices into the packed [q | k | v] output
+    model.layers.{l}.self_attn.coco_gate.mu        float32 [S_l]  calibration mean of |h|
+    model.layers.{l}.self_attn.coco_gate.sigma     float32 [S_l]  calibration std of |h| (floored)
+    model.layers.{l}.self_attn.coco_gate.w         float32 [S_l]  edit weights (artifact's weighting)
+    model.layers.{l}.self_attn.coco_gate.w_hat     float32 [S_l, S_l]  |Pearson| of intensities, zero
+                                                                      diagonal, rows summing to 1
+
+stored in coco_gate.safetensors. The names avoid ".q_proj"/".v_proj", which vLLM's loader rewrites.
+config.json names CocoLlamaForCausalLM / CocoMistralForCausalLM (model_type coco_llama /
+coco_mistral) and carries a `coco` section with the hyperparameters and `gate_channels` (S_l per
+layer, so a model can allocate the gate before loading weights).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+
+from . import METHOD_VERSION, __version__, artifact
+from .atomic import atomic_output_dir, check_output_dir
+from .errors import CocoError
+from .models import NeuronLayout, read_config, resolve_model_dir
+from .ne_config import BASE_TO_NE_ARCH
+from .selection import edit_weights
+
+GATE_FILE = "coco_gate.safetensors"
+GATE_KEYS = ("channels", "mu", "sigma", "w", "w_hat")
+SIGMA_FLOOR = 1e-6
+
+
+def gate_prefix(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.coco_gate"
+
+
+def select_ne(arrays: dict, ratio: float) -> np.ndarray:
+    """Flat ids of the top `ratio` of q and v neurons by |direction|, best first."""
+    from .selection import count_for, top_by_value
+
+    qv = np.flatnonzero(arrays["proj"] != 1)  # q = 0, v = 2
+    k = count_for(len(qv), ratio)
+    return qv[top_by_value(np.abs(arrays["direction"][qv].astype(np.float64)), k)]
+
+
+def w_hat_of(x: np.ndarray) -> np.ndarray:
+    """x: [examples, S] intensities -> [S, S] |Pearson r|, zero diagonal, rows scaled to sum 1."""
+    x = x.astype(np.float64)
+    x = x - x.mean(0)
+    norm = np.sqrt((x * x).sum(0))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.abs((x.T @ x) / np.outer(norm, norm))
+    r = np.nan_to_num(r, nan=0.0)  # a constant channel correlates with nothing
+    np.fill_diagonal(r, 0.0)
+    sums = r.sum(1, keepdims=True)
+    return np.divide(r, sums, out=np.zeros_like(r), where=sums > 0)
+
+
+def build_gate(meta: dict, arrays: dict, neurons_dir: Path, ratio: float) -> dict[int, dict[str, np.ndarray]]:
+    """Per-layer gate tensors for the NE neuron set (layers without a selected channel are absent)."""
+    from .capture import open_matrix
+
+    layout = NeuronLayout(meta["model"]["num_layers"], meta["model"]["q_size"], meta["model"]["kv_size"])
+    sel = select_ne(arrays, ratio)
+    w_all = edit_weights(arrays["direction"][sel].astype(np.float64), meta["selection"]["weighting"])
+    matrix_path = Path(neurons_dir) / artifact.MATRIX_FILE
+    if not matrix_path.is_file():
+        raise CocoError(f"{neurons_dir} lacks {artifact.MATRIX_FILE} (NE needs the calibration intensities); "
+                        "re-run `coco-tools identify`")
+    matrix = open_matrix(matrix_path)
+    gate = {}
+    for layer in range(layout.num_layers):
+        mine = np.flatnonzero(sel // layout.per_layer == layer)
+        if len(mine) == 0:
+            continue
+        ids = sel[mine][np.argsort(sel[mine])]  # ascending channel order
+        w = w_all[mine][np.argsort(sel[mine])]
+        gate[layer] = {
+            "channels": (ids - layer * layout.per_layer).astype(np.int64),
+            "mu": arrays["calib_mean"][ids].astype(np.float32),
+            "sigma": np.maximum(arrays["calib_std"][ids], SIGMA_FLOOR).astype(np.float32),
+            "w": w.astype(np.float32),
+            "w_hat": w_hat_of(np.asarray(matrix[:, ids], dtype=np.float32)).astype(np.float32),
+        }
+    return gate
+
+
+def check_hyper(alpha: float, beta: float, lam: float, w_min: float) -> None:
+    if not 0 <= lam <= 1:
+        raise CocoError(f"--lam {lam} is outside [0, 1]")
+    if beta <= 0:
+        raise CocoError(f"--beta {beta} must be positive")
+    if 1 + min(0.0, alpha * w_min) < 0 or 1 + alpha < 0:
+        raise CocoError(f"--alpha {alpha} can make a gate factor 1 + alpha*w*logistic(.) negative; "
+                        "choose an alpha with 1 + alpha*w >= 0 for every weight")
+
+
+def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: float = 2.0, lam: float = 0.5,
+             ratio: float | None = None, force: bool = False) -> dict:
+    """Write an NE-COCO directory; returns its `coco` config section."""
+    from safetensors.numpy import save_file
+
+    from .selection import count_for
+
+    model_dir = resolve_model_dir(model)
+    meta, arrays = artifact.load(neurons_dir)
+    check_output_dir(out, force, sources=(model_dir, Path(neurons_dir)))
+    config = read_config(model_dir)
+    base_arch = (config.get("architectures") or ["?"])[0]
+    if base_arch not in BASE_TO_NE_ARCH:
+        raise CocoError(f"NE-COCO supports {', '.join(BASE_TO_NE_ARCH)}; {model_dir} is {base_arch}")
+    if ratio is None:  # default: the ratio the artifact was selected with
+        ratio = meta["selection"]["ratio"] or 0.01
+    count_for(1000, ratio)
+    fp = artifact.check_model_matches(meta, model_dir, force)
+    gate = build_gate(meta, arrays, Path(neurons_dir), ratio)
+    w_min = min(float(g["w"].min()) for g in gate.values())
+    check_hyper(alpha, beta, lam, w_min)
+
+    coco = {"method": METHOD_VERSION, "edit": "ne", "tool": f"vllm-coco {__version__}",
+            "alpha": alpha, "beta": beta, "lam": lam, "ratio": ratio,
+            "weighting": meta["selection"]["weighting"], "base_architecture": base_arch,
+            "gate_channels": [int(len(gate[l]["channels"])) if l in gate else 0
+                              for l in range(meta["model"]["num_layers"])],
+            "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp}
+    coco["count"] = sum(coco["gate_channels"])
+    with atomic_output_dir(out, force) as tmp:
+        for f in model_dir.iterdir():
+            if f.is_file() and f.name != "config.json":
+                shutil.copy2(f, tmp / f.name)  # base weights and tokenizer: byte-identical
+        tensors = {f"{gate_prefix(l)}.{k}": np.ascontiguousarray(g[k]) for l, g in gate.items() for k in GATE_KEYS}
+        save_file(tensors, str(tmp / GATE_FILE), metadata={"format": "pt", "method": METHOD_VERSION})
+        index = tmp / "model.safetensors.index.json"
+        if index.exists():  # sharded base: the index must list the gate tensors too
+            idx = json.loads(index.read_text())
+            idx["weight_map"].update({name: GATE_FILE for name in tensors})
+            index.write_text(json.dumps(idx, indent=2) + "\n")
+        config["architectures"] = [BASE_TO_NE_ARCH[base_arch]]
+        config["model_type"] = "coco_" + config["model_type"]
+        config["coco"] = coco
+        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    return coco
