@@ -114,18 +114,20 @@ def test_ne_directory_layout(planted, artifact_dir, tmp_path):
     gate_t = load_file(str(out / "coco_gate.safetensors"))
     assert all(".q_proj" not in k and ".v_proj" not in k for k in gate_t)
     n_qv = 2 * (64 + 32)
-    assert coco["count"] == round(0.05 * n_qv) == sum(coco["gate_channels"])
+    assert coco["count"] == round(0.05 * n_qv) == sum(len(c) for c in coco["channels"])
     _, arrays = __import__("vllm_coco.artifact", fromlist=["load"]).load(artifact_dir)
     sel = ne.select_ne(arrays, 0.05)
     assert np.all(arrays["proj"][sel] != 1)  # q and v only
     d = np.abs(arrays["direction"][arrays["proj"] != 1])
     assert np.isclose(np.sort(d)[::-1][len(sel) - 1], np.abs(arrays["direction"][sel]).min())
-    for layer, n in enumerate(coco["gate_channels"]):
+    for layer, chans in enumerate(coco["channels"]):
+        n = len(chans)
         if n:
             wh = gate_t[f"model.layers.{layer}.self_attn.coco_gate.w_hat"]
             assert wh.shape == (n, n) and np.all(np.diag(wh) == 0)
             assert np.allclose(wh.sum(1)[wh.sum(1) > 0], 1)
             ch = gate_t[f"model.layers.{layer}.self_attn.coco_gate.channels"]
+            assert ch.tolist() == chans
             assert np.all(np.diff(ch) > 0) and np.all(ch < 128) and not np.any((ch >= 64) & (ch < 96))
     # base weights byte-identical
     assert (out / "model.safetensors").read_bytes() == (planted[0] / "model.safetensors").read_bytes()
@@ -170,8 +172,8 @@ def test_hf_reference_equals_manual_gating(planted, artifact_dir, tmp_path):
     coco = json.loads((out / "config.json").read_text())["coco"]
     t = load_file(str(out / "coco_gate.safetensors"))
     handles = []
-    for layer, n in enumerate(coco["gate_channels"]):
-        if not n:
+    for layer, chans in enumerate(coco["channels"]):
+        if not chans:
             continue
         g = {k: torch.from_numpy(t[f"model.layers.{layer}.self_attn.coco_gate.{k}"]) for k in
              ("channels", "mu", "sigma", "w", "w_hat")}

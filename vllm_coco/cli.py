@@ -141,7 +141,7 @@ def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force):
 
     coco = write_ne(model, neurons_dir, out, alpha, beta, lam, ratio, force)
     click.echo(f"wrote NE-COCO model ({coco['count']} gated channels in "
-               f"{sum(1 for c in coco['gate_channels'] if c)} layers, alpha={alpha}, beta={beta}, lam={lam}) to {out}")
+               f"{sum(1 for c in coco['channels'] if c)} layers, alpha={alpha}, beta={beta}, lam={lam}) to {out}")
 
 
 @cli.command(epilog=EXIT_CODES)

@@ -14,25 +14,35 @@ tensor [tokens, 1], so per-request strength needs no rewrite.
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 
 
 def ne_gain(h_sel: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor,
-            w_hat: torch.Tensor, alpha, beta: float, lam: float) -> torch.Tensor:
+            w_hat: torch.Tensor, alpha, beta: float, lam: float,
+            gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Gain g for the selected channels. h_sel: [tokens, S]; mu, sigma, w: [S]; w_hat: [S, S];
-    alpha: float or [tokens, 1]. Returns [tokens, S] in float32."""
+    alpha: float or [tokens, 1]. Returns [tokens, S] (float32 or wider).
+
+    Under tensor parallelism a rank holds S_r of the channels: `gather` maps its engagement
+    [tokens, S_r] to every rank's [tokens, C] (an all-gather, see sharding.py) and w_hat is then
+    this rank's rows over those columns, [S_r, C].
+    """
     z = (h_sel.float().abs() - mu) / sigma  # [tokens, S]
     e = torch.sign(w) * z  # [tokens, S]
-    m = (1.0 - lam) * e + lam * (e @ w_hat.t())  # [tokens, S]; (W_hat e)_i = Σ_j W_hat[i, j] e_j
+    e_all = e if gather is None else gather(e)  # [tokens, C]
+    m = (1.0 - lam) * e + lam * (e_all @ w_hat.t())  # [tokens, S]; (W_hat e)_i = Σ_j W_hat[i, j] e_j
     return 1.0 + alpha * w * torch.sigmoid(beta * m)
 
 
 def apply_gate(x: torch.Tensor, channels: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-               w: torch.Tensor, w_hat: torch.Tensor, alpha, beta: float, lam: float) -> torch.Tensor:
+               w: torch.Tensor, w_hat: torch.Tensor, alpha, beta: float, lam: float,
+               gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """x: [..., width] (the packed [q | k | v] projection output); channels: [S] int64 indices into
     the last dim. Returns x with the selected channels scaled by the gain (out of place)."""
     shape = x.shape
     flat = x.reshape(-1, shape[-1])  # [tokens, width]
     sel = flat.index_select(1, channels)  # [tokens, S]
-    gain = ne_gain(sel, mu, sigma, w, w_hat, alpha, beta, lam)
+    gain = ne_gain(sel, mu, sigma, w, w_hat, alpha, beta, lam, gather)
     return flat.index_copy(1, channels, (sel.float() * gain).to(x.dtype)).reshape(shape)

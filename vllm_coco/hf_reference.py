@@ -88,7 +88,7 @@ def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu
     tensors = load_file(str(ne_dir / GATE_FILE))
     a = coco["alpha"] if alpha is None else alpha
     for layer, decoder_layer in enumerate(model.model.layers):
-        if coco["gate_channels"][layer] == 0:
+        if not coco["channels"][layer]:
             continue
         gate = {k: tensors[f"{gate_prefix(layer)}.{k}"] for k in GATE_KEYS}
         decoder_layer.self_attn = GatedAttention(decoder_layer.self_attn, gate, a, coco["beta"], coco["lam"])

@@ -12,8 +12,9 @@ direction), relaxing intra-consistency. Per layer l with S_l selected channels, 
 
 stored in coco_gate.safetensors. The names avoid ".q_proj"/".v_proj", which vLLM's loader rewrites.
 config.json names CocoLlamaForCausalLM / CocoMistralForCausalLM (model_type coco_llama /
-coco_mistral) and carries a `coco` section with the hyperparameters and `gate_channels` (S_l per
-layer, so a model can allocate the gate before loading weights).
+coco_mistral) and carries a `coco` section with the hyperparameters and `channels` (per layer, the
+gated indices into the packed output), so that a tensor-parallel rank can size its own share of
+the gate before any weight is loaded.
 """
 
 from __future__ import annotations
@@ -126,10 +127,10 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
     coco = {"method": METHOD_VERSION, "edit": "ne", "tool": f"vllm-coco {__version__}",
             "alpha": alpha, "beta": beta, "lam": lam, "ratio": ratio,
             "weighting": meta["selection"]["weighting"], "base_architecture": base_arch,
-            "gate_channels": [int(len(gate[l]["channels"])) if l in gate else 0
-                              for l in range(meta["model"]["num_layers"])],
+            "channels": [gate[l]["channels"].tolist() if l in gate else []
+                         for l in range(meta["model"]["num_layers"])],
             "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp}
-    coco["count"] = sum(coco["gate_channels"])
+    coco["count"] = sum(len(c) for c in coco["channels"])
     with atomic_output_dir(out, force) as tmp:
         for f in model_dir.iterdir():
             if f.is_file() and f.name != "config.json":

@@ -1,0 +1,82 @@
+"""Tensor-parallel sharding of the NE gate, checked against a simulated QKVParallelLinear for
+tp = 1, 2, 4 with and without replicated KV heads (no GPUs needed)."""
+
+import numpy as np
+import pytest
+import torch
+
+from vllm_coco.gate import ne_gain
+from vllm_coco.sharding import HeadLayout, shard_plan
+
+
+def rank_outputs(packed: np.ndarray, heads: HeadLayout, tp: int):
+    """What vLLM's QKVParallelLinear gives each rank: [q heads of r | k heads | v heads]."""
+    d = heads.head_dim
+    q = packed[..., :heads.q_size].reshape(*packed.shape[:-1], heads.num_heads, d)
+    k = packed[..., heads.q_size:heads.q_size + heads.kv_size].reshape(*packed.shape[:-1], heads.num_kv_heads, d)
+    v = packed[..., heads.q_size + heads.kv_size:].reshape(*packed.shape[:-1], heads.num_kv_heads, d)
+    q_per = heads.num_heads // tp
+    kv_per = max(1, heads.num_kv_heads // tp)
+    replicas = max(1, tp // heads.num_kv_heads)
+    outs = []
+    for r in range(tp):
+        b = r // replicas
+        parts = [q[..., r * q_per:(r + 1) * q_per, :], k[..., b * kv_per:(b + 1) * kv_per, :],
+                 v[..., b * kv_per:(b + 1) * kv_per, :]]
+        outs.append(np.concatenate([p.reshape(*p.shape[:-2], -1) for p in parts], -1))
+    return outs
+
+
+CASES = [(HeadLayout(8, 4, 4), tp) for tp in (1, 2, 4)] + [(HeadLayout(8, 2, 4), 4), (HeadLayout(4, 1, 8), 2),
+                                                           (HeadLayout(8, 1, 2), 4)]
+
+
+@pytest.mark.parametrize("heads,tp", CASES)
+def test_each_rank_holds_exactly_its_own_channels(heads, tp):
+    width = heads.q_size + 2 * heads.kv_size
+    rng = np.random.default_rng(tp)
+    channels = np.sort(rng.choice(width, size=min(12, width), replace=False))
+    packed = rng.standard_normal((3, width))  # [tokens, width] with distinct values per channel
+    outs = rank_outputs(packed, heads, tp)
+    seen = np.zeros(len(channels), dtype=int)
+    for r in range(tp):
+        plan = shard_plan(channels, heads, tp, r)
+        np.testing.assert_array_equal(outs[r][:, plan.local], packed[:, channels[plan.rows]])
+        seen[plan.rows] += 1
+        # nothing else on this rank is a gated channel
+        others = np.setdiff1d(np.arange(outs[r].shape[1]), plan.local)
+        for c in others:
+            assert not any(np.array_equal(outs[r][:, c], packed[:, g]) for g in channels)
+    replicas = max(1, tp // heads.num_kv_heads)
+    is_kv = channels >= heads.q_size
+    assert np.all(seen[~is_kv] == 1) and np.all(seen[is_kv] == replicas)
+
+
+@pytest.mark.parametrize("heads,tp", CASES)
+def test_sharded_gain_equals_the_single_device_gain(heads, tp):
+    """Gathering padded engagements and using the rank's W_hat rows reproduces the tp=1 gain."""
+    width = heads.q_size + 2 * heads.kv_size
+    rng = np.random.default_rng(7 + tp)
+    s = min(10, width)
+    channels = np.sort(rng.choice(width, size=s, replace=False))
+    packed = torch.from_numpy(rng.standard_normal((5, width)))
+    mu, sigma = torch.rand(s, dtype=torch.float64), torch.rand(s, dtype=torch.float64) + 0.5
+    w = torch.rand(s, dtype=torch.float64) * 2 - 1
+    w_hat = np.abs(rng.standard_normal((s, s)))
+    np.fill_diagonal(w_hat, 0)
+    w_hat /= w_hat.sum(1, keepdims=True)
+    want = ne_gain(packed[:, channels], mu, sigma, w, torch.from_numpy(w_hat), 0.8, 2.0, 0.5)
+
+    outs = [torch.from_numpy(o) for o in rank_outputs(packed.numpy(), heads, tp)]
+    plans = [shard_plan(channels, heads, tp, r) for r in range(tp)]
+
+    def gather(es):  # the all-gather: every rank's e padded to P, concatenated
+        return torch.cat([torch.nn.functional.pad(e, (0, p.pad - e.shape[1])) for e, p in zip(es, plans)], -1)
+
+    # engagement of each rank's own channels, as the model computes it before the all-gather
+    es = [torch.sign(w[p.rows]) * ((o[:, p.local].abs() - mu[p.rows]) / sigma[p.rows]) for o, p in zip(outs, plans)]
+    gathered = gather(es)
+    for r, (o, p) in enumerate(zip(outs, plans)):
+        got = ne_gain(o[:, p.local], mu[p.rows], sigma[p.rows], w[p.rows],
+                      torch.from_numpy(p.w_hat_rows(w_hat)), 0.8, 2.0, 0.5, gather=lambda e: gathered)
+        torch.testing.assert_close(got, want[:, p.rows].float() if got.dtype == torch.float32 else want[:, p.rows])

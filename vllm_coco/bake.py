@@ -1,0 +1,362 @@
+"""The `coco-tools bake` job: write an edited copy of a model (LE-COCO or an ablation), or the
+LE-COCO edit as a PEFT LoRA adapter (spec, "Edits").
+
+Everything works on the safetensors files directly, one shard at a time; the model is never
+instantiated. Only the rows of the selected neurons in `...layers.{l}.self_attn.{q,k,v}_proj.weight`
+(and `.bias`) change; every other tensor, each file's safetensors metadata and the shard layout
+are kept, and the non-weight files (config, tokenizer, chat template, ...) are copied unchanged.
+
+    le           W[j,:] <- (1 + alpha * w_n) * W[j,:]   (bias likewise)
+    ablate-zero  W[j,:] <- 0, b_j <- 0
+    ablate-mean  W[j,:] <- 0, b_j <- calib_mean_n       (the neuron outputs a constant)
+    le --lora    B = E_R diag(alpha * w_R), A = W_R per (layer, projection): W + B A is the LE edit
+
+The source directory is only read. Inputs are JSON and safetensors: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import METHOD_VERSION, __version__, artifact
+from .atomic import atomic_output_dir, check_output_dir
+from .errors import CocoError
+from .models import PROJS, NeuronLayout, fingerprint, read_config, resolve_model_dir
+
+MODES = ("le", "ablate-zero", "ablate-mean")
+EDIT_JSON = "coco_edit.json"
+INDEX_JSON = "model.safetensors.index.json"
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+# Weight formats other than safetensors: never read (they may be pickles) and never copied (an
+# unedited copy of the weights beside the edited ones could be loaded instead of them).
+_OTHER_WEIGHTS = (".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx")
+_QKVO = re.compile(r"^(?P<prefix>.*)layers\.(?P<layer>\d+)\.self_attn\.(?P<proj>[qkvo])_proj\.(?P<kind>weight|bias)$")
+
+
+@dataclass
+class ModuleEdit:
+    """The selected rows of one (layer, projection) module."""
+
+    rows: list[int] = field(default_factory=list)  # output channels, best first
+    weights: list[float] = field(default_factory=list)  # w_n of each row
+    calib_means: list[float] = field(default_factory=list)  # mean |h_n| over calibration tokens
+
+
+@dataclass
+class SourceTensors:
+    """Where the q/k/v/o tensors of a checkpoint live, read from the safetensors headers only."""
+
+    files: list[Path]  # the *.safetensors weight files, sorted
+    file_of: dict[str, str]  # tensor name -> file name
+    shape_of: dict[str, tuple]  # tensor name -> shape
+    modules: dict[tuple[int, str], str]  # (layer, "q"|"k"|"v"|"o") -> module name (without .weight)
+
+    def has_bias(self, key: tuple[int, str]) -> bool:
+        return f"{self.modules[key]}.bias" in self.file_of
+
+
+def scan_source(model_dir: Path) -> SourceTensors:
+    """Read the safetensors headers of `model_dir` (no tensor data) and find its attention modules."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        raise CocoError(f"{model_dir} has no *.safetensors weight files; bake reads safetensors only "
+                        "(convert the model with save_pretrained(..., safe_serialization=True))")
+    file_of, shape_of, modules = {}, {}, {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                file_of[name] = f.name
+                shape_of[name] = tuple(fh.get_slice(name).get_shape())
+                m = _QKVO.match(name)
+                if m and m["kind"] == "weight":
+                    modules[(int(m["layer"]), m["proj"])] = name[: -len(".weight")]
+    return SourceTensors(files, file_of, shape_of, modules)
+
+
+def source_layout(src: SourceTensors, model_dir: Path) -> NeuronLayout:
+    """The q/k/v neuron layout read off the weight shapes (CocoError if there are no q/k/v projections)."""
+    layers = sorted({layer for layer, _ in src.modules})
+    complete = [layer for layer in layers if all((layer, p) in src.modules for p in PROJS)]
+    if not complete or complete != list(range(len(complete))) or complete != layers:
+        raise CocoError(f"{model_dir} has no complete layers.N.self_attn.q_proj/k_proj/v_proj weights; "
+                        "COCO needs separate q/k/v projections (Llama, Mistral and similar models)")
+    q_size = src.shape_of[src.modules[(0, "q")] + ".weight"][0]
+    kv_size = src.shape_of[src.modules[(0, "k")] + ".weight"][0]
+    return NeuronLayout(len(complete), int(q_size), int(kv_size))
+
+
+def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, str], ModuleEdit]:
+    """Group the artifact's selected neurons by (layer, projection)."""
+    m = meta["model"]
+    layout = NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
+    selected, weight, calib = arrays["selected"], arrays["weight"], arrays["calib_mean"]  # [k], [k], [N]
+    if len(selected) == 0:
+        raise CocoError("the neuron artifact selects no neurons; re-run `coco-tools identify`")
+    edits: dict[tuple[int, str], ModuleEdit] = {}
+    for flat, w in zip(selected.tolist(), weight.tolist()):
+        if not 0 <= flat < layout.total:
+            raise CocoError(f"the neuron artifact selects neuron {flat} outside its own layout; re-run identify")
+        layer, proj, index = layout.address(flat)
+        e = edits.setdefault((layer, proj), ModuleEdit())
+        e.rows.append(index)
+        e.weights.append(float(w))
+        e.calib_means.append(float(calib[flat]))
+    return edits
+
+
+def le_factors(weights: np.ndarray, alpha: float) -> np.ndarray:
+    """The LE factors 1 + alpha * w; CocoError if alpha makes any of them negative
+    (a negative factor would flip the neuron's sign instead of scaling it)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    factors = 1.0 + alpha * weights
+    if np.any(factors < 0):
+        pos, neg = weights[weights > 0], weights[weights < 0]
+        lo = -1.0 / pos.max() if len(pos) else -math.inf
+        hi = 1.0 / -neg.min() if len(neg) else math.inf
+        raise CocoError(f"--alpha {alpha} makes the edit factor 1 + alpha*w negative for "
+                        f"{int(np.sum(factors < 0))} neurons (weights range {weights.min():.3g}..{weights.max():.3g}); "
+                        f"choose --alpha in [{lo:.4g}, {hi:.4g}]")
+    return factors
+
+
+def _check_provenance(meta: dict, model_dir: Path, src: SourceTensors, force: bool) -> str:
+    """Layout must match (always); the weight fingerprint must match unless --force. Returns the fingerprint."""
+    m = meta.get("model", {})
+    want = {k: m.get(k) for k in ("num_layers", "q_size", "kv_size")}
+    have = source_layout(src, model_dir).to_json()
+    if want != have:
+        raise CocoError(f"the neuron artifact was made for a model with {want}, but {model_dir} has {have}; "
+                        "pass the model the artifact was identified on")
+    fp = fingerprint(model_dir)
+    if fp != m.get("fingerprint") and not force:
+        raise CocoError(f"{model_dir} does not hold the weights the neurons were identified on (fingerprint "
+                        f"{fp[:19]}... vs the artifact's {str(m.get('fingerprint'))[:19]}...); pass that model, "
+                        "or --force to bake anyway")
+    return fp
+
+
+def _bias_plan(mode: str, edits, src: SourceTensors, config: dict) -> bool:
+    """For ablate-mean: True when zero q/k/v/o biases must be added (Llama's `attention_bias`).
+    CocoError when the model has no biases and its architecture cannot switch them on."""
+    if mode != "ablate-mean" or all(src.has_bias(key) for key in edits):
+        return False
+    any_bias = any(_QKVO.match(name) for name in src.file_of if name.endswith(".bias"))
+    every_o = all((layer, "o") in src.modules for layer, _ in src.modules)
+    if config.get("model_type") == "llama" and not any_bias and every_o:
+        return True
+    arch = (config.get("architectures") or [config.get("model_type", "?")])[0]
+    raise CocoError(f"--mode ablate-mean needs q/k/v biases, and {arch} has none and no config switch to add "
+                    "them (only Llama's attention_bias); use --mode ablate-zero")
+
+
+def _edit_record(mode, alpha, neurons_dir, fp, meta, edits, fmt, extra=None) -> dict:
+    rec = {"method": METHOD_VERSION, "mode": mode, "alpha": alpha if mode == "le" else None,
+           "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp,
+           "count": sum(len(e.rows) for e in edits.values()),
+           "weighting": meta.get("selection", {}).get("weighting"), "format": fmt,
+           "tool": f"vllm-coco {__version__}"}
+    if fp != meta["model"].get("fingerprint"):  # --force past a mismatch: say so in the record
+        rec["artifact_model_fingerprint"] = meta["model"].get("fingerprint")
+    rec.update(extra or {})
+    return rec
+
+
+def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float | None = None,
+         lora: bool = False, force: bool = False) -> dict:
+    """Write the edited checkpoint (or, with `lora`, the LE edit as a PEFT LoRA adapter) to `out`.
+
+    `alpha` applies to mode "le" only (default 1.0). `force` replaces an existing `out` and accepts a
+    model whose weight fingerprint differs from the artifact's (never one with a different layout).
+    Returns the coco_edit.json record written beside the output.
+    """
+    if mode not in MODES:
+        raise CocoError(f"unknown --mode {mode}; choose one of {', '.join(MODES)}")
+    if alpha is not None and mode != "le":
+        raise CocoError(f"--alpha applies to --mode le only; drop it for --mode {mode}")
+    if lora and mode != "le":
+        raise CocoError(f"--lora writes the LE edit only; drop --lora for --mode {mode}")
+    alpha = 1.0 if alpha is None else float(alpha)
+    if not math.isfinite(alpha):
+        raise CocoError(f"--alpha {alpha} is not a finite number")
+
+    model_dir = resolve_model_dir(model)
+    meta, arrays = artifact.load(neurons_dir)
+    check_output_dir(out, force, sources=(model_dir, Path(neurons_dir)))
+    config = read_config(model_dir)
+    if "coco" in config:
+        raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
+    src = scan_source(model_dir)
+    fp = _check_provenance(meta, model_dir, src, force)
+    edits = planned_edits(meta, arrays)
+    if mode == "le":
+        le_factors(arrays["weight"], alpha)  # refuse before writing anything
+    add_bias = _bias_plan(mode, edits, src, config)
+    if lora:
+        biased = [src.modules[key] for key in edits if src.has_bias(key)]
+        if biased:
+            raise CocoError(f"{model_dir} has q/k/v biases ({biased[0]}.bias ...), which a LoRA adapter cannot "
+                            "scale; bake a full checkpoint (drop --lora)")
+
+    with atomic_output_dir(out, force) as tmp:
+        if lora:
+            rank = write_lora(tmp, model_dir, src, edits, alpha)
+            record = _edit_record(mode, alpha, neurons_dir, fp, meta, edits, "lora", {"rank": rank})
+        else:
+            write_checkpoint(tmp, model_dir, src, edits, mode, alpha, add_bias, config)
+            record = _edit_record(mode, alpha, neurons_dir, fp, meta, edits, "checkpoint",
+                                  {"added_attention_bias": True} if add_bias else None)
+        (tmp / EDIT_JSON).write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _edit_module(tensors: dict, name: str, e: ModuleEdit, mode: str, alpha: float) -> None:
+    """Apply one module's row edit in place on `tensors` (name -> torch tensor)."""
+    import torch
+
+    rows = torch.tensor(e.rows, dtype=torch.long)  # [r]
+    w = tensors[f"{name}.weight"]  # [out, in]
+    b = tensors.get(f"{name}.bias")  # [out] or None
+    if mode == "le":
+        # compute in float32 at least, round once to the checkpoint dtype
+        f = torch.tensor(le_factors(e.weights, alpha), dtype=torch.float64)  # [r]
+        cdt = torch.promote_types(w.dtype, torch.float32)
+        w[rows] = (w[rows].to(cdt) * f.to(cdt)[:, None]).to(w.dtype)
+        if b is not None:
+            b[rows] = (b[rows].to(cdt) * f.to(cdt)).to(b.dtype)
+    else:
+        w[rows] = 0
+        if b is not None:
+            b[rows] = torch.tensor(e.calib_means).to(b.dtype) if mode == "ablate-mean" else 0
+
+
+def write_checkpoint(tmp: Path, model_dir: Path, src: SourceTensors, edits, mode: str, alpha: float,
+                     add_bias: bool, config: dict) -> None:
+    """Write the edited checkpoint into `tmp`: same shards and names, same per-file metadata."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    # Zero biases to add (ablate-mean on a bias-free Llama): attention_bias switches on q, k, v *and* o.
+    new_bias: dict[str, dict[str, tuple]] = {}  # file -> {bias name: shape}
+    if add_bias:
+        for key, name in src.modules.items():
+            weight = f"{name}.weight"
+            new_bias.setdefault(src.file_of[weight], {})[f"{name}.bias"] = (src.shape_of[weight][0],)
+    by_name = {src.modules[key]: e for key, e in edits.items()}
+
+    added_bytes = 0
+    for f in src.files:
+        with safe_open(str(f), framework="pt") as fh:
+            file_meta = fh.metadata()
+            tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+        for bias_name, shape in new_bias.get(f.name, {}).items():
+            dtype = tensors[bias_name[: -len(".bias")] + ".weight"].dtype
+            tensors[bias_name] = torch.zeros(shape, dtype=dtype)
+            added_bytes += tensors[bias_name].numel() * tensors[bias_name].element_size()
+        for name, e in by_name.items():
+            if f"{name}.weight" in tensors:
+                _edit_module(tensors, name, e, mode, alpha)
+            elif f"{name}.bias" in tensors:  # a bias stored in another shard than its weight
+                _edit_bias_only(tensors, name, e, mode, alpha)
+        save_file(tensors, str(tmp / f.name), metadata=file_meta)
+        del tensors
+
+    _copy_other_files(model_dir, tmp, {f.name for f in src.files})
+    if (model_dir / INDEX_JSON).is_file():
+        index = json.loads((model_dir / INDEX_JSON).read_text())
+        if add_bias:
+            for fname, names in new_bias.items():
+                for bias_name in names:
+                    index.setdefault("weight_map", {})[bias_name] = fname
+            if "total_size" in index.get("metadata", {}):
+                index["metadata"]["total_size"] += added_bytes
+        (tmp / INDEX_JSON).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    if add_bias:
+        cfg = dict(config, attention_bias=True)
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _edit_bias_only(tensors: dict, name: str, e: ModuleEdit, mode: str, alpha: float) -> None:
+    import torch
+
+    rows = torch.tensor(e.rows, dtype=torch.long)
+    b = tensors[f"{name}.bias"]  # [out]
+    if mode == "le":
+        cdt = torch.promote_types(b.dtype, torch.float32)
+        b[rows] = (b[rows].to(cdt) * torch.tensor(le_factors(e.weights, alpha)).to(cdt)).to(b.dtype)
+    else:
+        b[rows] = torch.tensor(e.calib_means).to(b.dtype) if mode == "ablate-mean" else 0
+
+
+def _copy_other_files(model_dir: Path, tmp: Path, weight_names: set[str]) -> None:
+    """Copy every top-level non-weight file (config, tokenizer, chat template, README, ...).
+
+    Sub-directories are skipped: in hub repos they hold other formats of the same weights
+    (e.g. `original/consolidated.pth`), which must not travel unedited with the edited ones.
+    """
+    for p in sorted(Path(model_dir).iterdir()):
+        if not p.is_file() or p.name in weight_names or p.name == INDEX_JSON or p.name == EDIT_JSON:
+            continue
+        if p.name.endswith(_OTHER_WEIGHTS) or p.name.endswith((".bin.index.json", ".pt.index.json")):
+            continue
+        shutil.copy2(p, tmp / p.name)
+
+
+def write_lora(tmp: Path, model_dir: Path, src: SourceTensors, edits, alpha: float) -> int:
+    """Write the LE edit as a PEFT LoRA adapter on q/k/v_proj into `tmp`; returns its rank.
+
+    Per module with selected rows R (|R| <= r): A = W_R (zero-padded to [r, in]) and
+    B = E_R diag(alpha * w_R) (zero-padded to [out, r]), so W + (lora_alpha / r) B A with
+    lora_alpha = r scales row j by 1 + alpha * w_j and leaves every other row alone. Every layer's
+    q/k/v gets a (possibly all-zero) pair, so PEFT and vLLM see one uniform rank.
+    """
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    rank = max(len(e.rows) for e in edits.values())
+    # the base rows W_R of every edited module, read file by file
+    base_rows = {}  # (layer, proj) -> [|R|, in]
+    for f in src.files:
+        with safe_open(str(f), framework="pt") as fh:
+            for key, e in edits.items():
+                weight = f"{src.modules[key]}.weight"
+                if src.file_of[weight] == f.name:
+                    base_rows[key] = fh.get_tensor(weight)[torch.tensor(e.rows, dtype=torch.long)].float()
+    tensors = {}
+    for (layer, proj), name in sorted(src.modules.items()):
+        if proj == "o":
+            continue
+        out_features, in_features = src.shape_of[f"{name}.weight"]
+        a = torch.zeros(rank, in_features, dtype=torch.float32)  # [r, in]
+        b = torch.zeros(out_features, rank, dtype=torch.float32)  # [out, r]
+        e = edits.get((layer, proj))
+        if e is not None:
+            n = len(e.rows)
+            a[:n] = base_rows[(layer, proj)]
+            b[torch.tensor(e.rows, dtype=torch.long), torch.arange(n)] = torch.tensor(
+                [alpha * x for x in e.weights], dtype=torch.float32)
+        # PEFT's saved names: base_model.model.<module>.lora_{A,B}.weight
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a
+        tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
+    config = {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir),
+        "r": rank, "lora_alpha": rank,  # scaling lora_alpha / r = 1: B A is exactly the edit
+        "target_modules": ["q_proj", "k_proj", "v_proj"], "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": False, "inference_mode": True, "init_lora_weights": True,
+        "use_rslora": False, "use_dora": False, "rank_pattern": {}, "alpha_pattern": {},
+        "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None, "revision": None,
+    }
+    (tmp / ADAPTER_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+    return rank

@@ -1,0 +1,22 @@
+"""vLLM plugin entry point (group `vllm.general_plugins`): registers the NE-COCO architectures.
+
+Tiny and idempotent: vLLM calls it in every process, possibly more than once. Model classes are
+registered as lazy "module:Class" strings, so nothing heavy is imported here.
+"""
+
+ARCHITECTURES = {
+    "CocoLlamaForCausalLM": "vllm_coco.vllm_models:CocoLlamaForCausalLM",
+    "CocoMistralForCausalLM": "vllm_coco.vllm_models:CocoMistralForCausalLM",
+}
+
+
+def register() -> None:
+    from vllm import ModelRegistry
+
+    from .ne_config import register as register_configs
+
+    register_configs()  # coco_llama / coco_mistral model types for transformers' AutoConfig
+    known = set(ModelRegistry.get_supported_archs())
+    for arch, target in ARCHITECTURES.items():
+        if arch not in known:
+            ModelRegistry.register_model(arch, target)
