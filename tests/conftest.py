@@ -29,6 +29,25 @@ def demo_model(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def demo_mistral(tmp_path_factory):
+    """The SmolLM2 demo model as its MistralForCausalLM twin."""
+    from vllm_coco.models import write_demo_model
+
+    out = tmp_path_factory.mktemp("demo") / "smollm2-mistral"
+    write_demo_model(out, "mistral")
+    return out
+
+
+@pytest.fixture(scope="session")
+def vllm_env(tmp_path_factory):
+    """Environment for vLLM subprocesses on this CPU machine (see shared/environment-notes.md)."""
+    env = dict(os.environ)
+    env.update(VLLM_CPU_KVCACHE_SPACE="1", VLLM_CACHE_ROOT=str(tmp_path_factory.mktemp("vllm-cache")),
+               TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1")
+    return env
+
+
 def run_cli(*args):
     """Run coco-tools in-process; returns (exit_code, stdout, stderr)."""
     import contextlib

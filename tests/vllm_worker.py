@@ -1,0 +1,49 @@
+"""Run vLLM's offline engine on one or more model directories and dump, per model, the prompt
+logprobs of the actual tokens and greedy generations, as JSON (one engine at a time).
+
+    python tests/vllm_worker.py OUT.json PROMPTS.json DIR[,lora=ADAPTER_DIR] [DIR ...] [--eager]
+
+Run as a subprocess by the tests: vLLM spawns worker processes and wants a __main__ guard.
+"""
+
+import gc
+import json
+import sys
+
+
+def run(model: str, prompts: list[list[int]], max_tokens: int, eager: bool) -> dict:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    lora = None
+    if ",lora=" in model:
+        model, lora = model.split(",lora=")
+    kw = dict(enable_lora=True, max_lora_rank=64) if lora else {}
+    llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=eager, **kw)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, prompt_logprobs=0)
+    req = None
+    if lora:
+        from vllm.lora.request import LoRARequest
+
+        req = LoRARequest("coco", 1, lora)
+    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, lora_request=req)
+    result = {"prompt_logprobs": [], "generated": []}
+    for p, o in zip(prompts, outs):
+        lps = [None] + [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])]
+        result["prompt_logprobs"].append(lps)
+        result["generated"].append(list(o.outputs[0].token_ids))
+    del llm
+    gc.collect()
+    return result
+
+
+def main():
+    args = [a for a in sys.argv[1:] if a != "--eager"]
+    out, prompts_path, models = args[0], args[1], args[2:]
+    spec = json.load(open(prompts_path))
+    results = {m: run(m, spec["prompts"], spec["max_tokens"], "--eager" in sys.argv) for m in models}
+    json.dump(results, open(out, "w"))
+
+
+if __name__ == "__main__":
+    main()
