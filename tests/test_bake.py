@@ -50,7 +50,7 @@ def _file_metadata(d):
 
 
 def _selected(neurons_dir):
-    """[(layer, proj, index, weight)] from neurons.json, and the calib_mean of each (global layout)."""
+    """[(layer, proj, index, weight)] from neurons.json, and the act_mean of each (global layout)."""
     from safetensors.numpy import load_file
 
     from vllm_coco.models import NeuronLayout
@@ -60,7 +60,7 @@ def _selected(neurons_dir):
     m = meta["model"]
     layout = NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
     return [(n["layer"], n["proj"], n["index"], n["weight"],
-             float(arrays["calib_mean"][layout.flat(n["layer"], n["proj"], n["index"])]))
+             float(arrays["act_mean"][layout.flat(n["layer"], n["proj"], n["index"])]))
             for n in meta["neurons"]]
 
 

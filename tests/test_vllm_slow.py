@@ -42,7 +42,8 @@ def prompt_ids(demo_model):
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(demo_model)
-    ids = [tok(p)["input_ids"][:N_TOKENS] for p in PROMPTS]
+    ids = [tok(p + " Continue in detail, please, with a few more sentences.")["input_ids"][:N_TOKENS]
+           for p in PROMPTS]
     assert all(len(i) == N_TOKENS for i in ids)
     return ids
 

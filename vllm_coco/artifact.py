@@ -7,7 +7,8 @@ DIR/neurons.safetensors     per-neuron arrays for every q/k/v neuron, in the glo
                               loss, score                              float64 [N] (combined)
                               direction                                float32 [N] (combined)
                               loss.<cat>, score.<cat>, direction.<cat> per category
-                              calib_mean, calib_std                    float32 [N] (|h| statistics)
+                              calib_mean, calib_std                    float32 [N] (|h| statistics, NE)
+                              act_mean                                 float32 [N] (mean of h, ablate-mean)
                               mean_intensity, weight_norm              float32 [N] (MACT / NORM)
                               selected (int64 [k], best first), weight (float32 [k])
                               row_category (int32 [rows]), row_label (int32 [rows]; 0 biased, 1 unbiased)

@@ -8,7 +8,7 @@ are kept, and the non-weight files (config, tokenizer, chat template, ...) are c
 
     le           W[j,:] <- (1 + alpha * w_n) * W[j,:]   (bias likewise)
     ablate-zero  W[j,:] <- 0, b_j <- 0
-    ablate-mean  W[j,:] <- 0, b_j <- calib_mean_n       (the neuron outputs a constant)
+    ablate-mean  W[j,:] <- 0, b_j <- act_mean_n         (the neuron outputs its calibration mean)
     le --lora    B = E_R diag(alpha * w_R), A = W_R per (layer, projection): W + B A is the LE edit
 
 The source directory is only read. Inputs are JSON and safetensors: nothing is unpickled.
@@ -47,7 +47,7 @@ class ModuleEdit:
 
     rows: list[int] = field(default_factory=list)  # output channels, best first
     weights: list[float] = field(default_factory=list)  # w_n of each row
-    calib_means: list[float] = field(default_factory=list)  # mean |h_n| over calibration tokens
+    act_means: list[float] = field(default_factory=list)  # mean of h_n over calibration tokens
 
 
 @dataclass
@@ -99,7 +99,7 @@ def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, 
     """Group the artifact's selected neurons by (layer, projection)."""
     m = meta["model"]
     layout = NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
-    selected, weight, calib = arrays["selected"], arrays["weight"], arrays["calib_mean"]  # [k], [k], [N]
+    selected, weight, act_mean = arrays["selected"], arrays["weight"], arrays["act_mean"]  # [k], [k], [N]
     if len(selected) == 0:
         raise CocoError("the neuron artifact selects no neurons; re-run `coco-tools identify`")
     edits: dict[tuple[int, str], ModuleEdit] = {}
@@ -110,7 +110,7 @@ def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, 
         e = edits.setdefault((layer, proj), ModuleEdit())
         e.rows.append(index)
         e.weights.append(float(w))
-        e.calib_means.append(float(calib[flat]))
+        e.act_means.append(float(act_mean[flat]))
     return edits
 
 
@@ -236,7 +236,7 @@ def _edit_module(tensors: dict, name: str, e: ModuleEdit, mode: str, alpha: floa
     else:
         w[rows] = 0
         if b is not None:
-            b[rows] = torch.tensor(e.calib_means).to(b.dtype) if mode == "ablate-mean" else 0
+            b[rows] = torch.tensor(e.act_means).to(b.dtype) if mode == "ablate-mean" else 0
 
 
 def write_checkpoint(tmp: Path, model_dir: Path, src: SourceTensors, edits, mode: str, alpha: float,
@@ -295,7 +295,7 @@ def _edit_bias_only(tensors: dict, name: str, e: ModuleEdit, mode: str, alpha: f
         cdt = torch.promote_types(b.dtype, torch.float32)
         b[rows] = (b[rows].to(cdt) * torch.tensor(le_factors(e.weights, alpha)).to(cdt)).to(b.dtype)
     else:
-        b[rows] = torch.tensor(e.calib_means).to(b.dtype) if mode == "ablate-mean" else 0
+        b[rows] = torch.tensor(e.act_means).to(b.dtype) if mode == "ablate-mean" else 0
 
 
 def _copy_other_files(model_dir: Path, tmp: Path, weight_names: set[str]) -> None:

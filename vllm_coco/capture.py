@@ -61,8 +61,9 @@ class CaptureResult:
     rows: int
     tokens: int  # all tokens run through the model (including padding-free lengths)
     span_tokens: int  # tokens intensities were pooled over
-    calib_mean: np.ndarray  # [neurons] float64, mean of |h| over span tokens
-    calib_std: np.ndarray  # [neurons] float64
+    calib_mean: np.ndarray  # [neurons] float64, mean of |h| over span tokens (NE's mu)
+    calib_std: np.ndarray  # [neurons] float64, std of |h| (NE's sigma)
+    act_mean: np.ndarray  # [neurons] float64, mean of h itself (signed: what ablate-mean outputs)
     mean_intensity: np.ndarray  # [neurons] float64, mean over rows (the MACT statistic)
 
 
@@ -75,6 +76,7 @@ class _Recorder:
         self.layout = layout
         self.sum = torch.zeros(layout.total, dtype=torch.float64, device=device)  # Σ|h| over span tokens
         self.sumsq = torch.zeros(layout.total, dtype=torch.float64, device=device)  # Σ|h|²
+        self.signed = torch.zeros(layout.total, dtype=torch.float64, device=device)  # Σh
         self.buf = None  # [batch, neurons] float32
         self.weights = None  # [batch, tokens] span mask / span length
         self.mask = None  # [batch, tokens] span mask
@@ -89,9 +91,11 @@ class _Recorder:
         import torch
 
         def hook(module, args, out):
-            a = out.abs().float()  # [batch, tokens, size]
+            h = out.float()  # [batch, tokens, size]
+            a = h.abs()
             self.buf[:, off:off + size] = torch.einsum("bt,btc->bc", self.weights, a)
             self.sumsq[off:off + size] += torch.einsum("bt,btc->c", self.mask, a * a).double()
+            self.signed[off:off + size] += torch.einsum("bt,btc->c", self.mask, h).double()
 
         return hook
 
@@ -164,6 +168,7 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
     var = (rec.sumsq / span_tokens).cpu().numpy() - mean ** 2
     return CaptureResult(layout=layout, rows=len(spans), tokens=tokens, span_tokens=span_tokens,
                          calib_mean=mean, calib_std=np.sqrt(np.clip(var, 0, None)),
+                         act_mean=(rec.signed / span_tokens).cpu().numpy(),
                          mean_intensity=col_sum / max(len(spans), 1))
 
 

@@ -193,6 +193,41 @@ def bake(model, neurons_dir, out, mode, alpha, lora, force):
     click.echo(f"baked {mode}{strength} on {rec['count']} neurons as a {what} -> {out}")
 
 
+@cli.command(epilog=EXIT_CODES, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("model")
+@click.option("--prompts", required=True, type=click.Path(dir_okay=False),
+              help='JSONL: {"prompt": ...} or {"messages": [...]} per line.')
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL results, in input order.")
+@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--temperature", type=float, default=0.0, show_default=True)
+@click.option("--top-p", type=float, default=1.0, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the model's chat template.")
+@click.option("--lora", type=click.Path(file_okay=False), help="LoRA adapter (e.g. from `coco-tools bake --lora`).")
+@click.option("--dtype", default="auto", show_default=True)
+@click.option("--max-model-len", type=int, help="Context length to reserve (default: the model's).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.pass_context
+def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, chat, lora, dtype, max_model_len, force):
+    """Batch generation with vLLM's offline engine (continuous batching): NE-COCO directories run
+    through the vllm-coco plugin, LE-baked checkpoints and base models as they are. Any other
+    option is forwarded to the vLLM engine (the flags of `vllm serve`, e.g. --tensor-parallel-size 2,
+    --enforce-eager, --max-num-seqs 64).
+
+    \b
+    Examples:
+      coco-tools generate runs/smollm2-ne --prompts prompts.jsonl --out answers.jsonl
+      coco-tools generate models/smollm2 --prompts p.jsonl --out a.jsonl --lora runs/le-lora
+      coco-tools generate runs/ne --prompts p.jsonl --out a.jsonl --max-tokens 64 --enforce-eager
+    """
+    from .generate import generate as run
+
+    stats = run(model, prompts, out, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                chat=chat, lora=lora, dtype=dtype, max_model_len=max_model_len, extra=ctx.args, force=force)
+    click.echo(f"{stats['requests']} requests, {stats['prompt_tokens']} prompt + {stats['output_tokens']} "
+               f"generated tokens in {stats['seconds']:.1f} s: {stats['output_tok_s']:.0f} generated tok/s -> {out}")
+
+
 def main(argv=None):
     """Console entry point: CocoError -> one line on stderr and exit 2."""
     from .errors import CocoError

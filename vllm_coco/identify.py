@@ -220,6 +220,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
             "index": la["index"].astype(np.int32),
             "loss": loss, "score": score, "direction": direc.astype(np.float32),
             "calib_mean": cap.calib_mean.astype(np.float32), "calib_std": cap.calib_std.astype(np.float32),
+            "act_mean": cap.act_mean.astype(np.float32),
             "mean_intensity": cap.mean_intensity.astype(np.float32), "weight_norm": weight_norm.astype(np.float32),
             "selected": sel.astype(np.int64), "weight": weight.astype(np.float32),
             "row_category": row_cat, "row_label": row_label,
