@@ -221,7 +221,7 @@ def test_ne_bad_inputs(planted, artifact_dir, tmp_path):
 
     other = tiny.random_model(tmp_path / "other", seed=5)
     for args, match in [
-        ((other, artifact_dir, "--out", tmp_path / "o"), "identified on other weights"),
+        ((other, artifact_dir, "--out", tmp_path / "o"), "does not hold the weights"),
         ((planted[0], artifact_dir, "--out", tmp_path / "o", "--lam", "2"), "--lam 2.0 is outside"),
         ((planted[0], artifact_dir, "--out", tmp_path / "o", "--alpha", "-3"), "can make a gate factor"),
         ((planted[0], tmp_path, "--out", tmp_path / "o"), "is not a neuron artifact"),

@@ -62,24 +62,29 @@ def artifact_hash(neurons_dir: str | Path) -> str:
     return "sha256:" + h.hexdigest()
 
 
-def check_model_matches(meta: dict, model_dir, force: bool = False) -> str:
+def check_model_matches(meta: dict, model_dir, force: bool = False, layout=None) -> str:
     """The artifact must come from exactly these weights (fingerprint) and this layout.
 
-    Returns the model's fingerprint. A fingerprint mismatch is refused unless `force`; a layout
-    mismatch always is (the neuron addresses would point at the wrong channels).
+    `layout` is the model's NeuronLayout when the caller has read it off the weights; otherwise it
+    is derived from config.json. Returns the model's fingerprint. A fingerprint mismatch is refused
+    unless `force`; a layout mismatch always is (neuron addresses would point at other channels).
     """
-    from .models import fingerprint, read_config
+    from .models import NeuronLayout, fingerprint, read_config
 
-    cfg = read_config(model_dir)
-    heads, kv_heads = cfg.get("num_attention_heads"), cfg.get("num_key_value_heads") or cfg.get("num_attention_heads")
-    head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else None)
-    m = meta["model"]
-    if (cfg.get("num_hidden_layers"), heads and heads * head_dim, kv_heads and kv_heads * head_dim) != (
-            m["num_layers"], m["q_size"], m["kv_size"]):
-        raise CocoError(f"the neuron artifact is for a model with {m['num_layers']} layers, q_size {m['q_size']}, "
-                        f"kv_size {m['kv_size']}, which {model_dir} is not; pass the model it was identified on")
+    if layout is None:
+        cfg = read_config(model_dir)
+        heads = cfg.get("num_attention_heads") or 0
+        head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else 0)
+        kv_heads = cfg.get("num_key_value_heads") or heads
+        layout = NeuronLayout(cfg.get("num_hidden_layers", 0), heads * head_dim, kv_heads * head_dim)
+    m = meta.get("model", {})
+    want = {k: m.get(k) for k in ("num_layers", "q_size", "kv_size")}
+    if want != layout.to_json():
+        raise CocoError(f"the neuron artifact was made for a model with {want}, but {model_dir} has "
+                        f"{layout.to_json()}; pass the model the artifact was identified on")
     fp = fingerprint(model_dir)
-    if fp != m["fingerprint"] and not force:
-        raise CocoError(f"the neuron artifact was identified on other weights ({m['fingerprint'][:19]}…) than "
-                        f"{model_dir} ({fp[:19]}…); pass the same model, or --force to edit anyway")
+    if fp != m.get("fingerprint") and not force:
+        raise CocoError(f"{model_dir} does not hold the weights the neurons were identified on (fingerprint "
+                        f"{fp[:19]}... vs the artifact's {str(m.get('fingerprint'))[:19]}...); pass that model, "
+                        "or --force to edit anyway")
     return fp

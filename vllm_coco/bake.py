@@ -28,7 +28,7 @@ import numpy as np
 from . import METHOD_VERSION, __version__, artifact
 from .atomic import atomic_output_dir, check_output_dir
 from .errors import CocoError
-from .models import PROJS, NeuronLayout, fingerprint, read_config, resolve_model_dir
+from .models import PROJS, NeuronLayout, read_config, resolve_model_dir
 
 MODES = ("le", "ablate-zero", "ablate-mean")
 EDIT_JSON = "coco_edit.json"
@@ -99,7 +99,8 @@ def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, 
     """Group the artifact's selected neurons by (layer, projection)."""
     m = meta["model"]
     layout = NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
-    selected, weight, act_mean = arrays["selected"], arrays["weight"], arrays["act_mean"]  # [k], [k], [N]
+    selected, weight = arrays["selected"], arrays["weight"]  # [k], [k]
+    act_mean = arrays.get("act_mean", np.full(layout.total, np.nan))  # [N]; older artifacts lack it
     if len(selected) == 0:
         raise CocoError("the neuron artifact selects no neurons; re-run `coco-tools identify`")
     edits: dict[tuple[int, str], ModuleEdit] = {}
@@ -127,22 +128,6 @@ def le_factors(weights: np.ndarray, alpha: float) -> np.ndarray:
                         f"{int(np.sum(factors < 0))} neurons (weights range {weights.min():.3g}..{weights.max():.3g}); "
                         f"choose --alpha in [{lo:.4g}, {hi:.4g}]")
     return factors
-
-
-def _check_provenance(meta: dict, model_dir: Path, src: SourceTensors, force: bool) -> str:
-    """Layout must match (always); the weight fingerprint must match unless --force. Returns the fingerprint."""
-    m = meta.get("model", {})
-    want = {k: m.get(k) for k in ("num_layers", "q_size", "kv_size")}
-    have = source_layout(src, model_dir).to_json()
-    if want != have:
-        raise CocoError(f"the neuron artifact was made for a model with {want}, but {model_dir} has {have}; "
-                        "pass the model the artifact was identified on")
-    fp = fingerprint(model_dir)
-    if fp != m.get("fingerprint") and not force:
-        raise CocoError(f"{model_dir} does not hold the weights the neurons were identified on (fingerprint "
-                        f"{fp[:19]}... vs the artifact's {str(m.get('fingerprint'))[:19]}...); pass that model, "
-                        "or --force to bake anyway")
-    return fp
 
 
 def _bias_plan(mode: str, edits, src: SourceTensors, config: dict) -> bool:
@@ -196,8 +181,11 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
     if "coco" in config:
         raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
     src = scan_source(model_dir)
-    fp = _check_provenance(meta, model_dir, src, force)
+    fp = artifact.check_model_matches(meta, model_dir, force, layout=source_layout(src, model_dir))
     edits = planned_edits(meta, arrays)
+    if mode == "ablate-mean" and "act_mean" not in arrays:
+        raise CocoError(f"{neurons_dir} predates the signed activation means ablate-mean needs; "
+                        "re-run `coco-tools identify`")
     if mode == "le":
         le_factors(arrays["weight"], alpha)  # refuse before writing anything
     add_bias = _bias_plan(mode, edits, src, config)

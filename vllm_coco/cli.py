@@ -228,6 +228,82 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
                f"generated tokens in {stats['seconds']:.1f} s: {stats['output_tok_s']:.0f} generated tok/s -> {out}")
 
 
+@cli.command("eval", epilog=EXIT_CODES)
+@click.argument("model")
+@click.option("--tasks", default="stereo_coco", show_default=True, callback=_split_csv,
+              help="Comma-separated lm-eval tasks or groups: stereo_coco, stereo_coco_gen, stereo_coco_jailbreak, "
+                   "coco_retention, coco_retention_online, their subtasks (e.g. stereo_coco_Age), or any lm-eval task.")
+@click.option("--backend", default="hf", show_default=True,
+              help="hf (transformers; NE-COCO directories through the reference loader), vllm (in-process engine), "
+                   "or the URL of a running `vllm serve`, e.g. http://127.0.0.1:8000.")
+@click.option("--limit", type=int, help="At most N documents per task (lm-eval's --limit). For stereo_coco, 6 "
+                                        "documents = one ambiguous and one disambiguated item under all 3 orders.")
+@click.option("--max-items", type=int, help="Cap items per category and condition (BBQ tasks) or per dataset "
+                                            "(coco_retention) instead of the tasks' defaults.")
+@click.option("--out", type=click.Path(file_okay=False), help="Results directory to create [default: runs/eval-<model name>].")
+@click.option("--batch-size", type=int, help="hf: sequences per forward [default: 8]; vllm: [default: auto]; "
+                                             "URL: concurrent requests [default: 4].")
+@click.option("--device", help="torch device for --backend hf [default: cuda if available, else cpu].")
+@click.option("--max-model-len", type=int, default=2048, show_default=True,
+              help="Context length for --backend vllm (and the URL backend's truncation).")
+@click.option("--served-model-name", help="Model name at the URL [default: the first one /v1/models lists].")
+@click.option("--chat/--no-chat", default=True, show_default=True,
+              help="Apply the model's chat template (lm-eval --apply_chat_template), when it has one.")
+@click.option("--log-samples", is_flag=True, help="Also write each document's prompt, answer and metrics "
+                                                  "(OUT/samples_<task>.jsonl).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, max_model_len, served_model_name,
+             chat, log_samples, force):
+    """Evaluate MODEL (a Hugging Face, LE-baked or NE-COCO directory) with the vllm-coco lm-eval tasks
+    in evals/ through lm-eval's Python API, float32, zero-shot, with the chat template. Writes
+    OUT/results.json (lm-eval's results plus a `coco` block) and prints the result tables.
+    BBQ tasks use the held-out test split; metrics and their direction: evals/README.md.
+
+    \b
+    Examples:
+      coco-tools eval models/smollm2 --limit 60
+      coco-tools eval runs/ne --tasks stereo_coco,stereo_coco_jailbreak --backend vllm --out runs/eval-ne
+      coco-tools eval runs/le --tasks coco_retention --out runs/eval-le-retention
+      coco-tools eval models/smollm2 --backend http://127.0.0.1:8000 --tasks stereo_coco_gen --limit 30
+      COCO_BBQ_SOURCE=hf:oskarvanderwal/bbq coco-tools eval models/smollm2 --out runs/eval-hub
+    """
+    from .evaluate import EvalOptions, run_eval, summary
+
+    opts = EvalOptions(tasks=tasks or (), backend=backend, limit=limit, max_items=max_items, batch_size=batch_size,
+                       device=device, max_model_len=max_model_len, served_model_name=served_model_name, chat=chat,
+                       log_samples=log_samples)
+    results, out_path = run_eval(model, opts, out=out, force=force)
+    click.echo(summary(results))
+    click.echo(f"wrote {out_path / 'results.json'}")
+
+
+@cli.command(epilog=EXIT_CODES)
+@click.argument("results", nargs=-1, required=True)
+@click.option("--labels", callback=_split_csv, help="Comma-separated run names, one per RESULTS "
+                                                    "[default: the model names in the results].")
+@click.option("--group", default="stereo_coco", show_default=True,
+              help="Task group whose subtasks are the rows, e.g. stereo_coco_gen or stereo_coco_jailbreak.")
+@click.option("--metric", default="success_rate", show_default=True, help="Metric to compare.")
+@click.option("--png", type=click.Path(dir_okay=False),
+              help="Bar chart path [default: compare-<group>-<metric>.png next to the first results].")
+def compare(results, labels, group, metric, png):
+    """Compare runs of `coco-tools eval`: a table with one row per category (plus "all") and one
+    column per run, deltas against the first run (the baseline), and a grouped bar chart PNG.
+    RESULTS are results JSON files or directories holding them.
+
+    \b
+    Examples:
+      coco-tools compare runs/eval-smollm2 runs/eval-le runs/eval-ne
+      coco-tools compare base.json le.json --labels base,LE-COCO --png runs/compare.png
+      coco-tools compare runs/eval-base runs/eval-ne --group stereo_coco_jailbreak
+    """
+    from .compare import compare as run
+
+    text, png_path = run(list(results), labels=labels, png=png, group=group, metric=metric)
+    click.echo(text, nl=False)
+    click.echo(f"wrote {png_path}")
+
+
 def main(argv=None):
     """Console entry point: CocoError -> one line on stderr and exit 2."""
     from .errors import CocoError

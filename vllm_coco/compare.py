@@ -1,0 +1,184 @@
+"""`coco-tools compare`: several `coco-tools eval` (or plain lm-eval) results side by side.
+
+Rows are the subtasks of one task group (the categories of stereo_coco, the attack families of
+stereo_coco_jailbreak, ...) plus the group itself ("all"); columns are runs; each cell is a
+metric with its difference to the first run (the baseline). Also a grouped bar chart PNG.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from pathlib import Path
+
+from .errors import CocoError
+
+ALL_ROW = "all"
+
+
+def find_results(path: str | os.PathLike) -> Path:
+    """A results JSON file, or the one inside a directory (results.json from `coco-tools eval`,
+    else the newest lm-eval results*.json below it)."""
+    p = Path(path)
+    if p.is_file():
+        return p
+    if p.is_dir():
+        if (p / "results.json").is_file():
+            return p / "results.json"
+        found = sorted(p.rglob("results*.json"), key=lambda f: f.stat().st_mtime)
+        if found:
+            return found[-1]
+        raise CocoError(f"{path} holds no results*.json; pass a `coco-tools eval` output directory or a results file")
+    raise CocoError(f"results {path} does not exist; pass `coco-tools eval` output directories or results JSON files")
+
+
+def load_results(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CocoError(f"{path} is not a readable JSON file ({type(exc).__name__}); pass lm-eval results") from None
+    if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
+        raise CocoError(f"{path} has no 'results' section; it is not an lm-eval results file")
+    return data
+
+
+def run_label(data: dict, path: Path) -> str:
+    """The model's name: from the `coco` block, lm-eval's model_args pretrained=, or the path."""
+    if isinstance(data.get("coco"), dict) and data["coco"].get("name"):
+        return str(data["coco"]["name"])
+    cfg = data.get("config") or {}
+    args = cfg.get("model_args")
+    pretrained = None
+    if isinstance(args, dict):
+        pretrained = args.get("pretrained") or args.get("model")
+    elif isinstance(args, str):
+        for part in args.split(","):
+            key, _, value = part.partition("=")
+            if key.strip() in ("pretrained", "model") and value:
+                pretrained = value.strip()
+    if pretrained:
+        return Path(str(pretrained).rstrip("/")).name
+    if data.get("model_name"):
+        return Path(str(data["model_name"]).rstrip("/")).name
+    return path.parent.name if path.name == "results.json" else path.stem
+
+
+def _children(group: str, runs: list[dict]) -> list[str]:
+    """Subtasks of `group`: from the evals/ definitions when available, else the results files."""
+    try:
+        from .evaluate import evals_dir, local_tasks
+
+        defined = local_tasks(evals_dir()).get(group)
+    except CocoError:
+        defined = None
+    if defined:
+        return defined
+    names = []
+    for data in runs:
+        for child in (data.get("group_subtasks") or {}).get(group, []):
+            if child not in names:
+                names.append(child)
+    return names
+
+
+def _value(data: dict, task: str, metric: str):
+    entry = data["results"].get(task) or {}
+    value = entry.get(f"{metric},none", entry.get(metric))
+    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
+
+
+def _row_name(task: str, group: str) -> str:
+    return task[len(group) + 1:] if task.startswith(group + "_") else task
+
+
+def compare_table(runs: list[tuple[str, dict]], group: str = "stereo_coco", metric: str = "success_rate"):
+    """(rows, table text): rows = [(row name, [value or None per run])], the group's own value last."""
+    datas = [d for _, d in runs]
+    tasks = [t for t in _children(group, datas) if any(_value(d, t, metric) is not None for d in datas)]
+    has_group = any(_value(d, group, metric) is not None for d in datas)
+    if not tasks and not has_group:
+        present = sorted({k.split(",")[0] for d in datas for v in d["results"].values() for k in v
+                          if k.endswith(",none") and "_stderr" not in k})
+        groups = sorted({t for d in datas for t in d["results"]})
+        raise CocoError(f"no run has metric {metric} for task group {group}; tasks in the results: "
+                        f"{', '.join(groups)}; metrics: {', '.join(present)}")
+    rows = [(_row_name(t, group), [_value(d, t, metric) for d in datas]) for t in tasks]
+    if has_group:
+        rows.append((ALL_ROW, [_value(d, group, metric) for d in datas]))
+    labels = [label for label, _ in runs]
+    first = max([len(f"{metric} ({group})")] + [len(r) for r, _ in rows])
+    width = max([len(label) for label in labels] + [17])
+    lines = [f"{metric + ' (' + group + ')':<{first}}  " + "  ".join(f"{label:>{width}}" for label in labels)]
+    for name, values in rows:
+        cells = []
+        for i, v in enumerate(values):
+            base = values[0]
+            if v is None or (isinstance(v, float) and math.isnan(v)):
+                cell = "-"
+            elif i == 0 or base is None or (isinstance(base, float) and math.isnan(base)):
+                cell = f"{v:.4f}"
+            else:
+                cell = f"{v:.4f} ({v - base:+.4f})"
+            cells.append(f"{cell:>{width}}")
+        lines.append(f"{name:<{first}}  " + "  ".join(cells))
+    lines.append(f"(deltas vs the first run, {labels[0]})" if len(labels) > 1 else "")
+    return rows, "\n".join(lines).rstrip() + "\n"
+
+
+def bar_chart(rows, labels: list[str], png: Path, title: str) -> None:
+    """Grouped bars: one group of bars per row, one bar per run; written atomically."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    x = np.arange(len(rows))
+    n = len(labels)
+    width = 0.8 / n
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) * max(1, n / 2)), 4.2))
+    for i, label in enumerate(labels):
+        vals = [r[1][i] if r[1][i] is not None else float("nan") for r in rows]
+        ax.bar(x + (i - (n - 1) / 2) * width, vals, width, label=label)
+    ax.set_xticks(x)
+    ax.set_xticklabels([r[0] for r in rows], rotation=20, ha="right")
+    ax.set_title(title)
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.legend(fontsize="small")
+    fig.tight_layout()
+    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, png)
+    finally:
+        plt.close(fig)
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def compare(paths, labels=None, png=None, group: str = "stereo_coco", metric: str = "success_rate"):
+    """Load the runs, return the table text and write the PNG; returns (text, png path)."""
+    if not paths:
+        raise CocoError("pass at least one results file or directory")
+    files = [find_results(p) for p in paths]
+    datas = [load_results(f) for f in files]
+    if labels is not None:
+        labels = list(labels)
+        if len(labels) != len(files):
+            raise CocoError(f"--labels has {len(labels)} names for {len(files)} runs; give one per run")
+    else:
+        labels = [run_label(d, f) for d, f in zip(datas, files)]
+    seen = {}
+    for i, label in enumerate(labels):  # keep columns distinguishable when two runs share a name
+        seen[label] = seen.get(label, 0) + 1
+        if seen[label] > 1:
+            labels[i] = f"{label}#{seen[label]}"
+    png = Path(png) if png else files[0].parent / f"compare-{group}-{metric}.png"
+    if not png.absolute().parent.is_dir():
+        raise CocoError(f"directory for --png does not exist: {png.absolute().parent}")
+    rows, text = compare_table(list(zip(labels, datas)), group, metric)
+    bar_chart(rows, labels, png, f"{metric} ({group})")
+    return text, png

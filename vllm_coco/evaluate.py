@@ -1,0 +1,255 @@
+"""`coco-tools eval`: the vllm-coco lm-eval tasks (evals/) on one model, through lm-eval's Python API.
+
+Backends: `hf` (transformers; NE-COCO directories through `hf_reference.load_ne_model`, so the
+gate is in the forward), `vllm` (lm-eval's in-process vLLM; the vllm-coco plugin registers the
+NE-COCO architectures by entry point) and a URL of a running `vllm serve` (`local-completions`).
+All run float32 and with the model's chat template, so their numbers agree.
+
+Output: OUT/results.json (lm-eval's results dict plus a `coco` block naming the model, backend
+and options), and with --log-samples OUT/samples_<task>.jsonl; written atomically.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+from .errors import CocoError
+
+EVALS_ENV = "COCO_EVALS_DIR"
+RESULTS_FILE = "results.json"
+
+
+# --------------------------------------------------------------------------- the task folder
+
+def evals_dir() -> Path:
+    """The lm-eval task folder: $COCO_EVALS_DIR, else `evals/` at the repository root next to
+    `vllm_coco/` (the package is installed in editable mode)."""
+    env = os.environ.get(EVALS_ENV)
+    if env:
+        path = Path(env).expanduser()
+        if not (path / "coco_eval.py").is_file():
+            raise CocoError(f"{EVALS_ENV}={env} is not the vllm-coco evals directory (no coco_eval.py); "
+                            "unset it or point it at the repository's evals/")
+        return path.absolute()
+    path = Path(__file__).resolve().parent.parent / "evals"
+    if not (path / "coco_eval.py").is_file():
+        raise CocoError(f"cannot find the vllm-coco evals directory (looked for {path}); install vllm-coco "
+                        f"from its repository (pip install -e .) or set {EVALS_ENV}=/path/to/evals")
+    return path
+
+
+class _IgnoreTags(yaml.SafeLoader):
+    """YAML loader that reads `!function x.y` as a plain string (no imports while indexing)."""
+
+
+_IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: loader.construct_scalar(node))
+
+
+def local_tasks(evals: Path) -> dict[str, list[str]]:
+    """Task and group names defined under `evals`: {name: children} ([] for a task)."""
+    out = {}
+    for path in sorted(evals.rglob("*.yaml")):
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_IgnoreTags) or {}
+        if "group" in cfg:
+            children = cfg.get("task") or []
+            out[cfg["group"]] = [c if isinstance(c, str) else c.get("task") or c.get("group") for c in
+                                 (children if isinstance(children, list) else [children])]
+        elif isinstance(cfg.get("task"), str):
+            out[cfg["task"]] = []
+    return out
+
+
+def _needs_builtin(names, ours: dict[str, list[str]]) -> bool:
+    """Whether any requested name (or a child of a requested group) is one of lm-eval's own tasks."""
+    todo, seen = list(names), set()
+    while todo:
+        name = todo.pop()
+        if name in seen:
+            continue
+        seen.add(name)
+        if name not in ours:
+            return True
+        todo.extend(ours[name])
+    return False
+
+
+class _DropNoise(logging.Filter):
+    """lm-eval warns about `--metadata` once per custom-dataset task; it is noise here."""
+
+    def filter(self, record):
+        return "Custom kwargs can be passed" not in record.getMessage()
+
+
+def task_manager(names, evals: Path | None = None, metadata: dict | None = None):
+    """An lm-eval TaskManager over evals/ (plus the built-in tasks only when `names` needs them:
+    indexing those costs ~10 s). Raises CocoError naming unknown tasks."""
+    from lm_eval.tasks import TaskManager
+
+    evals = evals or evals_dir()
+    ours = local_tasks(evals)
+    builtin = _needs_builtin(names, ours)
+    tm = TaskManager(include_path=str(evals), include_defaults=builtin, metadata=metadata or None)
+    unknown = [n for n in names if n not in tm.all_tasks]
+    if unknown:
+        valid = ", ".join(n for n in sorted(ours) if not n.startswith("_"))
+        raise CocoError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
+                        f"vllm-coco tasks: {valid} (or any lm-eval task name)")
+    logging.getLogger("lm_eval").addFilter(_DropNoise())
+    for name in ("lm_eval.api.task", "lm_eval.tasks", "lm-eval"):
+        logging.getLogger(name).addFilter(_DropNoise())
+    return tm
+
+
+# --------------------------------------------------------------------------- options
+
+@dataclass
+class EvalOptions:
+    tasks: tuple[str, ...] = ("stereo_coco",)
+    backend: str = "hf"  # hf | vllm | http(s)://host:port of `vllm serve`
+    limit: int | None = None  # documents per task (lm-eval's --limit)
+    max_items: int | None = None  # overrides the tasks' `max_items` metadata
+    batch_size: int | None = None
+    device: str | None = None
+    max_model_len: int = 2048
+    served_model_name: str | None = None
+    chat: bool = True
+    log_samples: bool = False
+
+
+def _is_url(backend: str) -> bool:
+    return backend.startswith(("http://", "https://"))
+
+
+def _has_chat_template(model_dir: Path) -> bool:
+    if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
+        return True
+    cfg = model_dir / "tokenizer_config.json"
+    return cfg.is_file() and bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+
+
+def _is_ne_dir(model_dir: Path) -> bool:
+    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
+    return "coco" in cfg
+
+
+def _api_base(url: str) -> str:
+    """http://host:port[/v1[/completions]] -> http://host:port/v1"""
+    base = url.rstrip("/")
+    for suffix in ("/completions", "/v1"):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+    return base + "/v1"
+
+
+def served_model(url: str) -> str:
+    """The first model id a server lists at /v1/models (CocoError when it cannot be reached)."""
+    try:
+        with urllib.request.urlopen(_api_base(url) + "/models", timeout=10) as resp:
+            data = json.loads(resp.read().decode("utf-8"))
+        return data["data"][0]["id"]
+    except (urllib.error.URLError, OSError, ValueError, KeyError, IndexError) as exc:
+        raise CocoError(f"cannot list the models at {_api_base(url)}/models ({type(exc).__name__}); start "
+                        "`vllm serve MODEL_DIR` there or pass --served-model-name") from None
+
+
+def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
+    """Validate everything before any model loads; returns (model_dir, out_path)."""
+    from .atomic import check_output_dir
+    from .models import resolve_model_dir
+
+    if opts.limit is not None and opts.limit < 1:
+        raise CocoError(f"--limit {opts.limit} must be a positive number of documents per task")
+    if opts.max_items is not None and opts.max_items < 1:
+        raise CocoError(f"--max-items {opts.max_items} must be a positive number of items")
+    if opts.batch_size is not None and opts.batch_size < 1:
+        raise CocoError(f"--batch-size {opts.batch_size} must be positive")
+    if opts.backend not in ("hf", "vllm") and not _is_url(opts.backend):
+        raise CocoError(f"--backend {opts.backend} is not hf, vllm or an http(s):// URL of `vllm serve`")
+    if not opts.tasks:
+        raise CocoError("--tasks is empty; name at least one task, e.g. --tasks stereo_coco")
+    model_dir = resolve_model_dir(model)
+    out_path = Path(out) if out else Path("runs") / f"eval-{model_dir.name}"
+    if out is not None or out_path.absolute().parent.exists():  # a missing default runs/ is created later
+        check_output_dir(out_path, force, sources=(model_dir,))
+    return model_dir, out_path
+
+
+# --------------------------------------------------------------------------- running
+
+def _lm_for(model_dir: Path, opts: EvalOptions):
+    """(model, model_args, batch_size, device) for lm_eval.simple_evaluate."""
+    if opts.backend == "hf":
+        import torch
+
+        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bs = opts.batch_size or 8
+        if _is_ne_dir(model_dir):
+            # AutoModel refuses NE directories on purpose; the reference loader applies the gate.
+            from lm_eval.models.huggingface import HFLM
+
+            from .hf_reference import load_ne_model
+
+            model, tok = load_ne_model(model_dir, dtype=torch.float32, device=device)
+            return HFLM(pretrained=model, tokenizer=tok, batch_size=bs, device=device), None, bs, device
+        return "hf", {"pretrained": str(model_dir), "dtype": "float32"}, bs, device
+    if opts.backend == "vllm":
+        # CPU builds of vLLM reserve a KV cache that does not fit the NUMA node they see; GPU builds ignore it.
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+        args = {"pretrained": str(model_dir), "dtype": "float32", "max_model_len": opts.max_model_len}
+        return "vllm", args, opts.batch_size or "auto", None
+    name = opts.served_model_name or served_model(opts.backend)
+    args = {"base_url": _api_base(opts.backend) + "/completions", "model": name, "tokenizer": str(model_dir),
+            "tokenizer_backend": "huggingface", "tokenized_requests": False,
+            "num_concurrent": opts.batch_size or 4, "max_retries": 3, "max_length": opts.max_model_len}
+    return "local-completions", args, 1, None
+
+
+def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool = False) -> tuple[dict, Path]:
+    """Evaluate MODEL on opts.tasks and write OUT/results.json atomically; returns (results, out)."""
+    model_dir, out_path = check_options(model, opts, out, force)
+    metadata = {"max_items": opts.max_items} if opts.max_items else None
+    tm = task_manager(list(opts.tasks), metadata=metadata)
+    if _is_url(opts.backend) and not opts.served_model_name:
+        opts.served_model_name = served_model(opts.backend)  # fail before loading anything else
+    chat = opts.chat and _has_chat_template(model_dir)
+
+    from lm_eval import simple_evaluate
+    from lm_eval.utils import handle_non_serializable
+
+    lm, model_args, bs, device = _lm_for(model_dir, opts)
+    results = simple_evaluate(model=lm, model_args=model_args, tasks=list(opts.tasks), limit=opts.limit,
+                              batch_size=bs, device=device, apply_chat_template=chat, task_manager=tm,
+                              log_samples=opts.log_samples, bootstrap_iters=1000)
+    samples = results.pop("samples", None) or {}
+    results["coco"] = {"model": str(model_dir), "name": model_dir.name, "backend": opts.backend,
+                       "ne_coco": _is_ne_dir(model_dir), "tasks": list(opts.tasks), "limit": opts.limit,
+                       "max_items": opts.max_items, "chat_template": chat, "evals_dir": str(evals_dir())}
+    out_path.absolute().parent.mkdir(parents=True, exist_ok=True)  # the default runs/ may not exist yet
+    from .atomic import atomic_output_dir
+
+    with atomic_output_dir(out_path, force) as tmp:
+        (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=handle_non_serializable,
+                                                   ensure_ascii=False), encoding="utf-8")
+        for task, rows in samples.items():
+            with open(tmp / f"samples_{task}.jsonl", "w", encoding="utf-8") as fh:
+                for row in rows:
+                    fh.write(json.dumps(row, default=handle_non_serializable, ensure_ascii=False) + "\n")
+    return results, out_path
+
+
+def summary(results: dict) -> str:
+    """lm-eval's result tables (tasks, then groups)."""
+    from lm_eval.utils import make_table
+
+    text = make_table(results)
+    if results.get("groups"):
+        text += "\n" + make_table(results, "groups")
+    return text
