@@ -135,3 +135,19 @@ def test_capture_matches_a_direct_forward(planted, tmp_path):
     np.testing.assert_allclose(res.calib_std[sl], np.abs(h).std(0), rtol=1e-4, atol=1e-6)
     np.testing.assert_allclose(res.act_mean[sl], h.mean(0), rtol=1e-5, atol=1e-7)
     assert res.span_tokens == len(h)
+
+
+def test_select_reproduces_identify_without_the_model(planted, coco, tmp_path):
+    """Re-selecting from a stored artifact equals running identify with that selection."""
+    src = tmp_path / "src"
+    _identify(planted, src, "--ratio", "0.02")
+    for baseline in ("rand", "mact", "norm"):
+        direct, _ = _identify(planted, tmp_path / f"id-{baseline}", "--ratio", "0.02", "--baseline", baseline)
+        code, _, err = run_cli("select", src, "--out", tmp_path / f"sel-{baseline}", "--baseline", baseline)
+        assert code == 0, err
+        derived = json.loads((tmp_path / f"sel-{baseline}" / "neurons.json").read_text())
+        for key in ("neurons", "per_category", "selection", "significance"):
+            assert derived[key] == direct[key], (baseline, key)
+        assert (tmp_path / f"sel-{baseline}" / "intensities.safetensors").is_file()
+    code, _, err = run_cli("select", src, "--out", tmp_path / "t", "--threshold", "100")
+    assert code == 2 and "no neuron scores at least" in err and not (tmp_path / "t").exists()

@@ -116,6 +116,31 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
                    f"best label-permutation null score {sig['null_best_score']:.4f}")
 
 
+@cli.command("select", epilog=EXIT_CODES)
+@click.argument("neurons_dir", type=click.Path())
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to create.")
+@click.option("--baseline", type=click.Choice(["coco", "rand", "norm", "mact"]), default="coco", show_default=True)
+@click.option("--ratio", type=float, help="Share of neurons (default: the source artifact's).")
+@click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
+@click.option("--weighting", type=click.Choice(["magnitude", "signed"]), help="Default: the source artifact's.")
+@click.option("--seed", type=int, help="Seed for RAND (default: the source artifact's).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, force):
+    """Re-select neurons from an existing artifact without running the model again: a baseline
+    with the same count (RAND / NORM / MACT), another ratio or threshold, or other weights.
+
+    \b
+    Examples:
+      coco-tools select runs/neurons --out runs/neurons-rand --baseline rand
+      coco-tools select runs/neurons --out runs/neurons-2pct --ratio 0.02
+    """
+    from .identify import reselect
+
+    meta = reselect(neurons_dir, out, baseline, ratio, threshold, weighting, seed, force)
+    click.echo(f"selected {meta['selection']['count']} neurons ({meta['selection']['baseline']}, "
+               f"{meta['selection']['by_proj']}) -> {out}")
+
+
 @cli.command(epilog=EXIT_CODES)
 @click.argument("model")
 @click.argument("neurons_dir", type=click.Path())

@@ -102,10 +102,30 @@ def task_manager(names, evals: Path | None = None, metadata: dict | None = None)
         valid = ", ".join(n for n in sorted(ours) if not n.startswith("_"))
         raise CocoError(f"unknown task{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}; "
                         f"vllm-coco tasks: {valid} (or any lm-eval task name)")
-    logging.getLogger("lm_eval").addFilter(_DropNoise())
-    for name in ("lm_eval.api.task", "lm_eval.tasks", "lm-eval"):
-        logging.getLogger(name).addFilter(_DropNoise())
+    task_logger = logging.getLogger("lm_eval.api.task")
+    if not any(isinstance(f, _DropNoise) for f in task_logger.filters):
+        task_logger.addFilter(_DropNoise())
     return tm
+
+
+def preload(tm, names) -> None:
+    """Build the tasks and their data now, before any model loads, so a data problem fails in
+    seconds rather than after a vLLM engine start; `simple_evaluate` then gets these same tasks
+    (its `task_manager.load(names)` call is answered from here)."""
+    names = list(names)
+    try:
+        loaded = tm.load(names)
+    except CocoError:
+        raise
+    except Exception as exc:
+        if not _needs_builtin(names, local_tasks(evals_dir())):
+            raise  # our own tasks: a bug, keep the traceback
+        first = (str(exc).strip().splitlines() or [""])[0][:200]
+        raise CocoError(f"cannot load the data of {', '.join(names)} ({type(exc).__name__}: {first}); "
+                        "lm-eval's own tasks (e.g. coco_retention_online) download from the Hugging Face hub: "
+                        "run online, or use the offline coco_retention") from None
+    load = tm.load
+    tm.load = lambda task_list: loaded if list(task_list) == names else load(task_list)
 
 
 # --------------------------------------------------------------------------- options
@@ -217,6 +237,7 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
     model_dir, out_path = check_options(model, opts, out, force)
     metadata = {"max_items": opts.max_items} if opts.max_items else None
     tm = task_manager(list(opts.tasks), metadata=metadata)
+    preload(tm, opts.tasks)
     if _is_url(opts.backend) and not opts.served_model_name:
         opts.served_model_name = served_model(opts.backend)  # fail before loading anything else
     chat = opts.chat and _has_chat_template(model_dir)

@@ -120,12 +120,12 @@ def above_threshold_or_fail(score, loss, threshold):
     return sel
 
 
-def _neuron_list(sel, layout_arrays, score, direction, weight=None, loss=None):
-    projs = np.array(PROJS)
+def _neuron_list(sel, arrays, score, direction, weight=None, loss=None):
+    """neurons.json entries for `sel` (best first); `arrays` holds the per-neuron layer/proj/index."""
     out = []
     for i, n in enumerate(sel):
-        item = {"layer": int(layout_arrays["layer"][n]), "proj": str(projs[layout_arrays["proj"][n]]),
-                "index": int(layout_arrays["index"][n]), "score": float(score[n]),
+        item = {"layer": int(arrays["layer"][n]), "proj": PROJS[int(arrays["proj"][n])],
+                "index": int(arrays["index"][n]), "score": float(score[n]),
                 "direction": float(direction[n])}
         if loss is not None:
             item["loss"] = float(loss[n])
@@ -133,6 +133,81 @@ def _neuron_list(sel, layout_arrays, score, direction, weight=None, loss=None):
             item["weight"] = float(weight[i])
         out.append(item)
     return out
+
+
+def select_from_arrays(arrays: dict, categories, nulls: dict, pairs_per_cat: dict, opts: IdentifyOptions) -> dict:
+    """The selection parts of neurons.json from the per-neuron arrays (sets arrays["selected"] and
+    arrays["weight"]). Shared by identify and `select`, which re-selects without re-capturing."""
+    total = len(arrays["loss"])
+    proj = arrays["proj"]
+    score, loss, direc = arrays["score"], arrays["loss"], arrays["direction"]
+    sel = selection.baseline(opts.baseline, _select(score, loss, total, opts), proj=proj,
+                             weight_norm=arrays["weight_norm"], mean_intensity=arrays["mean_intensity"],
+                             seed=opts.seed)
+    weight = selection.edit_weights(direc[sel].astype(np.float64), opts.weighting)
+    arrays["selected"], arrays["weight"] = sel.astype(np.int64), weight.astype(np.float32)
+    per_category = {}
+    for cat in categories:
+        c_score, c_dir = arrays[f"score.{cat}"], arrays[f"direction.{cat}"].astype(np.float64)
+        csel = selection.baseline(opts.baseline, _select(c_score, arrays[f"loss.{cat}"], total, opts), proj=proj,
+                                  weight_norm=arrays["weight_norm"], mean_intensity=arrays[f"mean_intensity.{cat}"],
+                                  seed=opts.seed)
+        cnull = nulls.get(cat)
+        per_category[cat] = {
+            "pairs": pairs_per_cat[cat], "count": int(len(csel)), "null_best_score": cnull,
+            "beat_null": None if cnull is None else int(np.sum(c_score[csel] > cnull)),
+            "neurons": _neuron_list(csel, arrays, c_score, c_dir, selection.edit_weights(c_dir[csel], opts.weighting)),
+        }
+    null_best = nulls.get("combined")
+    return {
+        "selection": {"rule": "threshold" if opts.threshold is not None else "ratio",
+                      "ratio": None if opts.threshold is not None else opts.ratio,
+                      "threshold": opts.threshold, "baseline": opts.baseline, "weighting": opts.weighting,
+                      "count": int(len(sel)), "by_proj": {p: int(np.sum(proj[sel] == i)) for i, p in enumerate(PROJS)},
+                      "tau": opts.tau, "k_negatives": opts.k_negatives, "seed": opts.seed,
+                      "combined": "mean of per-category scores"},
+        "significance": {"null": "labels swapped at random within each pair", "rounds": opts.null_rounds,
+                         "null_best_score": null_best,
+                         "beat_null": None if null_best is None else int(np.sum(score[sel] > null_best))},
+        "neurons": _neuron_list(sel, arrays, score, direc, weight, loss),
+        "per_category": per_category,
+    }
+
+
+def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | None = None,
+             threshold: float | None = None, weighting: str | None = None, seed: int | None = None,
+             force: bool = False) -> dict:
+    """A new artifact from an existing one with another selection (baseline, ratio, threshold,
+    weighting): no model run, the per-neuron arrays and intensity matrix are reused."""
+    import shutil
+
+    meta, arrays = artifact.load(neurons_dir)
+    check_output_dir(out, force, sources=(Path(neurons_dir),))
+    old = meta["selection"]
+    opts = IdentifyOptions(baseline=baseline, weighting=weighting or old["weighting"],
+                           seed=old["seed"] if seed is None else seed, tau=old["tau"],
+                           k_negatives=old["k_negatives"], null_rounds=meta["significance"]["rounds"],
+                           threshold=threshold,
+                           ratio=ratio if ratio is not None else (old["ratio"] or 0.01))
+    opts.validate()
+    categories = meta["categories"]
+    if f"mean_intensity.{categories[0]}" not in arrays:
+        raise CocoError(f"{neurons_dir} predates re-selection support; re-run `coco-tools identify`")
+    nulls = {"combined": meta["significance"]["null_best_score"],
+             **{c: meta["per_category"][c]["null_best_score"] for c in categories}}
+    pairs_per_cat = {c: meta["per_category"][c]["pairs"] for c in categories}
+    new = {**meta, **select_from_arrays(arrays, categories, nulls, pairs_per_cat, opts),
+           "derived_from": {"artifact": str(Path(neurons_dir).absolute()),
+                            "hash": artifact.artifact_hash(neurons_dir)}}
+    with atomic_output_dir(out, force) as tmp:
+        artifact.save(tmp, new, arrays)
+        matrix = Path(neurons_dir) / artifact.MATRIX_FILE
+        if matrix.exists():
+            try:  # the matrix is never written after identify: share it when the filesystem allows
+                (tmp / artifact.MATRIX_FILE).hardlink_to(matrix)
+            except OSError:
+                shutil.copy2(matrix, tmp / artifact.MATRIX_FILE)
+    return new
 
 
 def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, progress: bool = True) -> dict:
@@ -164,69 +239,36 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
         res = score_matrix(open_matrix(tmp / artifact.MATRIX_FILE), row_cat, row_label, categories, opts, progress)
 
         la = layout.arrays()
-        total = layout.total
-        loss = np.mean([res[c]["loss"] for c in categories], axis=0)
-        score = np.mean([res[c]["score"] for c in categories], axis=0)
-        direc = np.mean([res[c]["direction"] for c in categories], axis=0)
-        coco_sel = _select(score, loss, total, opts)
-        sel = selection.baseline(opts.baseline, coco_sel, proj=la["proj"], weight_norm=weight_norm,
-                                 mean_intensity=cap.mean_intensity, seed=opts.seed)
-        weight = selection.edit_weights(direc[sel], opts.weighting)
-        null_comb = np.mean([res[c]["null_score"] for c in categories], axis=0)  # [rounds, N]
-        null_best = float(null_comb.max()) if opts.null_rounds else None
-
-        per_category = {}
-        for cat in categories:
-            r = res[cat]
-            if opts.baseline == "coco":
-                csel = _select(r["score"], r["loss"], total, opts)
-            else:
-                csel = selection.baseline(opts.baseline, _select(r["score"], r["loss"], total, opts),
-                                          proj=la["proj"], weight_norm=weight_norm,
-                                          mean_intensity=r["mean_intensity"], seed=opts.seed)
-            cnull = float(r["null_score"].max()) if opts.null_rounds else None
-            per_category[cat] = {
-                "pairs": r["n_pairs"], "count": int(len(csel)), "null_best_score": cnull,
-                "beat_null": None if cnull is None else int(np.sum(r["score"][csel] > cnull)),
-                "neurons": _neuron_list(csel, la, r["score"], r["direction"],
-                                        selection.edit_weights(r["direction"][csel], opts.weighting)),
-            }
-
-        by_proj = {p: int(np.sum(la["proj"][sel] == i)) for i, p in enumerate(PROJS)}
-        meta = {
-            "method": METHOD_VERSION,
-            "tool": f"vllm-coco {__version__}",
-            "model": {"path": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
-                      **layout.to_json(), "num_neurons": total, "fingerprint": fp, "dtype": opts.dtype},
-            "data": {**data_info, "contrast": "response", "pairs": len(pairs), "rows": cap.rows,
-                     "tokens": cap.tokens, "calibration_tokens": cap.span_tokens},
-            "selection": {"rule": "threshold" if opts.threshold is not None else "ratio",
-                          "ratio": None if opts.threshold is not None else opts.ratio,
-                          "threshold": opts.threshold, "baseline": opts.baseline, "weighting": opts.weighting,
-                          "count": int(len(sel)), "by_proj": by_proj, "tau": opts.tau,
-                          "k_negatives": opts.k_negatives, "seed": opts.seed,
-                          "combined": "mean of per-category scores"},
-            "significance": {"null": "labels swapped at random within each pair", "rounds": opts.null_rounds,
-                             "null_best_score": null_best,
-                             "beat_null": None if null_best is None else int(np.sum(score[sel] > null_best))},
-            "categories": categories,
-            "neurons": _neuron_list(sel, la, score, direc, weight, loss),
-            "per_category": per_category,
-            "timing_s": {"capture": round(t_capture, 2), "total": round(time.time() - t0, 2)},
-        }
         arrays = {
             "layer": la["layer"].astype(np.int32), "proj": la["proj"].astype(np.int32),
             "index": la["index"].astype(np.int32),
-            "loss": loss, "score": score, "direction": direc.astype(np.float32),
+            "loss": np.mean([res[c]["loss"] for c in categories], axis=0),
+            "score": np.mean([res[c]["score"] for c in categories], axis=0),
+            "direction": np.mean([res[c]["direction"] for c in categories], axis=0).astype(np.float32),
             "calib_mean": cap.calib_mean.astype(np.float32), "calib_std": cap.calib_std.astype(np.float32),
             "act_mean": cap.act_mean.astype(np.float32),
             "mean_intensity": cap.mean_intensity.astype(np.float32), "weight_norm": weight_norm.astype(np.float32),
-            "selected": sel.astype(np.int64), "weight": weight.astype(np.float32),
             "row_category": row_cat, "row_label": row_label,
         }
         for cat in categories:
             for key in ("loss", "score"):
                 arrays[f"{key}.{cat}"] = res[cat][key]
-            arrays[f"direction.{cat}"] = res[cat]["direction"].astype(np.float32)
+            for key in ("direction", "mean_intensity"):
+                arrays[f"{key}.{cat}"] = res[cat][key].astype(np.float32)
+        nulls = {"combined": float(np.mean([res[c]["null_score"] for c in categories], axis=0).max())
+                 if opts.null_rounds else None}
+        nulls.update({c: float(res[c]["null_score"].max()) if opts.null_rounds else None for c in categories})
+        pairs_per_cat = {c: res[c]["n_pairs"] for c in categories}
+        meta = {
+            "method": METHOD_VERSION,
+            "tool": f"vllm-coco {__version__}",
+            "model": {"path": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
+                      **layout.to_json(), "num_neurons": layout.total, "fingerprint": fp, "dtype": opts.dtype},
+            "data": {**data_info, "contrast": "response", "pairs": len(pairs), "rows": cap.rows,
+                     "tokens": cap.tokens, "calibration_tokens": cap.span_tokens},
+            "categories": categories,
+            **select_from_arrays(arrays, categories, nulls, pairs_per_cat, opts),
+            "timing_s": {"capture": round(t_capture, 2), "total": round(time.time() - t0, 2)},
+        }
         artifact.save(tmp, meta, arrays)
     return meta

@@ -9,8 +9,6 @@ Imported lazily by vLLM through the plugin's "module:Class" registration.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
-
 import numpy as np
 import torch
 from torch import nn
@@ -82,37 +80,41 @@ def _make_gate(attn: LlamaAttention, config, prefix: str) -> CocoGate | None:
     return CocoGate(channels, heads, config.coco)
 
 
-class CocoLlamaAttention(LlamaAttention):
+class _GatedQKV:
+    """Mixin for vLLM attention classes: the packed projection with the NE gate applied."""
+
+    coco_gate: CocoGate | None
+
+    def gated_qkv(self, hidden_states: torch.Tensor):
+        qkv, _ = self.qkv_proj(hidden_states)  # [tokens, q_size + 2 * kv_size]
+        if self.coco_gate is not None:
+            qkv = self.coco_gate(qkv)
+        return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+
+
+class CocoLlamaAttention(_GatedQKV, LlamaAttention):
     def __init__(self, config, *args, prefix: str = "", **kwargs):
         super().__init__(config, *args, prefix=prefix, **kwargs)
         self.coco_gate = _make_gate(self, config, prefix)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)  # [tokens, q_size + 2 * kv_size]
-        if self.coco_gate is not None:
-            qkv = self.coco_gate(qkv)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.gated_qkv(hidden_states)  # LlamaAttention.forward, gated
         q, k = self.rotary_emb(positions, q, k)
-        attn_output = self.attn(q, k, v)
-        output, _ = self.o_proj(attn_output)
+        output, _ = self.o_proj(self.attn(q, k, v))
         return output
 
 
-class CocoMistralAttention(MistralAttention):
+class CocoMistralAttention(_GatedQKV, MistralAttention):
     def __init__(self, config, *args, prefix: str = "", **kwargs):
         super().__init__(config, *args, prefix=prefix, **kwargs)
         self.coco_gate = _make_gate(self, config, prefix)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
-        qkv, _ = self.qkv_proj(hidden_states)  # [tokens, q_size + 2 * kv_size]
-        if self.coco_gate is not None:
-            qkv = self.coco_gate(qkv)
-        q, k, v = qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
+        q, k, v = self.gated_qkv(hidden_states)  # MistralAttention.forward, gated
         q, k = self.rotary_emb(positions, q, k)
         if self.do_llama_4_scaling:
             q = (q * self._get_llama_4_attn_scale(positions)).to(q.dtype)
-        attn_output = self.attn(q, k, v)
-        output, _ = self.o_proj(attn_output)
+        output, _ = self.o_proj(self.attn(q, k, v))
         return output
 
 
@@ -144,6 +146,3 @@ class CocoLlamaForCausalLM(LlamaForCausalLM):
 class CocoMistralForCausalLM(MistralForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=CocoMistralDecoderLayer):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
-
-    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> set[str]:
-        return super().load_weights(weights)
