@@ -1,7 +1,7 @@
 """Shared logic of the vllm-coco lm-eval tasks: documents, answer parsing, metrics.
 
 lm-eval loads `!function utils.fn` from the `utils.py` next to each YAML by file path, so the
-task folders' `utils.py` files are thin shims that load this module once (see `_shim.py`).
+task folders' `utils.py` files are thin shims that load this module once, as `coco_eval`.
 Everything here is plain Python, importable without lm-eval, and unit-tested in
 tests/test_evals.py.
 
@@ -21,7 +21,7 @@ import math
 import os
 import random
 import re
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 
 ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # cyclic: every option visits every position once
@@ -510,7 +510,3 @@ def agg_bits_per_byte(items) -> float:
     total_bytes = sum(b for _, b in items)
     return -sum(ll for ll, _ in items) / (math.log(2) * total_bytes) if total_bytes else float("nan")
 
-
-def position_counts(records) -> dict:
-    """Counts of chosen displayed positions (None: unparsed); a helper for reports."""
-    return dict(Counter(r["pos"] for r in records))

@@ -15,7 +15,7 @@ step() { [ -e "$2" ] && echo "== $1: $2 exists, skipped" || { echo "== $1"; shif
 step "demo model (Llama)"   models/smollm2         $COCO demo-model models/smollm2
 step "demo model (Mistral)" models/smollm2-mistral $COCO demo-model models/smollm2-mistral --arch mistral
 step "identify"             $R/neurons             $COCO identify models/smollm2 --out $R/neurons --limit "$LIMIT"
-step "baseline RAND"        $R/neurons-rand        $COCO identify models/smollm2 --out $R/neurons-rand --limit "$LIMIT" --baseline rand --null-rounds 0
+step "baseline RAND"        $R/neurons-rand        $COCO select $R/neurons --out $R/neurons-rand --baseline rand
 $COCO report $R/neurons
 step "LE-COCO checkpoint"   $R/smollm2-le          $COCO bake models/smollm2 $R/neurons --out $R/smollm2-le --alpha 0.5
 step "LE-COCO LoRA adapter" $R/smollm2-le-lora     $COCO bake models/smollm2 $R/neurons --out $R/smollm2-le-lora --alpha 0.5 --lora

@@ -139,9 +139,16 @@ def bar_chart(rows, labels: list[str], png: Path, title: str) -> None:
     n = len(labels)
     width = 0.8 / n
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) * max(1, n / 2)), 4.2))
+    finite = []
     for i, label in enumerate(labels):
         vals = [r[1][i] if r[1][i] is not None else float("nan") for r in rows]
-        ax.bar(x + (i - (n - 1) / 2) * width, vals, width, label=label)
+        bars = ax.bar(x + (i - (n - 1) / 2) * width, vals, width, label=label)
+        ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
+        finite += [v for v in vals if not math.isnan(v)]
+    if finite and min(finite) >= 0 and max(finite) <= 1:  # rates: a fixed 0..1 axis, so zeros still read
+        ax.set_ylim(0, 1.08)
+    elif finite and min(finite) >= -1 and max(finite) <= 1:  # signed bias scores
+        ax.set_ylim(-1.08, 1.08)
     ax.set_xticks(x)
     ax.set_xticklabels([r[0] for r in rows], rotation=20, ha="right")
     ax.set_title(title)
