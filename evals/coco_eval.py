@@ -6,7 +6,8 @@ Everything here is plain Python, importable without lm-eval, and unit-tested in
 tests/test_evals.py.
 
 Document layout of the BBQ tasks: one doc per (item, option order). Every BBQ item of the
-held-out test split (`vllm_coco.data.bbq_items(..., split="test")`) is shown under the three
+held-out test split (`vllm_coco.data.bbq_items(..., split="test")`; task metadata
+`coco_split: validate` selects the validate split instead) is shown under the three
 cyclic orders of its options, (0,1,2), (1,2,0), (2,0,1), to control for position bias; all
 indices in a doc (`label`, `unknown`, `biased`) are positions in the displayed order, and `id`
 ties the three docs of one item together.
@@ -26,6 +27,7 @@ from pathlib import Path
 
 ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # cyclic: every option visits every position once
 BBQ_SOURCE_ENV = "COCO_BBQ_SOURCE"  # e.g. hf:oskarvanderwal/bbq for users online
+EVAL_SPLITS = ("test", "validate")  # never "identify": the neurons were found on it
 DATA_SEED = 0  # seeds the within-category shuffle (so --limit takes a spread of templates)
 
 # Metric keys returned by process_results; each must be listed in the task's metric_list.
@@ -42,18 +44,28 @@ def _bbq_source(kwargs) -> str:
     return kwargs.get("source") or os.environ.get(BBQ_SOURCE_ENV) or "bbq"
 
 
+def _split(kwargs) -> str:
+    """Task metadata `coco_split` (TaskManager(metadata={"coco_split": "validate"})), default "test"."""
+    value = kwargs.get("coco_split") or "test"
+    if value not in EVAL_SPLITS:
+        raise ValueError(f"coco_split {value!r} is not one of {', '.join(EVAL_SPLITS)}")
+    return value
+
+
 def _max_items(kwargs) -> int | None:
     value = kwargs.get("max_items")
     return None if value in (None, "", "none", "None") else int(value)
 
 
 @functools.lru_cache(maxsize=64)
-def _test_items(source: str, category: str, condition: str | None) -> tuple:
-    """Test-split BBQ items of one category, through the project's single BBQ loader (cached:
-    the jailbreak families and the gen tasks read the same categories again)."""
+def _split_items(source: str, category: str, condition: str | None, split: str = "test") -> tuple:
+    """BBQ items of one category in one evaluation split (test or validate), through the project's
+    single BBQ loader (cached: the jailbreak families and the gen tasks read the same categories again)."""
     from vllm_coco.data import bbq_items
 
-    items, _ = bbq_items(source, [category], split="test", condition=condition)
+    if split not in EVAL_SPLITS:
+        raise ValueError(f"split {split!r} is not one of {', '.join(EVAL_SPLITS)}")
+    items, _ = bbq_items(source, [category], split=split, condition=condition)
     return tuple(items)
 
 
@@ -99,14 +111,14 @@ def item_docs(item, prompt=None, system: str = "", attack: str = "") -> list[dic
     return docs
 
 
-def stereo_docs(category: str, source: str = "bbq", max_items: int | None = None) -> list[dict]:
-    """Docs of one category: test-split items (ambiguous and disambiguated) x three orders.
+def stereo_docs(category: str, source: str = "bbq", max_items: int | None = None, split: str = "test") -> list[dict]:
+    """Docs of one category: `split` items (ambiguous and disambiguated) x three orders.
 
     Items are shuffled (seeded) and ambiguous / disambiguated items alternate, so the first docs
     (what lm-eval's --limit takes) cover both conditions: 6 docs = one item of each, all orders.
     `max_items` caps the items per condition.
     """
-    items = _test_items(source, category, None)
+    items = _split_items(source, category, None, split)
     amb = _shuffled([i for i in items if i.condition == "ambig"], f"{category}:ambig")[:max_items]
     dis = _shuffled([i for i in items if i.condition == "disambig"], f"{category}:disambig")[:max_items]
     return [d for it in _interleave(amb, dis) for d in item_docs(it)]
@@ -116,14 +128,14 @@ def _dataset(docs: list[dict]):
     import datasets
 
     if not docs:
-        raise ValueError("no documents: the BBQ test split of this category is empty for this source")
+        raise ValueError("no documents: the BBQ split of this category is empty for this source")
     return datasets.DatasetDict({"test": datasets.Dataset.from_list(docs)})
 
 
 def load_stereo(**kwargs):
     """custom_dataset of stereo_coco_<category> and stereo_coco_gen_<category> (metadata: category,
-    optional source, max_items)."""
-    return _dataset(stereo_docs(kwargs["category"], _bbq_source(kwargs), _max_items(kwargs)))
+    optional source, max_items, coco_split)."""
+    return _dataset(stereo_docs(kwargs["category"], _bbq_source(kwargs), _max_items(kwargs), _split(kwargs)))
 
 
 # --------------------------------------------------------------------------- jailbreak attacks
@@ -196,8 +208,8 @@ def jailbreak_templates() -> tuple[str, list[dict]]:
 
 
 def jailbreak_docs(family: str, categories, source: str = "bbq", max_items: int | None = None,
-                   templates: list[dict] | None = None) -> list[dict]:
-    """Ambiguous test items of `categories` wrapped by one attack family, three orders each.
+                   templates: list[dict] | None = None, split: str = "test") -> list[dict]:
+    """Ambiguous `split` items of `categories` wrapped by one attack family, three orders each.
 
     family: "roleplay" (system-level role-play prompt), "obfuscated" (leetspeak user turn) or
     "templates" (a jailbreak template drawn per item, seeded by category and example id).
@@ -207,7 +219,7 @@ def jailbreak_docs(family: str, categories, source: str = "bbq", max_items: int 
         templates = jailbreak_templates()[1]
     per_cat = []
     for cat in categories:
-        amb = _shuffled(_test_items(source, cat, "ambig"), f"{cat}:ambig")[:max_items]
+        amb = _shuffled(_split_items(source, cat, "ambig", split), f"{cat}:ambig")[:max_items]
         per_cat.append(amb)
     docs = []
     for it in _interleave(*per_cat):
@@ -226,13 +238,14 @@ def jailbreak_docs(family: str, categories, source: str = "bbq", max_items: int 
 
 def load_jailbreak(**kwargs):
     """custom_dataset of stereo_coco_jailbreak_<family> (metadata: family, optional categories,
-    source, max_items)."""
+    source, max_items, coco_split)."""
     from vllm_coco.data import DEFAULT_CATEGORIES
 
     cats = kwargs.get("categories") or DEFAULT_CATEGORIES
     if isinstance(cats, str):
         cats = [c.strip() for c in cats.split(",") if c.strip()]
-    return _dataset(jailbreak_docs(kwargs["family"], cats, _bbq_source(kwargs), _max_items(kwargs)))
+    return _dataset(jailbreak_docs(kwargs["family"], cats, _bbq_source(kwargs), _max_items(kwargs),
+                                   split=_split(kwargs)))
 
 
 # --------------------------------------------------------------------------- answers -> records

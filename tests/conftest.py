@@ -63,3 +63,22 @@ def run_cli(*args):
         except SystemExit as exc:
             code = exc.code if isinstance(exc.code, int) else 1
     return code, out.getvalue(), err.getvalue()
+
+
+def expect_bad(parent, *args, match, unchanged=()):
+    """Bad input to coco-tools: exit 2, exactly one line on stderr containing `match`, nothing new
+    in `parent` (no output, no temp dir left behind), and every directory in `unchanged` intact."""
+    import hashlib
+
+    def digests(d):
+        return {str(p): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(Path(d).rglob("*")) if p.is_file()}
+
+    before = sorted(os.listdir(parent))
+    kept = [digests(d) for d in unchanged]
+    code, out, err = run_cli(*args)
+    assert code == 2, (code, out, err)
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1, err
+    assert match.lower() in lines[0].lower(), lines[0]
+    assert sorted(os.listdir(parent)) == before
+    assert [digests(d) for d in unchanged] == kept

@@ -8,7 +8,7 @@ import shutil
 import numpy as np
 import pytest
 
-from conftest import run_cli
+from conftest import expect_bad, run_cli
 
 
 # ---------------------------------------------------------------------------------------
@@ -339,15 +339,7 @@ def test_mistral_bakes_and_loads(mistral, tmp_path):
 # bad input: one line on stderr, exit 2, nothing written, the source untouched
 
 def _expect_bad(parent, *args, match, sources=()):
-    before = sorted(os.listdir(parent))
-    digests = [_digests(s) for s in sources]
-    code, out, err = run_cli("bake", *args)
-    assert code == 2, (code, out, err)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert match.lower() in lines[0].lower(), lines[0]
-    assert sorted(os.listdir(parent)) == before  # nothing written, no temp dir left behind
-    assert [_digests(s) for s in sources] == digests
+    expect_bad(parent, "bake", *args, match=match, unchanged=sources)
 
 
 def test_not_an_artifact_dir(art, tmp_path):

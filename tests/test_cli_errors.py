@@ -7,11 +7,7 @@ import sys
 
 import pytest
 
-from conftest import run_cli
-
-
-def _listing(path):
-    return sorted(os.listdir(path))
+from conftest import expect_bad, run_cli
 
 
 @pytest.fixture()
@@ -21,14 +17,12 @@ def tiny_model(tmp_path_factory):
     return tiny.random_model(tmp_path_factory.mktemp("m") / "model")
 
 
+def _listing(path):
+    return sorted(os.listdir(path))
+
+
 def _expect_bad(tmp_path, *args, match):
-    before = _listing(tmp_path)
-    code, out, err = run_cli(*args)
-    assert code == 2, (code, out, err)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert match.lower() in lines[0].lower(), lines[0]
-    assert _listing(tmp_path) == before  # nothing written, no temp dir left behind
+    expect_bad(tmp_path, *args, match=match)
 
 
 def test_missing_model_dir(tmp_path):

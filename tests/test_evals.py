@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import run_cli
+from conftest import expect_bad, run_cli
 
 EVALS = Path(__file__).resolve().parent.parent / "evals"
 
@@ -357,18 +357,8 @@ def test_compare_reads_plain_lm_eval_output(tmp_path):
 
 # --------------------------------------------------------------------------- bad input
 
-def _listing(path):
-    return sorted(os.listdir(path))
-
-
 def _expect_bad(tmp_path, *args, match):
-    before = _listing(tmp_path)
-    code, out, err = run_cli(*args)
-    assert code == 2, (code, out, err)
-    lines = [l for l in err.splitlines() if l.strip()]
-    assert len(lines) == 1, err
-    assert match.lower() in lines[0].lower(), lines[0]
-    assert _listing(tmp_path) == before
+    expect_bad(tmp_path, *args, match=match)
 
 
 @pytest.fixture()

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import math
 import os
-import tempfile
 from pathlib import Path
 
+from .atomic import save_figure
 from .errors import CocoError
 
 ALL_ROW = "all"
@@ -155,15 +155,7 @@ def bar_chart(rows, labels: list[str], png: Path, title: str) -> None:
     ax.axhline(0, color="black", linewidth=0.6)
     ax.legend(fontsize="small")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{png.name}.", suffix=".png", dir=png.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, png)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_figure(fig, png)
 
 
 def compare(paths, labels=None, png=None, group: str = "stereo_coco", metric: str = "success_rate"):

@@ -25,6 +25,7 @@ from .errors import CocoError
 
 EVALS_ENV = "COCO_EVALS_DIR"
 RESULTS_FILE = "results.json"
+EVAL_SPLITS = ("test", "validate")  # passed to the BBQ tasks as metadata `coco_split`
 
 
 # --------------------------------------------------------------------------- the task folder
@@ -142,6 +143,7 @@ class EvalOptions:
     served_model_name: str | None = None
     chat: bool = True
     log_samples: bool = False
+    split: str = "test"  # BBQ split the stereo_coco* tasks read: test (held out) or validate (for sweeps)
 
 
 def _is_url(backend: str) -> bool:
@@ -191,6 +193,9 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
         raise CocoError(f"--max-items {opts.max_items} must be a positive number of items")
     if opts.batch_size is not None and opts.batch_size < 1:
         raise CocoError(f"--batch-size {opts.batch_size} must be positive")
+    if opts.split not in EVAL_SPLITS:
+        raise CocoError(f"split {opts.split} is not one of {', '.join(EVAL_SPLITS)} (the identify split is never "
+                        "evaluated)")
     if opts.backend not in ("hf", "vllm") and not _is_url(opts.backend):
         raise CocoError(f"--backend {opts.backend} is not hf, vllm or an http(s):// URL of `vllm serve`")
     if not opts.tasks:
@@ -235,8 +240,10 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
 def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool = False) -> tuple[dict, Path]:
     """Evaluate MODEL on opts.tasks and write OUT/results.json atomically; returns (results, out)."""
     model_dir, out_path = check_options(model, opts, out, force)
-    metadata = {"max_items": opts.max_items} if opts.max_items else None
-    tm = task_manager(list(opts.tasks), metadata=metadata)
+    metadata = {"max_items": opts.max_items} if opts.max_items else {}
+    if opts.split != "test":  # the tasks' default is test; only say otherwise when asked
+        metadata["coco_split"] = opts.split
+    tm = task_manager(list(opts.tasks), metadata=metadata or None)
     preload(tm, opts.tasks)
     if _is_url(opts.backend) and not opts.served_model_name:
         opts.served_model_name = served_model(opts.backend)  # fail before loading anything else
@@ -252,7 +259,7 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
     samples = results.pop("samples", None) or {}
     results["coco"] = {"model": str(model_dir), "name": model_dir.name, "backend": opts.backend,
                        "ne_coco": _is_ne_dir(model_dir), "tasks": list(opts.tasks), "limit": opts.limit,
-                       "max_items": opts.max_items, "chat_template": chat, "evals_dir": str(evals_dir())}
+                       "max_items": opts.max_items, "split": opts.split, "chat_template": chat, "evals_dir": str(evals_dir())}
     out_path.absolute().parent.mkdir(parents=True, exist_ok=True)  # the default runs/ may not exist yet
     from .atomic import atomic_output_dir
 

@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
 from . import artifact
+from .atomic import save_figure
 from .errors import CocoError
 from .models import PROJS
 
@@ -52,15 +51,7 @@ def heatmap(grid: np.ndarray, title: str, path: Path) -> None:
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="selected neurons")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(suffix=".png", dir=path.parent)
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_figure(fig, path)
 
 
 def report(neurons_dir, png=None, category=None) -> str:

@@ -1,0 +1,259 @@
+"""The schema of `coco-tools run CONFIG.yaml`: defaults, validation, and the resolved config.
+
+Every key is checked before any work starts: an unknown key (at any level), a wrong type or a
+value out of range raises CocoError with one line naming the key path, e.g.
+`sweep.le_alpha[1]: inf is not a finite number`. The CLI turns that into exit 2, and nothing
+is written.
+
+Relative paths (`out`, `models[].path`, a BBQ directory in `data.source`) are relative to the
+current directory, as for every other coco-tools command.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+from pathlib import Path
+
+import yaml
+
+from .errors import CocoError
+
+BACKENDS = ("auto", "hf", "vllm")
+DTYPES = ("float32", "bfloat16", "float16")
+BASELINE_NAMES = ("rand", "norm", "mact")
+ABLATIONS = ("ablate-zero", "ablate-mean")
+WEIGHTINGS = ("magnitude", "signed")
+
+# The schema: every key with its default. A dict is a section (its keys are the only ones
+# allowed); `models` is a list of MODEL_KEYS dicts.
+DEFAULTS: dict = {
+    "out": "runs/main",
+    "seed": 0,
+    "keep_models": False,
+    "data": {"source": "bbq", "categories": ["Age", "Gender_identity", "Race_ethnicity", "Religion",
+                                             "Nationality", "SES"]},
+    "models": None,  # required
+    "identify": {"limit": 60, "ratio": 0.01, "weighting": "magnitude", "tau": 0.1, "null_rounds": 3,
+                 "batch_size": 8, "dtype": "float32", "device": "cpu"},
+    "baselines": ["rand", "norm", "mact"],
+    "ablation": {"mode": "ablate-zero", "limit": 12},
+    "sweep": {"le_alpha": [0.25, 0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [2.0], "ne_lam": [0.5],
+              "ne_ratio": None, "limit": 12, "retention_limit": 50, "retention_floor": 0.02},
+    "final": {"limit": 24, "jailbreak_limit": 12, "retention_limit": 100},
+    "eval": {"backend": "auto", "batch_size": None, "device": None, "max_model_len": 2048},
+}
+MODEL_KEYS = {"path": None, "name": None}
+HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def _fail(path: str, msg: str):
+    raise CocoError(f"{path}: {msg}")
+
+
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _int(cfg: dict, path: str, key: str, lo: int | None = None, nullable: bool = False):
+    v = cfg[key]
+    where = f"{path}.{key}" if path else key
+    if v is None and nullable:
+        return None
+    if not isinstance(v, int) or isinstance(v, bool):
+        _fail(where, f"{v!r} is not an integer" + (" (or null)" if nullable else ""))
+    if lo is not None and v < lo:
+        _fail(where, f"{v} must be at least {lo}")
+    return v
+
+
+def _num(v, where: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
+    if not _is_num(v):
+        _fail(where, f"{v!r} is not a number")
+    v = float(v)
+    if not math.isfinite(v):
+        _fail(where, f"{v} is not a finite number")
+    if lo is not None and (v <= lo if lo_open else v < lo):
+        _fail(where, f"{v} must be {'greater than' if lo_open else 'at least'} {lo}")
+    if hi is not None and v > hi:
+        _fail(where, f"{v} must be at most {hi}")
+    return v
+
+
+def _choice(v, where: str, choices) -> str:
+    if v not in choices:
+        _fail(where, f"{v!r} is not one of {', '.join(choices)}")
+    return v
+
+
+def _num_list(v, where: str, **bounds) -> list[float]:
+    if not isinstance(v, list) or not v:
+        _fail(where, f"{v!r} is not a non-empty list of numbers")
+    out = [_num(x, f"{where}[{i}]", **bounds) for i, x in enumerate(v)]
+    for i, x in enumerate(out):
+        if x in out[:i]:
+            _fail(f"{where}[{i}]", f"{x} is listed twice")
+    return out
+
+
+def _merge(defaults: dict, given, path: str) -> dict:
+    """defaults updated with `given`; CocoError on an unknown key or a non-mapping section."""
+    if given is None:
+        given = {}
+    if not isinstance(given, dict):
+        _fail(path or "config", f"expected a mapping of keys, got {type(given).__name__}")
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        where = f"{path}.{key}" if path else str(key)
+        if key not in defaults:
+            valid = ", ".join(defaults)
+            _fail(where, f"unknown key (valid keys{' in ' + path if path else ''}: {valid})")
+        if isinstance(defaults[key], dict):
+            out[key] = _merge(defaults[key], value, where)
+        else:
+            out[key] = value
+    return out
+
+
+def looks_like_hub_id(path: str) -> bool:
+    """`org/name` that is not a local path: the first component is no existing directory and
+    the string does not start like a path (/, ., ~)."""
+    if not HUB_ID.fullmatch(path) or path.startswith((".", "~")):
+        return False
+    return not Path(path.split("/")[0]).exists()
+
+
+def _models(value) -> list[dict]:
+    if not isinstance(value, list) or not value:
+        _fail("models", "must be a non-empty list of {path: MODEL_DIR_OR_HUB_ID, name: OPTIONAL_NAME}"
+              if value is not None else "missing: list at least one model, e.g. models: [{path: models/smollm2}]")
+    out, names = [], {}
+    for i, entry in enumerate(value):
+        where = f"models[{i}]"
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        m = _merge(MODEL_KEYS, entry, where)
+        path = m["path"]
+        if not isinstance(path, str) or not path:
+            _fail(f"{where}.path", "missing: the model directory or hub id (org/name)")
+        p = Path(path).expanduser()
+        if p.exists():
+            if not (p / "config.json").is_file():
+                _fail(f"{where}.path", f"{path} is not a Hugging Face model directory (no config.json)")
+        elif not looks_like_hub_id(path):
+            _fail(f"{where}.path", f"{path} does not exist (and is not a hub id org/name); create it, "
+                  "e.g. `coco-tools demo-model models/smollm2`")
+        name = m["name"] if m["name"] is not None else Path(path.rstrip("/")).name
+        if not isinstance(name, str) or not NAME.fullmatch(name):
+            _fail(f"{where}.name", f"{name!r} is not a usable directory name (letters, digits, . _ -)")
+        if name in names:
+            _fail(f"{where}.name", f"{name} is already the name of models[{names[name]}]; give one a `name:`")
+        names[name] = i
+        out.append({"path": path, "name": name})
+    return out
+
+
+def validate(raw) -> dict:
+    """The resolved config (defaults filled in) or CocoError naming the first bad key."""
+    from .data import BBQ_CATEGORIES
+
+    cfg = _merge(DEFAULTS, raw, "")
+    if not isinstance(cfg["out"], str) or not cfg["out"]:
+        _fail("out", f"{cfg['out']!r} is not a directory path")
+    out = Path(cfg["out"]).expanduser()
+    if out.exists() and not out.is_dir():
+        _fail("out", f"{cfg['out']} exists and is not a directory")
+    _int(cfg, "", "seed", lo=0)
+    if not isinstance(cfg["keep_models"], bool):
+        _fail("keep_models", f"{cfg['keep_models']!r} is not true or false")
+
+    data = cfg["data"]
+    src = data["source"]
+    if not isinstance(src, str) or not src:
+        _fail("data.source", f"{src!r} is not bbq, a BBQ directory or hf:DATASET_ID")
+    if src != "bbq" and not src.startswith("hf:") and not Path(src).expanduser().is_dir():
+        _fail("data.source", f"{src} is neither 'bbq', an existing BBQ directory, nor hf:DATASET_ID")
+    cats = data["categories"]
+    if not isinstance(cats, list) or not cats:
+        _fail("data.categories", f"{cats!r} is not a non-empty list of BBQ categories")
+    for i, c in enumerate(cats):
+        _choice(c, f"data.categories[{i}]", BBQ_CATEGORIES)
+        if c in cats[:i]:
+            _fail(f"data.categories[{i}]", f"{c} is listed twice")
+
+    cfg["models"] = _models(cfg["models"])
+
+    ident = cfg["identify"]
+    _int(ident, "identify", "limit", lo=2, nullable=True)
+    ident["ratio"] = _num(ident["ratio"], "identify.ratio", lo=0, hi=1, lo_open=True)
+    _choice(ident["weighting"], "identify.weighting", WEIGHTINGS)
+    ident["tau"] = _num(ident["tau"], "identify.tau", lo=0, lo_open=True)
+    _int(ident, "identify", "null_rounds", lo=0)
+    _int(ident, "identify", "batch_size", lo=1)
+    _choice(ident["dtype"], "identify.dtype", DTYPES)
+    if not isinstance(ident["device"], str) or not ident["device"]:
+        _fail("identify.device", f"{ident['device']!r} is not a torch device name (cpu, cuda, cuda:1)")
+
+    bl = cfg["baselines"]
+    if not isinstance(bl, list):
+        _fail("baselines", f"{bl!r} is not a list (of rand, norm, mact)")
+    for i, b in enumerate(bl):
+        _choice(b, f"baselines[{i}]", BASELINE_NAMES)
+        if b in bl[:i]:
+            _fail(f"baselines[{i}]", f"{b} is listed twice")
+
+    _choice(cfg["ablation"]["mode"], "ablation.mode", ABLATIONS)
+    _int(cfg["ablation"], "ablation", "limit", lo=1, nullable=True)
+
+    sw = cfg["sweep"]
+    # edit factors must stay >= 0: 1 + alpha * w with w in [0, 1] (magnitude) or [-1, 1] (signed)
+    lo, hi = (-1.0, 1.0) if ident["weighting"] == "signed" else (-1.0, None)
+    sw["le_alpha"] = _num_list(sw["le_alpha"], "sweep.le_alpha", lo=lo, hi=hi)
+    sw["ne_alpha"] = _num_list(sw["ne_alpha"], "sweep.ne_alpha", lo=lo, hi=hi)
+    sw["ne_beta"] = _num_list(sw["ne_beta"], "sweep.ne_beta", lo=0, lo_open=True)
+    sw["ne_lam"] = _num_list(sw["ne_lam"], "sweep.ne_lam", lo=0, hi=1)
+    if sw["ne_ratio"] is not None:
+        sw["ne_ratio"] = _num(sw["ne_ratio"], "sweep.ne_ratio", lo=0, hi=1, lo_open=True)
+    _int(sw, "sweep", "limit", lo=1, nullable=True)
+    _int(sw, "sweep", "retention_limit", lo=1, nullable=True)
+    sw["retention_floor"] = _num(sw["retention_floor"], "sweep.retention_floor", lo=0, hi=1)
+
+    for key in ("limit", "jailbreak_limit", "retention_limit"):
+        _int(cfg["final"], "final", key, lo=1, nullable=True)
+
+    ev = cfg["eval"]
+    _choice(ev["backend"], "eval.backend", BACKENDS)
+    _int(ev, "eval", "batch_size", lo=1, nullable=True)
+    if ev["device"] is not None and (not isinstance(ev["device"], str) or not ev["device"]):
+        _fail("eval.device", f"{ev['device']!r} is not a torch device name (or null: cuda if available, else cpu)")
+    _int(ev, "eval", "max_model_len", lo=16)
+    return cfg
+
+
+def load(path: str) -> dict:
+    """Read and validate CONFIG.yaml (CocoError naming the file or the key on any problem)."""
+    p = Path(path)
+    if not p.is_file():
+        raise CocoError(f"config {path} does not exist; pass a YAML file such as configs/default.yaml")
+    try:
+        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CocoError(f"cannot read config {path} ({type(exc).__name__})") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        raise CocoError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    if raw is None:
+        raise CocoError(f"config {path} is empty; start from configs/default.yaml")
+    return validate(raw)
+
+
+def resolve_backend(backend: str) -> str:
+    """auto -> vllm when it can be imported, else hf."""
+    if backend != "auto":
+        return backend
+    import importlib.util
+
+    return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"
