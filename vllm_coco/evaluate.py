@@ -144,6 +144,7 @@ class EvalOptions:
     chat: bool = True
     log_samples: bool = False
     split: str = "test"  # BBQ split the stereo_coco* tasks read: test (held out) or validate (for sweeps)
+    metadata: dict | None = None  # extra task metadata (e.g. {"categories": [...]} for the jailbreak tasks)
 
 
 def _is_url(backend: str) -> bool:
@@ -240,7 +241,9 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
 def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool = False) -> tuple[dict, Path]:
     """Evaluate MODEL on opts.tasks and write OUT/results.json atomically; returns (results, out)."""
     model_dir, out_path = check_options(model, opts, out, force)
-    metadata = {"max_items": opts.max_items} if opts.max_items else {}
+    metadata = dict(opts.metadata or {})
+    if opts.max_items:
+        metadata["max_items"] = opts.max_items
     if opts.split != "test":  # the tasks' default is test; only say otherwise when asked
         metadata["coco_split"] = opts.split
     tm = task_manager(list(opts.tasks), metadata=metadata or None)

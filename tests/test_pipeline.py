@@ -1,0 +1,270 @@
+"""`coco-tools run`: the whole experiment on a tiny model, its resumability, and config validation."""
+
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import run_cli
+
+ROOT = Path(__file__).resolve().parent.parent
+STAGES = ("identify", "baselines", "ablation", "sweep", "final")
+
+
+def _tiny_config(tmp_path: Path, model: Path, **changes) -> Path:
+    """configs/tiny.yaml with the tiny model and an output under tmp_path."""
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["models"] = [{"path": str(model), "name": "tiny"}]
+    cfg["out"] = str(tmp_path / "out")
+    for key, value in changes.items():
+        cfg[key] = value
+    path = tmp_path / "config.yaml"
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return path
+
+
+@pytest.fixture(scope="module")
+def tiny_model(tmp_path_factory):
+    """A tiny random Llama whose word-level vocabulary covers the BBQ text of the test categories
+    (so prompts and answer options are real tokens, not all <unk>); no chat template."""
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaForCausalLM
+
+    import tiny
+    from vllm_coco.data import bbq_items
+
+    items, _ = bbq_items("bbq", ["Religion", "Age"], split="all", condition=None)
+    split = pre_tokenizers.Whitespace().pre_tokenize_str
+    words = sorted({w for it in items for text in (it.user_message(), *it.answers) for w, _ in split(text)})
+    tok = tiny.word_tokenizer(words)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny.tiny_config(vocab_size=len(tok)))
+    return tiny.save_model(model, tok, tmp_path_factory.mktemp("tiny") / "model")
+
+
+# --------------------------------------------------------------------------- end to end
+
+def _done_files(out: Path) -> dict:
+    files = {f"tiny/{s}": out / "tiny" / s / "done.json" for s in STAGES}
+    files["report"] = out / "report" / "done.json"
+    return files
+
+
+def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
+    from vllm_coco import pipeline
+
+    config = _tiny_config(tmp_path, tiny_model)
+    out = tmp_path / "out"
+    calls = []
+    real_evaluate = pipeline.evaluate
+
+    def counting(*args, fail_at=None, **kwargs):
+        calls.append(args[3])  # the split
+        if fail_at is not None and len(calls) == fail_at:
+            raise KeyboardInterrupt  # as if Ctrl-C hit the run in the middle of the sweep
+        return real_evaluate(*args, **kwargs)
+
+    # run 1: interrupted at the 7th evaluation (5 ablation runs, sweep base, then the first candidate)
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: counting(*a, fail_at=7, **k))
+    code, stdout, err = run_cli("run", config)
+    assert code == 130, err[-3000:]
+    assert calls == ["test"] * 5 + ["validate"] * 2
+    for stage in ("identify", "baselines", "ablation"):
+        assert (out / "tiny" / stage / "done.json").is_file()
+    assert not (out / "tiny" / "sweep").exists() and (out / "tiny" / ".sweep.partial").is_dir()
+    assert not (out / "REPORT.md").exists()
+
+    # run 2: finished stages reused, the sweep resumes from its finished steps
+    calls.clear()
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: counting(*a, **k))
+    code, stdout, err = run_cli("run", config)
+    assert code == 0, err[-3000:]
+    for stage in ("identify", "baselines", "ablation"):
+        assert f"[tiny] {stage}: reused" in stdout, stage
+    assert "[tiny] sweep: start (resuming its finished steps)" in stdout
+    assert calls == ["validate"] * 3 + ["test"] * 3  # the rest of the sweep, then base / LE / NE on test
+    for stage in ("sweep", "final"):
+        assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
+    report = (out / "REPORT.md").read_text()
+    for heading in ("## Summary", "### Neurons", "### Causal check", "### Sweep", "### Final",
+                    "### Jailbreak", "### Retention"):
+        assert heading in report, heading
+    for section in report.split("\n### ")[1:]:  # every section has content beyond its title
+        assert len(section.strip().splitlines()) > 2, section[:80]
+    assert "RAND ablated" in report and "NORM ablated" in report and "MACT ablated" in report
+    assert "**selected**" in report and "Significance (label-permutation null" in report
+    pngs = sorted(p.name for p in (out / "report").glob("*.png"))
+    assert pngs == ["tiny-ablation.png", "tiny-neurons-heatmap.png", "tiny-success-rate.png"]
+    for name in pngs:
+        assert (out / "report" / name).stat().st_size > 1000
+        assert f"report/{name}" in report
+    # stage outputs: atomic directories with done.json, nothing half-written left behind
+    done = {k: json.loads(p.read_text()) for k, p in _done_files(out).items()}
+    assert all(d["hash"].startswith("sha256:") for d in done.values())
+    assert not list(out.glob("**/.*.partial")) and not list(out.glob("**/.*.tmp-*"))
+    sweep = done["tiny/sweep"]["result"]
+    assert [r["key"] for r in sweep["rows"]] == ["le-a0.5", "le-a1", "ne-a1-b2-l0.5"]
+    assert sweep["chosen"]["le"]["key"] in ("le-a0.5", "le-a1") and sweep["chosen"]["ne"]["key"] == "ne-a1-b2-l0.5"
+    # sweep evaluations read the validate split, the final ones the test split
+    val = json.loads(next((out / "tiny" / "sweep" / "evals" / "base").rglob("results.json")).read_text())
+    test = json.loads(next((out / "tiny" / "final" / "evals" / "base").rglob("results.json")).read_text())
+    assert val["coco"]["split"] == "validate" and test["coco"]["split"] == "test"
+    final = done["tiny/final"]["result"]["runs"]
+    assert set(final) == {"base", "le", "ne"}
+    assert (out / "tiny" / "final" / "models" / "ne" / "coco_gate.safetensors").is_file()
+    assert (out / "tiny" / "final" / "models" / "le" / "coco_edit.json").is_file()
+    # candidates' weights were dropped after their evaluation (keep_models: false)
+    assert not list((out / "tiny" / "sweep" / "models").rglob("*.safetensors"))
+    mtimes = {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()}
+    log_lines = (out / "pipeline.log").read_text().splitlines()
+
+    # run 3: everything reused, no evaluation, same report, no done.json rewritten
+    calls.clear()
+    code, stdout, err = run_cli("run", config)
+    assert code == 0, err[-3000:]
+    assert calls == []
+    for stage in STAGES:
+        assert f"[tiny] {stage}: reused" in stdout, stage
+    assert "[all] report: reused" in stdout and "every stage reused" in stdout
+    assert {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()} == mtimes
+    assert (out / "REPORT.md").read_text() == report
+    new_lines = (out / "pipeline.log").read_text().splitlines()[len(log_lines):]
+    assert new_lines and not any(": start" in line or ": done in" in line for line in new_lines)
+
+    # --check after a config change: the plan, nothing written
+    cfg = yaml.safe_load(config.read_text())
+    cfg["sweep"]["le_alpha"] = [0.5]
+    config.write_text(yaml.safe_dump(cfg))
+    code, stdout, err = run_cli("run", config, "--check")
+    assert code == 0, err
+    assert "sweep (3 candidates incl. base)" in stdout
+    assert {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()} == mtimes
+
+
+def test_choose_best_admissible_candidate():
+    from vllm_coco.pipeline import choose
+
+    base = {"success_rate": 0.4, "retention": 0.5}
+
+    def row(key, edit, sr, ret, ok):
+        return {"key": key, "edit": edit, "alpha": 1.0, "beta": 2.0, "lam": 0.5, "success_rate": sr,
+                "retention": ret, "admissible": ok}
+
+    rows = [row("le-a0.25", "le", 0.5, 0.50, True), row("le-a0.5", "le", 0.7, 0.40, False),
+            row("le-a1", "le", 0.5, 0.55, True), row("ne-a1", "ne", 0.3, 0.1, False), row("ne-a2", "ne", 0.2, 0.2, False)]
+    le = choose(rows, base, 0.02, "le")
+    assert le["key"] == "le-a1" and le["admissible"] and le["beats_base"]  # tie on success: higher retention
+    ne = choose(rows, base, 0.02, "ne")
+    assert ne["key"] == "ne-a2" and not ne["admissible"] and "floor" in ne["note"]  # none admissible
+    worse = [row("le-a1", "le", 0.3, 0.5, True)]
+    assert "does not beat the base model" in choose(worse, base, 0.02, "le")["note"]
+    assert choose(worse, base, 0.02, "ne")["key"] is None
+
+
+def test_validate_docs_are_disjoint_from_test_docs():
+    sys.path.insert(0, str(ROOT / "evals"))
+    try:
+        import coco_eval
+    finally:
+        sys.path.remove(str(ROOT / "evals"))
+    for cat in ("Religion", "Age"):
+        val = coco_eval.stereo_docs(cat, split="validate")
+        test = coco_eval.stereo_docs(cat, split="test")
+        assert val and test
+        assert not {d["question_index"] for d in val} & {d["question_index"] for d in test}
+        assert coco_eval.load_stereo(category=cat, coco_split="validate")["test"]["id"] == [d["id"] for d in val]
+        jb = coco_eval.jailbreak_docs("roleplay", [cat], split="validate")
+        assert {d["question_index"] for d in jb} <= {d["question_index"] for d in val}
+    with pytest.raises(ValueError, match="coco_split"):
+        coco_eval.load_stereo(category="Religion", coco_split="identify")
+
+
+def test_eval_split_reaches_the_tasks_through_metadata():
+    from vllm_coco.evaluate import task_manager
+
+    tm = task_manager(["stereo_coco_Religion"], metadata={"coco_split": "validate", "max_items": 1})
+    docs = list(tm.load(["stereo_coco_Religion"])["tasks"]["stereo_coco_Religion"].eval_docs)
+    from vllm_coco.data import bbq_items
+
+    val = {it.question_index for it in bbq_items("bbq", ["Religion"], split="validate", condition=None)[0]}
+    assert docs and {d["question_index"] for d in docs} <= val
+
+
+# --------------------------------------------------------------------------- config validation
+
+BAD = [
+    ({"bogus": 1}, r"^bogus: unknown key"),
+    ({"sweep": {"le_alpha": [0.5, float("inf")]}}, r"^sweep\.le_alpha\[1\]: inf is not a finite number"),
+    ({"sweep": {"le_alpha": [0.5, "x"]}}, r"^sweep\.le_alpha\[1\]: 'x' is not a number"),
+    ({"sweep": {"extra": 1}}, r"^sweep\.extra: unknown key"),
+    ({"sweep": {"ne_lam": [1.5]}}, r"^sweep\.ne_lam\[0\]: 1\.5 must be at most 1"),
+    ({"sweep": {"retention_floor": -0.1}}, r"^sweep\.retention_floor: -0\.1 must be at least 0"),
+    ({"identify": {"ratio": 0}}, r"^identify\.ratio: 0\.0 must be greater than 0"),
+    ({"identify": {"ratio": 1.5}}, r"^identify\.ratio: 1\.5 must be at most 1"),
+    ({"identify": {"limit": 1}}, r"^identify\.limit: 1 must be at least 2"),
+    ({"final": {"limit": 0}}, r"^final\.limit: 0 must be at least 1"),
+    ({"final": {"limit": 2.5}}, r"^final\.limit: 2\.5 is not an integer"),
+    ({"eval": {"backend": "tpu"}}, r"^eval\.backend: 'tpu' is not one of auto, hf, vllm"),
+    ({"eval": {"nested": {"deeper": 1}}}, r"^eval\.nested: unknown key"),
+    ({"baselines": ["rand", "best"]}, r"^baselines\[1\]: 'best' is not one of"),
+    ({"data": {"categories": ["Religion", "Disability_status"]}}, r"^data\.categories\[1\]: Disability_status has no"),
+    ({"models": [{"path": "./nowhere/model"}]}, r"^models\[0\]\.path: \./nowhere/model does not exist"),
+    ({"models": [{"path": "MODEL", "colour": "red"}]}, r"^models\[0\]\.colour: unknown key"),
+    ({"models": []}, r"^models: must be a non-empty list"),
+    ({"keep_models": "yes"}, r"^keep_models: 'yes' is not true or false"),
+]
+
+
+@pytest.mark.parametrize("change,message", BAD, ids=[m.split(":")[0].strip("^\\") for _, m in BAD])
+def test_bad_config_exits_2_naming_the_key(tmp_path, tiny_model, change, message):
+    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg["out"] = str(tmp_path / "out")
+    cfg["models"] = [{"path": str(tiny_model)}]
+    for key, value in change.items():
+        if isinstance(value, dict) and isinstance(cfg.get(key), dict):
+            cfg[key].update(value)
+        else:
+            cfg[key] = value
+    if "models" in change:
+        cfg["models"] = [{**m, "path": str(tiny_model)} if m.get("path") == "MODEL" else m for m in change["models"]]
+    path = tmp_path / "bad.yaml"
+    path.write_text(yaml.safe_dump(cfg))
+    code, out, err = run_cli("run", path)
+    assert code == 2, (out, err)
+    line = err.strip()
+    assert "\n" not in line and line.startswith("coco-tools: error: "), err
+    assert re.search(message, line.removeprefix("coco-tools: error: ")), line
+    assert sorted(os.listdir(tmp_path)) == ["bad.yaml"]  # nothing written
+
+
+def test_config_file_errors(tmp_path):
+    code, _, err = run_cli("run", tmp_path / "missing.yaml")
+    assert code == 2 and "does not exist" in err
+    (tmp_path / "broken.yaml").write_text("out: [unclosed\n")
+    code, _, err = run_cli("run", tmp_path / "broken.yaml")
+    assert code == 2 and "not valid YAML" in err and err.count("\n") == 1
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    code, _, err = run_cli("run", tmp_path / "list.yaml")
+    assert code == 2 and "config: expected a mapping" in err
+
+
+def test_shipped_configs_validate(monkeypatch, tmp_path):
+    """default.yaml and tiny.yaml validate here (once the demo models exist); full.yaml names hub ids."""
+    from vllm_coco import config
+
+    monkeypatch.chdir(ROOT)
+    full = config.load("configs/full.yaml")
+    assert [m["path"] for m in full["models"]] == ["meta-llama/Meta-Llama-3-8B-Instruct",
+                                                  "mistralai/Mistral-7B-Instruct-v0.3"]
+    assert full["eval"]["backend"] == "vllm" and full["identify"]["dtype"] == "bfloat16"
+    for name in ("default", "tiny"):
+        raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
+        raw["models"] = [{"path": "org/stand-in", "name": m.get("name")} for m in raw["models"]] \
+            if not all(Path(m["path"]).is_dir() for m in raw["models"]) else raw["models"]
+        cfg = config.validate(raw)
+        assert cfg["eval"]["backend"] in ("hf", "vllm", "auto")
