@@ -115,3 +115,11 @@ def test_help_is_fast_and_documents_exit_codes():
     code = ("import sys, vllm_coco.cli; "
             "heavy = [m for m in ('torch', 'transformers', 'vllm') if m in sys.modules]; print(heavy)")
     assert subprocess.run([sys.executable, "-c", code], capture_output=True, text=True).stdout.strip() == "[]"
+
+
+def test_generate_rejects_a_malformed_prompts_file_before_starting_an_engine(tmp_path, tiny_model):
+    f = tmp_path / "p.jsonl"
+    f.write_text('{"prompt": "hi"}\n{"prompt": 3}\n')
+    _expect_bad(tmp_path, "generate", tiny_model, "--prompts", f, "--out", tmp_path / "o.jsonl", match="p.jsonl:2:")
+    _expect_bad(tmp_path, "generate", tiny_model, "--prompts", tmp_path / "missing.jsonl", "--out",
+                tmp_path / "o.jsonl", match="does not exist")

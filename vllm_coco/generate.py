@@ -88,16 +88,20 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
         from vllm.lora.request import LoRARequest
 
         lora_req = LoRARequest("coco", 1, str(Path(lora).absolute()))
+    from vllm.inputs import TokensPrompt
+
     tokenizer = llm.get_tokenizer()
-    texts = []
+    inputs = []
     for r in requests:
         messages = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
         if chat and getattr(tokenizer, "chat_template", None):
-            texts.append(tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True))
+            # the template already holds any special tokens: tokenize it as is
+            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            inputs.append(TokensPrompt(prompt_token_ids=tokenizer(text, add_special_tokens=False)["input_ids"]))
         else:
-            texts.append(r["prompt"] if "prompt" in r else "\n".join(m["content"] for m in messages))
+            inputs.append(r["prompt"] if "prompt" in r else "\n".join(m["content"] for m in messages))
     t0 = time.perf_counter()
-    results = llm.generate(texts, params, use_tqdm=True, lora_request=lora_req)  # order preserved
+    results = llm.generate(inputs, params, use_tqdm=True, lora_request=lora_req)  # order preserved
     wall = time.perf_counter() - t0
     n_out = sum(len(r.outputs[0].token_ids) for r in results)
     n_in = sum(len(r.prompt_token_ids) for r in results)
