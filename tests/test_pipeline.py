@@ -146,6 +146,22 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     assert {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()} == mtimes
 
 
+def test_eval_in_subprocess(tiny_model, tmp_path):
+    """The child-process evaluation the vllm backend uses (checked here with hf: same plumbing)."""
+    from vllm_coco.errors import CocoError
+    from vllm_coco.evaluate import EvalOptions
+    from vllm_coco.pipeline import eval_in_subprocess
+
+    opts = EvalOptions(tasks=("stereo_coco_Religion",), backend="hf", limit=3, device="cpu", split="validate")
+    eval_in_subprocess(tiny_model, opts, tmp_path / "ok")
+    res = json.loads((tmp_path / "ok" / "results.json").read_text())
+    assert res["coco"]["split"] == "validate" and res["results"]["stereo_coco_Religion"]["sample_len"] == 3
+    bad = EvalOptions(tasks=("no_such_task",), backend="hf", limit=3)
+    with pytest.raises(CocoError, match="unknown task no_such_task"):
+        eval_in_subprocess(tiny_model, bad, tmp_path / "bad")
+    assert not (tmp_path / "bad").exists()
+
+
 def test_choose_best_admissible_candidate():
     from vllm_coco.pipeline import choose
 

@@ -57,14 +57,7 @@ def spec_hash(spec) -> str:
 
 def _write_json(path: Path, data) -> None:
     """Write JSON atomically (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(json.dumps(data, indent=1, default=str) + "\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    _write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _read_json(path: Path):
@@ -74,11 +67,20 @@ def _read_json(path: Path):
         return None
 
 
+def _plain_mode(path: Path) -> None:
+    """mkstemp makes 0600 files; give them the mode a plain open() would."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def _write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file + rename)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
+        _plain_mode(Path(tmp))
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -208,6 +210,23 @@ def _child_eval(args: dict) -> None:
         sys.exit(2)
 
 
+def eval_in_subprocess(model_dir: Path, opts, out: Path) -> None:
+    """run_eval in a child process (the vLLM backend: one engine per process, since an engine does
+    not give everything back when dropped in-process). Exit 2 in the child -> CocoError here."""
+    payload = json.dumps({"model": str(model_dir), "out": str(out), "opts": opts.__dict__})
+    code = "import json, sys; from vllm_coco.pipeline import _child_eval; _child_eval(json.loads(sys.argv[1]))"
+    env = dict(os.environ)
+    env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+    proc = subprocess.run([sys.executable, "-c", code, payload], env=env, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+    if proc.returncode == 2:
+        last = (proc.stderr.strip().splitlines() or ["(no output)"])[-1]
+        raise CocoError(last.removeprefix("coco-tools: error: "))
+    if proc.returncode != 0:
+        raise RuntimeError(f"evaluation of {model_dir} on {', '.join(opts.tasks)} failed (exit {proc.returncode}):\n"
+                           + proc.stderr[-4000:])
+
+
 def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, metadata=None) -> dict:
     """Evaluate model_dir on `tasks` into `out` (results.json); returns lm-eval's results dict."""
     from .evaluate import EvalOptions, run_eval
@@ -216,19 +235,7 @@ def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, met
     opts = EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev["batch_size"],
                        device=ev["device"], max_model_len=ev["max_model_len"], split=split, metadata=metadata)
     if run.backend == "vllm":
-        # one vLLM engine per process: engines do not release everything when dropped in-process
-        payload = json.dumps({"model": str(model_dir), "out": str(out), "opts": opts.__dict__})
-        code = "import json, sys; from vllm_coco.pipeline import _child_eval; _child_eval(json.loads(sys.argv[1]))"
-        env = dict(os.environ)
-        env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        proc = subprocess.run([sys.executable, "-c", code, payload], env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.PIPE, text=True)
-        if proc.returncode != 0:
-            tail = proc.stderr.strip().splitlines()[-1:] or ["(no output)"]
-            if proc.returncode == 2:
-                raise CocoError(tail[0].removeprefix("coco-tools: error: "))
-            raise RuntimeError(f"evaluation of {model_dir} on {', '.join(tasks)} failed (exit {proc.returncode}):\n"
-                               + proc.stderr[-4000:])
+        eval_in_subprocess(model_dir, opts, out)
     else:
         run_eval(str(model_dir), opts, out=str(out), force=True)
         gc.collect()
@@ -737,6 +744,8 @@ def _report(run: Run, models: list[dict]) -> dict:
     def body(partial: Path, steps: Steps) -> dict:
         text = write_report(run, models, partial)
         (partial / REPORT).write_text(text, encoding="utf-8")
+        for png in partial.glob("*.png"):
+            _plain_mode(png)
         return {"report": REPORT, "figures": sorted(p.name for p in partial.glob("*.png"))}
 
     done = run.stage(run.out, "all", "report", spec, body)
