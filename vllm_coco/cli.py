@@ -340,14 +340,15 @@ def run_cmd(config, out, check):
     jailbreak, retention), then OUT/REPORT.md with tables and figures.
 
     Resumable: each stage is written atomically to OUT/<model>/<stage>/ with a done.json holding
-    its config hash; a finished stage with an unchanged hash is reused (an interrupted stage
-    keeps its finished steps), so running again after a change recomputes only what it affects.
-    The config is validated before any work (unknown or bad keys: exit 2). Schema: configs/default.yaml;
-    relative paths are relative to the current directory.
+    its config hash; a finished stage with an unchanged hash is reused, so running again after a
+    change recomputes only what it affects. An interrupted stage keeps its finished steps (each
+    edited model or evaluation is complete) in OUT/<model>/.<stage>.partial/ and resumes from
+    them. The config is validated before any work (unknown or bad keys: exit 2). Schema and
+    every key: configs/default.yaml; relative paths are relative to the current directory.
 
     \b
     Examples:
-      coco-tools run configs/default.yaml             # SmolLM2 demo (Llama + Mistral twin), ~20 min on 2 CPU cores
+      coco-tools run configs/default.yaml             # SmolLM2 demo (Llama + Mistral twin), ~17 min on 2 idle CPU cores
       coco-tools run configs/default.yaml --check     # validate and show the plan
       coco-tools run configs/full.yaml                # paper scale: Llama-3-8B / Mistral-7B, GPU, vLLM backend
       coco-tools run my.yaml --out runs/exp2

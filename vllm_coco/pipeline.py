@@ -161,7 +161,7 @@ class Run:
         why = " (config changed)" if done else ""
         self.log(f"{tag}: start{why}" + (" (resuming its finished steps)" if resumed else ""))
         t0 = time.time()
-        steps = Steps(self, partial, tag)
+        steps = Steps(partial)
         result = body(partial, steps)
         seconds = time.time() - t0
         done = {"stage": name, "model": label, "hash": h, "spec": spec, "seconds": round(seconds, 1),
@@ -179,8 +179,8 @@ class Run:
 class Steps:
     """Finished sub-steps of an unfinished stage (one directory each, with step.json)."""
 
-    def __init__(self, run: Run, partial: Path, tag: str):
-        self.run, self.partial, self.tag, self.reused = run, partial, tag, 0
+    def __init__(self, partial: Path):
+        self.partial, self.reused = partial, 0
 
     def do(self, key: str, spec: dict, fn) -> Path:
         """Make partial/key with fn(path) unless it is already there for this spec."""
@@ -553,10 +553,6 @@ def _final(run: Run, m: dict, root: Path, ident: dict, sweep: dict, data_spec: d
 
 
 # --------------------------------------------------------------------------- report
-
-def _png_ok(path: Path) -> bool:
-    return path.is_file() and path.stat().st_size > 0
-
 
 def _bars(rows, labels, png: Path, title: str) -> None:
     from .compare import bar_chart
