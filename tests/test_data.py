@@ -128,3 +128,15 @@ def test_encode_without_chat_template_joins_with_a_space():
     ids, start = data.encode_example(tok, "n1 n2", "b1")
     assert tok.convert_ids_to_tokens(ids[start:]) == ["b1"]
     assert tok.convert_ids_to_tokens(ids[:start]) == ["n1", "n2"]
+
+
+def test_encode_can_skip_the_chat_template():
+    import tiny
+
+    tok = tiny.word_tokenizer(["n1", "n2", "b1"])
+    tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    with_chat, start = data.encode_example(tok, "n1 n2", "b1")
+    plain, pstart = data.encode_example(tok, "n1 n2", "b1", chat=False)
+    assert plain == data.encode_example(tiny.word_tokenizer(["n1", "n2", "b1"]), "n1 n2", "b1")[0]
+    assert with_chat != plain
+    assert tok.convert_ids_to_tokens(with_chat[start:]) == tok.convert_ids_to_tokens(plain[pstart:]) == ["b1"]

@@ -233,6 +233,8 @@ BAD = [
     ({"models": [{"path": "MODEL", "colour": "red"}]}, r"^models\[0\]\.colour: unknown key"),
     ({"models": []}, r"^models: must be a non-empty list"),
     ({"keep_models": "yes"}, r"^keep_models: 'yes' is not true or false"),
+    ({"data": {"chat_template": "no"}}, r"^data\.chat_template: 'no' is not true or false"),
+    ({"eval": {"scoring": "mean"}}, r"^eval\.scoring: 'mean' is not one of sum, per_byte"),
 ]
 
 

@@ -172,13 +172,14 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
                          mean_intensity=col_sum / max(len(spans), 1))
 
 
-def response_spans(tokenizer, pairs) -> list[Span]:
-    """Two spans per pair, biased then unbiased (rows 2i and 2i+1), pooled over the response."""
+def response_spans(tokenizer, pairs, chat: bool = True) -> list[Span]:
+    """Two spans per pair, biased then unbiased (rows 2i and 2i+1), pooled over the response;
+    `chat`: render the prompt with the tokenizer's chat template when it has one."""
     from .data import encode_example
 
     spans = []
     for p in pairs:
         for response in (p.biased, p.unbiased):
-            ids, start = encode_example(tokenizer, p.prompt, response)
+            ids, start = encode_example(tokenizer, p.prompt, response, chat=chat)
             spans.append(Span(ids, start, len(ids)))
     return spans

@@ -85,10 +85,13 @@ def demo_model(out, arch, dtype, force):
 @click.option("--batch-size", type=int, default=8, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
+@click.option("--chat/--no-chat", default=True, show_default=True,
+              help="Render prompts with the model's chat template, when it has one (evaluate the same way: "
+                   "`coco-tools eval --chat/--no-chat`).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def identify(model, out, data, categories, split, limit, ratio, threshold, baseline, weighting, tau,
-             null_rounds, seed, batch_size, dtype, device, force, quiet):
+             null_rounds, seed, batch_size, dtype, device, chat, force, quiet):
     """Score every q/k/v neuron of MODEL (a Hugging Face directory) with the COCO contrastive
     score on biased vs unbiased responses, and write the selected ~1% to an artifact:
     OUT/neurons.json, OUT/neurons.safetensors (per-neuron arrays), OUT/intensities.safetensors.
@@ -105,7 +108,8 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
 
     opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
                            threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
-                           null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device)
+                           null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device,
+                           chat=chat)
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
     click.echo(f"selected {meta['selection']['count']} of {meta['model']['num_neurons']} neurons "
@@ -274,11 +278,14 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
 @click.option("--served-model-name", help="Model name at the URL [default: the first one /v1/models lists].")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Apply the model's chat template (lm-eval --apply_chat_template), when it has one.")
+@click.option("--scoring", type=click.Choice(["sum", "per-byte"]), default="sum", show_default=True,
+              help="How the BBQ loglikelihood tasks pick an option: the largest summed log-likelihood "
+                   "(lm-eval's acc rule) or the largest per byte of the option's text.")
 @click.option("--log-samples", is_flag=True, help="Also write each document's prompt, answer and metrics "
                                                   "(OUT/samples_<task>.jsonl).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, max_model_len, served_model_name,
-             chat, log_samples, force):
+             chat, scoring, log_samples, force):
     """Evaluate MODEL (a Hugging Face, LE-baked or NE-COCO directory) with the vllm-coco lm-eval tasks
     in evals/ through lm-eval's Python API, float32, zero-shot, with the chat template. Writes
     OUT/results.json (lm-eval's results plus a `coco` block) and prints the result tables.
@@ -296,7 +303,7 @@ def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, m
 
     opts = EvalOptions(tasks=tasks or (), backend=backend, limit=limit, max_items=max_items, batch_size=batch_size,
                        device=device, max_model_len=max_model_len, served_model_name=served_model_name, chat=chat,
-                       log_samples=log_samples)
+                       scoring=scoring.replace("-", "_"), log_samples=log_samples)
     results, out_path = run_eval(model, opts, out=out, force=force)
     click.echo(summary(results))
     click.echo(f"wrote {out_path / 'results.json'}")

@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 BASELINE_NAMES = ("rand", "norm", "mact")
 ABLATIONS = ("ablate-zero", "ablate-mean")
 WEIGHTINGS = ("magnitude", "signed")
+SCORINGS = ("sum", "per_byte")
 
 # The schema: every key with its default. A dict is a section (its keys are the only ones
 # allowed); `models` is a list of MODEL_KEYS dicts.
@@ -33,7 +34,7 @@ DEFAULTS: dict = {
     "seed": 0,
     "keep_models": False,
     "data": {"source": "bbq", "categories": ["Age", "Gender_identity", "Race_ethnicity", "Religion",
-                                             "Nationality", "SES"]},
+                                             "Nationality", "SES"], "chat_template": True},
     "models": None,  # required
     "identify": {"limit": 60, "ratio": 0.01, "weighting": "magnitude", "tau": 0.1, "null_rounds": 3,
                  "batch_size": 8, "dtype": "float32", "device": "cpu"},
@@ -42,7 +43,7 @@ DEFAULTS: dict = {
     "sweep": {"le_alpha": [0.25, 0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [2.0], "ne_lam": [0.5],
               "ne_ratio": None, "limit": 12, "retention_limit": 50, "retention_floor": 0.02},
     "final": {"limit": 24, "jailbreak_limit": 12, "retention_limit": 100},
-    "eval": {"backend": "auto", "batch_size": None, "device": None, "max_model_len": 2048},
+    "eval": {"backend": "auto", "batch_size": None, "device": None, "max_model_len": 2048, "scoring": "sum"},
 }
 MODEL_KEYS = {"path": None, "name": None}
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -194,6 +195,9 @@ def validate(raw) -> dict:
             _fail(f"data.categories[{i}]", f"{c} has no stereo_coco_{c} evaluation task; choose from "
                   f"{', '.join(evaluated)}")
 
+    if not isinstance(data["chat_template"], bool):
+        _fail("data.chat_template", f"{data['chat_template']!r} is not true or false")
+
     cfg["models"] = _models(cfg["models"])
 
     ident = cfg["identify"]
@@ -240,6 +244,7 @@ def validate(raw) -> dict:
     if ev["device"] is not None and (not isinstance(ev["device"], str) or not ev["device"]):
         _fail("eval.device", f"{ev['device']!r} is not a torch device name (or null: cuda if available, else cpu)")
     _int(ev, "eval", "max_model_len", lo=16)
+    _choice(ev["scoring"], "eval.scoring", SCORINGS)
     return cfg
 
 

@@ -307,14 +307,15 @@ def load_contrast(data: str = "bbq", categories=None, split: str = "identify", l
 
 # --------------------------------------------------------------------------- rendering
 
-def encode_example(tokenizer, prompt: str, response: str) -> tuple[list[int], int]:
+def encode_example(tokenizer, prompt: str, response: str, chat: bool = True) -> tuple[list[int], int]:
     """Token ids of prompt + response and the index where the response starts.
 
-    With a chat template the prompt is the user turn rendered with the generation prompt and the
-    response follows it; without one, prompt and response are joined by a single space.
-    Prompt and response are tokenized separately so the response boundary is exact.
+    With a chat template (and `chat`) the prompt is the user turn rendered with the generation
+    prompt and the response follows it; otherwise prompt and response are joined by a single
+    space, as lm-eval joins a plain prompt and an option. Prompt and response are tokenized
+    separately so the response boundary is exact.
     """
-    if getattr(tokenizer, "chat_template", None):
+    if chat and getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
                                              add_generation_prompt=True)
         p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]

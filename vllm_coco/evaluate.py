@@ -3,7 +3,9 @@
 Backends: `hf` (transformers; NE-COCO directories through `hf_reference.load_ne_model`, so the
 gate is in the forward), `vllm` (lm-eval's in-process vLLM; the vllm-coco plugin registers the
 NE-COCO architectures by entry point) and a URL of a running `vllm serve` (`local-completions`).
-All run float32 and with the model's chat template, so their numbers agree.
+All run float32 and, unless told otherwise (`chat=False`), with the model's chat template, so
+their numbers agree. `scoring` chooses how the BBQ loglikelihood tasks pick an option (summed
+log-likelihood, lm-eval's rule, or per byte of the option text; evals/coco_eval.pick).
 
 Output: OUT/results.json (lm-eval's results dict plus a `coco` block naming the model, backend
 and options), and with --log-samples OUT/samples_<task>.jsonl; written atomically.
@@ -26,6 +28,7 @@ from .errors import CocoError
 EVALS_ENV = "COCO_EVALS_DIR"
 RESULTS_FILE = "results.json"
 EVAL_SPLITS = ("test", "validate")  # passed to the BBQ tasks as metadata `coco_split`
+SCORINGS = ("sum", "per_byte")  # passed to the BBQ tasks as metadata `coco_scoring`
 
 
 # --------------------------------------------------------------------------- the task folder
@@ -142,6 +145,7 @@ class EvalOptions:
     max_model_len: int = 2048
     served_model_name: str | None = None
     chat: bool = True
+    scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per_byte" (evals/coco_eval.pick)
     log_samples: bool = False
     split: str = "test"  # BBQ split the stereo_coco* tasks read: test (held out) or validate (for sweeps)
     metadata: dict | None = None  # extra task metadata (e.g. {"categories": [...]} for the jailbreak tasks)
@@ -197,6 +201,8 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
     if opts.split not in EVAL_SPLITS:
         raise CocoError(f"split {opts.split} is not one of {', '.join(EVAL_SPLITS)} (the identify split is never "
                         "evaluated)")
+    if opts.scoring not in SCORINGS:
+        raise CocoError(f"scoring {opts.scoring} is not one of {', '.join(SCORINGS)}")
     if opts.backend not in ("hf", "vllm") and not _is_url(opts.backend):
         raise CocoError(f"--backend {opts.backend} is not hf, vllm or an http(s):// URL of `vllm serve`")
     if not opts.tasks:
@@ -246,6 +252,8 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
         metadata["max_items"] = opts.max_items
     if opts.split != "test":  # the tasks' default is test; only say otherwise when asked
         metadata["coco_split"] = opts.split
+    if opts.scoring != "sum":
+        metadata["coco_scoring"] = opts.scoring
     tm = task_manager(list(opts.tasks), metadata=metadata or None)
     preload(tm, opts.tasks)
     if _is_url(opts.backend) and not opts.served_model_name:
@@ -262,7 +270,8 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
     samples = results.pop("samples", None) or {}
     results["coco"] = {"model": str(model_dir), "name": model_dir.name, "backend": opts.backend,
                        "ne_coco": _is_ne_dir(model_dir), "tasks": list(opts.tasks), "limit": opts.limit,
-                       "max_items": opts.max_items, "split": opts.split, "chat_template": chat, "evals_dir": str(evals_dir())}
+                       "max_items": opts.max_items, "split": opts.split, "chat_template": chat, "scoring": opts.scoring,
+                       "evals_dir": str(evals_dir())}
     out_path.absolute().parent.mkdir(parents=True, exist_ok=True)  # the default runs/ may not exist yet
     from .atomic import atomic_output_dir
 

@@ -34,6 +34,7 @@ class IdentifyOptions:
     batch_size: int = 8
     dtype: str = "float32"
     device: str = "cpu"
+    chat: bool = True  # render prompts with the model's chat template (when it has one)
 
     def validate(self) -> None:
         if self.threshold is None:
@@ -223,7 +224,8 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
     categories = list(dict.fromkeys(p.category for p in pairs))
     config = read_config(model_dir)
     hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device)
-    spans = response_spans(tokenizer, pairs)
+    spans = response_spans(tokenizer, pairs, chat=opts.chat)
+    chat_template = bool(opts.chat and getattr(tokenizer, "chat_template", None))
     fp = fingerprint(model_dir)
 
     with atomic_output_dir(out, force) as tmp:
@@ -264,7 +266,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
             "tool": f"vllm-coco {__version__}",
             "model": {"path": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
                       **layout.to_json(), "num_neurons": layout.total, "fingerprint": fp, "dtype": opts.dtype},
-            "data": {**data_info, "contrast": "response", "pairs": len(pairs), "rows": cap.rows,
+            "data": {**data_info, "contrast": "response", "chat_template": chat_template, "pairs": len(pairs), "rows": cap.rows,
                      "tokens": cap.tokens, "calibration_tokens": cap.span_tokens},
             "categories": categories,
             **select_from_arrays(arrays, categories, nulls, pairs_per_cat, opts),

@@ -233,7 +233,8 @@ def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, met
 
     ev = run.cfg["eval"]
     opts = EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev["batch_size"],
-                       device=ev["device"], max_model_len=ev["max_model_len"], split=split, metadata=metadata)
+                       device=ev["device"], max_model_len=ev["max_model_len"], split=split, metadata=metadata,
+                       chat=run.cfg["data"]["chat_template"], scoring=ev["scoring"])
     if run.backend == "vllm":
         eval_in_subprocess(model_dir, opts, out)
     else:
@@ -315,7 +316,7 @@ def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]]
         tasks = [t for _, ts in group for t in ts]
         sub = f"{key}/eval{i}" if len(by_limit) > 1 else f"{key}/eval"
         d = steps.do(sub, {**spec, "tasks": tasks, "limit": limit, "split": split, "metadata": metadata,
-                           "backend": run.backend},
+                           "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]},
                      lambda d, tasks=tasks, limit=limit: evaluate(run, model_dir, tasks, split, limit, d, metadata))
         res = json.loads((d / "results.json").read_text(encoding="utf-8"))
         for name, _ in group:
@@ -336,7 +337,8 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> dict:
         opts = IdentifyOptions(data=run.cfg["data"]["source"], categories=tuple(run.cfg["data"]["categories"]),
                                split="identify", limit=ic["limit"], ratio=ic["ratio"], weighting=ic["weighting"],
                                tau=ic["tau"], null_rounds=ic["null_rounds"], seed=run.cfg["seed"],
-                               batch_size=ic["batch_size"], dtype=ic["dtype"], device=ic["device"])
+                               batch_size=ic["batch_size"], dtype=ic["dtype"], device=ic["device"],
+                               chat=run.cfg["data"]["chat_template"])
         d = steps.do("neurons", {}, lambda d: identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty()))
         gc.collect()
         meta = json.loads((d / "neurons.json").read_text(encoding="utf-8"))
@@ -380,7 +382,8 @@ def _ablation(run: Run, m: dict, root: Path, ident: dict, bases: dict, data_spec
     cats = run.cfg["data"]["categories"]
     tasks = [f"stereo_coco_{c}" for c in cats]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident["hash"],
-            "baselines": bases["hash"], "ablation": ac, "data": data_spec, "backend": run.backend}
+            "baselines": bases["hash"], "ablation": ac, "data": data_spec, "backend": run.backend,
+            "scoring": run.cfg["eval"]["scoring"]}
 
     def body(partial: Path, steps: Steps) -> dict:
         out = {}
@@ -470,7 +473,8 @@ def _sweep(run: Run, m: dict, root: Path, ident: dict, data_spec: dict) -> dict:
     stereo = [f"stereo_coco_{c}" for c in cats]
     neurons = ident["dir"] / "neurons"
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident["hash"], "sweep": sw,
-            "data": data_spec, "backend": run.backend}
+            "data": data_spec, "backend": run.backend,
+            "scoring": run.cfg["eval"]["scoring"]}
 
     def score(model_dir: Path, key: str, steps: Steps) -> tuple[dict, dict]:
         res = eval_groups(run, model_dir, [("stereo", stereo, sw["limit"]),
@@ -520,6 +524,7 @@ def _final(run: Run, m: dict, root: Path, ident: dict, sweep: dict, data_spec: d
     chosen = {e: rows.get(c["key"]) for e, c in sweep["result"]["chosen"].items()}
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident["hash"],
             "sweep": sweep["hash"], "final": fc, "data": data_spec, "backend": run.backend,
+            "scoring": run.cfg["eval"]["scoring"],
             "ne_ratio": run.cfg["sweep"]["ne_ratio"]}
     parts = [("stereo", [f"stereo_coco_{c}" for c in cats], fc["limit"]),
              ("jailbreak", ["stereo_coco_jailbreak"], fc["jailbreak_limit"]),
@@ -787,7 +792,8 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
     run.backend = config_mod.resolve_backend(cfg["eval"]["backend"])
     t0 = time.time()
     run.log(f"coco-tools run {config_path}: {len(models)} model(s), eval backend {run.backend}, output {out_dir}")
-    data_spec = {"source": cfg["data"]["source"], "categories": cfg["data"]["categories"]}
+    data_spec = {"source": cfg["data"]["source"], "categories": cfg["data"]["categories"],
+                 "chat_template": cfg["data"]["chat_template"]}
     done_models = []
     for m in models:
         root = out_dir / m["name"]
