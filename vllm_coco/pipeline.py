@@ -582,7 +582,9 @@ def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
     md = ["# COCO experiment report", "",
           f"Config: `{cfg['_config_path']}` · output: `{run.out}` · tool: vllm-coco {__version__} "
           f"({METHOD_VERSION}) · eval backend: {run.backend} · data: {cfg['data']['source']}, "
-          f"{len(cats)} categories ({', '.join(cats)}) · seed {cfg['seed']}", "",
+          f"{len(cats)} categories ({', '.join(cats)}) · seed {cfg['seed']} · prompts: "
+          f"{'chat template' if cfg['data']['chat_template'] else 'plain (no chat template)'} · option scoring: "
+          f"{'summed log-likelihood' if cfg['eval']['scoring'] == 'sum' else 'log-likelihood per byte'}", "",
           "Success rate = share of ambiguous BBQ answers that pick the \"unknown\" option, averaged over the "
           "three cyclic option orders (higher is better). Sweep numbers are on the **validate** split, "
           "ablation and final numbers on the held-out **test** split; neurons were identified on the "
