@@ -234,6 +234,7 @@ BAD = [
     ({"models": []}, r"^models: must be a non-empty list"),
     ({"keep_models": "yes"}, r"^keep_models: 'yes' is not true or false"),
     ({"data": {"chat_template": "no"}}, r"^data\.chat_template: 'no' is not true or false"),
+    ({"identify": {"contrast": "answers"}}, r"^identify\.contrast: 'answers' is not one of response, behavior"),
     ({"eval": {"scoring": "mean"}}, r"^eval\.scoring: 'mean' is not one of sum, per_byte"),
 ]
 

@@ -70,7 +70,15 @@ def demo_model(out, arch, dtype, force):
 @click.option("--categories", callback=_split_csv, help=CATEGORY_HELP)
 @click.option("--split", type=click.Choice(["identify", "validate", "test", "all"]), default="identify",
               show_default=True, help="Which seeded split of question templates to use.")
-@click.option("--limit", type=int, help="At most N contrast pairs per category (seeded sample).")
+@click.option("--limit", type=int, help="At most N contrast pairs per category (seeded sample); with "
+                                        "--contrast behavior, N ambiguous items per category for the model to answer.")
+@click.option("--contrast", type=click.Choice(["response", "behavior"]), default="response", show_default=True,
+              help="response: biased vs unbiased answer teacher-forced, intensities over the answer tokens. "
+                   "behavior: the model answers each ambiguous item itself; items answered with the biased option "
+                   "vs with \"unknown\", intensities at the last prompt token (needs >= 10 of each per category).")
+@click.option("--scoring", type=click.Choice(["sum", "per-byte"]), default="sum", show_default=True,
+              help="--contrast behavior: the model's answer is the option with the largest summed log-likelihood "
+                   "or the largest per byte of its text (as `coco-tools eval --scoring`).")
 @click.option("--ratio", type=float, default=0.01, show_default=True, help="Keep this share of all q/k/v neurons.")
 @click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
 @click.option("--baseline", type=click.Choice(["coco", "rand", "norm", "mact"]), default="coco", show_default=True,
@@ -91,7 +99,7 @@ def demo_model(out, arch, dtype, force):
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def identify(model, out, data, categories, split, limit, ratio, threshold, baseline, weighting, tau,
-             null_rounds, seed, batch_size, dtype, device, chat, force, quiet):
+             null_rounds, seed, batch_size, dtype, device, chat, contrast, scoring, force, quiet):
     """Score every q/k/v neuron of MODEL (a Hugging Face directory) with the COCO contrastive
     score on biased vs unbiased responses, and write the selected ~1% to an artifact:
     OUT/neurons.json, OUT/neurons.safetensors (per-neuron arrays), OUT/intensities.safetensors.
@@ -102,6 +110,7 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
       coco-tools identify models/smollm2 --out runs/quick --limit 40 --categories Age,SES
       coco-tools identify models/smollm2 --out runs/mact --baseline mact
       coco-tools identify models/smollm2 --out runs/mine --data pairs.jsonl --split all
+      coco-tools identify models/smollm2 --out runs/behave --contrast behavior --no-chat --limit 120
       coco-tools identify meta-llama/Meta-Llama-3-8B-Instruct --out runs/l3 --dtype bfloat16 --device cuda
     """
     from .identify import IdentifyOptions, identify as run
@@ -109,7 +118,7 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
     opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
                            threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
                            null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device,
-                           chat=chat)
+                           chat=chat, contrast=contrast, scoring=scoring.replace("-", "_"))
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
     click.echo(f"selected {meta['selection']['count']} of {meta['model']['num_neurons']} neurons "

@@ -25,6 +25,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 BASELINE_NAMES = ("rand", "norm", "mact")
 ABLATIONS = ("ablate-zero", "ablate-mean")
 WEIGHTINGS = ("magnitude", "signed")
+CONTRASTS = ("response", "behavior")
 SCORINGS = ("sum", "per_byte")
 
 # The schema: every key with its default. A dict is a section (its keys are the only ones
@@ -36,7 +37,7 @@ DEFAULTS: dict = {
     "data": {"source": "bbq", "categories": ["Age", "Gender_identity", "Race_ethnicity", "Religion",
                                              "Nationality", "SES"], "chat_template": True},
     "models": None,  # required
-    "identify": {"limit": 60, "ratio": 0.01, "weighting": "magnitude", "tau": 0.1, "null_rounds": 3,
+    "identify": {"contrast": "response", "limit": 60, "ratio": 0.01, "weighting": "magnitude", "tau": 0.1, "null_rounds": 3,
                  "batch_size": 8, "dtype": "float32", "device": "cpu"},
     "baselines": ["rand", "norm", "mact"],
     "ablation": {"mode": "ablate-zero", "limit": 12},
@@ -201,6 +202,7 @@ def validate(raw) -> dict:
     cfg["models"] = _models(cfg["models"])
 
     ident = cfg["identify"]
+    _choice(ident["contrast"], "identify.contrast", CONTRASTS)
     _int(ident, "identify", "limit", lo=2, nullable=True)
     ident["ratio"] = _num(ident["ratio"], "identify.ratio", lo=0, hi=1, lo_open=True)
     _choice(ident["weighting"], "identify.weighting", WEIGHTINGS)

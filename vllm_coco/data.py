@@ -252,7 +252,7 @@ def read_pairs_jsonl(path: Path) -> list[ContrastPair]:
     return pairs
 
 
-def _take(pairs: list[ContrastPair], limit: int | None, seed: int) -> list[ContrastPair]:
+def _take(pairs: list, limit: int | None, seed: int) -> list:
     if limit is None or len(pairs) <= limit:
         return pairs
     idx = sorted(random.Random(f"coco-limit:{seed}").sample(range(len(pairs)), limit))
@@ -302,6 +302,31 @@ def load_contrast(data: str = "bbq", categories=None, split: str = "identify", l
     info = {"source": data if kind == "jsonl" or data == "bbq" or data.startswith("hf:") else str(Path(data).absolute()),
             "kind": kind, "split": split, "seed": seed, "limit": limit, "split_fractions": list(SPLIT_FRACTIONS),
             "counts": stats}
+    return out, info
+
+
+def load_items(data: str = "bbq", categories=None, split: str = "identify", limit: int | None = None,
+               seed: int = DEFAULT_SEED):
+    """Ambiguous BBQ items for identify's `behavior` mode (the model answers them itself);
+    `limit` caps items per category (the same seeded sample as load_contrast's). Returns
+    (items, info) like load_contrast. Generic pairs files have no options to answer: refused."""
+    if split not in (*SPLITS, "all"):
+        raise CocoError(f"unknown split {split}; choose identify, validate, test or all")
+    path = Path(data)
+    if path.is_file():
+        raise CocoError(f"--data {data} is a contrast-pairs file, which has no answer options for the model to "
+                        "choose from; behavior mode needs BBQ (bbq, a BBQ directory or hf:ID), or use --contrast response")
+    if data != "bbq" and not data.startswith("hf:") and not path.is_dir():
+        raise CocoError(f"--data {data} is neither 'bbq', an existing directory or file, nor hf:ID")
+    cats = list(categories) if categories else list(DEFAULT_CATEGORIES)
+    items, stats = bbq_items(data, cats, split=split, seed=seed)
+    out = []
+    for cat in cats:
+        taken = _take([it for it in items if it.category == cat], limit, seed)
+        stats[cat]["used"] = len(taken)
+        out.extend(taken)
+    info = {"source": data if data == "bbq" or data.startswith("hf:") else str(path.absolute()), "kind": "bbq",
+            "split": split, "seed": seed, "limit": limit, "split_fractions": list(SPLIT_FRACTIONS), "counts": stats}
     return out, info
 
 

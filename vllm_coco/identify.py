@@ -15,6 +15,7 @@ from .models import PROJS, fingerprint, load_model, read_config, resolve_model_d
 
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
+CONTRASTS = ("response", "behavior")
 
 
 @dataclass
@@ -35,6 +36,8 @@ class IdentifyOptions:
     dtype: str = "float32"
     device: str = "cpu"
     chat: bool = True  # render prompts with the model's chat template (when it has one)
+    contrast: str = "response"  # response (teacher-forced pairs) | behavior (the model's own answers)
+    scoring: str = "sum"  # behavior mode: how the model's answer is chosen (sum | per_byte)
 
     def validate(self) -> None:
         if self.threshold is None:
@@ -43,6 +46,10 @@ class IdentifyOptions:
             raise CocoError(f"unknown --baseline {self.baseline}; choose one of {', '.join(selection.BASELINES)}")
         if self.weighting not in selection.WEIGHTINGS:
             raise CocoError(f"unknown --weighting {self.weighting}; choose magnitude or signed")
+        if self.contrast not in CONTRASTS:
+            raise CocoError(f"unknown --contrast {self.contrast}; choose {' or '.join(CONTRASTS)}")
+        if self.scoring not in ("sum", "per_byte"):
+            raise CocoError(f"unknown --scoring {self.scoring}; choose sum or per-byte")
         if self.batch_size < 1:
             raise CocoError(f"--batch-size {self.batch_size} must be at least 1")
         if self.tau <= 0:
@@ -69,7 +76,8 @@ def score_matrix(matrix, row_cat: np.ndarray, row_label: np.ndarray, categories,
     """COCO loss / score / direction per category (and the null's per-round scores), block by block.
 
     matrix: [rows, N] (memmap). Rows of category c with label 0 form A (biased), label 1 form B
-    (unbiased); in response mode the i-th A row and i-th B row come from the same item (paired).
+    (unbiased); in response mode the i-th A row and i-th B row come from the same item (paired),
+    in behavior mode the sets are unpaired (the null shuffles across them).
     """
     import torch
     from tqdm.auto import tqdm
@@ -83,7 +91,8 @@ def score_matrix(matrix, row_cat: np.ndarray, row_label: np.ndarray, categories,
         rows[cat] = (ra, rb)
         seed = opts.seed * 1000 + ci
         plans[cat] = scoring.Plan.make(len(ra), len(rb), seed=seed, k=opts.k_negatives)
-        nulls[cat] = scoring.null_rounds(len(ra), len(rb), paired=True, rounds=opts.null_rounds, seed=seed + 1)
+        nulls[cat] = scoring.null_rounds(len(ra), len(rb), paired=opts.contrast == "response",
+                                         rounds=opts.null_rounds, seed=seed + 1)
         res[cat] = {k: np.empty(n) for k in ("loss", "direction", "mean_intensity")}
         res[cat]["null_score"] = np.empty((opts.null_rounds, n))
     blocks = range(0, n, SCORE_BLOCK)
@@ -211,20 +220,55 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
     return new
 
 
+def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOptions, progress: bool):
+    """Behavior mode: the model answers the ambiguous items; (decision-point spans, row_cat,
+    row_label, categories, data info). Refuses (CocoError) before anything is written when a
+    category has too few biased or "unknown" answers."""
+    from . import behavior
+
+    logliks = behavior.option_logliks(hf_model, behavior.option_spans(tokenizer, items, chat=opts.chat),
+                                      opts.batch_size, pad_id=tokenizer.pad_token_id, progress=progress)
+    answers = behavior.choose(items, logliks, opts.scoring)
+    xs, ys, counts = behavior.contrast_sets(items, answers)
+    behavior.check_sets(counts, opts.split)
+    categories = list(dict.fromkeys(it.category for it in items))
+    cat_index = {c: i for i, c in enumerate(categories)}
+    spans = behavior.decision_spans(tokenizer, xs, chat=opts.chat) + behavior.decision_spans(tokenizer, ys, chat=opts.chat)
+    row_cat = np.array([cat_index[it.category] for it in xs + ys], dtype=np.int32)  # [|X| + |Y|]
+    row_label = np.array([0] * len(xs) + [1] * len(ys), dtype=np.int32)  # 0: biased answer, 1: "unknown"
+    data_info.update({"answers": counts, "scoring": opts.scoring, "items": len(items), "pairs": 0,
+                      "sets": {c: {"biased": counts[c]["biased"], "unknown": counts[c]["unknown"]} for c in categories}})
+    return spans, row_cat, row_label, categories, data_info
+
+
 def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, progress: bool = True) -> dict:
     """Run the whole identify job; returns the written neurons.json content."""
-    from .capture import capture, open_matrix, response_spans
-    from .data import load_contrast
+    from .capture import capture, open_matrix
 
     t0 = time.time()
     opts.validate()
     model_dir = resolve_model_dir(model)
     check_output_dir(out, force, sources=(model_dir,))
-    pairs, data_info = load_contrast(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
-    categories = list(dict.fromkeys(p.category for p in pairs))
     config = read_config(model_dir)
-    hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device)
-    spans = response_spans(tokenizer, pairs, chat=opts.chat)
+    if opts.contrast == "behavior":
+        from .data import load_items
+
+        items, data_info = load_items(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
+        hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device)
+        spans, row_cat, row_label, categories, data_info = _behavior_rows(hf_model, tokenizer, items, data_info,
+                                                                          opts, progress)
+    else:
+        from .capture import response_spans
+        from .data import load_contrast
+
+        pairs, data_info = load_contrast(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
+        categories = list(dict.fromkeys(p.category for p in pairs))
+        hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device)
+        spans = response_spans(tokenizer, pairs, chat=opts.chat)
+        cat_index = {c: i for i, c in enumerate(categories)}
+        row_cat = np.repeat([cat_index[p.category] for p in pairs], 2).astype(np.int32)  # [2 * pairs]
+        row_label = np.tile([0, 1], len(pairs)).astype(np.int32)  # biased, unbiased, ...
+        data_info["pairs"] = len(pairs)
     chat_template = bool(opts.chat and getattr(tokenizer, "chat_template", None))
     fp = fingerprint(model_dir)
 
@@ -235,9 +279,6 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
         t_capture = time.time() - t0
         weight_norm = _weight_norms(hf_model, layout)
         del hf_model
-        cat_index = {c: i for i, c in enumerate(categories)}
-        row_cat = np.repeat([cat_index[p.category] for p in pairs], 2).astype(np.int32)
-        row_label = np.tile([0, 1], len(pairs)).astype(np.int32)
         res = score_matrix(open_matrix(tmp / artifact.MATRIX_FILE), row_cat, row_label, categories, opts, progress)
 
         la = layout.arrays()
@@ -266,7 +307,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
             "tool": f"vllm-coco {__version__}",
             "model": {"path": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
                       **layout.to_json(), "num_neurons": layout.total, "fingerprint": fp, "dtype": opts.dtype},
-            "data": {**data_info, "contrast": "response", "chat_template": chat_template, "pairs": len(pairs), "rows": cap.rows,
+            "data": {**data_info, "contrast": opts.contrast, "chat_template": chat_template, "rows": cap.rows,
                      "tokens": cap.tokens, "calibration_tokens": cap.span_tokens},
             "categories": categories,
             **select_from_arrays(arrays, categories, nulls, pairs_per_cat, opts),

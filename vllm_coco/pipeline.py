@@ -331,19 +331,23 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> dict:
 
     ic = run.cfg["identify"]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "data": data_spec,
-            "identify": ic, "seed": run.cfg["seed"]}
+            "identify": ic, "seed": run.cfg["seed"],
+            # behavior mode picks the model's answers the way the evaluation scores them
+            "scoring": run.cfg["eval"]["scoring"] if ic["contrast"] == "behavior" else None}
 
     def body(partial: Path, steps: Steps) -> dict:
         opts = IdentifyOptions(data=run.cfg["data"]["source"], categories=tuple(run.cfg["data"]["categories"]),
                                split="identify", limit=ic["limit"], ratio=ic["ratio"], weighting=ic["weighting"],
                                tau=ic["tau"], null_rounds=ic["null_rounds"], seed=run.cfg["seed"],
                                batch_size=ic["batch_size"], dtype=ic["dtype"], device=ic["device"],
-                               chat=run.cfg["data"]["chat_template"])
+                               chat=run.cfg["data"]["chat_template"], contrast=ic["contrast"],
+                               scoring=run.cfg["eval"]["scoring"])
         d = steps.do("neurons", {}, lambda d: identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty()))
         gc.collect()
         meta = json.loads((d / "neurons.json").read_text(encoding="utf-8"))
         return {"neurons": "neurons", "count": meta["selection"]["count"], "by_proj": meta["selection"]["by_proj"],
                 "num_neurons": meta["model"]["num_neurons"], "pairs": meta["data"]["pairs"],
+                "contrast": meta["data"]["contrast"], "sets": meta["data"].get("sets"),
                 "significance": meta["significance"],
                 "per_category": {c: {k: v for k, v in pc.items() if k != "neurons"}
                                  for c, pc in meta["per_category"].items()},
@@ -571,6 +575,19 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _contrast_source(r: dict, limit) -> str:
+    """How the contrast sets were made, for the report's neuron section."""
+    per_cat = limit if limit else "all"
+    if r.get("contrast") == "behavior":
+        sets = r.get("sets") or {}
+        nb, nu = sum(v["biased"] for v in sets.values()), sum(v["unknown"] for v in sets.values())
+        return (f"from the model's own answers (behavior mode) to the ambiguous identify-split items (up to {per_cat} "
+                f"per category): {nb} answered with the biased option vs {nu} answered \"unknown\", "
+                "intensities at the last prompt token.")
+    return (f"from {r['pairs']} contrast pairs (response mode: biased vs \"unknown\" answer teacher-forced; "
+            f"identify split, up to {per_cat} per category).")
+
+
 def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
     """REPORT.md text; figures written into report_dir (names relative to OUT)."""
     from . import report as neuron_report
@@ -623,17 +640,18 @@ def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
         sig = r["significance"]
         md += ["### Neurons: count, significance, where they sit", "",
                f"{r['count']} of {r['num_neurons']} q/k/v neurons selected (ratio {cfg['identify']['ratio']}, "
-               f"{r['by_proj']}) from {r['pairs']} contrast pairs (identify split, up to "
-               f"{cfg['identify']['limit'] if cfg['identify']['limit'] else 'all'} per category).", ""]
+               f"{r['by_proj']}) " + _contrast_source(r, cfg['identify']['limit']), ""]
         if sig.get("null_best_score") is None:
             md += ["Significance: n/a (identify.null_rounds is 0: no label-permutation null was computed).", ""]
         else:
             md += [f"Significance (label-permutation null, {sig['rounds']} rounds): {sig['beat_null']} of "
                    f"{r['count']} selected neurons score above the null's best ({sig['null_best_score']:.4f}).", ""]
-            prow = [[c, str(pc["pairs"]), str(pc["count"]),
+            sets = r.get("sets")  # behavior mode: {category: {"biased", "unknown"}}
+            prow = [[c, f"{sets[c]['biased']} / {sets[c]['unknown']}" if sets else str(pc["pairs"]), str(pc["count"]),
                      "n/a" if pc.get("beat_null") is None else f"{pc['beat_null']}/{pc['count']}",
                      _fmt(pc.get("null_best_score"), 4)] for c, pc in r["per_category"].items()]
-            md += [_md_table(["category", "pairs", "selected", "beat null", "null best score"], prow), ""]
+            md += [_md_table(["category", "biased / unknown answers" if sets else "pairs", "selected", "beat null",
+                              "null best score"], prow), ""]
         md += ["Selected neurons per layer and projection (combined set):", "", "```",
                neuron_report.table(grid, meta), "```", "", f"![neuron heatmap]({rel}/{heat.name})", ""]
 
