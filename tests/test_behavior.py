@@ -130,12 +130,50 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
                                         "other": 20 - biased - unknown}
     assert data["rows"] == sum(data["sets"][c]["biased"] + data["sets"][c]["unknown"] for c in ("Age", "SES"))
     assert meta["selection"]["count"] == round(0.05 * meta["model"]["num_neurons"])
+    assert meta["significance"]["null"] == "the two sets' union shuffled and re-split at the same sizes"
+    for cat in ("Age", "SES"):
+        pc = meta["per_category"][cat]
+        assert "pairs" not in pc and (pc["biased"], pc["unknown"]) == (data["sets"][cat]["biased"],
+                                                                        data["sets"][cat]["unknown"])
+    # re-selection keeps the behavior-mode bookkeeping
+    code, out, err = run_cli("select", tmp_path / "b", "--out", tmp_path / "r", "--baseline", "rand")
+    assert code == 0, err
+    re_meta = json.loads((tmp_path / "r" / "neurons.json").read_text())
+    assert re_meta["significance"]["null"] == meta["significance"]["null"]
+    assert re_meta["per_category"]["Age"]["biased"] == meta["per_category"]["Age"]["biased"]
+
+
+@pytest.mark.parametrize("scoring", ["sum", "per_byte"])
+def test_choose_agrees_with_the_evaluation_rule(scoring):
+    """behavior.choose and evals' coco_eval.pick pick the same option from the same numbers
+    (non-ASCII text included: lengths are UTF-8 bytes in both)."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("coco_eval_t", Path(__file__).parent.parent / "evals" / "coco_eval.py")
+    ce = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ce)
+    answers = ("The grandfather", "The grandson", "Can’t be determined")  # ’ is 3 bytes
+    items = [_item(i, answers=answers) for i in range(50)]
+    rng = np.random.default_rng(0)
+    ll = -rng.uniform(3, 30, size=(50, 3))
+    ll[0] = [-10.0, -10.0, -10.0]  # a tie: the first option in both
+    ours = behavior.choose(items, ll.ravel(), scoring)
+    docs = [ce.item_docs(it, scoring=scoring)[0] for it in items]  # order (0, 1, 2): position = option index
+    theirs = [ce.pick(d, [(float(x), False) for x in row]) for d, row in zip(docs, ll)]
+    assert ours == theirs
+    assert ours[0] == (0 if scoring == "sum" else 2)  # tie: first; per byte: -10/21 beats -10/15 and -10/12
+    assert len(set(ours)) == 3
 
 
 def test_behavior_refuses_small_sets_and_pairs_files(planted, tmp_path):
     model_dir, pairs = planted
-    # 12 items per category cannot hold 10 biased and 10 "unknown" answers
+    # 12 items per category cannot hold 10 biased and 10 "unknown" answers: refused before loading
     expect_bad(tmp_path, "identify", model_dir, "--out", tmp_path / "b", "--contrast", "behavior",
-               "--categories", "Age", "--limit", "12", "--quiet", match="behavior mode needs at least 10 of each")
+               "--categories", "Age", "--limit", "12", "--quiet", match="--limit 12 is too small for --contrast behavior")
+    # 20 items: the tiny model's answers leave a set short (it rarely says "unknown")
+    expect_bad(tmp_path, "identify", model_dir, "--out", tmp_path / "b", "--contrast", "behavior", "--no-chat",
+               "--categories", "Age", "--limit", "20", "--quiet",
+               match="behavior mode needs at least 10 of each: raise the items per category (--limit")
     expect_bad(tmp_path, "identify", model_dir, "--out", tmp_path / "b", "--contrast", "behavior",
                "--data", pairs, "--quiet", match="contrast-pairs file, which has no answer options")

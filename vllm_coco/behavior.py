@@ -49,11 +49,15 @@ def option_logliks(model, spans: list[Span], batch_size: int = 8, pad_id: int = 
     with torch.inference_mode():
         for idx in tqdm(_batches(spans, batch_size), desc="answer", unit="batch", disable=not progress):
             ids, attn, span = _collate(spans, idx, pad_id, device)  # [batch, tokens] each
-            logits = model(input_ids=ids, attention_mask=attn).logits.float()  # [batch, tokens, vocab]
-            # token t is predicted by the logits at t - 1
-            logp = torch.log_softmax(logits[:, :-1], dim=-1)  # [batch, tokens - 1, vocab]
-            tok = logp.gather(-1, ids[:, 1:, None])[..., 0]  # [batch, tokens - 1]
-            out[idx] = (tok * span[:, 1:]).sum(1).double().cpu().numpy()
+            logits = model(input_ids=ids, attention_mask=attn).logits  # [batch, tokens, vocab]
+            # token t is predicted by the logits at t - 1; normalise only those rows (a 128k
+            # vocabulary makes a full [batch, tokens, vocab] log_softmax copy large)
+            mask = span[:, 1:] > 0  # [batch, tokens - 1]
+            rows = logits[:, :-1][mask].float()  # [span tokens, vocab]
+            tok = rows.log_softmax(-1).gather(-1, ids[:, 1:][mask][:, None])[:, 0]  # [span tokens]
+            sums = torch.zeros(len(idx), dtype=torch.float64, device=device)
+            sums.index_add_(0, mask.nonzero()[:, 0], tok.double())  # [batch]
+            out[idx] = sums.cpu().numpy()
     return out
 
 
@@ -88,16 +92,23 @@ def contrast_sets(items, answers: list[int]) -> tuple[list, list, dict]:
                     for cat, c in counts.items()}
 
 
-def check_sets(counts: dict, split: str, minimum: int | None = None) -> None:
+def check_sets(counts: dict, split: str, minimum: int | None = None, chat: bool = True,
+               scoring: str = "sum") -> None:
     """CocoError naming the first category whose biased or "unknown" set is smaller than
-    `minimum` (default MIN_PER_SET)."""
+    `minimum` (default MIN_PER_SET); the fixes offered leave out the settings already in use."""
     minimum = MIN_PER_SET if minimum is None else minimum
+    fixes = ["raise the items per category (--limit; pipeline: identify.limit)"]
+    if chat:
+        fixes.append("use plain prompts (--no-chat; data.chat_template: false)")
+    if scoring == "sum":
+        fixes.append("score options per byte (--scoring per-byte; eval.scoring: per_byte)")
+    fixes.append("or use --contrast response (identify.contrast: response)")
     for cat, c in counts.items():
         if c["biased"] < minimum or c["unknown"] < minimum:
             raise CocoError(
                 f"category {cat}: the model answered {c['biased']} of {c['answered']} ambiguous {split} items "
                 f"with the biased option and {c['unknown']} with \"unknown\"; behavior mode needs at least "
-                f"{minimum} of each: raise --limit, try --no-chat or --scoring per-byte, or use --contrast response")
+                f"{minimum} of each: " + ", ".join(fixes))
 
 
 def decision_spans(tokenizer, items, chat: bool = True) -> list[Span]:

@@ -101,7 +101,8 @@ def demo_model(out, arch, dtype, force):
 def identify(model, out, data, categories, split, limit, ratio, threshold, baseline, weighting, tau,
              null_rounds, seed, batch_size, dtype, device, chat, contrast, scoring, force, quiet):
     """Score every q/k/v neuron of MODEL (a Hugging Face directory) with the COCO contrastive
-    score on biased vs unbiased responses, and write the selected ~1% to an artifact:
+    score on biased vs unbiased responses (or, with --contrast behavior, on the items the model
+    itself answers with the biased option vs "unknown"), and write the selected ~1% to an artifact:
     OUT/neurons.json, OUT/neurons.safetensors (per-neuron arrays), OUT/intensities.safetensors.
 
     \b
@@ -296,7 +297,8 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
 def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, max_model_len, served_model_name,
              chat, scoring, log_samples, force):
     """Evaluate MODEL (a Hugging Face, LE-baked or NE-COCO directory) with the vllm-coco lm-eval tasks
-    in evals/ through lm-eval's Python API, float32, zero-shot, with the chat template. Writes
+    in evals/ through lm-eval's Python API, float32, zero-shot, with the chat template unless
+    --no-chat, options picked by --scoring. Writes
     OUT/results.json (lm-eval's results plus a `coco` block) and prints the result tables.
     BBQ tasks use the held-out test split; metrics and their direction: evals/README.md.
 
@@ -360,11 +362,13 @@ def run_cmd(config, out, check):
     change recomputes only what it affects. An interrupted stage keeps its finished steps (each
     edited model or evaluation is complete) in OUT/<model>/.<stage>.partial/ and resumes from
     them. The config is validated before any work (unknown or bad keys: exit 2). Schema and
-    every key: configs/default.yaml; relative paths are relative to the current directory.
+    every key: configs/default.yaml; a key left out takes the built-in default
+    (vllm_coco/config.py DEFAULTS: the spec's chat template and summed scoring, moderate sample
+    sizes), not that file's value. Relative paths are relative to the current directory.
 
     \b
     Examples:
-      coco-tools run configs/default.yaml             # SmolLM2 demo (Llama + Mistral twin), ~17 min on 2 idle CPU cores
+      coco-tools run configs/default.yaml             # SmolLM2 demo (Llama + Mistral twin), ~20 min on 2 idle CPU cores
       coco-tools run configs/default.yaml --check     # validate and show the plan
       coco-tools run configs/full.yaml                # paper scale: Llama-3-8B / Mistral-7B, GPU, vLLM backend
       coco-tools run my.yaml --out runs/exp2

@@ -203,7 +203,10 @@ def validate(raw) -> dict:
 
     ident = cfg["identify"]
     _choice(ident["contrast"], "identify.contrast", CONTRASTS)
-    _int(ident, "identify", "limit", lo=2, nullable=True)
+    from .behavior import MIN_PER_SET
+
+    # behavior mode: at least MIN_PER_SET biased and MIN_PER_SET "unknown" answers per category
+    _int(ident, "identify", "limit", lo=2 * MIN_PER_SET if ident["contrast"] == "behavior" else 2, nullable=True)
     ident["ratio"] = _num(ident["ratio"], "identify.ratio", lo=0, hi=1, lo_open=True)
     _choice(ident["weighting"], "identify.weighting", WEIGHTINGS)
     ident["tau"] = _num(ident["tau"], "identify.tau", lo=0, lo_open=True)

@@ -16,6 +16,8 @@ from .models import PROJS, fingerprint, load_model, read_config, resolve_model_d
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
 CONTRASTS = ("response", "behavior")
+NULLS = {"response": "labels swapped at random within each pair",  # spec: Significance
+         "behavior": "the two sets' union shuffled and re-split at the same sizes"}
 
 
 @dataclass
@@ -50,6 +52,12 @@ class IdentifyOptions:
             raise CocoError(f"unknown --contrast {self.contrast}; choose {' or '.join(CONTRASTS)}")
         if self.scoring not in ("sum", "per_byte"):
             raise CocoError(f"unknown --scoring {self.scoring}; choose sum or per-byte")
+        from .behavior import MIN_PER_SET
+
+        if self.contrast == "behavior" and self.limit is not None and self.limit < 2 * MIN_PER_SET:
+            raise CocoError(f"--limit {self.limit} is too small for --contrast behavior: the model must answer at "
+                            f"least {MIN_PER_SET} items biased and {MIN_PER_SET} \"unknown\" per category; "
+                            f"use --limit {2 * MIN_PER_SET} or more (more is better)")
         if self.batch_size < 1:
             raise CocoError(f"--batch-size {self.batch_size} must be at least 1")
         if self.tau <= 0:
@@ -112,7 +120,9 @@ def score_matrix(matrix, row_cat: np.ndarray, row_label: np.ndarray, categories,
                 r["null_score"][i, sl] = plans[cat].log1pk - null_loss.numpy()
     for cat in categories:
         res[cat]["score"] = plans[cat].log1pk - res[cat]["loss"]
-        res[cat]["n_pairs"] = int(len(rows[cat][0]))
+        ra, rb = rows[cat]
+        res[cat]["sizes"] = ({"pairs": int(len(ra))} if opts.contrast == "response"
+                             else {"biased": int(len(ra)), "unknown": int(len(rb))})
     return res
 
 
@@ -145,7 +155,7 @@ def _neuron_list(sel, arrays, score, direction, weight=None, loss=None):
     return out
 
 
-def select_from_arrays(arrays: dict, categories, nulls: dict, pairs_per_cat: dict, opts: IdentifyOptions) -> dict:
+def select_from_arrays(arrays: dict, categories, nulls: dict, sizes: dict, opts: IdentifyOptions) -> dict:
     """The selection parts of neurons.json from the per-neuron arrays (sets arrays["selected"] and
     arrays["weight"]). Shared by identify and `select`, which re-selects without re-capturing."""
     total = len(arrays["loss"])
@@ -164,7 +174,7 @@ def select_from_arrays(arrays: dict, categories, nulls: dict, pairs_per_cat: dic
                                   seed=opts.seed)
         cnull = nulls.get(cat)
         per_category[cat] = {
-            "pairs": pairs_per_cat[cat], "count": int(len(csel)), "null_best_score": cnull,
+            **sizes[cat], "count": int(len(csel)), "null_best_score": cnull,
             "beat_null": None if cnull is None else int(np.sum(c_score[csel] > cnull)),
             "neurons": _neuron_list(csel, arrays, c_score, c_dir, selection.edit_weights(c_dir[csel], opts.weighting)),
         }
@@ -176,7 +186,7 @@ def select_from_arrays(arrays: dict, categories, nulls: dict, pairs_per_cat: dic
                       "count": int(len(sel)), "by_proj": {p: int(np.sum(proj[sel] == i)) for i, p in enumerate(PROJS)},
                       "tau": opts.tau, "k_negatives": opts.k_negatives, "seed": opts.seed,
                       "combined": "mean of per-category scores"},
-        "significance": {"null": "labels swapped at random within each pair", "rounds": opts.null_rounds,
+        "significance": {"null": NULLS[opts.contrast], "rounds": opts.null_rounds,
                          "null_best_score": null_best,
                          "beat_null": None if null_best is None else int(np.sum(score[sel] > null_best))},
         "neurons": _neuron_list(sel, arrays, score, direc, weight, loss),
@@ -197,7 +207,7 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
     opts = IdentifyOptions(baseline=baseline, weighting=weighting or old["weighting"],
                            seed=old["seed"] if seed is None else seed, tau=old["tau"],
                            k_negatives=old["k_negatives"], null_rounds=meta["significance"]["rounds"],
-                           threshold=threshold,
+                           threshold=threshold, contrast=meta["data"].get("contrast", "response"),
                            ratio=ratio if ratio is not None else (old["ratio"] or 0.01))
     opts.validate()
     categories = meta["categories"]
@@ -205,8 +215,9 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
         raise CocoError(f"{neurons_dir} predates re-selection support; re-run `coco-tools identify`")
     nulls = {"combined": meta["significance"]["null_best_score"],
              **{c: meta["per_category"][c]["null_best_score"] for c in categories}}
-    pairs_per_cat = {c: meta["per_category"][c]["pairs"] for c in categories}
-    new = {**meta, **select_from_arrays(arrays, categories, nulls, pairs_per_cat, opts),
+    sizes = {c: {k: meta["per_category"][c][k] for k in ("pairs", "biased", "unknown") if k in meta["per_category"][c]}
+             for c in categories}
+    new = {**meta, **select_from_arrays(arrays, categories, nulls, sizes, opts),
            "derived_from": {"artifact": str(Path(neurons_dir).absolute()),
                             "hash": artifact.artifact_hash(neurons_dir)}}
     with atomic_output_dir(out, force) as tmp:
@@ -230,13 +241,14 @@ def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOp
                                       opts.batch_size, pad_id=tokenizer.pad_token_id, progress=progress)
     answers = behavior.choose(items, logliks, opts.scoring)
     xs, ys, counts = behavior.contrast_sets(items, answers)
-    behavior.check_sets(counts, opts.split)
+    behavior.check_sets(counts, opts.split, chat=bool(opts.chat and getattr(tokenizer, "chat_template", None)),
+                        scoring=opts.scoring)
     categories = list(dict.fromkeys(it.category for it in items))
     cat_index = {c: i for i, c in enumerate(categories)}
     spans = behavior.decision_spans(tokenizer, xs, chat=opts.chat) + behavior.decision_spans(tokenizer, ys, chat=opts.chat)
     row_cat = np.array([cat_index[it.category] for it in xs + ys], dtype=np.int32)  # [|X| + |Y|]
     row_label = np.array([0] * len(xs) + [1] * len(ys), dtype=np.int32)  # 0: biased answer, 1: "unknown"
-    data_info.update({"answers": counts, "scoring": opts.scoring, "items": len(items), "pairs": 0,
+    data_info.update({"answers": counts, "scoring": opts.scoring, "items": len(items), "pairs": None,
                       "sets": {c: {"biased": counts[c]["biased"], "unknown": counts[c]["unknown"]} for c in categories}})
     return spans, row_cat, row_label, categories, data_info
 
@@ -301,7 +313,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
         nulls = {"combined": float(np.mean([res[c]["null_score"] for c in categories], axis=0).max())
                  if opts.null_rounds else None}
         nulls.update({c: float(res[c]["null_score"].max()) if opts.null_rounds else None for c in categories})
-        pairs_per_cat = {c: res[c]["n_pairs"] for c in categories}
+        sizes = {c: res[c]["sizes"] for c in categories}
         meta = {
             "method": METHOD_VERSION,
             "tool": f"vllm-coco {__version__}",
@@ -310,7 +322,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
             "data": {**data_info, "contrast": opts.contrast, "chat_template": chat_template, "rows": cap.rows,
                      "tokens": cap.tokens, "calibration_tokens": cap.span_tokens},
             "categories": categories,
-            **select_from_arrays(arrays, categories, nulls, pairs_per_cat, opts),
+            **select_from_arrays(arrays, categories, nulls, sizes, opts),
             "timing_s": {"capture": round(t_capture, 2), "total": round(time.time() - t0, 2)},
         }
         artifact.save(tmp, meta, arrays)

@@ -647,7 +647,7 @@ def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
             md += [f"Significance (label-permutation null, {sig['rounds']} rounds): {sig['beat_null']} of "
                    f"{r['count']} selected neurons score above the null's best ({sig['null_best_score']:.4f}).", ""]
             sets = r.get("sets")  # behavior mode: {category: {"biased", "unknown"}}
-            prow = [[c, f"{sets[c]['biased']} / {sets[c]['unknown']}" if sets else str(pc["pairs"]), str(pc["count"]),
+            prow = [[c, f"{pc['biased']} / {pc['unknown']}" if sets else str(pc["pairs"]), str(pc["count"]),
                      "n/a" if pc.get("beat_null") is None else f"{pc['beat_null']}/{pc['count']}",
                      _fmt(pc.get("null_best_score"), 4)] for c, pc in r["per_category"].items()]
             md += [_md_table(["category", "biased / unknown answers" if sets else "pairs", "selected", "beat null",
