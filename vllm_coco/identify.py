@@ -237,13 +237,16 @@ def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOp
     category has too few biased or "unknown" answers."""
     from . import behavior
 
-    logliks = behavior.option_logliks(hf_model, behavior.option_spans(tokenizer, items, chat=opts.chat),
-                                      opts.batch_size, pad_id=tokenizer.pad_token_id, progress=progress)
-    answers = behavior.choose(items, logliks, opts.scoring)
-    xs, ys, counts = behavior.contrast_sets(items, answers)
-    behavior.check_sets(counts, opts.split, chat=bool(opts.chat and getattr(tokenizer, "chat_template", None)),
-                        scoring=opts.scoring)
     categories = list(dict.fromkeys(it.category for it in items))
+    chat = bool(opts.chat and getattr(tokenizer, "chat_template", None))
+    xs, ys, counts = [], [], {}
+    for cat in categories:  # one category at a time, so a category with too few answers fails early
+        cat_items = [it for it in items if it.category == cat]
+        logliks = behavior.option_logliks(hf_model, behavior.option_spans(tokenizer, cat_items, chat=opts.chat),
+                                          opts.batch_size, pad_id=tokenizer.pad_token_id, progress=progress)
+        x, y, c = behavior.contrast_sets(cat_items, behavior.choose(cat_items, logliks, opts.scoring))
+        behavior.check_sets(c, opts.split, chat=chat, scoring=opts.scoring)
+        xs, ys, counts = xs + x, ys + y, {**counts, **c}
     cat_index = {c: i for i, c in enumerate(categories)}
     spans = behavior.decision_spans(tokenizer, xs, chat=opts.chat) + behavior.decision_spans(tokenizer, ys, chat=opts.chat)
     row_cat = np.array([cat_index[it.category] for it in xs + ys], dtype=np.int32)  # [|X| + |Y|]
