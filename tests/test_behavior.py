@@ -4,6 +4,7 @@ biased set and the "unknown" set; intensities at the decision point (spec: Contr
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -103,22 +104,28 @@ def test_decision_span_is_the_last_prompt_token(planted):
 
 
 def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
-    """On the tiny model and packaged BBQ (the minimum set size lowered: a random tiny model rarely
-    answers "unknown"), the artifact's sets are exactly the model's answers recomputed one item at
-    a time, the rows are |X| + |Y|, and the null is the unpaired one."""
+    """On the tiny model and a BBQ directory in its vocabulary (the minimum set size lowered: a
+    random tiny model rarely answers "unknown"), the artifact's sets are exactly the model's
+    answers recomputed one item at a time, the rows are |X| + |Y|, and the null is the unpaired one."""
+    import tiny
+
     from vllm_coco.data import load_items
     from vllm_coco.models import load_model
 
     monkeypatch.setattr(behavior, "MIN_PER_SET", 1)
     model_dir = planted[0]
+    bbq = tiny.planted_bbq(tmp_path / "bbq")
     code, out, err = run_cli("identify", model_dir, "--out", tmp_path / "b", "--contrast", "behavior", "--no-chat",
-                             "--categories", "Age,SES", "--limit", "20", "--quiet", "--ratio", "0.05")
+                             "--data", bbq, "--categories", "Age,SES", "--split", "all", "--limit", "30", "--quiet",
+                             "--ratio", "0.05")
     assert code == 0, err
     meta = json.loads((tmp_path / "b" / "neurons.json").read_text())
     data = meta["data"]
+    nb, nu = (sum(v[k] for v in data["sets"].values()) for k in ("biased", "unknown"))
+    assert f"from {nb} biased vs {nu} \"unknown\" answers in 2 categories" in out
     assert data["contrast"] == "behavior" and data["chat_template"] is False and data["scoring"] == "sum"
 
-    items, _ = load_items("bbq", ["Age", "SES"], "identify", 20, 0)
+    items, _ = load_items(str(bbq), ["Age", "SES"], "all", 30, 0)
     model, tok = load_model(model_dir)
     ref = _reference_logliks(model, behavior.option_spans(tok, items, chat=False)).reshape(-1, 3)
     for cat in ("Age", "SES"):
@@ -126,11 +133,15 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
         cat_items = [it for it in items if it.category == cat]
         biased = sum(a == it.biased for a, it in zip(answers, cat_items))
         unknown = sum(a == it.unknown for a, it in zip(answers, cat_items))
-        assert data["answers"][cat] == {"answered": 20, "biased": biased, "unknown": unknown,
-                                        "other": 20 - biased - unknown}
+        assert data["answers"][cat] == {"answered": 30, "biased": biased, "unknown": unknown,
+                                        "other": 30 - biased - unknown}
     assert data["rows"] == sum(data["sets"][c]["biased"] + data["sets"][c]["unknown"] for c in ("Age", "SES"))
     assert meta["selection"]["count"] == round(0.05 * meta["model"]["num_neurons"])
     assert meta["significance"]["null"] == "the two sets' union shuffled and re-split at the same sizes"
+    # plain prompts end in the same token, so layer 0's q/k/v are constant at the decision point:
+    # no contrast there, none of them may be selected (they would all score exactly 0 otherwise)
+    assert meta["neurons"] and all(n["layer"] > 0 for n in meta["neurons"])
+    assert all(math.isfinite(n["score"]) for n in meta["neurons"])
     for cat in ("Age", "SES"):
         pc = meta["per_category"][cat]
         assert "pairs" not in pc and (pc["biased"], pc["unknown"]) == (data["sets"][cat]["biased"],

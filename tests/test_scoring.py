@@ -68,6 +68,22 @@ def test_no_contrast_scores_below_zero():
     assert np.all(score < 0)
 
 
+def test_constant_neuron_ranks_last():
+    """A neuron with one value on every row (all of layer 0 at a fixed last prompt token in
+    behavior mode) would score exactly 0 by the bare formula, above every real neuron: it gets
+    L = inf instead. A neuron constant within each set but different between them is the best."""
+    rng = np.random.default_rng(0)
+    a = rng.random((12, 4))
+    b = rng.random((12, 4))
+    a[:, 1] = b[:, 1] = 0.37  # constant everywhere
+    a[:, 2], b[:, 2] = 1.0, 2.0  # constant per set: perfect contrast
+    plan = scoring.Plan.make(12, 12, seed=0)
+    loss = scoring.coco_loss(torch.from_numpy(a), torch.from_numpy(b), plan).numpy()
+    assert math.isinf(loss[1]) and np.isfinite(loss[[0, 2, 3]]).all()
+    assert list(np.argsort(loss, kind="stable"))[0] == 2 and list(np.argsort(loss, kind="stable"))[-1] == 1
+    assert slow_loss(a[:, 1], b[:, 1], plan, 0.1) == pytest.approx(plan.log1pk)  # what the bare formula gives
+
+
 def test_derangement_and_null_rounds():
     rng = np.random.default_rng(0)
     for n in (2, 3, 10):

@@ -121,3 +121,26 @@ def planted_pairs(path: Path, n=24, categories=("Age", "SES"), seed=0) -> Path:
                 fh.write(json.dumps({"category": cat, "prompt": prompt, "biased": biased,
                                      "unbiased": unbiased}) + "\n")
     return path
+
+
+def planted_bbq(root: Path, n=40, seed=0) -> Path:
+    """A BBQ directory (native layout: <Category>.jsonl) in the tiny vocabulary, ambiguous items
+    only, for behavior mode: contexts of random neutral words (so the decision point differs
+    between items past layer 0) and options drawn per item (a b-word for the stereotyped group, a
+    u-word for the other, a neutral word for "unknown"), so a model's answers differ by item."""
+    rng = random.Random(seed)
+    groups = {"Age": ("old", "nonOld", ["old"]), "SES": ("lowSES", "highSES", ["low SES"])}
+    root.mkdir(parents=True, exist_ok=True)
+    for cat, (biased, other, stereo) in groups.items():
+        with open(root / f"{cat}.jsonl", "w") as fh:
+            for i in range(n):
+                names = [rng.choice(BIASED), rng.choice(UNBIASED), rng.choice(NEUTRAL[30:])]
+                fh.write(json.dumps({
+                    "example_id": i, "question_index": str(i % 10), "question_polarity": "neg",
+                    "context_condition": "ambig", "category": cat,
+                    "context": " ".join(rng.choices(NEUTRAL[:30], k=rng.randint(4, 10))),
+                    "question": " ".join(rng.choices(NEUTRAL[:30], k=2)), "label": 2,
+                    "ans0": names[0], "ans1": names[1], "ans2": names[2],
+                    "answer_info": {"ans0": [names[0], biased], "ans1": [names[1], other], "ans2": [names[2], "unknown"]},
+                    "additional_metadata": {"stereotyped_groups": stereo}}) + "\n")
+    return root

@@ -122,9 +122,12 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
                            chat=chat, contrast=contrast, scoring=scoring.replace("-", "_"))
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
+    d = meta["data"]
+    source = (f"{sum(s['biased'] for s in d['sets'].values())} biased vs "
+              f"{sum(s['unknown'] for s in d['sets'].values())} \"unknown\" answers" if d["contrast"] == "behavior"
+              else f"{d['pairs']} pairs")
     click.echo(f"selected {meta['selection']['count']} of {meta['model']['num_neurons']} neurons "
-               f"({meta['selection']['by_proj']}) from {meta['data']['pairs']} pairs in "
-               f"{len(meta['categories'])} categories -> {out}")
+               f"({meta['selection']['by_proj']}) from {source} in {len(meta['categories'])} categories -> {out}")
     if sig["null_best_score"] is not None:
         click.echo(f"significance: {sig['beat_null']}/{meta['selection']['count']} selected neurons beat the "
                    f"best label-permutation null score {sig['null_best_score']:.4f}")

@@ -84,7 +84,8 @@ def _side_loss(anchor, pos_idx, neg_pool, neg_idx, scale):
 
 
 def coco_loss(a, b, plan: Plan, tau: float = TAU):
-    """Per-neuron COCO loss L. a: [nA, n], b: [nB, n] torch tensors (float64 recommended) -> [n]."""
+    """Per-neuron COCO loss L. a: [nA, n], b: [nB, n] torch tensors (float64 recommended) -> [n].
+    A neuron constant over A ∪ B gets L = inf (score -inf): it has no contrast to rank by."""
     import torch
 
     pos_a, neg_a = torch.as_tensor(plan.pos_a), torch.as_tensor(np.ascontiguousarray(plan.neg_a))
@@ -97,7 +98,13 @@ def coco_loss(a, b, plan: Plan, tau: float = TAU):
         ac, bc = a[:, c0:c0 + step], b[:, c0:c0 + step]
         scale = 1.0 / (tau * sigma_of(ac, bc))  # [n]
         total = _side_loss(ac, pos_a, bc, neg_a, scale) + _side_loss(bc, pos_b, ac, neg_b, scale)
-        out[c0:c0 + step] = total / (n_a + n_b)
+        loss = total / (n_a + n_b)
+        # A neuron with one value on every row carries no contrast, yet every similarity is then 0
+        # and the formula gives L = log(1 + K) (S = 0), above every real neuron (they score < 0):
+        # e.g. all of layer 0 at a fixed last prompt token in behavior mode. It ranks last instead.
+        both = torch.cat([ac, bc])  # [nA + nB, step]
+        loss[both.amax(0) == both.amin(0)] = math.inf
+        out[c0:c0 + step] = loss
     return out
 
 
