@@ -1,0 +1,97 @@
+#!/usr/bin/env python
+"""Paired comparison of stereo_coco success rates from `coco-tools eval --log-samples` outputs.
+
+Each model directory holds samples_stereo_coco_<category>.jsonl (lm-eval's logged documents with
+the options' log-likelihoods). Every answer is re-scored under both option rules of
+evals/coco_eval.pick (summed, per byte), so one evaluation gives both columns. Differences against
+the base are paired by BBQ item (an item's success = its share of "unknown" answers over the three
+option orders); the interval is a percentile bootstrap over items. docs/RESULTS.md's larger-sample
+table was made with this script:
+
+    coco-tools eval models/smollm2 --tasks stereo_coco --limit 60 --no-chat --log-samples --out runs/ev-base
+    coco-tools eval runs/abl --tasks stereo_coco --limit 60 --no-chat --log-samples --out runs/ev-abl
+    .venv/bin/python tools/paired_compare.py runs/ev-base runs/ev-abl [more ...]
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import importlib.util
+import json
+import random
+import sys
+from pathlib import Path
+
+SCORINGS = ("sum", "per_byte")
+
+
+def _coco_eval():
+    path = Path(__file__).resolve().parent.parent / "evals" / "coco_eval.py"
+    spec = importlib.util.spec_from_file_location("coco_eval", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def records(run_dir: Path, scoring: str, ce) -> list[dict]:
+    """One record per logged stereo_coco document, re-scored with `scoring`."""
+    files = sorted(glob.glob(str(run_dir / "samples_stereo_coco_*.jsonl")))
+    if not files:
+        sys.exit(f"paired_compare: error: {run_dir} has no samples_stereo_coco_*.jsonl; run `coco-tools eval "
+                 "--tasks stereo_coco --log-samples` first")
+    out = []
+    for f in files:
+        for line in open(f, encoding="utf-8"):
+            row = json.loads(line)
+            doc = {**row["doc"], "scoring": scoring}
+            lls = [(float(r[0][0] if isinstance(r[0], list) else r[0]), False) for r in row["resps"]]  # [options]
+            out.append(ce.process_mc(doc, lls)["success_rate"])
+    return out
+
+
+def per_item(recs) -> dict[str, float]:
+    """Item id -> share of its ambiguous documents answered "unknown"."""
+    items: dict[str, list[bool]] = {}
+    for r in recs:
+        if r["condition"] == "ambig":
+            items.setdefault(r["id"], []).append(r["role"] == "unknown")
+    return {k: sum(v) / len(v) for k, v in items.items()}
+
+
+def paired(base: dict, edit: dict, rounds: int = 5000, seed: int = 0) -> dict:
+    """Mean paired difference over the items both share, its bootstrap 95 % interval, items up/down."""
+    ids = sorted(set(base) & set(edit))
+    if not ids:
+        raise ValueError("the two runs share no ambiguous item; evaluate both with the same --limit")
+    diffs = [edit[i] - base[i] for i in ids]
+    rng = random.Random(seed)
+    boots = sorted(sum(rng.choice(diffs) for _ in diffs) / len(diffs) for _ in range(rounds))
+    return {"items": len(ids), "diff": sum(diffs) / len(diffs), "lo": boots[int(0.025 * rounds)],
+            "hi": boots[int(0.975 * rounds) - 1], "up": sum(d > 0 for d in diffs), "down": sum(d < 0 for d in diffs)}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("base", type=Path, help="eval output of the base model")
+    ap.add_argument("edits", type=Path, nargs="+", help="eval outputs of edited models")
+    ap.add_argument("--rounds", type=int, default=5000, help="bootstrap resamples")
+    args = ap.parse_args(argv)
+    ce = _coco_eval()
+    print("| model | scoring | success | Δ vs base [95 % CI] | items up / down | acc_disambig |")
+    print("|---|---|---|---|---|---|")
+    for scoring in SCORINGS:
+        base_recs = records(args.base, scoring, ce)
+        base = per_item(base_recs)
+        print(f"| {args.base.name} | {scoring} | {ce.agg_success_rate(base_recs):.3f} | | | "
+              f"{ce.agg_acc_disambig(base_recs):.3f} |")
+        for d in args.edits:
+            recs = records(d, scoring, ce)
+            p = paired(base, per_item(recs), args.rounds)
+            print(f"| {d.name} | {scoring} | {ce.agg_success_rate(recs):.3f} | {p['diff']:+.3f} "
+                  f"[{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['up']} / {p['down']} of {p['items']} | "
+                  f"{ce.agg_acc_disambig(recs):.3f} |")
+
+
+if __name__ == "__main__":
+    main()
