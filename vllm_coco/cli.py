@@ -308,6 +308,7 @@ def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, m
     \b
     Examples:
       coco-tools eval models/smollm2 --limit 60
+      coco-tools eval models/smollm2 --limit 60 --no-chat --scoring per-byte --log-samples   # the default run's format
       coco-tools eval runs/ne --tasks stereo_coco,stereo_coco_jailbreak --backend vllm --out runs/eval-ne
       coco-tools eval runs/le --tasks coco_retention --out runs/eval-le-retention
       coco-tools eval models/smollm2 --backend http://127.0.0.1:8000 --tasks stereo_coco_gen --limit 30
