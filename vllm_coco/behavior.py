@@ -23,7 +23,6 @@ from .capture import Span, _batches, _collate
 from .errors import CocoError
 
 MIN_PER_SET = 10  # spec: refuse a category with fewer biased or fewer "unknown" answers
-SCORINGS = ("sum", "per_byte")
 
 
 def option_spans(tokenizer, items, chat: bool = True) -> list[Span]:
@@ -64,6 +63,8 @@ def option_logliks(model, spans: list[Span], batch_size: int = 8, pad_id: int = 
 def choose(items, logliks: np.ndarray, scoring: str = "sum") -> list[int]:
     """The option each item's answer is (original index), from its three log-likelihoods
     (logliks: [items * 3], item-major). Ties go to the first option, as in evals/coco_eval.pick."""
+    from .evaluate import SCORINGS
+
     if scoring not in SCORINGS:
         raise CocoError(f"scoring {scoring} is not one of {', '.join(SCORINGS)}")
     ll = np.asarray(logliks, dtype=np.float64).reshape(len(items), 3)  # [items, options]

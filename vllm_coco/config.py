@@ -25,8 +25,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 BASELINE_NAMES = ("rand", "norm", "mact")
 ABLATIONS = ("ablate-zero", "ablate-mean")
 WEIGHTINGS = ("magnitude", "signed")
-CONTRASTS = ("response", "behavior")
-SCORINGS = ("sum", "per_byte")
 
 # The schema: every key with its default. A dict is a section (its keys are the only ones
 # allowed); `models` is a list of MODEL_KEYS dicts.
@@ -202,6 +200,8 @@ def validate(raw) -> dict:
     cfg["models"] = _models(cfg["models"])
 
     ident = cfg["identify"]
+    from .identify import CONTRASTS
+
     _choice(ident["contrast"], "identify.contrast", CONTRASTS)
     from .behavior import MIN_PER_SET
 
@@ -249,6 +249,8 @@ def validate(raw) -> dict:
     if ev["device"] is not None and (not isinstance(ev["device"], str) or not ev["device"]):
         _fail("eval.device", f"{ev['device']!r} is not a torch device name (or null: cuda if available, else cpu)")
     _int(ev, "eval", "max_model_len", lo=16)
+    from .evaluate import SCORINGS
+
     _choice(ev["scoring"], "eval.scoring", SCORINGS)
     return cfg
 

@@ -28,7 +28,7 @@ from .errors import CocoError
 EVALS_ENV = "COCO_EVALS_DIR"
 RESULTS_FILE = "results.json"
 EVAL_SPLITS = ("test", "validate")  # passed to the BBQ tasks as metadata `coco_split`
-SCORINGS = ("sum", "per_byte")  # passed to the BBQ tasks as metadata `coco_scoring`
+SCORINGS = ("sum", "per_byte")  # = evals/coco_eval.SCORINGS: passed to the BBQ tasks as metadata `coco_scoring`
 
 
 # --------------------------------------------------------------------------- the task folder

@@ -50,7 +50,9 @@ class IdentifyOptions:
             raise CocoError(f"unknown --weighting {self.weighting}; choose magnitude or signed")
         if self.contrast not in CONTRASTS:
             raise CocoError(f"unknown --contrast {self.contrast}; choose {' or '.join(CONTRASTS)}")
-        if self.scoring not in ("sum", "per_byte"):
+        from .evaluate import SCORINGS
+
+        if self.scoring not in SCORINGS:
             raise CocoError(f"unknown --scoring {self.scoring}; choose sum or per-byte")
         from .behavior import MIN_PER_SET
 
