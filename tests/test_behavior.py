@@ -188,3 +188,16 @@ def test_behavior_refuses_small_sets_and_pairs_files(planted, tmp_path):
                match="behavior mode needs at least 10 of each: raise the items per category (--limit")
     expect_bad(tmp_path, "identify", model_dir, "--out", tmp_path / "b", "--contrast", "behavior",
                "--data", pairs, "--quiet", match="contrast-pairs file, which has no answer options")
+
+
+def test_category_without_ambiguous_items_is_refused(tmp_path):
+    import tiny
+
+    from vllm_coco.data import load_items
+
+    bbq = tiny.planted_bbq(tmp_path / "bbq")
+    rows = [json.loads(line) for line in open(bbq / "Age.jsonl")]
+    (bbq / "Age.jsonl").write_text("".join(json.dumps({**r, "context_condition": "disambig"}) + "\n" for r in rows))
+    assert len(load_items(str(bbq), ["SES"], "all", None, 0)[0]) == 40
+    with pytest.raises(CocoError, match="category Age has no ambiguous items in split all"):
+        load_items(str(bbq), ["Age", "SES"], "all", None, 0)

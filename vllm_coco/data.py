@@ -323,6 +323,9 @@ def load_items(data: str = "bbq", categories=None, split: str = "identify", limi
     out = []
     for cat in cats:
         taken = _take([it for it in items if it.category == cat], limit, seed)
+        if not taken:
+            raise CocoError(f"category {cat} has no ambiguous items in split {split}; add data, use --split all, "
+                            "or drop the category")
         stats[cat]["used"] = len(taken)
         out.extend(taken)
     info = {"source": data if data == "bbq" or data.startswith("hf:") else str(path.absolute()), "kind": "bbq",
