@@ -121,7 +121,7 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
     assert code == 0, err
     meta = json.loads((tmp_path / "b" / "neurons.json").read_text())
     data = meta["data"]
-    nb, nu = (sum(v[k] for v in data["sets"].values()) for k in ("biased", "unknown"))
+    nb, nu = (sum(v[k] for v in data["answers"].values()) for k in ("biased", "unknown"))
     assert f"from {nb} biased vs {nu} \"unknown\" answers in 2 categories" in out
     assert data["contrast"] == "behavior" and data["chat_template"] is False and data["scoring"] == "sum"
 
@@ -135,7 +135,7 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
         unknown = sum(a == it.unknown for a, it in zip(answers, cat_items))
         assert data["answers"][cat] == {"answered": 30, "biased": biased, "unknown": unknown,
                                         "other": 30 - biased - unknown}
-    assert data["rows"] == sum(data["sets"][c]["biased"] + data["sets"][c]["unknown"] for c in ("Age", "SES"))
+    assert data["rows"] == sum(data["answers"][c]["biased"] + data["answers"][c]["unknown"] for c in ("Age", "SES"))
     assert meta["selection"]["count"] == round(0.05 * meta["model"]["num_neurons"])
     assert meta["significance"]["null"] == "the two sets' union shuffled and re-split at the same sizes"
     # plain prompts end in the same token, so layer 0's q/k/v are constant at the decision point:
@@ -144,8 +144,8 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
     assert all(math.isfinite(n["score"]) for n in meta["neurons"])
     for cat in ("Age", "SES"):
         pc = meta["per_category"][cat]
-        assert "pairs" not in pc and (pc["biased"], pc["unknown"]) == (data["sets"][cat]["biased"],
-                                                                        data["sets"][cat]["unknown"])
+        assert "pairs" not in pc and (pc["biased"], pc["unknown"]) == (data["answers"][cat]["biased"],
+                                                                        data["answers"][cat]["unknown"])
     # re-selection keeps the behavior-mode bookkeeping
     code, out, err = run_cli("select", tmp_path / "b", "--out", tmp_path / "r", "--baseline", "rand")
     assert code == 0, err

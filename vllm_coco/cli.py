@@ -123,8 +123,8 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
     d = meta["data"]
-    source = (f"{sum(s['biased'] for s in d['sets'].values())} biased vs "
-              f"{sum(s['unknown'] for s in d['sets'].values())} \"unknown\" answers" if d["contrast"] == "behavior"
+    source = (f"{sum(s['biased'] for s in d['answers'].values())} biased vs "
+              f"{sum(s['unknown'] for s in d['answers'].values())} \"unknown\" answers" if d["contrast"] == "behavior"
               else f"{d['pairs']} pairs")
     click.echo(f"selected {meta['selection']['count']} of {meta['model']['num_neurons']} neurons "
                f"({meta['selection']['by_proj']}) from {source} in {len(meta['categories'])} categories -> {out}")

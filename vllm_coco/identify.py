@@ -253,8 +253,7 @@ def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOp
     spans = behavior.decision_spans(tokenizer, xs, chat=opts.chat) + behavior.decision_spans(tokenizer, ys, chat=opts.chat)
     row_cat = np.array([cat_index[it.category] for it in xs + ys], dtype=np.int32)  # [|X| + |Y|]
     row_label = np.array([0] * len(xs) + [1] * len(ys), dtype=np.int32)  # 0: biased answer, 1: "unknown"
-    data_info.update({"answers": counts, "scoring": opts.scoring, "items": len(items), "pairs": None,
-                      "sets": {c: {"biased": counts[c]["biased"], "unknown": counts[c]["unknown"]} for c in categories}})
+    data_info.update({"answers": counts, "scoring": opts.scoring, "items": len(items), "pairs": None})
     return spans, row_cat, row_label, categories, data_info
 
 

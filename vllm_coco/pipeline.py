@@ -347,7 +347,7 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> dict:
         meta = json.loads((d / "neurons.json").read_text(encoding="utf-8"))
         return {"neurons": "neurons", "count": meta["selection"]["count"], "by_proj": meta["selection"]["by_proj"],
                 "num_neurons": meta["model"]["num_neurons"], "pairs": meta["data"]["pairs"],
-                "contrast": meta["data"]["contrast"], "sets": meta["data"].get("sets"),
+                "contrast": meta["data"]["contrast"], "answers": meta["data"].get("answers"),
                 "significance": meta["significance"],
                 "per_category": {c: {k: v for k, v in pc.items() if k != "neurons"}
                                  for c, pc in meta["per_category"].items()},
@@ -579,8 +579,8 @@ def _contrast_source(r: dict, limit) -> str:
     """How the contrast sets were made, for the report's neuron section."""
     per_cat = limit if limit else "all"
     if r.get("contrast") == "behavior":
-        sets = r.get("sets") or {}
-        nb, nu = sum(v["biased"] for v in sets.values()), sum(v["unknown"] for v in sets.values())
+        answers = r["answers"]  # {category: {"answered", "biased", "unknown", "other"}}
+        nb, nu = sum(v["biased"] for v in answers.values()), sum(v["unknown"] for v in answers.values())
         return (f"from the model's own answers (behavior mode) to the ambiguous identify-split items (up to {per_cat} "
                 f"per category): {nb} answered with the biased option vs {nu} answered \"unknown\", "
                 "intensities at the last prompt token.")
@@ -646,11 +646,11 @@ def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
         else:
             md += [f"Significance (label-permutation null, {sig['rounds']} rounds): {sig['beat_null']} of "
                    f"{r['count']} selected neurons score above the null's best ({sig['null_best_score']:.4f}).", ""]
-            sets = r.get("sets")  # behavior mode: {category: {"biased", "unknown"}}
-            prow = [[c, f"{pc['biased']} / {pc['unknown']}" if sets else str(pc["pairs"]), str(pc["count"]),
+            behavior = r.get("contrast") == "behavior"  # per_category then counts answers, not pairs
+            prow = [[c, f"{pc['biased']} / {pc['unknown']}" if behavior else str(pc["pairs"]), str(pc["count"]),
                      "n/a" if pc.get("beat_null") is None else f"{pc['beat_null']}/{pc['count']}",
                      _fmt(pc.get("null_best_score"), 4)] for c, pc in r["per_category"].items()]
-            md += [_md_table(["category", "biased / unknown answers" if sets else "pairs", "selected", "beat null",
+            md += [_md_table(["category", "biased / unknown answers" if behavior else "pairs", "selected", "beat null",
                               "null best score"], prow), ""]
         md += ["Selected neurons per layer and projection (combined set):", "", "```",
                neuron_report.table(grid, meta), "```", "", f"![neuron heatmap]({rel}/{heat.name})", ""]
