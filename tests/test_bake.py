@@ -385,7 +385,7 @@ def test_out_is_the_source(art, tmp_path):
     copy = tmp_path / "model"
     shutil.copytree(model, copy)
     for out in (copy, copy / "edited", neurons):
-        _expect_bad(tmp_path, copy, neurons, "--out", out, "--force", match="overlaps the input directory",
+        _expect_bad(tmp_path, copy, neurons, "--out", out, "--force", match="overlaps the input",
                     sources=(copy, neurons))
 
 

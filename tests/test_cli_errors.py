@@ -87,7 +87,7 @@ def test_existing_out_needs_force(tmp_path, planted):
 def test_out_inside_model_dir_is_refused(tmp_path, tiny_model):
     before = _listing(tiny_model)
     code, _, err = run_cli("identify", tiny_model, "--out", tiny_model / "neurons")
-    assert code == 2 and "overlaps the input directory" in err
+    assert code == 2 and "overlaps the input" in err
     assert _listing(tiny_model) == before
 
 

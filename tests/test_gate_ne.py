@@ -225,7 +225,7 @@ def test_ne_bad_inputs(planted, artifact_dir, tmp_path):
         ((planted[0], artifact_dir, "--out", tmp_path / "o", "--lam", "2"), "--lam 2.0 is outside"),
         ((planted[0], artifact_dir, "--out", tmp_path / "o", "--alpha", "-3"), "can make a gate factor"),
         ((planted[0], tmp_path, "--out", tmp_path / "o"), "is not a neuron artifact"),
-        ((planted[0], artifact_dir, "--out", planted[0]), "overlaps the input directory"),
+        ((planted[0], artifact_dir, "--out", planted[0]), "overlaps the input"),
     ]:
         before = sorted(p.name for p in tmp_path.iterdir())
         code, _, err = run_cli("ne", *args)

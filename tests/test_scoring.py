@@ -100,3 +100,34 @@ def test_direction_sign():
     a = torch.tensor([[1.0], [2.0]], dtype=torch.float64)
     b = torch.tensor([[5.0], [6.0]], dtype=torch.float64)
     assert scoring.direction(a, b).item() > 0
+
+
+def _random_category(n_a=40, n_b=30, n=37, k=16, seed=5):
+    """Random float64 intensities of one category (one constant neuron included) and its plan."""
+    rng = np.random.default_rng(seed)
+    a = rng.gamma(2.0, 1.0, size=(n_a, n))
+    b = rng.gamma(2.0, 1.0, size=(n_b, n)) + np.linspace(0, 2, n)
+    a[:, 4] = b[:, 4] = 0.5  # constant: L = inf on every device
+    return torch.from_numpy(a), torch.from_numpy(b), scoring.Plan.make(n_a, n_b, seed=seed, k=k)
+
+
+def test_chunk_elements_keyword():
+    """A float64 run with another chunk size (3 neurons a chunk, the last one short) equals the default."""
+    a, b, plan = _random_category()
+    whole = scoring.coco_loss(a, b, plan).numpy()
+    chunked = scoring.coco_loss(a, b, plan, chunk_elements=40 * 16 * 3).numpy()
+    assert math.isinf(whole[4]) and math.isinf(chunked[4])
+    np.testing.assert_allclose(chunked, whole, rtol=0, atol=1e-12)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_cuda_equals_cpu():
+    """On a GPU (indices, chunks and output on the device) the float64 loss, sigma and direction
+    equal the CPU's within 1e-9."""
+    a, b, plan = _random_category()
+    ga, gb = a.cuda(), b.cuda()
+    loss = scoring.coco_loss(ga, gb, plan, chunk_elements=1 << 28)
+    assert loss.device.type == "cuda"
+    np.testing.assert_allclose(loss.cpu().numpy(), scoring.coco_loss(a, b, plan).numpy(), rtol=0, atol=1e-9)
+    for f in (scoring.sigma_of, scoring.direction):
+        np.testing.assert_allclose(f(ga, gb).cpu().numpy(), f(a, b).numpy(), rtol=0, atol=1e-9)

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from . import METHOD_VERSION
+from .checks import finite_array
 from .errors import CocoError
 
 JSON_NAME = "neurons.json"
@@ -39,19 +40,135 @@ def save(out_dir: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     (out_dir / JSON_NAME).write_text(json.dumps(meta, indent=1) + "\n")
 
 
-def load(neurons_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read an artifact directory (JSON + safetensors only: nothing is unpickled)."""
-    from safetensors.numpy import load_file
+# Arrays every artifact has, and those only newer ones have (checked when present).
+PER_NEURON = ("layer", "proj", "index", "loss", "score", "direction", "calib_mean", "calib_std")
+PER_NEURON_OPTIONAL = ("act_mean", "mean_intensity", "weight_norm")
+# Infinity a per-neuron array may carry: a constant neuron has loss +inf and score -inf (METHOD.md).
+MAY_BE_INF = {"loss": "+inf", "score": "-inf"}
+_JSON_SCHEMA = {"model": dict, "selection": dict, "categories": list, "neurons": list, "per_category": dict,
+                "significance": dict, "data": dict}
+_MODEL_INTS = ("num_layers", "q_size", "kv_size")
 
-    d = Path(neurons_dir)
-    if not (d / JSON_NAME).is_file() or not (d / ARRAYS_NAME).is_file():
-        raise CocoError(f"{d} is not a neuron artifact (needs {JSON_NAME} and {ARRAYS_NAME}); "
-                        "create one with `coco-tools identify`")
-    meta = json.loads((d / JSON_NAME).read_text())
+
+def _fail(d: Path, name: str, problem: str) -> None:
+    raise CocoError(f"{d / name}: {problem}; re-run `coco-tools identify` (or `coco-tools select`) to rewrite it")
+
+
+def _read_json(d: Path) -> dict:
+    try:
+        meta = json.loads((d / JSON_NAME).read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        _fail(d, JSON_NAME, "is not UTF-8 text")
+    except (json.JSONDecodeError, RecursionError) as exc:
+        _fail(d, JSON_NAME, f"is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})")
+    except OSError as exc:
+        _fail(d, JSON_NAME, f"cannot be read ({exc.strerror})")
+    if not isinstance(meta, dict):
+        _fail(d, JSON_NAME, f"holds a {type(meta).__name__}, not a neuron artifact object")
     if meta.get("method") != METHOD_VERSION:
         raise CocoError(f"{d} follows method {meta.get('method')!r}, this version reads {METHOD_VERSION!r}; "
                         "re-run `coco-tools identify`")
-    return meta, load_file(str(d / ARRAYS_NAME))
+    for key, kind in _JSON_SCHEMA.items():
+        if not isinstance(meta.get(key), kind):
+            _fail(d, JSON_NAME, f"lacks the {kind.__name__} `{key}`")
+    for key in _MODEL_INTS:
+        v = meta["model"].get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            _fail(d, JSON_NAME, f"model.{key} is {v!r}, not a positive integer")
+    for key in ("weighting", "baseline"):
+        if not isinstance(meta["selection"].get(key), str):
+            _fail(d, JSON_NAME, f"lacks selection.{key}")
+    ratio = meta["selection"].get("ratio")
+    if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1):
+        _fail(d, JSON_NAME, f"selection.ratio {ratio!r} is not in (0, 1]")
+    if not meta["categories"] or not all(isinstance(c, str) for c in meta["categories"]):
+        _fail(d, JSON_NAME, "categories is not a non-empty list of names")
+    if not all(isinstance(meta["per_category"].get(c), dict) for c in meta["categories"]):
+        _fail(d, JSON_NAME, "per_category lacks an entry for one of its categories")
+    return meta
+
+
+def _check_neuron_entries(d: Path, meta: dict) -> None:
+    """Every neuron named in neurons.json sits inside the model's layout."""
+    from .models import PROJS
+
+    m = meta["model"]
+    size = {"q": m["q_size"], "k": m["kv_size"], "v": m["kv_size"]}
+    lists = [("neurons", meta["neurons"])] + [(f"per_category.{c}.neurons", meta["per_category"][c].get("neurons", []))
+                                             for c in meta["categories"]]
+    for where, neurons in lists:
+        if not isinstance(neurons, list):
+            _fail(d, JSON_NAME, f"{where} is not a list")
+        for i, n in enumerate(neurons):
+            ok = (isinstance(n, dict) and n.get("proj") in PROJS
+                  and all(isinstance(n.get(k), int) and not isinstance(n.get(k), bool) for k in ("layer", "index"))
+                  and 0 <= n["layer"] < m["num_layers"] and 0 <= n["index"] < size[n["proj"]])
+            if not ok:
+                _fail(d, JSON_NAME, f"{where}[{i}] = {n!r} is not a neuron of this layout "
+                      f"({m['num_layers']} layers, q {m['q_size']}, k/v {m['kv_size']})")
+
+
+def _read_arrays(d: Path) -> dict[str, np.ndarray]:
+    from safetensors.numpy import load_file
+
+    try:
+        return load_file(str(d / ARRAYS_NAME))
+    except Exception as exc:  # safetensors raises its own error types for truncated or garbage files
+        _fail(d, ARRAYS_NAME, f"is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:80]})")
+
+
+def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    from .models import NeuronLayout
+
+    m = meta["model"]
+    layout = NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
+    n = layout.total
+    fix = f"the artifact {d} is damaged: re-run `coco-tools identify`"
+    names = list(PER_NEURON) + [k for k in PER_NEURON_OPTIONAL if k in arrays]
+    for c in meta["categories"]:
+        names += [f"{k}.{c}" for k in ("loss", "score", "direction", "mean_intensity") if f"{k}.{c}" in arrays]
+    for key in names + ["selected", "weight"]:
+        if key not in arrays:
+            _fail(d, ARRAYS_NAME, f"lacks the array `{key}`")
+    for key in names:
+        a = arrays[key]
+        if a.shape != (n,):
+            _fail(d, ARRAYS_NAME, f"array `{key}` has shape {a.shape}, expected ({n},) (one per q/k/v neuron)")
+        finite_array(a, f"{d / ARRAYS_NAME} array `{key}`", fix, allow=MAY_BE_INF.get(key.split(".")[0], ""))
+    la = layout.arrays()
+    for key in ("layer", "proj", "index"):
+        if not np.array_equal(arrays[key], la[key]):
+            _fail(d, ARRAYS_NAME, f"array `{key}` does not match the model layout in {JSON_NAME} "
+                  "(neuron addresses outside the layout)")
+    sel, weight = arrays["selected"], arrays["weight"]
+    if sel.ndim != 1 or sel.dtype.kind not in "iu":
+        _fail(d, ARRAYS_NAME, f"array `selected` is {sel.dtype} {sel.shape}, not a list of neuron ids")
+    if sel.size and (sel.min() < 0 or sel.max() >= n):
+        _fail(d, ARRAYS_NAME, f"array `selected` names neurons outside 0..{n - 1}")
+    if len(np.unique(sel)) != len(sel):
+        _fail(d, ARRAYS_NAME, "array `selected` names a neuron twice")
+    if weight.shape != sel.shape:
+        _fail(d, ARRAYS_NAME, f"array `weight` has length {weight.shape}, but {len(sel)} neurons are selected")
+    finite_array(weight, f"{d / ARRAYS_NAME} array `weight`", fix)
+    finite_array(arrays["calib_std"], f"{d / ARRAYS_NAME} array `calib_std`", fix)
+    if (arrays["calib_std"] < 0).any() or ("weight_norm" in arrays and (arrays["weight_norm"] < 0).any()):
+        _fail(d, ARRAYS_NAME, "a standard deviation or norm is negative")
+
+
+def load(neurons_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
+    """Read and validate an artifact directory (JSON + safetensors only: nothing is unpickled).
+
+    Any problem (missing or unreadable files, bad JSON, missing keys, arrays of the wrong shape,
+    non-finite numbers, neurons outside the layout) is a CocoError naming the file."""
+    d = Path(neurons_dir)
+    if str(neurons_dir).strip() == "" or not (d / JSON_NAME).is_file() or not (d / ARRAYS_NAME).is_file():
+        raise CocoError(f"{d} is not a neuron artifact (needs {JSON_NAME} and {ARRAYS_NAME}); "
+                        "create one with `coco-tools identify`")
+    meta = _read_json(d)
+    _check_neuron_entries(d, meta)
+    arrays = _read_arrays(d)
+    _check_arrays(d, meta, arrays)
+    return meta, arrays
 
 
 def artifact_hash(neurons_dir: str | Path) -> str:

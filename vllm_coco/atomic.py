@@ -1,4 +1,13 @@
-"""Atomic output directories: write into a temp dir beside the target, then rename."""
+"""Outputs: the one rule for where a command may write, and atomic writes (temp beside the
+target, then rename).
+
+The rule (`check_output_dir`), applied by every command and the pipeline before anything is
+written: the path is not empty; resolved (symlinks, `..`) it is not equal to, inside, or a
+parent of any input (model directory, neuron artifact, a config's model paths), nor a parent of
+the current directory; it does not exist unless `force`; its nearest existing ancestor is a
+writable directory. Missing parents are created at commit time and removed again if the work
+fails, so a failed command leaves the filesystem as it found it.
+"""
 
 from __future__ import annotations
 
@@ -12,46 +21,147 @@ from typing import Iterator
 from .errors import CocoError
 
 
-def check_output_dir(out: str | os.PathLike, force: bool, sources: tuple = ()) -> Path:
-    """Validate an output directory before any work starts (raises CocoError)."""
-    out = Path(out).absolute()
+def resolved(path: str | os.PathLike) -> Path:
+    """`path` made absolute with `~`, `..` and every symlink along it resolved."""
+    return Path(path).expanduser().resolve()
+
+
+def overlap(out: Path, src: Path) -> bool:
+    """Whether two resolved paths are the same, or one lies inside the other."""
+    return out == src or src in out.parents or out in src.parents
+
+
+def _existing_ancestor(path: Path) -> Path:
+    p = path
+    while not p.exists():
+        p = p.parent
+    return p
+
+
+def check_output_dir(out: str | os.PathLike, force: bool, sources: tuple = (), what: str = "--out") -> Path:
+    """Validate an output directory before any work starts; returns it resolved (CocoError if not)."""
+    if str(out).strip() == "":
+        raise CocoError(f"{what} is empty; pass the path of a directory to create")
+    path = resolved(out)
     for src in sources:
-        src = Path(src).absolute()
-        if out == src or src in out.parents or out in src.parents:
-            raise CocoError(f"--out {out} overlaps the input directory {src}; choose a separate output path")
-    if out.exists() and not force:
-        raise CocoError(f"output {out} already exists; pass --force to replace it or choose another --out")
-    if out.exists() and not out.is_dir():
-        raise CocoError(f"output {out} exists and is not a directory; remove it or choose another --out")
-    if not out.parent.exists():
-        raise CocoError(f"parent directory of --out does not exist: {out.parent}")
-    return out
+        src = resolved(src)
+        if overlap(path, src):
+            raise CocoError(f"{what} {out} overlaps the input {src} (same directory, inside it, or containing it); "
+                            "choose an output path outside every input")
+    if path in Path.cwd().resolve().parents or path == Path.cwd().resolve():
+        raise CocoError(f"{what} {out} is the current directory or contains it; choose a new directory to create")
+    if path.exists() and not path.is_dir():
+        raise CocoError(f"{what} {out} exists and is not a directory; remove it or choose another {what}")
+    if path.exists() and not force:
+        raise CocoError(f"{what} {out} already exists; pass --force to replace it or choose another {what}")
+    base = _existing_ancestor(path.parent)
+    if not base.is_dir():
+        raise CocoError(f"{what} {out}: {base} is a file, not a directory; choose another {what}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise CocoError(f"{what} {out}: {base} is not writable; choose an output path you can write to")
+    return path
+
+
+def umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def plain_mode(path: Path) -> None:
+    """Give a file made by mkstemp (0600) the mode a plain open() would have given it."""
+    os.chmod(path, 0o666 & ~umask())
+
+
+def _normalize_modes(tmp: Path) -> None:
+    """Files written by libraries through temp files (0600) get the user's umask, like any new file."""
+    mask = umask()
+    for p in tmp.rglob("*"):
+        if p.is_file() and not p.is_symlink() and (p.stat().st_mode & 0o777) == 0o600:
+            os.chmod(p, 0o666 & ~mask)
 
 
 @contextlib.contextmanager
-def atomic_output_dir(out: str | os.PathLike, force: bool = False) -> Iterator[Path]:
+def made_parents(path: Path) -> Iterator[None]:
+    """Create the missing parents of `path`; if the block fails, remove the ones made here."""
+    made = []
+    p = path.parent
+    while not p.exists():
+        made.append(p)
+        p = p.parent
+    for d in reversed(made):
+        d.mkdir()
+    try:
+        yield
+    except BaseException:
+        for d in made:  # deepest first
+            with contextlib.suppress(OSError):
+                d.rmdir()
+        raise
+
+
+@contextlib.contextmanager
+def atomic_output_dir(out: str | os.PathLike, force: bool = False, sources: tuple = ()) -> Iterator[Path]:
     """Yield a temporary directory that becomes `out` only if the block finishes.
 
-    On any exception (including KeyboardInterrupt) the temporary directory is removed and
-    `out` is left exactly as it was.
+    On any exception (including KeyboardInterrupt) the temporary directory and any parent made
+    for it are removed, and `out` is left exactly as it was.
     """
-    out = check_output_dir(out, force)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; the result should look like a normal mkdir
+    out = check_output_dir(out, force, sources)
+    with made_parents(out):
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+        os.chmod(tmp, 0o777 & ~umask())  # mkdtemp makes 0700; the result should look like a normal mkdir
+        try:
+            yield tmp
+            _normalize_modes(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        if out.exists():  # --force: swap the old directory out, then delete it
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+            os.replace(out, trash / "old")
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    COMMITTED.append(out)
+
+
+# Outputs committed in this process: an interrupt that arrives after a commit is reported as such.
+COMMITTED: list[Path] = []
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file beside it, then rename), with the user's umask."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        yield tmp
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if out.exists():  # --force: swap the old directory out, then delete it
-        trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        os.replace(out, trash / "old")
-        os.replace(tmp, out)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, out)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        plain_mode(Path(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def check_output_file(path: str | os.PathLike, force: bool = True, sources: tuple = (), what: str = "--out") -> Path:
+    """The output-file twin of `check_output_dir`: not empty, not a directory, not an input,
+    its nearest existing ancestor writable. Returns the resolved path."""
+    if str(path).strip() == "":
+        raise CocoError(f"{what} is empty; pass the path of a file to write")
+    p = resolved(path)
+    for src in sources:
+        src = resolved(src)
+        if p == src or src in p.parents:
+            raise CocoError(f"{what} {path} is (or lies inside) the input {src}; choose another {what}")
+    if p.is_dir():
+        raise CocoError(f"{what} {path} is a directory; pass a file path")
+    if p.exists() and not force:
+        raise CocoError(f"{what} {path} already exists; pass --force to replace it or choose another {what}")
+    base = _existing_ancestor(p.parent)
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise CocoError(f"{what} {path}: {base} is not a writable directory; choose another {what}")
+    return p
 
 
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
@@ -63,6 +173,7 @@ def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     os.close(fd)
     try:
         fig.savefig(tmp, dpi=dpi)
+        plain_mode(Path(tmp))
         os.replace(tmp, path)
     finally:
         plt.close(fig)

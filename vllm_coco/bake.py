@@ -27,6 +27,7 @@ import numpy as np
 
 from . import METHOD_VERSION, __version__, artifact
 from .atomic import atomic_output_dir, check_output_dir
+from .checks import finite, tensors_finite
 from .errors import CocoError
 from .models import PROJS, NeuronLayout, read_config, resolve_model_dir
 
@@ -120,6 +121,9 @@ def le_factors(weights: np.ndarray, alpha: float) -> np.ndarray:
     (a negative factor would flip the neuron's sign instead of scaling it)."""
     weights = np.asarray(weights, dtype=np.float64)
     factors = 1.0 + alpha * weights
+    if not np.isfinite(factors.astype(np.float32)).all():
+        raise CocoError(f"--alpha {alpha} makes the edit factor 1 + alpha*w overflow float32; "
+                        "choose a smaller --alpha (the factor scales weights, e.g. 0.25 to 2)")
     if np.any(factors < 0):
         pos, neg = weights[weights > 0], weights[weights < 0]
         lo = -1.0 / pos.max() if len(pos) else -math.inf
@@ -170,13 +174,12 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
         raise CocoError(f"--alpha applies to --mode le only; drop it for --mode {mode}")
     if lora and mode != "le":
         raise CocoError(f"--lora writes the LE edit only; drop --lora for --mode {mode}")
-    alpha = 1.0 if alpha is None else float(alpha)
-    if not math.isfinite(alpha):
-        raise CocoError(f"--alpha {alpha} is not a finite number")
+    alpha = 1.0 if alpha is None else finite(alpha, "--alpha")
 
     model_dir = resolve_model_dir(model)
     meta, arrays = artifact.load(neurons_dir)
-    check_output_dir(out, force, sources=(model_dir, Path(neurons_dir)))
+    sources = (model_dir, Path(neurons_dir))
+    check_output_dir(out, force, sources)
     config = read_config(model_dir)
     if "coco" in config:
         raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
@@ -195,7 +198,7 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
             raise CocoError(f"{model_dir} has q/k/v biases ({biased[0]}.bias ...), which a LoRA adapter cannot "
                             "scale; bake a full checkpoint (drop --lora)")
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, sources) as tmp:
         if lora:
             rank = write_lora(tmp, model_dir, src, edits, alpha)
             record = _edit_record(mode, alpha, neurons_dir, fp, meta, edits, "lora", {"rank": rank})
@@ -256,6 +259,8 @@ def write_checkpoint(tmp: Path, model_dir: Path, src: SourceTensors, edits, mode
                 _edit_module(tensors, name, e, mode, alpha)
             elif f"{name}.bias" in tensors:  # a bias stored in another shard than its weight
                 _edit_bias_only(tensors, name, e, mode, alpha)
+            tensors_finite({k: tensors[k] for k in (f"{name}.weight", f"{name}.bias") if k in tensors},
+                           f"--mode {mode}" + (f" --alpha {alpha}" if mode == "le" else ""))
         save_file(tensors, str(tmp / f.name), metadata=file_meta)
         del tensors
 
@@ -337,6 +342,7 @@ def write_lora(tmp: Path, model_dir: Path, src: SourceTensors, edits, alpha: flo
         # PEFT's saved names: base_model.model.<module>.lora_{A,B}.weight
         tensors[f"base_model.model.{name}.lora_A.weight"] = a
         tensors[f"base_model.model.{name}.lora_B.weight"] = b
+    tensors_finite(tensors, f"--lora --alpha {alpha}")
     save_file(tensors, str(tmp / ADAPTER_WEIGHTS), metadata={"format": "pt"})
     config = {
         "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": str(model_dir),

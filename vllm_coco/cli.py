@@ -12,7 +12,7 @@ Exit codes:
   0  success
   1  unexpected failure (a bug: please report it with the traceback)
   2  bad input: one line on stderr says what and how to fix it; nothing was written
-  130 interrupted (Ctrl-C); nothing half-written is left behind"""
+  130 interrupted (Ctrl-C), 143 terminated (SIGTERM): nothing half-written is left behind"""
 
 CATEGORY_HELP = ("Comma-separated categories (default for BBQ: Age,Gender_identity,Race_ethnicity,"
                  "Religion,Nationality,SES; for a JSONL file: all categories in it).")
@@ -70,7 +70,7 @@ def demo_model(out, arch, dtype, force):
 @click.option("--categories", callback=_split_csv, help=CATEGORY_HELP)
 @click.option("--split", type=click.Choice(["identify", "validate", "test", "all"]), default="identify",
               show_default=True, help="Which seeded split of question templates to use.")
-@click.option("--limit", type=int, help="At most N contrast pairs per category (seeded sample); with "
+@click.option("--limit", type=click.IntRange(min=1), help="At most N contrast pairs per category (seeded sample); with "
                                         "--contrast behavior, N ambiguous items per category for the model to answer.")
 @click.option("--contrast", type=click.Choice(["response", "behavior"]), default="response", show_default=True,
               help="response: biased vs unbiased answer teacher-forced, intensities over the answer tokens. "
@@ -87,10 +87,11 @@ def demo_model(out, arch, dtype, force):
 @click.option("--weighting", type=click.Choice(["magnitude", "signed"]), default="magnitude", show_default=True,
               help="Edit weights: |d|/max|d| or d/max|d|.")
 @click.option("--tau", type=float, default=0.1, show_default=True, help="InfoNCE temperature.")
-@click.option("--null-rounds", type=int, default=3, show_default=True,
+@click.option("--null-rounds", type=click.IntRange(min=0), default=3, show_default=True,
               help="Label-permutation rounds for the significance null (0 to skip).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed for splits, sampling and RAND.")
-@click.option("--batch-size", type=int, default=8, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Seed for splits, sampling and RAND.")
+@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
 @click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
 @click.option("--chat/--no-chat", default=True, show_default=True,
@@ -140,7 +141,7 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
 @click.option("--ratio", type=float, help="Share of neurons (default: the source artifact's).")
 @click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
 @click.option("--weighting", type=click.Choice(["magnitude", "signed"]), help="Default: the source artifact's.")
-@click.option("--seed", type=int, help="Seed for RAND (default: the source artifact's).")
+@click.option("--seed", type=click.IntRange(min=0), help="Seed for RAND (default: the source artifact's).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, force):
     """Re-select neurons from an existing artifact without running the model again: a baseline
@@ -240,14 +241,14 @@ def bake(model, neurons_dir, out, mode, alpha, lora, force):
 @click.option("--prompts", required=True, type=click.Path(dir_okay=False),
               help='JSONL: {"prompt": ...} or {"messages": [...]} per line.')
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="JSONL results, in input order.")
-@click.option("--max-tokens", type=int, default=256, show_default=True)
+@click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the model's chat template.")
 @click.option("--lora", type=click.Path(file_okay=False), help="LoRA adapter (e.g. from `coco-tools bake --lora`).")
 @click.option("--dtype", default="auto", show_default=True)
-@click.option("--max-model-len", type=int, help="Context length to reserve (default: the model's).")
+@click.option("--max-model-len", type=click.IntRange(min=16), help="Context length to reserve (default: the model's).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.pass_context
 def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, chat, lora, dtype, max_model_len, force):
@@ -286,7 +287,7 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
 @click.option("--batch-size", type=int, help="hf: sequences per forward [default: 8]; vllm: [default: auto]; "
                                              "URL: concurrent requests [default: 4].")
 @click.option("--device", help="torch device for --backend hf [default: cuda if available, else cpu].")
-@click.option("--max-model-len", type=int, default=2048, show_default=True,
+@click.option("--max-model-len", type=click.IntRange(min=16), default=2048, show_default=True,
               help="Context length for --backend vllm (and the URL backend's truncation).")
 @click.option("--served-model-name", help="Model name at the URL [default: the first one /v1/models lists].")
 @click.option("--chat/--no-chat", default=True, show_default=True,
@@ -384,26 +385,55 @@ def run_cmd(config, out, check):
         click.echo(f"report: {res['report']}")
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is, so every cleanup that runs on Ctrl-C runs on it too."""
+
+
+def _on_sigterm(signum, frame):
+    raise Terminated()
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    from .atomic import COMMITTED
+
+    what = "terminated" if isinstance(exc, Terminated) else "interrupted"
+    done = f"; {', '.join(map(str, COMMITTED))} had already been written completely" if COMMITTED else \
+        "; nothing half-written is left behind"
+    click.echo(f"coco-tools: {what}{done}", err=True)
+    sys.exit(143 if isinstance(exc, Terminated) else 130)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(part.strip() for part in str(text).splitlines() if part.strip())
+
+
 def main(argv=None):
-    """Console entry point: CocoError -> one line on stderr and exit 2."""
+    """Console entry point: CocoError or a usage error -> one line on stderr and exit 2;
+    Ctrl-C -> 130, SIGTERM -> 143, with temporary outputs removed."""
+    import signal
+
     from .errors import CocoError
 
+    if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
+        signal.signal(signal.SIGTERM, _on_sigterm)
     try:
         cli.main(args=argv, prog_name="coco-tools", standalone_mode=False)
     except CocoError as exc:
-        click.echo(f"coco-tools: error: {exc}", err=True)
+        click.echo(f"coco-tools: error: {_one_line(exc)}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Abort:
-        click.echo("coco-tools: interrupted", err=True)
-        sys.exit(130)
+        _interrupted(KeyboardInterrupt())
+    except click.UsageError as exc:
+        cmd = exc.ctx.command_path if exc.ctx is not None else "coco-tools"
+        click.echo(f"coco-tools: error: {_one_line(exc.format_message())} (see `{cmd} --help`)", err=True)
+        sys.exit(exc.exit_code)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(f"coco-tools: error: {_one_line(exc.format_message())}", err=True)
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt:
-        click.echo("coco-tools: interrupted", err=True)
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     sys.exit(0)
 
 

@@ -120,14 +120,47 @@ def _check_categories(categories, valid, what):
                         f"valid: {', '.join(sorted(valid))}")
 
 
-def _read_jsonl(path: Path):
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if line.strip():
-                try:
+def read_jsonl(path: Path):
+    """(line number, object) of each non-blank line; CocoError naming the file and line on bad
+    bytes, bad JSON or absurd nesting."""
+    lineno = 0
+    try:
+        with open(path, encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                if line.strip():
                     yield lineno, json.loads(line)
-                except json.JSONDecodeError as exc:
-                    raise CocoError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix that line") from None
+    except UnicodeDecodeError:
+        raise CocoError(f"{path}:{lineno + 1}: not UTF-8 text; save the file as UTF-8") from None
+    except json.JSONDecodeError as exc:
+        raise CocoError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix that line") from None
+    except RecursionError:
+        raise CocoError(f"{path}:{lineno}: JSON nested too deeply; fix that line") from None
+    except OSError as exc:
+        raise CocoError(f"{path}: cannot be read ({exc.strerror})") from None
+
+
+BBQ_FIELDS = {"example_id": (int, str), "question_index": (int, str), "question_polarity": str,
+              "context_condition": str, "context": str, "question": str, "ans0": str, "ans1": str, "ans2": str,
+              "label": int, "answer_info": dict, "additional_metadata": dict}
+
+
+def check_bbq_row(row, where: str) -> dict:
+    """A native BBQ row with every field the answer mapping reads; CocoError naming `where` if not."""
+    if not isinstance(row, dict):
+        raise CocoError(f"{where}: not a BBQ row (a JSON object with context, question, ans0..ans2, ...)")
+    bad = sorted(k for k, kind in BBQ_FIELDS.items() if not isinstance(row.get(k), kind) or isinstance(row.get(k), bool))
+    if not bad:
+        info = row["answer_info"]
+        if not all(isinstance(info.get(f"ans{i}"), list) and len(info[f"ans{i}"]) >= 2
+                   and all(isinstance(x, str) for x in info[f"ans{i}"][:2]) for i in range(3)):
+            bad.append("answer_info")
+        if not isinstance(row["additional_metadata"].get("stereotyped_groups"), list):
+            bad.append("additional_metadata.stereotyped_groups")
+        if not 0 <= row["label"] <= 2:
+            bad.append("label")
+    if bad:
+        raise CocoError(f"{where}: not a BBQ row (missing or malformed {', '.join(bad)}); fix or remove that line")
+    return row
 
 
 def bbq_rows(source: str, categories) -> dict[str, list[dict]]:
@@ -144,11 +177,8 @@ def bbq_rows(source: str, categories) -> dict[str, list[dict]]:
     out = {}
     for cat in categories:
         rows = []
-        for lineno, row in _read_jsonl(root / f"{cat}.jsonl"):
-            missing = {"answer_info", "additional_metadata", "question_index", "context", "label"} - set(row)
-            if missing:
-                raise CocoError(f"{root / (cat + '.jsonl')}:{lineno}: not a BBQ row (missing {', '.join(sorted(missing))})")
-            rows.append(row)
+        for lineno, row in read_jsonl(root / f"{cat}.jsonl"):
+            rows.append(check_bbq_row(row, f"{root / (cat + '.jsonl')}:{lineno}"))
         out[cat] = rows
     return out
 
@@ -237,7 +267,7 @@ def pair_from_item(item: BBQItem) -> ContrastPair:
 def read_pairs_jsonl(path: Path) -> list[ContrastPair]:
     """Generic contrast pairs; a malformed line is a CocoError naming its line number."""
     pairs = []
-    for lineno, obj in _read_jsonl(path):
+    for lineno, obj in read_jsonl(path):
         if not isinstance(obj, dict):
             raise CocoError(f"{path}:{lineno}: expected a JSON object with category, prompt, biased, unbiased")
         bad = [k for k in ("category", "prompt", "biased", "unbiased") if not isinstance(obj.get(k), str) or not obj[k]]

@@ -208,10 +208,22 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
     if not opts.tasks:
         raise CocoError("--tasks is empty; name at least one task, e.g. --tasks stereo_coco")
     model_dir = resolve_model_dir(model)
-    out_path = Path(out) if out else Path("runs") / f"eval-{model_dir.name}"
-    if out is not None or out_path.absolute().parent.exists():  # a missing default runs/ is created later
-        check_output_dir(out_path, force, sources=(model_dir,))
+    out_path = Path(out) if out is not None else Path("runs") / f"eval-{model_dir.name}"
+    check_output_dir(out_path, force, sources=(model_dir,))  # a missing parent (e.g. runs/) is made at the end
     return model_dir, out_path
+
+
+def check_model_dir(model_dir: Path) -> None:
+    """What every backend would trip over, found before lm-eval starts: config, weights (safetensors
+    only), remote code, and for an NE-COCO directory its gate section."""
+    from .hf_reference import read_ne_config
+    from .models import auto_config, check_weights, read_config
+
+    check_weights(model_dir)
+    if "coco" in read_config(model_dir):
+        read_ne_config(model_dir)
+    else:
+        auto_config(model_dir)
 
 
 # --------------------------------------------------------------------------- running
@@ -231,7 +243,8 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
 
             model, tok = load_ne_model(model_dir, dtype=torch.float32, device=device)
             return HFLM(pretrained=model, tokenizer=tok, batch_size=bs, device=device), None, bs, device
-        return "hf", {"pretrained": str(model_dir), "dtype": "float32"}, bs, device
+        args = {"pretrained": str(model_dir), "dtype": "float32", "trust_remote_code": False}
+        return "hf", args, bs, device
     if opts.backend == "vllm":
         # CPU builds of vLLM reserve a KV cache that does not fit the NUMA node they see; GPU builds ignore it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
@@ -259,6 +272,8 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
     if _is_url(opts.backend) and not opts.served_model_name:
         opts.served_model_name = served_model(opts.backend)  # fail before loading anything else
     chat = opts.chat and _has_chat_template(model_dir)
+    if not _is_url(opts.backend):  # a server's model directory only lends its tokenizer
+        check_model_dir(model_dir)
 
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
@@ -272,7 +287,6 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
                        "ne_coco": _is_ne_dir(model_dir), "tasks": list(opts.tasks), "limit": opts.limit,
                        "max_items": opts.max_items, "split": opts.split, "chat_template": chat, "scoring": opts.scoring,
                        "evals_dir": str(evals_dir())}
-    out_path.absolute().parent.mkdir(parents=True, exist_ok=True)  # the default runs/ may not exist yet
     from .atomic import atomic_output_dir
 
     with atomic_output_dir(out_path, force) as tmp:

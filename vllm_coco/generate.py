@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -21,21 +20,16 @@ def read_requests(path: Path) -> list[dict]:
     """Validate the whole prompts file before any engine starts (line numbers in errors)."""
     if not Path(path).is_file():
         raise CocoError(f"prompts file {path} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
+    from .data import read_jsonl
+
     requests = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise CocoError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix that line") from None
-            ok = isinstance(obj, dict) and (isinstance(obj.get("prompt"), str) or (
-                isinstance(obj.get("messages"), list) and all(isinstance(m, dict) and "content" in m
-                                                              for m in obj["messages"])))
-            if not ok:
-                raise CocoError(f'{path}:{lineno}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
-            requests.append(obj)
+    for lineno, obj in read_jsonl(path):
+        ok = isinstance(obj, dict) and (isinstance(obj.get("prompt"), str) or (
+            isinstance(obj.get("messages"), list) and all(isinstance(m, dict) and "content" in m
+                                                          for m in obj["messages"])))
+        if not ok:
+            raise CocoError(f'{path}:{lineno}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+        requests.append(obj)
     if not requests:
         raise CocoError(f"{path} holds no requests")
     return requests
@@ -64,12 +58,13 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
     """Generate for every request in `prompts`, write `out` atomically; returns throughput figures."""
     from .models import resolve_model_dir
 
+    from .atomic import check_output_file
+    from .checks import finite
+
     model_dir = resolve_model_dir(model)
-    out_path = Path(out)
-    if out_path.exists() and not force:
-        raise CocoError(f"output {out} already exists; pass --force to replace it")
-    if not out_path.absolute().parent.is_dir():
-        raise CocoError(f"directory for --out does not exist: {out_path.absolute().parent}")
+    out_path = check_output_file(out, force, sources=(model_dir, prompts) + ((lora,) if lora else ()))
+    finite(temperature, "--temperature", lo=0)
+    finite(top_p, "--top-p", lo=0, hi=1, lo_open=True)
     requests = read_requests(Path(prompts))
     if lora and not (Path(lora) / "adapter_config.json").is_file():
         raise CocoError(f"--lora {lora} is not a LoRA adapter directory (no adapter_config.json)")
@@ -105,15 +100,11 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
     wall = time.perf_counter() - t0
     n_out = sum(len(r.outputs[0].token_ids) for r in results)
     n_in = sum(len(r.prompt_token_ids) for r in results)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out_path.name}.", dir=out_path.absolute().parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            for req, res in zip(requests, results):
-                fh.write(json.dumps({**req, "output": res.outputs[0].text,
-                                     "output_tokens": len(res.outputs[0].token_ids)}) + "\n")
-        os.replace(tmp, out_path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    from .atomic import made_parents, write_text
+
+    with made_parents(out_path):
+        write_text(out_path, "".join(json.dumps({**req, "output": res.outputs[0].text,
+                                                 "output_tokens": len(res.outputs[0].token_ids)}) + "\n"
+                                     for req, res in zip(requests, results)))
     return {"requests": len(requests), "prompt_tokens": n_in, "output_tokens": n_out, "seconds": wall,
             "output_tok_s": n_out / wall if wall else 0.0}

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .checks import tensors_finite
 from .errors import CocoError
 from .gate import apply_gate
 from .ne import GATE_FILE, GATE_KEYS, gate_prefix
@@ -60,13 +61,40 @@ class GatedAttention(nn.Module):
 
 
 def read_ne_config(ne_dir: Path) -> dict:
+    from .models import read_config
+
     path = Path(ne_dir) / "config.json"
     if not path.is_file():
         raise CocoError(f"{ne_dir} is not a model directory (no config.json)")
-    cfg = json.loads(path.read_text())
-    if "coco" not in cfg or cfg.get("model_type") not in NE_TO_BASE_TYPE:
+    cfg = read_config(ne_dir)
+    if not isinstance(cfg.get("coco"), dict) or cfg.get("model_type") not in NE_TO_BASE_TYPE:
         raise CocoError(f"{ne_dir} is not an NE-COCO directory (no coco section); create one with `coco-tools ne`")
+    check_coco_section(cfg, path)
     return cfg
+
+
+def check_coco_section(cfg: dict, path: Path) -> None:
+    """The `coco` section of an NE directory's config.json: finite hyperparameters in range and one
+    list of channel indices per layer (CocoError naming the file)."""
+    from .checks import finite
+    from .ne_config import BASE_TO_NE_ARCH
+
+    coco = cfg["coco"]
+    fix = "re-export the directory with `coco-tools ne`"
+    try:
+        finite(coco.get("alpha"), f"{path}: coco.alpha")
+        finite(coco.get("beta"), f"{path}: coco.beta", lo=0, lo_open=True)
+        finite(coco.get("lam"), f"{path}: coco.lam", lo=0, hi=1)
+    except CocoError as exc:
+        raise CocoError(f"{exc}; {fix}") from None
+    if coco.get("base_architecture") not in BASE_TO_NE_ARCH:
+        raise CocoError(f"{path}: coco.base_architecture {coco.get('base_architecture')!r} is not one of "
+                        f"{', '.join(BASE_TO_NE_ARCH)}; {fix}")
+    channels = coco.get("channels")
+    layers = cfg.get("num_hidden_layers")
+    if (not isinstance(channels, list) or len(channels) != layers
+            or not all(isinstance(c, list) and all(isinstance(i, int) and i >= 0 for i in c) for c in channels)):
+        raise CocoError(f"{path}: coco.channels is not one list of channel indices per layer; {fix}")
 
 
 def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu", alpha: float | None = None):
@@ -83,9 +111,15 @@ def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu
     base_cfg = {k: v for k, v in cfg.items() if k not in ("coco", "architectures", "model_type")}
     config = AutoConfig.for_model(NE_TO_BASE_TYPE[cfg["model_type"]], **base_cfg)
     config.architectures = [coco["base_architecture"]]
-    model = AutoModelForCausalLM.from_pretrained(ne_dir, config=config, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(ne_dir)
-    tensors = load_file(str(ne_dir / GATE_FILE))
+    model = AutoModelForCausalLM.from_pretrained(ne_dir, config=config, dtype=dtype, trust_remote_code=False,
+                                                 use_safetensors=True)
+    tokenizer = AutoTokenizer.from_pretrained(ne_dir, trust_remote_code=False)
+    try:
+        tensors = load_file(str(ne_dir / GATE_FILE))
+    except Exception as exc:  # missing, truncated or garbage
+        raise CocoError(f"{ne_dir / GATE_FILE} is not a readable safetensors file ({type(exc).__name__}); "
+                        "re-export the directory with `coco-tools ne`") from None
+    tensors_finite(tensors, f"{ne_dir / GATE_FILE}", "re-export the directory with `coco-tools ne`")
     a = coco["alpha"] if alpha is None else alpha
     for layer, decoder_layer in enumerate(model.model.layers):
         if not coco["channels"][layer]:

@@ -10,6 +10,7 @@ import numpy as np
 
 from . import METHOD_VERSION, __version__, artifact, scoring, selection
 from .atomic import atomic_output_dir, check_output_dir
+from .checks import finite
 from .errors import CocoError
 from .models import PROJS, fingerprint, load_model, read_config, resolve_model_dir
 
@@ -42,8 +43,16 @@ class IdentifyOptions:
     scoring: str = "sum"  # behavior mode: how the model's answer is chosen (sum | per_byte)
 
     def validate(self) -> None:
+        finite(self.ratio, "--ratio")
         if self.threshold is None:
             selection.count_for(1000, self.ratio)  # raises on a ratio outside (0, 1]
+        else:
+            finite(self.threshold, "--threshold")
+        finite(self.tau, "--tau", lo=0, lo_open=True)
+        if self.seed < 0:
+            raise CocoError(f"--seed {self.seed} must be >= 0")
+        if self.limit is not None and self.limit < 1:
+            raise CocoError(f"--limit {self.limit} must be at least 1")
         if self.baseline not in selection.BASELINES:
             raise CocoError(f"unknown --baseline {self.baseline}; choose one of {', '.join(selection.BASELINES)}")
         if self.weighting not in selection.WEIGHTINGS:
@@ -62,8 +71,6 @@ class IdentifyOptions:
                             f"use --limit {2 * MIN_PER_SET} or more (more is better)")
         if self.batch_size < 1:
             raise CocoError(f"--batch-size {self.batch_size} must be at least 1")
-        if self.tau <= 0:
-            raise CocoError(f"--tau {self.tau} must be positive")
         if self.null_rounds < 0:
             raise CocoError(f"--null-rounds {self.null_rounds} must be >= 0")
 
@@ -204,7 +211,8 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
     import shutil
 
     meta, arrays = artifact.load(neurons_dir)
-    check_output_dir(out, force, sources=(Path(neurons_dir),))
+    sources = (Path(neurons_dir),)
+    check_output_dir(out, force, sources)
     old = meta["selection"]
     opts = IdentifyOptions(baseline=baseline, weighting=weighting or old["weighting"],
                            seed=old["seed"] if seed is None else seed, tau=old["tau"],
@@ -222,7 +230,7 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
     new = {**meta, **select_from_arrays(arrays, categories, nulls, sizes, opts),
            "derived_from": {"artifact": str(Path(neurons_dir).absolute()),
                             "hash": artifact.artifact_hash(neurons_dir)}}
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, sources) as tmp:
         artifact.save(tmp, new, arrays)
         matrix = Path(neurons_dir) / artifact.MATRIX_FILE
         if matrix.exists():
@@ -264,7 +272,8 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
     t0 = time.time()
     opts.validate()
     model_dir = resolve_model_dir(model)
-    check_output_dir(out, force, sources=(model_dir,))
+    sources = (model_dir,) + ((Path(opts.data),) if Path(opts.data).exists() else ())
+    check_output_dir(out, force, sources)
     config = read_config(model_dir)
     if opts.contrast == "behavior":
         from .data import load_items
@@ -288,7 +297,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
     chat_template = bool(opts.chat and getattr(tokenizer, "chat_template", None))
     fp = fingerprint(model_dir)
 
-    with atomic_output_dir(out, force) as tmp:
+    with atomic_output_dir(out, force, sources) as tmp:
         cap = capture(hf_model, spans, tmp / artifact.MATRIX_FILE, opts.batch_size,
                       pad_id=tokenizer.pad_token_id, progress=progress)
         layout = cap.layout

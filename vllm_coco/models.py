@@ -45,16 +45,54 @@ def resolve_model_dir(model: str) -> Path:
 
 
 def read_config(model_dir: Path) -> dict:
+    """config.json as a dict with a `model_type`; CocoError naming the file on any problem."""
+    path = Path(model_dir) / "config.json"
+    fix = "fix it or regenerate the model directory with save_pretrained"
     try:
-        return json.loads((Path(model_dir) / "config.json").read_text())
-    except json.JSONDecodeError as exc:
-        raise CocoError(f"{model_dir}/config.json is not valid JSON ({exc}); fix or regenerate the model directory") from None
+        cfg = json.loads(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError:
+        raise CocoError(f"{path} is not UTF-8 text; {fix}") from None
+    except (json.JSONDecodeError, RecursionError) as exc:
+        raise CocoError(f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}); {fix}") from None
+    except OSError as exc:
+        raise CocoError(f"{path} cannot be read ({exc.strerror}); {fix}") from None
+    if not isinstance(cfg, dict):
+        raise CocoError(f"{path} holds a {type(cfg).__name__}, not a model config object; {fix}")
+    if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
+        raise CocoError(f"{path} has no model_type; {fix}")
+    archs = cfg.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
+        raise CocoError(f"{path}: architectures is {archs!r}, not a list of class names; {fix}")
+    return cfg
 
 
 def weight_files(model_dir: Path) -> list[Path]:
     files = sorted({p for g in _WEIGHT_GLOBS for p in Path(model_dir).glob(g)})
     if not files:
         raise CocoError(f"{model_dir} has no weight files (*.safetensors); pass a complete model directory")
+    return files
+
+
+def check_weights(model_dir: Path) -> list[Path]:
+    """The *.safetensors files of a model directory, each with a readable header that covers the
+    file. Other formats (.bin, .pt: pickles) are never loaded: CocoError naming the fix."""
+    from safetensors import safe_open
+
+    files = sorted(Path(model_dir).glob("*.safetensors"))
+    if not files:
+        others = sorted(p.name for g in _WEIGHT_GLOBS[1:] for p in Path(model_dir).glob(g))
+        if others:
+            raise CocoError(f"{model_dir} has no *.safetensors weights, only {others[0]}: vllm-coco loads "
+                            "safetensors only (never pickles); convert with save_pretrained(..., safe_serialization=True)")
+        raise CocoError(f"{model_dir} has no weight files (*.safetensors); pass a complete model directory")
+    for f in files:
+        try:
+            with safe_open(str(f), framework="np") as fh:
+                ends = [fh.get_slice(k) for k in fh.keys()]
+                del ends
+        except Exception as exc:  # truncated, garbage, or not safetensors at all
+            raise CocoError(f"{f} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:80]}); "
+                            "re-download or regenerate the model") from None
     return files
 
 
@@ -134,6 +172,22 @@ def attention_layers(model) -> list:
     return found
 
 
+def auto_config(model_dir: Path):
+    """transformers' config of a model directory, never running code shipped with it."""
+    from transformers import AutoConfig
+
+    cfg = read_config(model_dir)
+    if "auto_map" in cfg:
+        raise CocoError(f"{model_dir}/config.json asks for remote code (auto_map), which vllm-coco never runs; "
+                        "use a model whose architecture transformers ships")
+    try:
+        return AutoConfig.from_pretrained(model_dir, trust_remote_code=False)
+    except (ValueError, KeyError, TypeError, OSError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise CocoError(f"{model_dir}/config.json is not a config transformers understands ({first}); "
+                        "pass a Llama- or Mistral-style model directory") from None
+
+
 def check_architecture(config) -> None:
     """Fail fast, before loading any weight, on an architecture without separate q/k/v projections."""
     import torch
@@ -167,22 +221,24 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from transformers import AutoConfig
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening
     config = read_config(model_dir)
     if "coco" in config:
         raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
-    check_architecture(AutoConfig.from_pretrained(model_dir))
+    check_weights(model_dir)
+    check_architecture(auto_config(model_dir))
     try:
-        tokenizer = AutoTokenizer.from_pretrained(model_dir)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as exc:
-        raise CocoError(f"cannot load a tokenizer from {model_dir} ({type(exc).__name__}: {exc}); "
+        first = (str(exc).strip().splitlines() or [""])[0][:160]
+        raise CocoError(f"cannot load a tokenizer from {model_dir} ({type(exc).__name__}: {first}); "
                         "the model directory needs tokenizer files") from None
     try:
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype))
-    except (ValueError, OSError, KeyError) as exc:
+        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), trust_remote_code=False,
+                                                     use_safetensors=True)
+    except (ValueError, OSError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CocoError(f"cannot load {model_dir} as a causal LM: {first}") from None
     try:

@@ -27,6 +27,7 @@ import numpy as np
 
 from . import METHOD_VERSION, __version__, artifact
 from .atomic import atomic_output_dir, check_output_dir
+from .checks import finite, tensors_finite
 from .errors import CocoError
 from .models import NeuronLayout, read_config, resolve_model_dir
 from .ne_config import BASE_TO_NE_ARCH
@@ -93,6 +94,8 @@ def build_gate(meta: dict, arrays: dict, neurons_dir: Path, ratio: float) -> dic
 
 
 def check_hyper(alpha: float, beta: float, lam: float, w_min: float) -> None:
+    for name, v in (("--alpha", alpha), ("--beta", beta), ("--lam", lam)):
+        finite(v, name)
     if not 0 <= lam <= 1:
         raise CocoError(f"--lam {lam} is outside [0, 1]")
     if beta <= 0:
@@ -109,16 +112,19 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
 
     from .selection import count_for
 
+    alpha, beta, lam = finite(alpha, "--alpha"), finite(beta, "--beta"), finite(lam, "--lam")
+
     model_dir = resolve_model_dir(model)
     meta, arrays = artifact.load(neurons_dir)
-    check_output_dir(out, force, sources=(model_dir, Path(neurons_dir)))
+    sources = (model_dir, Path(neurons_dir))
+    check_output_dir(out, force, sources)
     config = read_config(model_dir)
     base_arch = (config.get("architectures") or ["?"])[0]
     if base_arch not in BASE_TO_NE_ARCH:
         raise CocoError(f"NE-COCO supports {', '.join(BASE_TO_NE_ARCH)}; {model_dir} is {base_arch}")
     if ratio is None:  # default: the ratio the artifact was selected with
         ratio = meta["selection"]["ratio"] or 0.01
-    count_for(1000, ratio)
+    count_for(1000, finite(ratio, "--ratio"))
     fp = artifact.check_model_matches(meta, model_dir, force)
     gate = build_gate(meta, arrays, Path(neurons_dir), ratio)
     w_min = min(float(g["w"].min()) for g in gate.values())
@@ -131,11 +137,12 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
                          for l in range(meta["model"]["num_layers"])],
             "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp}
     coco["count"] = sum(len(c) for c in coco["channels"])
-    with atomic_output_dir(out, force) as tmp:
+    tensors = {f"{gate_prefix(l)}.{k}": np.ascontiguousarray(g[k]) for l, g in gate.items() for k in GATE_KEYS}
+    tensors_finite(tensors, "the NE gate", f"the artifact {neurons_dir} holds non-finite statistics: re-run identify")
+    with atomic_output_dir(out, force, sources) as tmp:
         for f in model_dir.iterdir():
             if f.is_file() and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)  # base weights and tokenizer: byte-identical
-        tensors = {f"{gate_prefix(l)}.{k}": np.ascontiguousarray(g[k]) for l, g in gate.items() for k in GATE_KEYS}
         save_file(tensors, str(tmp / GATE_FILE), metadata={"format": "pt", "method": METHOD_VERSION})
         index = tmp / "model.safetensors.index.json"
         if index.exists():  # sharded base: the index must list the gate tensors too

@@ -19,6 +19,8 @@ import numpy as np
 TAU = 0.1
 K_NEGATIVES = 256
 # Elements of the [anchors, negatives, neurons] tensor per chunk: bounds scoring memory (~64 MB in float64).
+# A chunk makes a handful of such temporaries; a GPU with tens of GB free can take 1 << 28 (2 GB each),
+# which keeps its kernels long enough to be worth launching.
 CHUNK_ELEMENTS = 1 << 23
 
 
@@ -62,7 +64,7 @@ class Plan:
 
 
 def sigma_of(a, b):
-    """Per-neuron std of A ∪ B with the spec's floor. a: [nA, n], b: [nB, n] -> [n]."""
+    """Per-neuron std of A ∪ B with the spec's floor. a: [nA, n], b: [nB, n] -> [n], on their device."""
     import torch
 
     both = torch.cat([a, b])  # [nA + nB, n]
@@ -83,33 +85,42 @@ def _side_loss(anchor, pos_idx, neg_pool, neg_idx, scale):
     return l.sum(0)
 
 
-def coco_loss(a, b, plan: Plan, tau: float = TAU):
+def coco_loss(a, b, plan: Plan, tau: float = TAU, chunk_elements: int | None = None):
     """Per-neuron COCO loss L. a: [nA, n], b: [nB, n] torch tensors (float64 recommended) -> [n].
-    A neuron constant over A ∪ B gets L = inf (score -inf): it has no contrast to rank by."""
+    A neuron constant over A ∪ B gets L = inf (score -inf): it has no contrast to rank by.
+
+    Runs on the device of `a` and `b` (one device): the plan's indices go there and so does the result.
+    `chunk_elements` bounds the [anchors, negatives, neurons] temporaries (default CHUNK_ELEMENTS);
+    neurons are independent, so the chunking changes no result beyond rounding in the last digits."""
     import torch
 
-    pos_a, neg_a = torch.as_tensor(plan.pos_a), torch.as_tensor(np.ascontiguousarray(plan.neg_a))
-    pos_b, neg_b = torch.as_tensor(plan.pos_b), torch.as_tensor(np.ascontiguousarray(plan.neg_b))
+    dev = a.device
+
+    def idx(x):  # a plan array as an int64 tensor on the data's device
+        return torch.as_tensor(np.ascontiguousarray(x), dtype=torch.int64, device=dev)
+
+    pos_a, neg_a, pos_b, neg_b = idx(plan.pos_a), idx(plan.neg_a), idx(plan.pos_b), idx(plan.neg_b)
     n_a, n_b = a.shape[0], b.shape[0]
     per_neuron = max(n_a * neg_a.shape[1], n_b * neg_b.shape[1])
-    step = max(1, CHUNK_ELEMENTS // per_neuron)
-    out = torch.empty(a.shape[1], dtype=a.dtype)
+    step = max(1, (CHUNK_ELEMENTS if chunk_elements is None else chunk_elements) // per_neuron)
+    out = torch.empty(a.shape[1], dtype=a.dtype, device=dev)  # [n]
     for c0 in range(0, a.shape[1], step):
         ac, bc = a[:, c0:c0 + step], b[:, c0:c0 + step]
-        scale = 1.0 / (tau * sigma_of(ac, bc))  # [n]
+        scale = 1.0 / (tau * sigma_of(ac, bc))  # [step]
         total = _side_loss(ac, pos_a, bc, neg_a, scale) + _side_loss(bc, pos_b, ac, neg_b, scale)
-        loss = total / (n_a + n_b)
+        loss = total / (n_a + n_b)  # [step]
         # A neuron with one value on every row carries no contrast, yet every similarity is then 0
         # and the formula gives L = log(1 + K) (S = 0), above every real neuron (they score < 0):
         # e.g. all of layer 0 at a fixed last prompt token in behavior mode. It ranks last instead.
+        # (torch.where, not a boolean-mask store: no host synchronisation on a GPU.)
         both = torch.cat([ac, bc])  # [nA + nB, step]
-        loss[both.amax(0) == both.amin(0)] = math.inf
-        out[c0:c0 + step] = loss
+        out[c0:c0 + step] = torch.where(both.amax(0) == both.amin(0), math.inf, loss)
     return out
 
 
 def direction(a, b):
-    """Inter-contrast d = (mean B - mean A) / sigma: > 0 when more active on unbiased responses. -> [n]"""
+    """Inter-contrast d = (mean B - mean A) / sigma: > 0 when more active on unbiased responses.
+    a: [nA, n], b: [nB, n] -> [n], on their device."""
     return (b.mean(0) - a.mean(0)) / sigma_of(a, b)
 
 
