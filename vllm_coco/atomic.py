@@ -38,8 +38,12 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
-def check_output_dir(out: str | os.PathLike, force: bool, sources: tuple = (), what: str = "--out") -> Path:
-    """Validate an output directory before any work starts; returns it resolved (CocoError if not)."""
+def check_output_dir(out: str | os.PathLike, force: bool, sources: tuple = (), what: str = "--out",
+                     merge: bool = False) -> Path:
+    """Validate an output directory before any work starts; returns it resolved (CocoError if not).
+
+    `merge`: the caller writes into an existing directory instead of replacing it (the pipeline's
+    resumable output root), so it may exist and may be the current directory."""
     if str(out).strip() == "":
         raise CocoError(f"{what} is empty; pass the path of a directory to create")
     path = resolved(out)
@@ -48,11 +52,11 @@ def check_output_dir(out: str | os.PathLike, force: bool, sources: tuple = (), w
         if overlap(path, src):
             raise CocoError(f"{what} {out} overlaps the input {src} (same directory, inside it, or containing it); "
                             "choose an output path outside every input")
-    if path in Path.cwd().resolve().parents or path == Path.cwd().resolve():
+    if not merge and (path in Path.cwd().resolve().parents or path == Path.cwd().resolve()):
         raise CocoError(f"{what} {out} is the current directory or contains it; choose a new directory to create")
     if path.exists() and not path.is_dir():
         raise CocoError(f"{what} {out} exists and is not a directory; remove it or choose another {what}")
-    if path.exists() and not force:
+    if path.exists() and not force and not merge:
         raise CocoError(f"{what} {out} already exists; pass --force to replace it or choose another {what}")
     base = _existing_ancestor(path.parent)
     if not base.is_dir():
@@ -142,6 +146,15 @@ def write_text(path: Path, text: str) -> None:
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory by renaming it aside first, so a half-deleted one is never seen."""
+    if not path.exists():
+        return
+    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
+    os.replace(path, trash / "old")
+    shutil.rmtree(trash, ignore_errors=True)
 
 
 def check_output_file(path: str | os.PathLike, force: bool = True, sources: tuple = (), what: str = "--out") -> Path:

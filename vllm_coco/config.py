@@ -215,6 +215,9 @@ def validate(raw) -> dict:
     _choice(ident["dtype"], "identify.dtype", DTYPES)
     if not isinstance(ident["device"], str) or not ident["device"]:
         _fail("identify.device", f"{ident['device']!r} is not a torch device name (cpu, cuda, cuda:1)")
+    from .models import check_device
+
+    check_device(ident["device"], "identify.device:", here=False)  # run_pipeline checks it exists here
 
     bl = cfg["baselines"]
     if not isinstance(bl, list):
@@ -248,6 +251,8 @@ def validate(raw) -> dict:
     _int(ev, "eval", "batch_size", lo=1, nullable=True)
     if ev["device"] is not None and (not isinstance(ev["device"], str) or not ev["device"]):
         _fail("eval.device", f"{ev['device']!r} is not a torch device name (or null: cuda if available, else cpu)")
+    if ev["device"] is not None:
+        check_device(ev["device"], "eval.device:", here=False)
     _int(ev, "eval", "max_model_len", lo=16)
     from .evaluate import SCORINGS
 

@@ -8,7 +8,6 @@ hands the gated outputs to the unchanged attention forward through stand-in proj
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch

@@ -71,6 +71,9 @@ class IdentifyOptions:
                             f"use --limit {2 * MIN_PER_SET} or more (more is better)")
         if self.batch_size < 1:
             raise CocoError(f"--batch-size {self.batch_size} must be at least 1")
+        from .models import check_device
+
+        check_device(self.device)
         if self.null_rounds < 0:
             raise CocoError(f"--null-rounds {self.null_rounds} must be >= 0")
 

@@ -208,6 +208,21 @@ def layout_of(model) -> NeuronLayout:
     return NeuronLayout(len(layers), a.q_proj.out_features, a.k_proj.out_features)
 
 
+def check_device(name, what: str = "--device", here: bool = True) -> str:
+    """A torch device name (CocoError naming `what` if not); with `here`, one this machine has."""
+    import torch
+
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise CocoError(f"{what} {name!r} is not a torch device; use cpu, cuda or cuda:N") from None
+    if here and dev.type == "cuda" and (not torch.cuda.is_available() or (dev.index or 0) >= torch.cuda.device_count()):
+        raise CocoError(f"{what} {name}: no such CUDA device on this machine; use cpu")
+    if dev.type not in ("cpu", "cuda", "mps", "xpu"):
+        raise CocoError(f"{what} {name!r} is not a device vllm-coco runs on; use cpu or cuda")
+    return name
+
+
 def torch_dtype(name: str):
     import torch
 

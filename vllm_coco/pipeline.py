@@ -27,14 +27,13 @@ import hashlib
 import json
 import math
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 from . import METHOD_VERSION, __version__
+from .atomic import check_output_dir, plain_mode, remove_tree, write_text
 from .errors import CocoError
 
 PIPELINE_VERSION = 1  # bump when a stage's output format or meaning changes: forces a recompute
@@ -57,7 +56,7 @@ def spec_hash(spec) -> str:
 
 def _write_json(path: Path, data) -> None:
     """Write JSON atomically (temp file + rename)."""
-    _write_text(path, json.dumps(data, indent=1, default=str) + "\n")
+    write_text(path, json.dumps(data, indent=1, default=str) + "\n")
 
 
 def _read_json(path: Path):
@@ -65,35 +64,6 @@ def _read_json(path: Path):
         return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-
-
-def _plain_mode(path: Path) -> None:
-    """mkstemp makes 0600 files; give them the mode a plain open() would."""
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(path, 0o666 & ~umask)
-
-
-def _write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file + rename)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        _plain_mode(Path(tmp))
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
-def _rmtree(path: Path) -> None:
-    """Remove a directory by renaming it aside first, so a half-deleted one is never seen."""
-    if not path.exists():
-        return
-    trash = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
-    os.replace(path, trash / "old")
-    shutil.rmtree(trash, ignore_errors=True)
 
 
 def model_stamp(model_dir: Path) -> list:
@@ -154,7 +124,7 @@ class Run:
         partial = root / f".{name}.partial"
         marker = _read_json(partial / "stage.json")
         if partial.exists() and (not marker or marker.get("hash") != h):
-            _rmtree(partial)  # left over from another configuration
+            remove_tree(partial)  # left over from another configuration
         resumed = partial.exists()
         partial.mkdir(exist_ok=True)
         _write_json(partial / "stage.json", {"hash": h})
@@ -169,7 +139,7 @@ class Run:
                 "tool": f"vllm-coco {__version__}", "result": result}
         (partial / "stage.json").unlink()
         _write_json(partial / DONE, done)
-        _rmtree(final)
+        remove_tree(final)
         os.replace(partial, final)
         self.log(f"{tag}: done in {seconds:.1f} s" + (f" ({steps.reused} finished steps reused)" if steps.reused else ""))
         self.stages.append({"label": label, "stage": name, "status": "computed", "seconds": round(seconds, 1)})
@@ -190,7 +160,7 @@ class Steps:
         if rec and rec.get("hash") == h:
             self.reused += 1
             return d
-        _rmtree(d)
+        remove_tree(d)
         d.parent.mkdir(parents=True, exist_ok=True)
         fn(d)
         _write_json(d / STEP, {"hash": h})
@@ -766,12 +736,12 @@ def _report(run: Run, models: list[dict]) -> dict:
         text = write_report(run, models, partial)
         (partial / REPORT).write_text(text, encoding="utf-8")
         for png in partial.glob("*.png"):
-            _plain_mode(png)
+            plain_mode(png)
         return {"report": REPORT, "figures": sorted(p.name for p in partial.glob("*.png"))}
 
     done = run.stage(run.out, "all", "report", spec, body)
     # OUT/REPORT.md links figures as report/<name>.png
-    _write_text(run.out / REPORT, (done["dir"] / REPORT).read_text(encoding="utf-8"))
+    write_text(run.out / REPORT, (done["dir"] / REPORT).read_text(encoding="utf-8"))
     return done
 
 
@@ -792,7 +762,7 @@ def plan(cfg: dict) -> list[str]:
 def run_pipeline(config_path: str, out: str | None = None, check: bool = False, echo=print) -> dict:
     """Validate CONFIG, then run (or reuse) every stage; returns {"report": path, "stages": [...]}."""
     from . import config as config_mod
-    from .models import resolve_model_dir
+    from .models import check_device, resolve_model_dir
 
     cfg = config_mod.load(config_path, overrides={"out": out} if out is not None else None)
     cfg["_config_path"] = str(config_path)
@@ -800,11 +770,15 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
         for line in plan(cfg):
             echo(line)
         return {"report": None, "stages": []}
-    out_dir = Path(cfg["out"]).expanduser().absolute()
-    if not out_dir.parent.exists():
-        raise CocoError(f"out: the parent directory of {out_dir} does not exist; create it or choose another out")
+    check_device(cfg["identify"]["device"], "identify.device:")
+    if cfg["eval"]["device"] is not None:
+        check_device(cfg["eval"]["device"], "eval.device:")
     models = [{**m, "dir": resolve_model_dir(m["path"])} for m in cfg["models"]]  # hub ids are fetched here
-    out_dir.mkdir(exist_ok=True)
+    src = cfg["data"]["source"]
+    inputs = [m["dir"] for m in models] + ([Path(src)] if Path(src).is_dir() else [])
+    # a run resumes by writing into an existing out; out may never overlap an input
+    out_dir = check_output_dir(cfg["out"], force=False, sources=tuple(inputs), what="out:", merge=True)
+    out_dir.mkdir(parents=True, exist_ok=True)
     import logging
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the stage lines
