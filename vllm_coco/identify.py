@@ -115,21 +115,25 @@ def score_matrix(matrix, row_cat: np.ndarray, row_label: np.ndarray, categories,
                                          rounds=opts.null_rounds, seed=seed + 1)
         res[cat] = {k: np.empty(n) for k in ("loss", "direction", "mean_intensity")}
         res[cat]["null_score"] = np.empty((opts.null_rounds, n))
+    # Scoring runs where the capture ran (--device): on a GPU the [anchors, K, neurons] temporaries
+    # may be far larger (2 GB each) than the CPU's cache-friendly 64 MB.
+    dev = torch.device(opts.device)
+    chunk = scoring.CHUNK_ELEMENTS if dev.type == "cpu" else scoring.CHUNK_ELEMENTS_GPU
     blocks = range(0, n, SCORE_BLOCK)
     for c0 in tqdm(blocks, desc="score", unit="block", disable=not progress):
-        block = torch.from_numpy(np.asarray(matrix[:, c0:c0 + SCORE_BLOCK], dtype=np.float64))  # [rows, block]
+        block = torch.from_numpy(np.asarray(matrix[:, c0:c0 + SCORE_BLOCK], dtype=np.float64)).to(dev)  # [rows, block]
         for cat in categories:
             ra, rb = rows[cat]
             a, b = block[ra], block[rb]  # [nA, block], [nB, block]
             r = res[cat]
             sl = slice(c0, c0 + block.shape[1])
-            r["loss"][sl] = scoring.coco_loss(a, b, plans[cat], opts.tau).numpy()
-            r["direction"][sl] = scoring.direction(a, b).numpy()
-            r["mean_intensity"][sl] = torch.cat([a, b]).mean(0).numpy()
-            both = torch.cat([a, b])
+            r["loss"][sl] = scoring.coco_loss(a, b, plans[cat], opts.tau, chunk).cpu().numpy()
+            r["direction"][sl] = scoring.direction(a, b).cpu().numpy()
+            both = torch.cat([a, b])  # [nA + nB, block]
+            r["mean_intensity"][sl] = both.mean(0).cpu().numpy()
             for i, (ia, ib) in enumerate(nulls[cat]):
-                null_loss = scoring.coco_loss(both[ia], both[ib], plans[cat], opts.tau)
-                r["null_score"][i, sl] = plans[cat].log1pk - null_loss.numpy()
+                null_loss = scoring.coco_loss(both[ia], both[ib], plans[cat], opts.tau, chunk)
+                r["null_score"][i, sl] = plans[cat].log1pk - null_loss.cpu().numpy()
     for cat in categories:
         res[cat]["score"] = plans[cat].log1pk - res[cat]["loss"]
         ra, rb = rows[cat]

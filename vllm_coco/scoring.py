@@ -22,6 +22,7 @@ K_NEGATIVES = 256
 # A chunk makes a handful of such temporaries; a GPU with tens of GB free can take 1 << 28 (2 GB each),
 # which keeps its kernels long enough to be worth launching.
 CHUNK_ELEMENTS = 1 << 23
+CHUNK_ELEMENTS_GPU = 1 << 28
 
 
 def derangement(n: int, rng: np.random.Generator) -> np.ndarray:
