@@ -59,7 +59,7 @@ def _read_json(d: Path) -> dict:
         meta = json.loads((d / JSON_NAME).read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         _fail(d, JSON_NAME, "is not UTF-8 text")
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or a number over the digit limit
         _fail(d, JSON_NAME, f"is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})")
     except OSError as exc:
         _fail(d, JSON_NAME, f"cannot be read ({exc.strerror})")
@@ -126,7 +126,8 @@ def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     fix = f"the artifact {d} is damaged: re-run `coco-tools identify`"
     names = list(PER_NEURON) + [k for k in PER_NEURON_OPTIONAL if k in arrays]
     for c in meta["categories"]:
-        names += [f"{k}.{c}" for k in ("loss", "score", "direction", "mean_intensity") if f"{k}.{c}" in arrays]
+        names += [f"{k}.{c}" for k in ("loss", "score", "direction")]
+        names += [f"mean_intensity.{c}"] if f"mean_intensity.{c}" in arrays else []
     for key in names + ["selected", "weight"]:
         if key not in arrays:
             _fail(d, ARRAYS_NAME, f"lacks the array `{key}`")

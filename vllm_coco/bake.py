@@ -29,7 +29,7 @@ from . import METHOD_VERSION, __version__, artifact
 from .atomic import atomic_output_dir, check_output_dir
 from .checks import finite, tensors_finite
 from .errors import CocoError
-from .models import PROJS, NeuronLayout, read_config, resolve_model_dir
+from .models import check_weights, PROJS, NeuronLayout, read_config, resolve_model_dir
 
 MODES = ("le", "ablate-zero", "ablate-mean")
 EDIT_JSON = "coco_edit.json"
@@ -121,8 +121,10 @@ def le_factors(weights: np.ndarray, alpha: float) -> np.ndarray:
     (a negative factor would flip the neuron's sign instead of scaling it)."""
     weights = np.asarray(weights, dtype=np.float64)
     factors = 1.0 + alpha * weights
-    if not np.isfinite(factors.astype(np.float32)).all():
-        raise CocoError(f"--alpha {alpha} makes the edit factor 1 + alpha*w overflow float32; "
+    with np.errstate(over="ignore"):
+        in_range = np.isfinite(factors.astype(np.float32)).all()
+    if not in_range:
+        raise CocoError(f"--alpha {alpha} makes the edit factor 1 + alpha*w overflow float32 (not finite); "
                         "choose a smaller --alpha (the factor scales weights, e.g. 0.25 to 2)")
     if np.any(factors < 0):
         pos, neg = weights[weights > 0], weights[weights < 0]
@@ -177,6 +179,7 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
     alpha = 1.0 if alpha is None else finite(alpha, "--alpha")
 
     model_dir = resolve_model_dir(model)
+    check_weights(model_dir)
     meta, arrays = artifact.load(neurons_dir)
     sources = (model_dir, Path(neurons_dir))
     check_output_dir(out, force, sources)

@@ -41,6 +41,15 @@ def load_results(path: Path) -> dict:
         raise CocoError(f"{path} is not a readable JSON file ({type(exc).__name__}); pass lm-eval results") from None
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise CocoError(f"{path} has no 'results' section; it is not an lm-eval results file")
+    bad = [k for k, v in data["results"].items() if not isinstance(v, dict)]
+    if bad:
+        raise CocoError(f"{path}: results.{bad[0]} is not a mapping of metrics; pass an lm-eval results file")
+    subtasks = data.get("group_subtasks")
+    for key, kind in (("config", dict), ("coco", dict), ("group_subtasks", dict)):
+        if data.get(key) is not None and not isinstance(data[key], kind):
+            raise CocoError(f"{path}: `{key}` is not a mapping; pass an lm-eval results file")
+    if subtasks and not all(isinstance(v, list) for v in subtasks.values()):
+        raise CocoError(f"{path}: `group_subtasks` does not map groups to lists; pass an lm-eval results file")
     return data
 
 

@@ -128,13 +128,20 @@ def read_jsonl(path: Path):
         with open(path, encoding="utf-8") as fh:
             for lineno, line in enumerate(fh, 1):
                 if line.strip():
-                    yield lineno, json.loads(line)
+                    obj = json.loads(line)
+                    # "\ud800" escapes decode to lone surrogates, which no tokenizer accepts
+                    json.dumps(obj, ensure_ascii=False).encode("utf-8")
+                    yield lineno, obj
     except UnicodeDecodeError:
         raise CocoError(f"{path}:{lineno + 1}: not UTF-8 text; save the file as UTF-8") from None
+    except UnicodeEncodeError:
+        raise CocoError(f"{path}:{lineno}: a string holds an unpaired surrogate escape; fix that line") from None
     except json.JSONDecodeError as exc:
         raise CocoError(f"{path}:{lineno}: malformed JSON ({exc.msg}); fix that line") from None
     except RecursionError:
         raise CocoError(f"{path}:{lineno}: JSON nested too deeply; fix that line") from None
+    except ValueError as exc:  # e.g. an integer literal over Python's digit limit
+        raise CocoError(f"{path}:{lineno}: unreadable JSON value ({str(exc)[:60]}); fix that line") from None
     except OSError as exc:
         raise CocoError(f"{path}: cannot be read ({exc.strerror})") from None
 

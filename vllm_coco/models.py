@@ -52,7 +52,7 @@ def read_config(model_dir: Path) -> dict:
         cfg = json.loads(path.read_text(encoding="utf-8"))
     except UnicodeDecodeError:
         raise CocoError(f"{path} is not UTF-8 text; {fix}") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or a number over the digit limit
         raise CocoError(f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}); {fix}") from None
     except OSError as exc:
         raise CocoError(f"{path} cannot be read ({exc.strerror}); {fix}") from None

@@ -29,7 +29,7 @@ from . import METHOD_VERSION, __version__, artifact
 from .atomic import atomic_output_dir, check_output_dir
 from .checks import finite, tensors_finite
 from .errors import CocoError
-from .models import NeuronLayout, read_config, resolve_model_dir
+from .models import check_weights, NeuronLayout, read_config, resolve_model_dir
 from .ne_config import BASE_TO_NE_ARCH
 from .selection import edit_weights
 
@@ -115,6 +115,7 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
     alpha, beta, lam = finite(alpha, "--alpha"), finite(beta, "--beta"), finite(lam, "--lam")
 
     model_dir = resolve_model_dir(model)
+    check_weights(model_dir)
     meta, arrays = artifact.load(neurons_dir)
     sources = (model_dir, Path(neurons_dir))
     check_output_dir(out, force, sources)
