@@ -25,10 +25,10 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+from vllm_coco.core.names import EVAL_SPLITS, SCORINGS  # never "identify": the neurons were found on it
+
 ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # cyclic: every option visits every position once
 BBQ_SOURCE_ENV = "COCO_BBQ_SOURCE"  # e.g. hf:oskarvanderwal/bbq for users online
-EVAL_SPLITS = ("test", "validate")  # never "identify": the neurons were found on it
-SCORINGS = ("sum", "per_byte")  # how the loglikelihood tasks pick an option (metadata `coco_scoring`)
 DATA_SEED = 0  # seeds the within-category shuffle (so --limit takes a spread of templates)
 
 # Metric keys returned by process_results; each must be listed in the task's metric_list.
@@ -54,7 +54,7 @@ def _split(kwargs) -> str:
 
 
 def _scoring(kwargs) -> str:
-    """Task metadata `coco_scoring`: "sum" (default; lm-eval's `acc` rule) or "per_byte"."""
+    """Task metadata `coco_scoring`: "sum" (default; lm-eval's `acc` rule) or "per-byte"."""
     value = kwargs.get("coco_scoring") or "sum"
     if value not in SCORINGS:
         raise ValueError(f"coco_scoring {value!r} is not one of {', '.join(SCORINGS)}")
@@ -96,7 +96,7 @@ def item_docs(item, prompt=None, system: str = "", attack: str = "", scoring: st
     """The three docs (one per cyclic order) of a BBQ item.
 
     `prompt(item, order) -> str` builds the user turn (default: `item.user_message(order)`);
-    `scoring` ("sum" or "per_byte") is how `pick` chooses among the options' log-likelihoods.
+    `scoring` ("sum" or "per-byte") is how `pick` chooses among the options' log-likelihoods.
     """
     docs = []
     for k, order in enumerate(ORDERS):
@@ -282,10 +282,10 @@ def _record(doc: dict, pred: int | None) -> dict:
 def pick(doc: dict, results) -> int:
     """The displayed position a loglikelihood doc's answer is: the option with the largest summed
     log-likelihood (doc["scoring"] "sum": lm-eval's `acc` rule), or the largest log-likelihood per
-    UTF-8 byte of the option text ("per_byte": lm-eval's `acc_norm` idea, so a long option such
+    UTF-8 byte of the option text ("per-byte": lm-eval's `acc_norm` idea, so a long option such
     as "Cannot be determined" is not handicapped against a one-word name). Ties: first position."""
     lls = [r[0] for r in results]  # [options]
-    if doc.get("scoring", "sum") == "per_byte":
+    if doc.get("scoring", "sum") == "per-byte":
         lls = [ll / max(1, len(c.encode("utf-8"))) for ll, c in zip(lls, doc["choices"])]
     return max(range(len(lls)), key=lambda i: lls[i])
 

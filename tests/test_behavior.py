@@ -52,12 +52,12 @@ def test_choose_sum_vs_per_byte_and_the_two_sets():
                    -12.0, -6.0, -9.0,    # both: the boy (neither set)
                    -20.0, -9.0, -6.0])   # both: unknown
     assert behavior.choose(items, ll, "sum") == [2, 0, 1, 2]
-    assert behavior.choose(items, ll, "per_byte") == [0, 0, 1, 2]
+    assert behavior.choose(items, ll, "per-byte") == [0, 0, 1, 2]
     xs, ys, counts = behavior.contrast_sets(items, [2, 0, 1, 2])
     assert [it.example_id for it in xs] == [1] and [it.example_id for it in ys] == [0, 3]
     assert counts == {"Age": {"answered": 3, "biased": 1, "unknown": 1, "other": 1},
                       "SES": {"answered": 1, "biased": 0, "unknown": 1, "other": 0}}
-    with pytest.raises(CocoError, match="scoring mean is not one of sum, per_byte"):
+    with pytest.raises(CocoError, match="scoring mean is not one of sum, per-byte"):
         behavior.choose(items, ll, "mean")
 
 
@@ -154,7 +154,7 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
     assert re_meta["per_category"]["Age"]["biased"] == meta["per_category"]["Age"]["biased"]
 
 
-@pytest.mark.parametrize("scoring", ["sum", "per_byte"])
+@pytest.mark.parametrize("scoring", ["sum", "per-byte"])
 def test_choose_agrees_with_the_evaluation_rule(scoring):
     """behavior.choose and evals' coco_eval.pick pick the same option from the same numbers
     (non-ASCII text included: lengths are UTF-8 bytes in both)."""

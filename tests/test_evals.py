@@ -96,8 +96,8 @@ def test_mc_metrics_equal_hand_computed_values():
 
 def test_per_byte_scoring_normalises_by_option_length():
     item = _item(5, "ambig", 2)  # options "The old man" (11 bytes), "The boy" (7), "Unknown" (7)
-    doc_sum, doc_pb = ce.item_docs(item)[0], ce.item_docs(item, scoring="per_byte")[0]
-    assert doc_sum["scoring"] == "sum" and doc_pb["scoring"] == "per_byte"
+    doc_sum, doc_pb = ce.item_docs(item)[0], ce.item_docs(item, scoring="per-byte")[0]
+    assert doc_sum["scoring"] == "sum" and doc_pb["scoring"] == "per-byte"
     results = [(-10.0, False), (-9.0, False), (-7.5, False)]
     assert ce.pick(doc_sum, results) == 2  # summed: -7.5 is the largest
     assert ce.pick(doc_pb, results) == 0  # per byte: -10/11 = -0.91 > -7.5/7 = -1.07 > -9/7
@@ -109,12 +109,12 @@ def test_per_byte_scoring_normalises_by_option_length():
 
 
 def test_scoring_reaches_the_docs_through_metadata():
-    docs = ce.load_stereo(category="Religion", coco_scoring="per_byte", max_items=1)["test"]
-    assert set(docs["scoring"]) == {"per_byte"}
+    docs = ce.load_stereo(category="Religion", coco_scoring="per-byte", max_items=1)["test"]
+    assert set(docs["scoring"]) == {"per-byte"}
     assert set(ce.load_stereo(category="Religion", max_items=1)["test"]["scoring"]) == {"sum"}
-    jb = ce.load_jailbreak(family="roleplay", categories="Religion", coco_scoring="per_byte", max_items=1)["test"]
-    assert set(jb["scoring"]) == {"per_byte"}
-    with pytest.raises(ValueError, match="coco_scoring 'mean' is not one of sum, per_byte"):
+    jb = ce.load_jailbreak(family="roleplay", categories="Religion", coco_scoring="per-byte", max_items=1)["test"]
+    assert set(jb["scoring"]) == {"per-byte"}
+    with pytest.raises(ValueError, match="coco_scoring 'mean' is not one of sum, per-byte"):
         ce.load_stereo(category="Religion", coco_scoring="mean")
 
 

@@ -44,7 +44,7 @@ def test_paired_difference_and_scoring(tmp_path, capsys):
     assert p["diff"] == 0.25 and (p["up"], p["down"], p["items"]) == (2, 1, 4)
     assert p["lo"] <= 0.25 <= p["hi"]
     # per byte: -20/15 = -1.33 beats -10/7 = -1.43, so the biased option wins where summed picked "unknown"
-    assert tool.per_item(tool.records(tmp_path / "base", "per_byte", ce))["Age:0"] == 0.0
+    assert tool.per_item(tool.records(tmp_path / "base", "per-byte", ce))["Age:0"] == 0.0
     tool.main([str(tmp_path / "base"), str(tmp_path / "edit"), "--rounds", "100"])
     out = capsys.readouterr().out
     assert "| edit | sum | 0.750 | +0.250 [" in out and "2 / 1 of 4" in out

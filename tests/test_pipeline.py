@@ -235,7 +235,7 @@ BAD = [
     ({"keep_models": "yes"}, r"^keep_models: 'yes' is not true or false"),
     ({"data": {"chat_template": "no"}}, r"^data\.chat_template: 'no' is not true or false"),
     ({"identify": {"contrast": "answers"}}, r"^identify\.contrast: 'answers' is not one of response, behavior"),
-    ({"eval": {"scoring": "mean"}}, r"^eval\.scoring: 'mean' is not one of sum, per_byte"),
+    ({"eval": {"scoring": "mean"}}, r"^eval\.scoring: 'mean' is not one of sum, per-byte"),
 ]
 
 
@@ -287,3 +287,14 @@ def test_shipped_configs_validate(monkeypatch, tmp_path):
             if not all(Path(m["path"]).is_dir() for m in raw["models"]) else raw["models"]
         cfg = config.validate(raw)
         assert cfg["eval"]["backend"] in ("hf", "vllm", "auto")
+
+
+def test_default_config_file_is_the_builtin_default():
+    """configs/default.yaml spells out config.DEFAULTS: `coco-tools run` with only `models` set does
+    exactly what the shipped default file does (one definition; the file adds the comments)."""
+    from vllm_coco import config
+
+    raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
+    models = [{"path": "org/stand-in", "name": m.get("name")} for m in raw["models"]]
+    assert config.validate({**raw, "models": models}) == config.validate({"models": models})
+    assert set(raw) == set(config.DEFAULTS)

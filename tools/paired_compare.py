@@ -23,7 +23,7 @@ import random
 import sys
 from pathlib import Path
 
-SCORINGS = ("sum", "per_byte")
+from vllm_coco.core.names import SCORINGS  # noqa: E402
 
 
 def _coco_eval():

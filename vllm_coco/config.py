@@ -20,29 +20,28 @@ import yaml
 
 from .errors import CocoError
 
-BACKENDS = ("auto", "hf", "vllm")
-DTYPES = ("float32", "bfloat16", "float16")
-BASELINE_NAMES = ("rand", "norm", "mact")
-ABLATIONS = ("ablate-zero", "ablate-mean")
-WEIGHTINGS = ("magnitude", "signed")
+from .core import names as N
+from .core.names import ABLATIONS, BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
 
 # The schema: every key with its default. A dict is a section (its keys are the only ones
 # allowed); `models` is a list of MODEL_KEYS dicts.
+# configs/default.yaml spells out exactly these values with a comment on each (a test keeps the two
+# equal), so a key left out of any config takes the value the embedded default run uses.
 DEFAULTS: dict = {
     "out": "runs/main",
-    "seed": 0,
+    "seed": N.SEED,
     "keep_models": False,
-    "data": {"source": "bbq", "categories": ["Age", "Gender_identity", "Race_ethnicity", "Religion",
-                                             "Nationality", "SES"], "chat_template": True},
+    "data": {"source": "bbq", "categories": list(N.DEFAULT_CATEGORIES), "chat_template": False},
     "models": None,  # required
-    "identify": {"contrast": "response", "limit": 60, "ratio": 0.01, "weighting": "magnitude", "tau": 0.1, "null_rounds": 3,
-                 "batch_size": 8, "dtype": "float32", "device": "cpu"},
-    "baselines": ["rand", "norm", "mact"],
-    "ablation": {"mode": "ablate-zero", "limit": 12},
-    "sweep": {"le_alpha": [0.25, 0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [2.0], "ne_lam": [0.5],
-              "ne_ratio": None, "limit": 12, "retention_limit": 50, "retention_floor": 0.02},
-    "final": {"limit": 24, "jailbreak_limit": 12, "retention_limit": 100},
-    "eval": {"backend": "auto", "batch_size": None, "device": None, "max_model_len": 2048, "scoring": "sum"},
+    "identify": {"contrast": N.CONTRASTS[0], "limit": 8, "ratio": N.RATIO, "weighting": N.WEIGHTINGS[0],
+                 "tau": N.TAU, "null_rounds": N.NULL_ROUNDS, "batch_size": N.BATCH_SIZE, "dtype": N.DTYPES[0],
+                 "device": "cpu"},
+    "baselines": list(N.CONTROL_BASELINES),
+    "ablation": {"mode": N.ABLATIONS[0], "limit": 9},
+    "sweep": {"le_alpha": [0.25, 0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
+              "ne_ratio": None, "limit": 9, "retention_limit": 4, "retention_floor": 0.02},
+    "final": {"limit": 6, "jailbreak_limit": 3, "retention_limit": 6},
+    "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": 2048, "scoring": "per-byte"},
 }
 MODEL_KEYS = {"path": None, "name": None}
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -200,8 +199,6 @@ def validate(raw) -> dict:
     cfg["models"] = _models(cfg["models"])
 
     ident = cfg["identify"]
-    from .identify import CONTRASTS
-
     _choice(ident["contrast"], "identify.contrast", CONTRASTS)
     from .behavior import MIN_PER_SET
 
@@ -223,7 +220,7 @@ def validate(raw) -> dict:
     if not isinstance(bl, list):
         _fail("baselines", f"{bl!r} is not a list (of rand, norm, mact)")
     for i, b in enumerate(bl):
-        _choice(b, f"baselines[{i}]", BASELINE_NAMES)
+        _choice(b, f"baselines[{i}]", CONTROL_BASELINES)
         if b in bl[:i]:
             _fail(f"baselines[{i}]", f"{b} is listed twice")
 
@@ -254,8 +251,6 @@ def validate(raw) -> dict:
     if ev["device"] is not None:
         check_device(ev["device"], "eval.device:", here=False)
     _int(ev, "eval", "max_model_len", lo=16)
-    from .evaluate import SCORINGS
-
     _choice(ev["scoring"], "eval.scoring", SCORINGS)
     return cfg
 

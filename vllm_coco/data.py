@@ -25,12 +25,8 @@ from pathlib import Path
 
 from .errors import CocoError
 
-DEFAULT_CATEGORIES = ("Age", "Gender_identity", "Race_ethnicity", "Religion", "Nationality", "SES")
-BBQ_CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
-                  "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")
-SPLITS = ("identify", "validate", "test")
-SPLIT_FRACTIONS = (0.4, 0.2, 0.4)  # ours: identify / validate / test shares of question templates
-DEFAULT_SEED = 0
+from .core.names import BBQ_CATEGORIES, DEFAULT_CATEGORIES, SPLIT_FRACTIONS, SPLITS, SPLITS_OR_ALL  # noqa: F401
+from .core.names import SEED as DEFAULT_SEED
 
 
 # --------------------------------------------------------------------------- BBQ items
@@ -302,8 +298,8 @@ def load_contrast(data: str = "bbq", categories=None, split: str = "identify", l
 
     Returns (pairs, info) where info describes the source for the artifact.
     """
-    if split not in (*SPLITS, "all"):
-        raise CocoError(f"unknown split {split}; choose identify, validate, test or all")
+    if split not in SPLITS_OR_ALL:
+        raise CocoError(f"unknown split {split}; choose {', '.join(SPLITS_OR_ALL)}")
     if limit is not None and limit < 2:
         raise CocoError(f"--limit {limit} is too small; COCO needs at least 2 pairs per category")
     path = Path(data)
@@ -347,8 +343,8 @@ def load_items(data: str = "bbq", categories=None, split: str = "identify", limi
     """Ambiguous BBQ items for identify's `behavior` mode (the model answers them itself);
     `limit` caps items per category (the same seeded sample as load_contrast's). Returns
     (items, info) like load_contrast. Generic pairs files have no options to answer: refused."""
-    if split not in (*SPLITS, "all"):
-        raise CocoError(f"unknown split {split}; choose identify, validate, test or all")
+    if split not in SPLITS_OR_ALL:
+        raise CocoError(f"unknown split {split}; choose {', '.join(SPLITS_OR_ALL)}")
     path = Path(data)
     if path.is_file():
         raise CocoError(f"--data {data} is a contrast-pairs file, which has no answer options for the model to "

@@ -27,8 +27,8 @@ from .errors import CocoError
 
 EVALS_ENV = "COCO_EVALS_DIR"
 RESULTS_FILE = "results.json"
-EVAL_SPLITS = ("test", "validate")  # passed to the BBQ tasks as metadata `coco_split`
-SCORINGS = ("sum", "per_byte")  # = evals/coco_eval.SCORINGS: passed to the BBQ tasks as metadata `coco_scoring`
+# passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
+from .core.names import EVAL_SPLITS, SCORINGS  # noqa: E402,F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- the task folder
@@ -145,7 +145,7 @@ class EvalOptions:
     max_model_len: int = 2048
     served_model_name: str | None = None
     chat: bool = True
-    scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per_byte" (evals/coco_eval.pick)
+    scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per-byte" (evals/coco_eval.pick)
     log_samples: bool = False
     split: str = "test"  # BBQ split the stereo_coco* tasks read: test (held out) or validate (for sweeps)
     metadata: dict | None = None  # extra task metadata (e.g. {"categories": [...]} for the jailbreak tasks)

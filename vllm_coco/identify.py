@@ -11,12 +11,13 @@ import numpy as np
 from . import METHOD_VERSION, __version__, artifact, scoring, selection
 from .atomic import atomic_output_dir, check_output_dir
 from .checks import finite
+from .core import names as N
+from .core.names import CONTRASTS, SCORINGS  # noqa: F401 (CONTRASTS re-exported)
 from .errors import CocoError
 from .models import PROJS, fingerprint, load_model, read_config, resolve_model_dir
 
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
-CONTRASTS = ("response", "behavior")
 NULLS = {"response": "labels swapped at random within each pair",  # spec: Significance
          "behavior": "the two sets' union shuffled and re-split at the same sizes"}
 
@@ -25,22 +26,22 @@ NULLS = {"response": "labels swapped at random within each pair",  # spec: Signi
 class IdentifyOptions:
     data: str = "bbq"
     categories: tuple | None = None
-    split: str = "identify"
+    split: str = N.SPLITS[0]
     limit: int | None = None
-    ratio: float = 0.01
+    ratio: float = N.RATIO
     threshold: float | None = None
-    baseline: str = "coco"
-    weighting: str = "magnitude"
-    tau: float = scoring.TAU
-    k_negatives: int = scoring.K_NEGATIVES
-    null_rounds: int = 3
-    seed: int = 0
-    batch_size: int = 8
-    dtype: str = "float32"
+    baseline: str = N.BASELINES[0]
+    weighting: str = N.WEIGHTINGS[0]
+    tau: float = N.TAU
+    k_negatives: int = N.K_NEGATIVES
+    null_rounds: int = N.NULL_ROUNDS
+    seed: int = N.SEED
+    batch_size: int = N.BATCH_SIZE
+    dtype: str = N.DTYPES[0]
     device: str = "cpu"
     chat: bool = True  # render prompts with the model's chat template (when it has one)
-    contrast: str = "response"  # response (teacher-forced pairs) | behavior (the model's own answers)
-    scoring: str = "sum"  # behavior mode: how the model's answer is chosen (sum | per_byte)
+    contrast: str = N.CONTRASTS[0]  # response (teacher-forced pairs) | behavior (the model's own answers)
+    scoring: str = N.SCORINGS[0]  # behavior mode: how the model's answer is chosen (sum | per-byte)
 
     def validate(self) -> None:
         finite(self.ratio, "--ratio")
@@ -56,13 +57,11 @@ class IdentifyOptions:
         if self.baseline not in selection.BASELINES:
             raise CocoError(f"unknown --baseline {self.baseline}; choose one of {', '.join(selection.BASELINES)}")
         if self.weighting not in selection.WEIGHTINGS:
-            raise CocoError(f"unknown --weighting {self.weighting}; choose magnitude or signed")
+            raise CocoError(f"unknown --weighting {self.weighting}; choose {' or '.join(N.WEIGHTINGS)}")
         if self.contrast not in CONTRASTS:
             raise CocoError(f"unknown --contrast {self.contrast}; choose {' or '.join(CONTRASTS)}")
-        from .evaluate import SCORINGS
-
         if self.scoring not in SCORINGS:
-            raise CocoError(f"unknown --scoring {self.scoring}; choose sum or per-byte")
+            raise CocoError(f"unknown --scoring {self.scoring}; choose {' or '.join(SCORINGS)}")
         from .behavior import MIN_PER_SET
 
         if self.contrast == "behavior" and self.limit is not None and self.limit < 2 * MIN_PER_SET:
@@ -225,7 +224,7 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
                            seed=old["seed"] if seed is None else seed, tau=old["tau"],
                            k_negatives=old["k_negatives"], null_rounds=meta["significance"]["rounds"],
                            threshold=threshold, contrast=meta["data"].get("contrast", "response"),
-                           ratio=ratio if ratio is not None else (old["ratio"] or 0.01))
+                           ratio=ratio if ratio is not None else (old["ratio"] or N.RATIO))
     opts.validate()
     categories = meta["categories"]
     if f"mean_intensity.{categories[0]}" not in arrays:

@@ -13,8 +13,7 @@ import numpy as np
 
 from .errors import CocoError
 
-PROJS = ("q", "k", "v")
-DTYPES = ("float32", "bfloat16", "float16")
+from .core.names import DTYPES, PROJS  # noqa: F401 (re-exported)
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
 

@@ -28,6 +28,7 @@ import numpy as np
 from . import METHOD_VERSION, __version__, artifact
 from .atomic import atomic_output_dir, check_output_dir
 from .checks import finite, tensors_finite
+from .core.names import RATIO, Proj
 from .errors import CocoError
 from .models import check_weights, NeuronLayout, read_config, resolve_model_dir
 from .ne_config import BASE_TO_NE_ARCH
@@ -46,7 +47,7 @@ def select_ne(arrays: dict, ratio: float) -> np.ndarray:
     """Flat ids of the top `ratio` of q and v neurons by |direction|, best first."""
     from .selection import count_for, top_by_value
 
-    qv = np.flatnonzero(arrays["proj"] != 1)  # q = 0, v = 2
+    qv = np.flatnonzero(arrays["proj"] != Proj.k)
     k = count_for(len(qv), ratio)
     return qv[top_by_value(np.abs(arrays["direction"][qv].astype(np.float64)), k)]
 
@@ -124,7 +125,7 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
     if base_arch not in BASE_TO_NE_ARCH:
         raise CocoError(f"NE-COCO supports {', '.join(BASE_TO_NE_ARCH)}; {model_dir} is {base_arch}")
     if ratio is None:  # default: the ratio the artifact was selected with
-        ratio = meta["selection"]["ratio"] or 0.01
+        ratio = meta["selection"]["ratio"] or RATIO
     count_for(1000, finite(ratio, "--ratio"))
     fp = artifact.check_model_matches(meta, model_dir, force)
     gate = build_gate(meta, arrays, Path(neurons_dir), ratio)

@@ -9,7 +9,7 @@ import numpy as np
 from . import artifact
 from .atomic import save_figure
 from .errors import CocoError
-from .models import PROJS
+from .core.names import PROJS, Proj
 
 
 def counts(meta: dict, category: str | None = None) -> np.ndarray:
@@ -22,7 +22,7 @@ def counts(meta: dict, category: str | None = None) -> np.ndarray:
         raise CocoError(f"unknown category {category}; this artifact has {', '.join(meta['categories'])}")
     grid = np.zeros((meta["model"]["num_layers"], 3), dtype=np.int64)
     for n in neurons:
-        grid[n["layer"], PROJS.index(n["proj"])] += 1
+        grid[n["layer"], Proj[n["proj"]]] += 1
     return grid
 
 
@@ -46,7 +46,7 @@ def heatmap(grid: np.ndarray, title: str, path: Path) -> None:
 
     fig, ax = plt.subplots(figsize=(3.2, max(3.0, 0.22 * grid.shape[0] + 1.2)))
     im = ax.imshow(grid, aspect="auto", cmap="viridis", origin="lower")
-    ax.set_xticks(range(3), ["q", "k", "v"])
+    ax.set_xticks(range(len(PROJS)), PROJS)
     ax.set_ylabel("layer")
     ax.set_title(title, fontsize=9)
     fig.colorbar(im, ax=ax, label="selected neurons")

@@ -7,8 +7,7 @@ import numpy as np
 
 from .errors import CocoError
 
-BASELINES = ("coco", "rand", "norm", "mact")
-WEIGHTINGS = ("magnitude", "signed")
+from .core.names import BASELINES, WEIGHTINGS, Proj
 
 
 def count_for(total: int, ratio: float) -> int:
@@ -32,7 +31,7 @@ def rand_like(selected: np.ndarray, proj: np.ndarray, seed: int) -> np.ndarray:
     """RAND: random neurons with the same per-projection counts as `selected` (seeded)."""
     rng = np.random.default_rng(seed)
     out = []
-    for p in range(3):
+    for p in Proj:
         k = int(np.sum(proj[selected] == p))
         if k:
             out.append(rng.choice(np.flatnonzero(proj == p), size=k, replace=False))
@@ -61,7 +60,7 @@ def baseline(kind: str, coco_selected: np.ndarray, *, proj, weight_norm, mean_in
 def edit_weights(directions: np.ndarray, weighting: str = "magnitude") -> np.ndarray:
     """w_n from the directions of a set: |d|/max|d| in [0, 1] (magnitude) or d/max|d| in [-1, 1] (signed)."""
     if weighting not in WEIGHTINGS:
-        raise CocoError(f"unknown --weighting {weighting}; choose magnitude or signed")
+        raise CocoError(f"unknown --weighting {weighting}; choose {' or '.join(WEIGHTINGS)}")
     if len(directions) == 0:
         return np.zeros(0)
     peak = np.max(np.abs(directions))

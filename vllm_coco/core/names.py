@@ -1,0 +1,54 @@
+"""Every name the project chooses among, and every default, defined once.
+
+Click choices, config validation, task metadata and docs all derive from these tuples; a value
+that is not in its tuple is refused with the tuple in the message. Spellings are the CLI's
+(`per-byte`, `ablate-zero`): configs and task metadata use the same strings.
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum
+
+
+class Proj(IntEnum):
+    """A q/k/v projection; the value is the code stored in the artifact's `proj` array, and the
+    order is the packed order of vLLM's qkv_proj output."""
+
+    q = 0
+    k = 1
+    v = 2
+
+
+PROJS = tuple(p.name for p in Proj)  # ("q", "k", "v")
+
+# --- data (docs/METHOD.md §2)
+SPLITS = ("identify", "validate", "test")
+SPLITS_OR_ALL = SPLITS + ("all",)
+EVAL_SPLITS = ("test", "validate")  # the identify split is never evaluated
+SPLIT_FRACTIONS = (0.4, 0.2, 0.4)  # identify / validate / test shares of a category's question templates
+CONTRASTS = ("response", "behavior")
+DEFAULT_CATEGORIES = ("Age", "Gender_identity", "Race_ethnicity", "Religion", "Nationality", "SES")
+BBQ_CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
+                  "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")
+SEED = 0
+
+# --- score and selection (§3-§5)
+TAU = 0.1
+K_NEGATIVES = 256
+NULL_ROUNDS = 3
+RATIO = 0.01
+BASELINES = ("coco", "rand", "norm", "mact")  # "coco" is the COCO selection itself
+CONTROL_BASELINES = BASELINES[1:]  # the same-count controls an experiment compares against
+WEIGHTINGS = ("magnitude", "signed")
+
+# --- edits (§6-§7)
+EDIT_MODES = ("le", "ablate-zero", "ablate-mean")
+ABLATIONS = EDIT_MODES[1:]
+LE_ALPHA = 1.0
+NE_ALPHA, NE_BETA, NE_LAM = 1.0, 2.0, 0.5
+
+# --- models and evaluation
+DTYPES = ("float32", "bfloat16", "float16")
+SCORINGS = ("sum", "per-byte")  # how a loglikelihood task picks an option (§8)
+BACKENDS = ("auto", "hf", "vllm")  # the pipeline's; `coco-tools eval` also takes a server URL
+BATCH_SIZE = 8
