@@ -199,5 +199,5 @@ def test_category_without_ambiguous_items_is_refused(tmp_path):
     rows = [json.loads(line) for line in open(bbq / "Age.jsonl")]
     (bbq / "Age.jsonl").write_text("".join(json.dumps({**r, "context_condition": "disambig"}) + "\n" for r in rows))
     assert len(load_items(str(bbq), ["SES"], "all", None, 0)[0]) == 40
-    with pytest.raises(CocoError, match="category Age has no ambiguous items in split all"):
+    with pytest.raises(CocoError, match="category Age has 0 ambiguous item\(s\) in split all"):
         load_items(str(bbq), ["Age", "SES"], "all", None, 0)

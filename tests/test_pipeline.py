@@ -173,13 +173,13 @@ def test_choose_best_admissible_candidate():
 
     rows = [row("le-a0.25", "le", 0.5, 0.50, True), row("le-a0.5", "le", 0.7, 0.40, False),
             row("le-a1", "le", 0.5, 0.55, True), row("ne-a1", "ne", 0.3, 0.1, False), row("ne-a2", "ne", 0.2, 0.2, False)]
-    le = choose(rows, base, 0.02, "le")
+    le = choose(rows, base, "le")
     assert le["key"] == "le-a1" and le["admissible"] and le["beats_base"]  # tie on success: higher retention
-    ne = choose(rows, base, 0.02, "ne")
+    ne = choose(rows, base, "ne")
     assert ne["key"] == "ne-a2" and not ne["admissible"] and "floor" in ne["note"]  # none admissible
     worse = [row("le-a1", "le", 0.3, 0.5, True)]
-    assert "does not beat the base model" in choose(worse, base, 0.02, "le")["note"]
-    assert choose(worse, base, 0.02, "ne")["key"] is None
+    assert "does not beat the base model" in choose(worse, base, "le")["note"]
+    assert choose(worse, base, "ne")["key"] is None
 
 
 def test_validate_docs_are_disjoint_from_test_docs():

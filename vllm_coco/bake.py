@@ -213,24 +213,30 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
     return record
 
 
+def _edit_rows(t, rows, e: ModuleEdit, mode: str, alpha: float, bias: bool) -> None:
+    """Edit the selected rows of one weight [out, in] or bias [out] tensor in place."""
+    import torch
+
+    if mode == "le":
+        # compute in float32 at least, round once to the checkpoint dtype
+        cdt = torch.promote_types(t.dtype, torch.float32)
+        f = torch.tensor(le_factors(e.weights, alpha), dtype=torch.float64).to(cdt)  # [r]
+        t[rows] = (t[rows].to(cdt) * (f if bias else f[:, None])).to(t.dtype)
+    elif bias and mode == "ablate-mean":
+        t[rows] = torch.tensor(e.act_means).to(t.dtype)  # the neuron outputs its calibration mean
+    else:
+        t[rows] = 0
+
+
 def _edit_module(tensors: dict, name: str, e: ModuleEdit, mode: str, alpha: float) -> None:
-    """Apply one module's row edit in place on `tensors` (name -> torch tensor)."""
+    """Apply one module's row edit in place on `tensors` (name -> torch tensor) to whichever of its
+    weight and bias this shard holds (a bias may sit in another shard than its weight)."""
     import torch
 
     rows = torch.tensor(e.rows, dtype=torch.long)  # [r]
-    w = tensors[f"{name}.weight"]  # [out, in]
-    b = tensors.get(f"{name}.bias")  # [out] or None
-    if mode == "le":
-        # compute in float32 at least, round once to the checkpoint dtype
-        f = torch.tensor(le_factors(e.weights, alpha), dtype=torch.float64)  # [r]
-        cdt = torch.promote_types(w.dtype, torch.float32)
-        w[rows] = (w[rows].to(cdt) * f.to(cdt)[:, None]).to(w.dtype)
-        if b is not None:
-            b[rows] = (b[rows].to(cdt) * f.to(cdt)).to(b.dtype)
-    else:
-        w[rows] = 0
-        if b is not None:
-            b[rows] = torch.tensor(e.act_means).to(b.dtype) if mode == "ablate-mean" else 0
+    for kind in ("weight", "bias"):
+        if f"{name}.{kind}" in tensors:
+            _edit_rows(tensors[f"{name}.{kind}"], rows, e, mode, alpha, bias=kind == "bias")
 
 
 def write_checkpoint(tmp: Path, model_dir: Path, src: SourceTensors, edits, mode: str, alpha: float,
@@ -258,10 +264,7 @@ def write_checkpoint(tmp: Path, model_dir: Path, src: SourceTensors, edits, mode
             tensors[bias_name] = torch.zeros(shape, dtype=dtype)
             added_bytes += tensors[bias_name].numel() * tensors[bias_name].element_size()
         for name, e in by_name.items():
-            if f"{name}.weight" in tensors:
-                _edit_module(tensors, name, e, mode, alpha)
-            elif f"{name}.bias" in tensors:  # a bias stored in another shard than its weight
-                _edit_bias_only(tensors, name, e, mode, alpha)
+            _edit_module(tensors, name, e, mode, alpha)
             tensors_finite({k: tensors[k] for k in (f"{name}.weight", f"{name}.bias") if k in tensors},
                            f"--mode {mode}" + (f" --alpha {alpha}" if mode == "le" else ""))
         save_file(tensors, str(tmp / f.name), metadata=file_meta)
@@ -280,18 +283,6 @@ def write_checkpoint(tmp: Path, model_dir: Path, src: SourceTensors, edits, mode
     if add_bias:
         cfg = dict(config, attention_bias=True)
         (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
-
-
-def _edit_bias_only(tensors: dict, name: str, e: ModuleEdit, mode: str, alpha: float) -> None:
-    import torch
-
-    rows = torch.tensor(e.rows, dtype=torch.long)
-    b = tensors[f"{name}.bias"]  # [out]
-    if mode == "le":
-        cdt = torch.promote_types(b.dtype, torch.float32)
-        b[rows] = (b[rows].to(cdt) * torch.tensor(le_factors(e.weights, alpha)).to(cdt)).to(b.dtype)
-    else:
-        b[rows] = torch.tensor(e.act_means).to(b.dtype) if mode == "ablate-mean" else 0
 
 
 def _copy_other_files(model_dir: Path, tmp: Path, weight_names: set[str]) -> None:

@@ -204,11 +204,6 @@ def _bbq_rows_hub(dataset_id: str, categories) -> dict[str, list[dict]]:
 
 # --------------------------------------------------------------------------- splits
 
-def split_of(category: str, group: str, groups: list[str], seed: int = DEFAULT_SEED) -> str:
-    """Which split a question template (group) of a category belongs to, given all its groups."""
-    return assign_splits(category, groups, seed)[group]
-
-
 def assign_splits(category: str, groups, seed: int = DEFAULT_SEED) -> dict[str, str]:
     """Seeded partition of a category's groups into identify / validate / test (40/20/40)."""
     uniq = sorted(set(groups), key=lambda g: (len(g), g))
@@ -292,17 +287,44 @@ def _take(pairs: list, limit: int | None, seed: int) -> list:
     return [pairs[i] for i in idx]
 
 
+def _check_source(data: str, split: str) -> Path:
+    if split not in SPLITS_OR_ALL:
+        raise CocoError(f"unknown split {split}; choose {', '.join(SPLITS_OR_ALL)}")
+    path = Path(data)
+    if not path.is_file() and data != "bbq" and not data.startswith("hf:") and not path.is_dir():
+        raise CocoError(f"--data {data} is neither 'bbq', an existing directory or file, nor hf:ID")
+    return path
+
+
+def _sample(by_cat: dict, stats: dict, limit, seed: int, minimum: int, what: str, split: str) -> list:
+    """The seeded `limit` sample of each category, in category order; refuses a category with
+    fewer than `minimum` (records the used count in stats)."""
+    out = []
+    for cat, rows in by_cat.items():
+        taken = _take(rows, limit, seed)
+        if len(taken) < minimum:
+            raise CocoError(f"category {cat} has {len(taken)} {what} in split {split}; need at least {minimum}: "
+                            "add data, use --split all, or drop the category")
+        stats[cat]["used"] = len(taken)
+        out.extend(taken)
+    return out
+
+
+def _info(data: str, kind: str, split: str, seed: int, limit, stats: dict) -> dict:
+    local = kind == "jsonl" or data == "bbq" or data.startswith("hf:")
+    return {"source": data if local else str(Path(data).absolute()), "kind": kind, "split": split, "seed": seed,
+            "limit": limit, "split_fractions": list(SPLIT_FRACTIONS), "counts": stats}
+
+
 def load_contrast(data: str = "bbq", categories=None, split: str = "identify", limit: int | None = None,
                   seed: int = DEFAULT_SEED):
     """Contrast pairs for identify. `limit` caps pairs per category (seeded sample).
 
     Returns (pairs, info) where info describes the source for the artifact.
     """
-    if split not in SPLITS_OR_ALL:
-        raise CocoError(f"unknown split {split}; choose {', '.join(SPLITS_OR_ALL)}")
+    path = _check_source(data, split)
     if limit is not None and limit < 2:
         raise CocoError(f"--limit {limit} is too small; COCO needs at least 2 pairs per category")
-    path = Path(data)
     if path.is_file():
         pairs = read_pairs_jsonl(path)
         present = sorted({p.category for p in pairs})
@@ -318,24 +340,12 @@ def load_contrast(data: str = "bbq", categories=None, split: str = "identify", l
         stats = {c: {"items": len(v)} for c, v in by_cat.items()}
         kind = "jsonl"
     else:
-        if data != "bbq" and not data.startswith("hf:") and not path.is_dir():
-            raise CocoError(f"--data {data} is neither 'bbq', an existing directory or file, nor hf:ID")
         cats = list(categories) if categories else list(DEFAULT_CATEGORIES)
         items, stats = bbq_items(data, cats, split=split, seed=seed)
         by_cat = {c: [pair_from_item(it) for it in items if it.category == c] for c in cats}
         kind = "bbq"
-    out = []
-    for cat in cats:
-        taken = _take(by_cat[cat], limit, seed)
-        if len(taken) < 2:
-            raise CocoError(f"category {cat} has {len(taken)} contrast pair(s) in split {split}; "
-                            "COCO needs at least 2: add data, use --split all, or drop the category")
-        stats[cat]["used"] = len(taken)
-        out.extend(taken)
-    info = {"source": data if kind == "jsonl" or data == "bbq" or data.startswith("hf:") else str(Path(data).absolute()),
-            "kind": kind, "split": split, "seed": seed, "limit": limit, "split_fractions": list(SPLIT_FRACTIONS),
-            "counts": stats}
-    return out, info
+    out = _sample(by_cat, stats, limit, seed, 2, "contrast pair(s)", split)
+    return out, _info(data, kind, split, seed, limit, stats)
 
 
 def load_items(data: str = "bbq", categories=None, split: str = "identify", limit: int | None = None,
@@ -343,27 +353,14 @@ def load_items(data: str = "bbq", categories=None, split: str = "identify", limi
     """Ambiguous BBQ items for identify's `behavior` mode (the model answers them itself);
     `limit` caps items per category (the same seeded sample as load_contrast's). Returns
     (items, info) like load_contrast. Generic pairs files have no options to answer: refused."""
-    if split not in SPLITS_OR_ALL:
-        raise CocoError(f"unknown split {split}; choose {', '.join(SPLITS_OR_ALL)}")
-    path = Path(data)
-    if path.is_file():
+    if _check_source(data, split).is_file():
         raise CocoError(f"--data {data} is a contrast-pairs file, which has no answer options for the model to "
                         "choose from; behavior mode needs BBQ (bbq, a BBQ directory or hf:ID), or use --contrast response")
-    if data != "bbq" and not data.startswith("hf:") and not path.is_dir():
-        raise CocoError(f"--data {data} is neither 'bbq', an existing directory or file, nor hf:ID")
     cats = list(categories) if categories else list(DEFAULT_CATEGORIES)
     items, stats = bbq_items(data, cats, split=split, seed=seed)
-    out = []
-    for cat in cats:
-        taken = _take([it for it in items if it.category == cat], limit, seed)
-        if not taken:
-            raise CocoError(f"category {cat} has no ambiguous items in split {split}; add data, use --split all, "
-                            "or drop the category")
-        stats[cat]["used"] = len(taken)
-        out.extend(taken)
-    info = {"source": data if data == "bbq" or data.startswith("hf:") else str(path.absolute()), "kind": "bbq",
-            "split": split, "seed": seed, "limit": limit, "split_fractions": list(SPLIT_FRACTIONS), "counts": stats}
-    return out, info
+    by_cat = {c: [it for it in items if it.category == c] for c in cats}
+    out = _sample(by_cat, stats, limit, seed, 1, "ambiguous item(s)", split)
+    return out, _info(data, "bbq", split, seed, limit, stats)
 
 
 # --------------------------------------------------------------------------- rendering

@@ -412,7 +412,7 @@ def _params(c: dict) -> str:
     return f"alpha={_num_tag(c['alpha'])}, beta={_num_tag(c['beta'])}, lam={_num_tag(c['lam'])}"
 
 
-def choose(rows: list[dict], base: dict, floor: float, edit: str) -> dict:
+def choose(rows: list[dict], base: dict, edit: str) -> dict:
     """The best admissible candidate of one edit kind: highest validate success rate; ties go to
     the higher retention, then the earlier (gentler) candidate. None admissible: the one with the
     highest retention, flagged. Returns {"key", "admissible", "beats_base", "note"}."""
@@ -482,7 +482,7 @@ def _sweep(run: Run, m: dict, root: Path, ident: dict, data_spec: dict) -> dict:
             run.log(f"  [{m['name']}] sweep {cand['edit'].upper()} {r['params']}: success_rate "
                     f"{_fmt(r['success_rate'])}, retention {_fmt(r['retention'])}"
                     f"{'' if r['admissible'] else ' (below the retention floor)'} ({time.time() - t0:.0f} s)")
-        chosen = {e: choose(rows, base, sw["retention_floor"], e) for e in ("le", "ne")}
+        chosen = {e: choose(rows, base, e) for e in ("le", "ne")}
         for e, c in chosen.items():
             run.log(f"  [{m['name']}] sweep: {c['note']}")
         return {"split": "validate", "limit": sw["limit"], "retention_limit": sw["retention_limit"],
@@ -533,12 +533,6 @@ def _final(run: Run, m: dict, root: Path, ident: dict, sweep: dict, data_spec: d
 
 # --------------------------------------------------------------------------- report
 
-def _bars(rows, labels, png: Path, title: str) -> None:
-    from .compare import bar_chart
-
-    bar_chart(rows, labels, png, title)
-
-
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -562,6 +556,7 @@ def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
     """REPORT.md text; figures written into report_dir (names relative to OUT)."""
     from . import report as neuron_report
     from .artifact import load as load_artifact
+    from .compare import bar_chart
 
     cfg = run.cfg
     cats = cfg["data"]["categories"]
@@ -639,7 +634,7 @@ def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
             arows.append([c] + [_fmt(base)] + [_delta(runs[s]["success_rate"][c], base) for s in sets[1:]])
         md += [_md_table(["category", "base"] + [f"{LABELS[s]} ablated" for s in sets[1:]], arows), ""]
         abl_png = report_dir / f"{name}-ablation.png"
-        _bars([(c, [runs[s]["success_rate"][c] for s in sets]) for c in [*cats, "all"]],
+        bar_chart([(c, [runs[s]["success_rate"][c] for s in sets]) for c in [*cats, "all"]],
               ["base"] + [f"{LABELS[s]} ablated" for s in sets[1:]], abl_png,
               f"{name}: success rate after ablation (test)")
         coco_d = runs["coco"]["success_rate"]["all"] - runs["base"]["success_rate"]["all"]
@@ -696,7 +691,7 @@ def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
         md += ["Other stereo_coco metrics (all categories; n/a = no document of that condition in the sample):", "",
                _md_table(["metric", "base"] + [labels[k] for k in present[1:]], orow), ""]
         fin_png = report_dir / f"{name}-success-rate.png"
-        _bars([(c, [fr[k]["stereo"]["success_rate"][c] for k in present]) for c in [*cats, "all"]],
+        bar_chart([(c, [fr[k]["stereo"]["success_rate"][c] for k in present]) for c in [*cats, "all"]],
               [labels[k] for k in present], fin_png, f"{name}: success rate (test)")
         md += [f"![success rate]({rel}/{fin_png.name})", ""]
 
