@@ -1,5 +1,5 @@
 """identify --contrast behavior: the model's own answers split the ambiguous items into the
-biased set and the "unknown" set; intensities at the decision point (spec: Contrast data)."""
+biased set and the "unknown" set; intensities at the decision point (docs/METHOD.md §2.4)."""
 
 from __future__ import annotations
 

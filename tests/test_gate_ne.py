@@ -14,7 +14,7 @@ from vllm_coco import gate
 
 
 def direct_gain(h, mu, sigma, w, w_hat, alpha, beta, lam):
-    """The spec's formula, token by token and channel by channel."""
+    """docs/METHOD.md §7.3's formula, token by token and channel by channel."""
     h, mu, sigma, w, w_hat = (np.asarray(t, dtype=np.float64) for t in (h, mu, sigma, w, w_hat))
     out = np.empty_like(h)
     for t in range(h.shape[0]):

@@ -10,7 +10,7 @@ from vllm_coco import scoring
 
 
 def slow_loss(a, b, plan, tau):
-    """Direct transcription of the spec for one neuron: a, b are 1-D lists of floats."""
+    """Direct transcription of docs/METHOD.md §3 for one neuron: a, b are 1-D lists of floats."""
     both = np.concatenate([a, b])
     sigma = max(both.std(), 1e-6 * np.abs(both).mean() + 1e-12)
 

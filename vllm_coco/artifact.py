@@ -43,7 +43,7 @@ def save(out_dir: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
 # Arrays every artifact has, and those only newer ones have (checked when present).
 PER_NEURON = ("layer", "proj", "index", "loss", "score", "direction", "calib_mean", "calib_std")
 PER_NEURON_OPTIONAL = ("act_mean", "mean_intensity", "weight_norm")
-# Infinity a per-neuron array may carry: a constant neuron has loss +inf and score -inf (METHOD.md).
+# Infinity a per-neuron array may carry: a constant neuron has loss +inf and score -inf (docs/METHOD.md §9.2 D2).
 MAY_BE_INF = {"loss": "+inf", "score": "-inf"}
 _JSON_SCHEMA = {"model": dict, "selection": dict, "categories": list, "neurons": list, "per_category": dict,
                 "significance": dict, "data": dict}

@@ -1,5 +1,5 @@
 """The `coco-tools bake` job: write an edited copy of a model (LE-COCO or an ablation), or the
-LE-COCO edit as a PEFT LoRA adapter (spec, "Edits").
+LE-COCO edit as a PEFT LoRA adapter (docs/METHOD.md §6).
 
 Everything works on the safetensors files directly, one shard at a time; the model is never
 instantiated. Only the rows of the selected neurons in `...layers.{l}.self_attn.{q,k,v}_proj.weight`

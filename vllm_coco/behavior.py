@@ -1,6 +1,6 @@
 """The `behavior` contrast mode of identify: the model answers the ambiguous items itself.
 
-Spec (Contrast data): no teacher forcing. The model answers each ambiguous item of the identify
+docs/METHOD.md §2.4: no teacher forcing. The model answers each ambiguous item of the identify
 split with its highest-likelihood option; X_c = the items of category c it answered with the
 biased option, Y_c = those it answered "unknown" (answers naming the other group are in
 neither). Intensities are |h_n| at the decision point, the last prompt token, so both sets see
@@ -23,7 +23,7 @@ from .capture import Span, _batches, _collate
 from .core.names import SCORINGS
 from .errors import CocoError
 
-MIN_PER_SET = 10  # spec: refuse a category with fewer biased or fewer "unknown" answers
+MIN_PER_SET = 10  # docs/METHOD.md §2.4: refuse a category with fewer biased or fewer "unknown" answers
 
 
 def option_spans(tokenizer, items, chat: bool = True) -> list[Span]:

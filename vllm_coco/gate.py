@@ -1,4 +1,4 @@
-"""The NE-COCO gate (spec, "Edits", NE-COCO): the one implementation shared by the Hugging Face
+"""The NE-COCO gate (docs/METHOD.md §7.3): the one implementation shared by the Hugging Face
 reference and the vLLM model.
 
     z = (|h_S| - mu) / sigma          standardized intensity, per token

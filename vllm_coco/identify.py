@@ -18,7 +18,7 @@ from .models import PROJS, fingerprint, load_model, read_config, resolve_model_d
 
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
-NULLS = {"response": "labels swapped at random within each pair",  # spec: Significance
+NULLS = {"response": "labels swapped at random within each pair",  # docs/METHOD.md §4
          "behavior": "the two sets' union shuffled and re-split at the same sizes"}
 
 

@@ -1,6 +1,6 @@
 """`coco-tools ne`: export an NE-COCO model directory (base weights unchanged + a runtime gate).
 
-Neuron set (spec): the top `ratio` of all q and v neurons by inter-contrast |d_n| (combined
+Neuron set (docs/METHOD.md §7.1; tensors §7.2): the top `ratio` of all q and v neurons by inter-contrast |d_n| (combined
 direction), relaxing intra-consistency. Per layer l with S_l selected channels, the gate tensors are
 
     model.layers.{l}.self_attn.coco_gate.channels  int64   [S_l]  indices into the packed [q | k | v] output

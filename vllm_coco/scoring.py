@@ -1,4 +1,4 @@
-"""The COCO score (spec, "COCO score"): an InfoNCE loss over intensities, per neuron, vectorized.
+"""The COCO score (docs/METHOD.md §3): an InfoNCE loss over intensities, per neuron, vectorized.
 
 For neuron n, with A = intensities on biased examples and B = on unbiased ones:
     sigma      = std(A ∪ B), floored at 1e-6·mean|A ∪ B| + 1e-12
@@ -65,7 +65,7 @@ class Plan:
 
 
 def sigma_of(a, b):
-    """Per-neuron std of A ∪ B with the spec's floor. a: [nA, n], b: [nB, n] -> [n], on their device."""
+    """Per-neuron std of A ∪ B with its floor (docs/METHOD.md §3). a: [nA, n], b: [nB, n] -> [n], on their device."""
     import torch
 
     both = torch.cat([a, b])  # [nA + nB, n]

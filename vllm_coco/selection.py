@@ -1,5 +1,5 @@
 """Which neurons to keep: top ratio (or threshold) by COCO score, the RAND / NORM / MACT baselines
-with the same count, and the per-neuron edit weights (spec, "Selection")."""
+with the same count, and the per-neuron edit weights (docs/METHOD.md §5)."""
 
 from __future__ import annotations
 
