@@ -6,7 +6,7 @@ Everything here is plain Python, importable without lm-eval, and unit-tested in
 tests/test_evals.py.
 
 Document layout of the BBQ tasks: one doc per (item, option order). Every BBQ item of the
-held-out test split (`vllm_coco.data.bbq_items(..., split="test")`; task metadata
+held-out test split (`vllm_coco.data.contrast.bbq_items(..., split="test")`; task metadata
 `coco_split: validate` selects the validate split instead) is shown under the three
 cyclic orders of its options, (0,1,2), (1,2,0), (2,0,1), to control for position bias; all
 indices in a doc (`label`, `unknown`, `biased`) are positions in the displayed order, and `id`
@@ -70,7 +70,7 @@ def _max_items(kwargs) -> int | None:
 def _split_items(source: str, category: str, condition: str | None, split: str = "test") -> tuple:
     """BBQ items of one category in one evaluation split (test or validate), through the project's
     single BBQ loader (cached: the jailbreak families and the gen tasks read the same categories again)."""
-    from vllm_coco.data import bbq_items
+    from vllm_coco.data.contrast import bbq_items
 
     if split not in EVAL_SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(EVAL_SPLITS)}")
@@ -252,7 +252,7 @@ def jailbreak_docs(family: str, categories, source: str = "bbq", max_items: int 
 def load_jailbreak(**kwargs):
     """custom_dataset of stereo_coco_jailbreak_<family> (metadata: family, optional categories,
     source, max_items, coco_split)."""
-    from vllm_coco.data import DEFAULT_CATEGORIES
+    from vllm_coco.data.contrast import DEFAULT_CATEGORIES
 
     cats = kwargs.get("categories") or DEFAULT_CATEGORIES
     if isinstance(cats, str):

@@ -53,7 +53,7 @@ def _selected(neurons_dir):
     """[(layer, proj, index, weight)] from neurons.json, and the act_mean of each (global layout)."""
     from safetensors.numpy import load_file
 
-    from vllm_coco.models import NeuronLayout
+    from vllm_coco.core.models import NeuronLayout
 
     meta = json.loads((neurons_dir / "neurons.json").read_text())
     arrays = load_file(str(neurons_dir / "neurons.safetensors"))
@@ -139,8 +139,8 @@ def test_le_scales_exactly_the_selected_rows(art, tmp_path):
     for f in src_files:
         if not f.endswith(".safetensors"):
             assert dst_files[f] == src_files[f], f
-    from vllm_coco.artifact import artifact_hash
-    from vllm_coco.models import fingerprint
+    from vllm_coco.core.artifact import artifact_hash
+    from vllm_coco.core.models import fingerprint
 
     rec = json.loads((out / "coco_edit.json").read_text())
     assert rec["method"] == "coco-v1" and rec["mode"] == "le" and rec["alpha"] == 0.5

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import expect_bad, run_cli
 
-from vllm_coco import behavior
-from vllm_coco.data import BBQItem
-from vllm_coco.errors import CocoError
+from vllm_coco.identify import behavior
+from vllm_coco.data.contrast import BBQItem
+from vllm_coco.core.errors import CocoError
 
 
 def _item(i, category="Age", answers=("The old man", "The boy", "Unknown")):
@@ -33,8 +33,8 @@ def _reference_logliks(model, spans):
 
 
 def test_option_logliks_equal_an_unbatched_reference(planted):
-    from vllm_coco.capture import Span
-    from vllm_coco.models import load_model
+    from vllm_coco.identify.capture import Span
+    from vllm_coco.core.models import load_model
 
     model, tok = load_model(planted[0])
     words = tok.convert_tokens_to_ids
@@ -74,9 +74,9 @@ def test_decision_span_is_the_last_prompt_token(planted):
     the prompt alone (computed here by hand with a hook)."""
     import torch
 
-    from vllm_coco.capture import capture, open_matrix
-    from vllm_coco.data import encode_example
-    from vllm_coco.models import load_model
+    from vllm_coco.identify.capture import capture, open_matrix
+    from vllm_coco.data.contrast import encode_example
+    from vllm_coco.core.models import load_model
 
     model, tok = load_model(planted[0])
     items = [_item(i, answers=("b1", "u1", "u2")) for i in range(3)]
@@ -109,8 +109,8 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
     answers recomputed one item at a time, the rows are |X| + |Y|, and the null is the unpaired one."""
     import tiny
 
-    from vllm_coco.data import load_items
-    from vllm_coco.models import load_model
+    from vllm_coco.data.contrast import load_items
+    from vllm_coco.core.models import load_model
 
     monkeypatch.setattr(behavior, "MIN_PER_SET", 1)
     model_dir = planted[0]
@@ -193,11 +193,11 @@ def test_behavior_refuses_small_sets_and_pairs_files(planted, tmp_path):
 def test_category_without_ambiguous_items_is_refused(tmp_path):
     import tiny
 
-    from vllm_coco.data import load_items
+    from vllm_coco.data.contrast import load_items
 
     bbq = tiny.planted_bbq(tmp_path / "bbq")
     rows = [json.loads(line) for line in open(bbq / "Age.jsonl")]
     (bbq / "Age.jsonl").write_text("".join(json.dumps({**r, "context_condition": "disambig"}) + "\n" for r in rows))
     assert len(load_items(str(bbq), ["SES"], "all", None, 0)[0]) == 40
-    with pytest.raises(CocoError, match="category Age has 0 ambiguous item\(s\) in split all"):
+    with pytest.raises(CocoError, match=r"category Age has 0 ambiguous item\(s\) in split all"):
         load_items(str(bbq), ["Age", "SES"], "all", None, 0)

@@ -93,7 +93,7 @@ def test_out_inside_model_dir_is_refused(tmp_path, tiny_model):
 
 def test_interrupted_run_leaves_nothing(tmp_path, planted, monkeypatch):
     """A failure after capture started (here: scoring raises) removes the temp dir."""
-    from vllm_coco import identify as ident
+    from vllm_coco.identify import run as ident
 
     model, pairs = planted
 

@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from vllm_coco import data
-from vllm_coco.errors import CocoError
+from vllm_coco.data import contrast as data
+from vllm_coco.core.errors import CocoError
 
 
 def _row(**kw):

@@ -13,7 +13,7 @@ PROMPT = "The quick brown fox jumps over the lazy dog because"
 
 
 def _logits(model_dir):
-    from vllm_coco.models import load_model
+    from vllm_coco.core.models import load_model
 
     model, tok = load_model(model_dir)
     with torch.no_grad():
@@ -23,7 +23,7 @@ def _logits(model_dir):
 def test_demo_model_matches_the_gguf_and_its_mistral_twin(demo_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_coco.models import smollm2_gguf
+    from vllm_coco.core.models import smollm2_gguf
 
     cfg = json.loads((demo_model / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30

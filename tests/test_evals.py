@@ -27,7 +27,7 @@ ce = _coco_eval()
 
 
 def _item(example_id, condition, label, answers=("The old man", "The boy", "Unknown")):
-    from vllm_coco.data import BBQItem
+    from vllm_coco.data.contrast import BBQItem
 
     return BBQItem(category="Age", example_id=example_id, question_index="1", polarity="neg", condition=condition,
                    context="ctx", question="Who forgot?", answers=answers, label=label, unknown=2, biased=0)
@@ -186,7 +186,7 @@ def test_gen_metrics_count_unparsed_answers():
 
 
 def test_stereo_docs_interleave_conditions_and_use_the_test_split():
-    from vllm_coco.data import bbq_items
+    from vllm_coco.data.contrast import bbq_items
 
     docs = ce.stereo_docs("Religion", max_items=3)
     assert len(docs) == 3 * 2 * 3
@@ -198,7 +198,7 @@ def test_stereo_docs_interleave_conditions_and_use_the_test_split():
 
 
 def test_bbq_source_env_override(monkeypatch, tmp_path):
-    from vllm_coco.errors import CocoError
+    from vllm_coco.core.errors import CocoError
 
     monkeypatch.setenv(ce.BBQ_SOURCE_ENV, str(tmp_path))  # an empty directory: the loader must be asked
     with pytest.raises(CocoError, match="no BBQ"):
@@ -252,7 +252,7 @@ def test_retention_docs():
 @pytest.fixture(scope="module")
 def loaded():
     """Every vllm-coco task and group, loaded through lm-eval's TaskManager (data capped)."""
-    from vllm_coco.evaluate import task_manager
+    from vllm_coco.tasks.evaluate import task_manager
 
     names = ["stereo_coco", "stereo_coco_gen", "stereo_coco_jailbreak", "coco_retention"]
     tm = task_manager(names, metadata={"max_items": 2})
@@ -260,8 +260,8 @@ def loaded():
 
 
 def test_every_task_yaml_loads_through_lm_eval(loaded):
-    from vllm_coco.data import DEFAULT_CATEGORIES
-    from vllm_coco.evaluate import evals_dir, local_tasks
+    from vllm_coco.data.contrast import DEFAULT_CATEGORIES
+    from vllm_coco.tasks.evaluate import evals_dir, local_tasks
 
     expected = {
         "stereo_coco": {f"stereo_coco_{c}" for c in DEFAULT_CATEGORIES},
@@ -277,7 +277,7 @@ def test_every_task_yaml_loads_through_lm_eval(loaded):
     defined = local_tasks(evals_dir())
     assert set(defined) == set().union(*expected.values(), expected, {"coco_retention_online"})
     # each subtask also loads on its own
-    from vllm_coco.evaluate import task_manager
+    from vllm_coco.tasks.evaluate import task_manager
 
     tm = task_manager(sorted(set().union(*expected.values())), metadata={"max_items": 1})
     for name in sorted(set().union(*expected.values())):
@@ -324,7 +324,7 @@ def test_roleplay_prompt_is_the_system_turn(loaded):
 
 
 def test_online_retention_group_references_lm_eval_tasks():
-    from vllm_coco.evaluate import task_manager
+    from vllm_coco.tasks.evaluate import task_manager
 
     tm = task_manager(["coco_retention_online"])  # indexes lm-eval's own tasks (~10 s); loads no data
     assert "coco_retention_online" in tm.all_groups
@@ -368,7 +368,7 @@ def test_compare_table_and_png(tmp_path):
 
 
 def test_compare_reads_plain_lm_eval_output(tmp_path):
-    from vllm_coco.compare import find_results, load_results, run_label
+    from vllm_coco.tasks.compare import find_results, load_results, run_label
 
     d = tmp_path / "lm" / "models__x"
     d.mkdir(parents=True)

@@ -10,7 +10,7 @@ import torch
 from safetensors.numpy import load_file
 
 from conftest import run_cli
-from vllm_coco import gate
+from vllm_coco.edit import gate
 
 
 def direct_gain(h, mu, sigma, w, w_hat, alpha, beta, lam):
@@ -104,7 +104,7 @@ def _ne(planted, artifact_dir, out, *extra):
 
 
 def test_ne_directory_layout(planted, artifact_dir, tmp_path):
-    from vllm_coco import ne
+    from vllm_coco.edit import ne
 
     out = _ne(planted, artifact_dir, tmp_path / "ne")
     cfg = json.loads((out / "config.json").read_text())
@@ -115,7 +115,7 @@ def test_ne_directory_layout(planted, artifact_dir, tmp_path):
     assert all(".q_proj" not in k and ".v_proj" not in k for k in gate_t)
     n_qv = 2 * (64 + 32)
     assert coco["count"] == round(0.05 * n_qv) == sum(len(c) for c in coco["channels"])
-    _, arrays = __import__("vllm_coco.artifact", fromlist=["load"]).load(artifact_dir)
+    _, arrays = __import__("vllm_coco.core.artifact", fromlist=["load"]).load(artifact_dir)
     sel = ne.select_ne(arrays, 0.05)
     assert np.all(arrays["proj"][sel] != 1)  # q and v only
     d = np.abs(arrays["direction"][arrays["proj"] != 1])
@@ -134,7 +134,7 @@ def test_ne_directory_layout(planted, artifact_dir, tmp_path):
 
 
 def test_w_hat_matches_numpy_corrcoef():
-    from vllm_coco.ne import w_hat_of
+    from vllm_coco.edit.ne import w_hat_of
 
     x = np.random.default_rng(0).random((40, 5))
     r = np.abs(np.corrcoef(x.T))
@@ -148,8 +148,8 @@ def _logits(model, tok, text="n1 n2 n3 b1 b2 u3"):
 
 
 def test_hf_reference_alpha_zero_is_the_base_model_and_alpha_changes_it(planted, artifact_dir, tmp_path):
-    from vllm_coco.hf_reference import load_ne_model
-    from vllm_coco.models import load_model
+    from vllm_coco.serve.hf_reference import load_ne_model
+    from vllm_coco.core.models import load_model
 
     base, tok = load_model(planted[0])
     ne0 = _ne(planted, artifact_dir, tmp_path / "ne0", "--alpha", "0")
@@ -163,8 +163,8 @@ def test_hf_reference_alpha_zero_is_the_base_model_and_alpha_changes_it(planted,
 
 def test_hf_reference_equals_manual_gating(planted, artifact_dir, tmp_path):
     """The wrapped attention equals the base model with the gate applied by hand on q and v."""
-    from vllm_coco.hf_reference import load_ne_model
-    from vllm_coco.models import load_model
+    from vllm_coco.serve.hf_reference import load_ne_model
+    from vllm_coco.core.models import load_model
 
     out = _ne(planted, artifact_dir, tmp_path / "ne", "--alpha", "1.5")
     ne_model, tok = load_ne_model(out)
@@ -211,9 +211,9 @@ def test_plain_automodel_refuses_an_ne_directory(planted, artifact_dir, tmp_path
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})"
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert plain.returncode != 0 and "coco_llama" in plain.stderr
-    with_ours = subprocess.run([sys.executable, "-c", "import vllm_coco.ne_config as c; c.register(); " + code],
+    with_ours = subprocess.run([sys.executable, "-c", "import vllm_coco.serve.ne_config as c; c.register(); " + code],
                                capture_output=True, text=True)
-    assert with_ours.returncode != 0 and "vllm_coco.hf_reference.load_ne_model" in with_ours.stderr
+    assert with_ours.returncode != 0 and "vllm_coco.serve.hf_reference.load_ne_model" in with_ours.stderr
 
 
 def test_ne_bad_inputs(planted, artifact_dir, tmp_path):

@@ -191,7 +191,7 @@ EMPTY_CASES = [
 def test_blank_out_is_refused_and_the_current_directory_survives(argv, tmp_path, planted, art,
                                                                          monkeypatch):
     """`--out ""` is the current directory to pathlib: with --force it would be replaced."""
-    from vllm_coco import models
+    from vllm_coco.core import models
 
     def no_demo(*a, **k):  # never spend 30 s writing SmolLM2 into the cwd when the check is missing
         raise AssertionError("demo-model started writing although OUT is empty")
@@ -240,7 +240,7 @@ def test_parents_created_for_a_failed_command_are_removed(tmp_path, planted, art
 
 def test_parents_created_before_an_interrupt_are_removed(tmp_path, art, monkeypatch):
     """A failure after the parents exist (here: Ctrl-C while writing) takes them away again."""
-    from vllm_coco import artifact
+    from vllm_coco.core import artifact
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
@@ -320,8 +320,8 @@ def test_nan_inf_in_artifact_array_is_refused(key, value, cmd, tmp_path, planted
 
 def test_ne_dir_with_nan_alpha_is_refused_on_load(tmp_path, ne_dir):
     """An NE directory whose config carries a non-finite alpha is refused when loaded, not served."""
-    from vllm_coco.errors import CocoError
-    from vllm_coco.hf_reference import load_ne_model
+    from vllm_coco.core.errors import CocoError
+    from vllm_coco.serve.hf_reference import load_ne_model
 
     bad = tmp_path / "ne"
     shutil.copytree(ne_dir, bad)
@@ -610,7 +610,7 @@ def _run_config(tmp_path: Path, model: Path, out, **ident) -> Path:
 
 @pytest.mark.parametrize("where", ["equal", "inside", "containing"])
 def test_run_refuses_out_aliasing_a_model_dir(where, tmp_path, planted, monkeypatch):
-    from vllm_coco import pipeline
+    from vllm_coco.experiment import pipeline
 
     def no_stage(*a, **k):  # keep a missing check from running the whole pipeline into the model
         raise AssertionError("the pipeline started a stage although `out` overlaps a model directory")

@@ -106,9 +106,9 @@ def test_capture_matches_a_direct_forward(planted, tmp_path):
     """Intensities in the matrix equal |q_proj output| averaged over the response tokens, computed by hand."""
     import torch
 
-    from vllm_coco.capture import capture, open_matrix, response_spans
-    from vllm_coco.data import load_contrast
-    from vllm_coco.models import load_model
+    from vllm_coco.identify.capture import capture, open_matrix, response_spans
+    from vllm_coco.data.contrast import load_contrast
+    from vllm_coco.core.models import load_model
 
     model_dir, pairs_path = planted
     pairs, _ = load_contrast(str(pairs_path), split="all", limit=3)

@@ -36,7 +36,7 @@ def tiny_model(tmp_path_factory):
     from transformers import LlamaForCausalLM
 
     import tiny
-    from vllm_coco.data import bbq_items
+    from vllm_coco.data.contrast import bbq_items
 
     items, _ = bbq_items("bbq", ["Religion", "Age"], split="all", condition=None)
     split = pre_tokenizers.Whitespace().pre_tokenize_str
@@ -56,7 +56,7 @@ def _done_files(out: Path) -> dict:
 
 
 def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
-    from vllm_coco import pipeline
+    from vllm_coco.experiment import pipeline
 
     config = _tiny_config(tmp_path, tiny_model)
     out = tmp_path / "out"
@@ -148,9 +148,9 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
 
 def test_eval_in_subprocess(tiny_model, tmp_path):
     """The child-process evaluation the vllm backend uses (checked here with hf: same plumbing)."""
-    from vllm_coco.errors import CocoError
-    from vllm_coco.evaluate import EvalOptions
-    from vllm_coco.pipeline import eval_in_subprocess
+    from vllm_coco.core.errors import CocoError
+    from vllm_coco.tasks.evaluate import EvalOptions
+    from vllm_coco.experiment.pipeline import eval_in_subprocess
 
     opts = EvalOptions(tasks=("stereo_coco_Religion",), backend="hf", limit=3, device="cpu", split="validate")
     eval_in_subprocess(tiny_model, opts, tmp_path / "ok")
@@ -163,7 +163,7 @@ def test_eval_in_subprocess(tiny_model, tmp_path):
 
 
 def test_choose_best_admissible_candidate():
-    from vllm_coco.pipeline import choose
+    from vllm_coco.experiment.pipeline import choose
 
     base = {"success_rate": 0.4, "retention": 0.5}
 
@@ -201,11 +201,11 @@ def test_validate_docs_are_disjoint_from_test_docs():
 
 
 def test_eval_split_reaches_the_tasks_through_metadata():
-    from vllm_coco.evaluate import task_manager
+    from vllm_coco.tasks.evaluate import task_manager
 
     tm = task_manager(["stereo_coco_Religion"], metadata={"coco_split": "validate", "max_items": 1})
     docs = list(tm.load(["stereo_coco_Religion"])["tasks"]["stereo_coco_Religion"].eval_docs)
-    from vllm_coco.data import bbq_items
+    from vllm_coco.data.contrast import bbq_items
 
     val = {it.question_index for it in bbq_items("bbq", ["Religion"], split="validate", condition=None)[0]}
     assert docs and {d["question_index"] for d in docs} <= val
@@ -274,7 +274,7 @@ def test_config_file_errors(tmp_path):
 
 def test_shipped_configs_validate(monkeypatch, tmp_path):
     """default.yaml and tiny.yaml validate here (once the demo models exist); full.yaml names hub ids."""
-    from vllm_coco import config
+    from vllm_coco.experiment import config
 
     monkeypatch.chdir(ROOT)
     full = config.load("configs/full.yaml")
@@ -292,7 +292,7 @@ def test_shipped_configs_validate(monkeypatch, tmp_path):
 def test_default_config_file_is_the_builtin_default():
     """configs/default.yaml spells out config.DEFAULTS: `coco-tools run` with only `models` set does
     exactly what the shipped default file does (one definition; the file adds the comments)."""
-    from vllm_coco import config
+    from vllm_coco.experiment import config
 
     raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     models = [{"path": "org/stand-in", "name": m.get("name")} for m in raw["models"]]

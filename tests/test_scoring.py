@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_coco import scoring
+from vllm_coco.identify import scoring
 
 
 def slow_loss(a, b, plan, tau):

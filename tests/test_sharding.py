@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-from vllm_coco.gate import ne_gain
-from vllm_coco.sharding import HeadLayout, shard_plan
+from vllm_coco.edit.gate import ne_gain
+from vllm_coco.serve.sharding import HeadLayout, shard_plan
 
 
 def rank_outputs(packed: np.ndarray, heads: HeadLayout, tp: int):

@@ -1,4 +1,4 @@
-"""Guard on the vLLM code that vllm_coco/vllm_models.py re-types.
+"""Guard on the vLLM code that vllm_coco/serve/vllm_models.py re-types.
 
 Some NE-COCO subclasses override a vLLM method by copying its body (with the gate added), so a new
 upstream term in that body (as `do_llama_4_scaling` once was) would silently go missing for NE
@@ -29,7 +29,7 @@ from packaging.utils import canonicalize_name
 from packaging.version import Version
 
 ROOT = Path(__file__).resolve().parent.parent
-OURS = "vllm_coco/vllm_models.py"
+OURS = "vllm_coco/serve/vllm_models.py"
 THIS = "tests/test_upstream_guard.py"
 
 

@@ -127,20 +127,20 @@ def assert_match(got, want, atol=1e-3):
 
 
 def _load_hf(path):
-    from vllm_coco.models import load_model
+    from vllm_coco.core.models import load_model
 
     return load_model(Path(path))[0]
 
 
 def test_ne_llama_matches_hf_reference_in_compiled_mode(dirs, compiled, prompt_ids):
-    from vllm_coco.hf_reference import load_ne_model
+    from vllm_coco.serve.hf_reference import load_ne_model
 
     want = hf_reference(load_ne_model(dirs["ne"])[0], prompt_ids)
     assert_match(compiled[str(dirs["ne"])], want)
 
 
 def test_ne_mistral_matches_hf_reference_in_compiled_mode(dirs, compiled, prompt_ids):
-    from vllm_coco.hf_reference import load_ne_model
+    from vllm_coco.serve.hf_reference import load_ne_model
 
     want = hf_reference(load_ne_model(dirs["ne_mistral"])[0], prompt_ids)
     assert_match(compiled[str(dirs["ne_mistral"])], want)
@@ -243,7 +243,7 @@ def test_vllm_serve_continuous_batching_does_not_change_results(server, dirs):
 
 def test_generate_batch_preserves_order_and_matches_transformers(dirs, vllm_env, tmp_path):
     """`coco-tools generate` on the NE directory: order kept, greedy text equal to the HF reference."""
-    from vllm_coco.hf_reference import load_ne_model
+    from vllm_coco.serve.hf_reference import load_ne_model
 
     questions = ["Name a fruit.", "What is 2 + 2?", "Say hello in French.", "Name a color."]
     src = tmp_path / "p.jsonl"

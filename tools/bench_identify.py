@@ -29,9 +29,9 @@ from pathlib import Path
 def worker(model_dir: str, pairs: int, batch_size: int, repeats: int, dtype: str, device: str) -> dict:
     import torch
 
-    from vllm_coco.capture import _batches, _collate, capture, response_spans
-    from vllm_coco.data import load_contrast
-    from vllm_coco.models import load_model
+    from vllm_coco.identify.capture import _batches, _collate, capture, response_spans
+    from vllm_coco.data.contrast import load_contrast
+    from vllm_coco.core.models import load_model
 
     per_cat = max(2, pairs // 6)
     data, _ = load_contrast("bbq", None, "identify", per_cat)

@@ -45,8 +45,8 @@ def main():
 
     from vllm import LLM, SamplingParams
 
-    from vllm_coco.bake import bake
-    from vllm_coco.ne import write_ne
+    from vllm_coco.edit.bake import bake
+    from vllm_coco.edit.ne import write_ne
 
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")

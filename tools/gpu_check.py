@@ -4,7 +4,10 @@
 Four parts, each timed and guarded on its own (one failure still reports the others):
   capture  tokens/s of the identify capture (`capture.capture`: q/k/v intensity hooks, rows streamed
            to disk) vs the plain decoder forward over the same batches, on a Llama-3-8B-shaped model
-           in bfloat16 -> capture_ratio
+           in bfloat16, pooling over the last 8 of 512 tokens (a response, as identify does)
+           -> capture_ratio; over the second half (the span earlier runs used) and all tokens
+           -> capture_ratio_half_span, capture_ratio_full_span; the written rows equal the plain masked
+           formula -> capture_check_pass
   gate     the NE gate of the Hugging Face reference (`hf_reference.GatedAttention` around every
            layer's attention, ~1% of the packed q/k/v channels, random mu/sigma/w/W_hat) vs the same
            decoder without it -> ne_gate_ratio
@@ -47,9 +50,10 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing here needs the hub; neve
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from vllm_coco import scoring  # noqa: E402
-from vllm_coco.capture import Span, _batches, _collate, capture  # noqa: E402
-from vllm_coco.hf_reference import GatedAttention  # noqa: E402
+from vllm_coco.core.models import layout_of  # noqa: E402
+from vllm_coco.identify import scoring  # noqa: E402
+from vllm_coco.identify.capture import Span, _batches, _collate, capture, open_matrix  # noqa: E402
+from vllm_coco.serve.hf_reference import GatedAttention  # noqa: E402
 
 # What must not come in with vllm_coco's modules: none of it is installed on the GPU machine.
 HEAVY = ("vllm", "lm_eval", "datasets", "matplotlib", "gguf")
@@ -63,11 +67,11 @@ TINY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_
             intermediate_size=128, vocab_size=256, rope_theta=10000.0, tie_word_embeddings=True)
 
 # The run on the H200, and the same code path shrunk for the CPU (--dry-run).
-FULL = dict(device="cuda", dtype=torch.bfloat16, model=LLAMA3_8B, batch=8, seq=512, batches=4, warmup=2, reps=5,
-            pairs=1000, k=256, cpu_neurons=2048, chunk=1 << 28, ne_ratio=0.01,
+FULL = dict(device="cuda", dtype=torch.bfloat16, model=LLAMA3_8B, batch=8, seq=512, response=8, batches=4, warmup=2,
+            reps=5, pairs=1000, k=256, cpu_neurons=2048, chunk=1 << 28, ne_ratio=0.01,
             parity_model=SMOLLM2_135M, parity_name="SmolLM2-135M-shaped Llama", parity_prompts=8, parity_len=128,
             parity_ref=("cuda", torch.float32))
-DRY = dict(device="cpu", dtype=torch.float32, model=TINY, batch=4, seq=32, batches=2, warmup=1, reps=3,
+DRY = dict(device="cpu", dtype=torch.float32, model=TINY, batch=4, seq=32, response=8, batches=2, warmup=1, reps=3,
            pairs=20, k=8, cpu_neurons=64, chunk=20 * 8 * 7, ne_ratio=0.05,
            parity_model=TINY, parity_name="tiny Llama (dry run)", parity_prompts=4, parity_len=16,
            parity_ref=("cpu", torch.float64))  # no second device: compare float32 against float64
@@ -144,11 +148,13 @@ def use_attention(model, modules: list) -> None:
         layer.self_attn = a
 
 
-def random_batches(s: dict, vocab: int, seed: int) -> list[Span]:
-    """batches x batch spans of seq random tokens; intensities pool over the second half (the "response")."""
+def random_batches(s: dict, vocab: int, seed: int, span: tuple[int, int] | None = None) -> list[Span]:
+    """batches x batch spans of seq random tokens; intensities pool over tokens [start, end) of
+    each, by default the second half."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(1, vocab, (s["batches"] * s["batch"], s["seq"]), generator=gen)  # [spans, seq]
-    return [Span(row.tolist(), s["seq"] // 2, s["seq"]) for row in ids]
+    start, end = span or (s["seq"] // 2, s["seq"])
+    return [Span(row.tolist(), start, end) for row in ids]
 
 
 def interleaved(fns: dict, warmup: int, reps: int, device: str) -> dict:
@@ -165,28 +171,79 @@ def interleaved(fns: dict, warmup: int, reps: int, device: str) -> dict:
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+def masked_rows(model, kinds: dict, batch: int, dev: str) -> dict:
+    """Per kind of spans, the rows [spans, neurons] float32 by the plain formula (a 0/1 span mask over
+    every token, mean |h|, no capture code), all kinds from one forward a batch: spans of every kind
+    share their token ids, so the batches are the same."""
+    layout = layout_of(model)
+    decoder = model.get_decoder()
+    first = next(iter(kinds.values()))
+    rows = {k: torch.zeros((len(first), layout.total)) for k in kinds}
+    for idx in _batches(first, batch):
+        weights = {}  # kind -> [batch, tokens] span mask / span length
+        for k, spans in kinds.items():
+            _, _, span = _collate(spans, idx, 0, dev)
+            weights[k] = span / span.sum(1, keepdim=True)
+
+        def hook(off, weights=weights, idx=idx):  # bound now: a fresh hook each batch
+            def fn(module, args, out):
+                a = out.float().abs()  # [batch, tokens, size]
+                for k, w in weights.items():
+                    rows[k][idx, off:off + a.shape[-1]] = torch.einsum("bt,btc->bc", w, a).cpu()
+            return fn
+
+        ids, attn, _ = _collate(first, idx, 0, dev)
+        handles = [getattr(layer.self_attn, f"{p}_proj").register_forward_hook(hook(layout.flat(i, p, 0)))
+                   for i, layer in enumerate(model.model.layers) for p in "qkv"]
+        try:
+            with torch.no_grad():
+                decoder(input_ids=ids, attention_mask=attn, use_cache=False)
+        finally:
+            for h in handles:
+                h.remove()
+    return rows
+
+
 # --------------------------------------------------------------------------- parts
 
 def part_capture(s: dict, state: dict) -> dict:
+    """The same sequences captured with three span shapes: the last `response` tokens (what identify
+    pools over: a short response after a ~130-token prompt, or one decision token) -> capture_ratio;
+    the second half (the span of earlier runs of this check) and every token, for comparison."""
     model = state["model"]()
     dev = s["device"]
-    spans = random_batches(s, model.config.vocab_size, seed=1)
-    tokens = len(spans) * s["seq"]
+    seq, resp = s["seq"], s["response"]
+    shapes = {"capture": (seq - resp, seq), "capture_half_span": (seq // 2, seq), "capture_full_span": (0, seq)}
+    spans = {k: random_batches(s, model.config.vocab_size, seed=1, span=v) for k, v in shapes.items()}
+    tokens = len(spans["capture"]) * seq
     decoder = model.get_decoder()
 
     def plain():
         with torch.no_grad():
-            for idx in _batches(spans, s["batch"]):
-                ids, attn, _ = _collate(spans, idx, 0, dev)
+            for idx in _batches(spans["capture"], s["batch"]):
+                ids, attn, _ = _collate(spans["capture"], idx, 0, dev)
                 decoder(input_ids=ids, attention_mask=attn, use_cache=False)
 
     with tempfile.TemporaryDirectory() as d:
-        def cap():  # the identify code path itself: hooks, pooling, rows to an on-disk float16 matrix
-            capture(model, spans, Path(d) / "m.safetensors", s["batch"], 0, progress=False)
+        def cap(kind):  # the identify code path itself: hooks, pooling, rows to an on-disk float16 matrix
+            return lambda: capture(model, spans[kind], Path(d) / f"{kind}.safetensors", s["batch"], 0, progress=False)
 
-        t = interleaved({"plain": plain, "capture": cap}, s["warmup"], s["reps"], dev)
-    return {"capture_ratio": t["plain"] / t["capture"], "plain_tok_s": tokens / t["plain"],
-            "capture_tok_s": tokens / t["capture"], "capture_tokens_per_pass": tokens}
+        t = interleaved({"plain": plain, **{k: cap(k) for k in shapes}}, s["warmup"], s["reps"], dev)
+        # The matrices the last timed runs wrote (rows copied back asynchronously, written a batch
+        # late) against the plain masked formula: float16 storage and float32 summation order apart.
+        ref = masked_rows(model, spans, s["batch"], dev)
+        worst = 0.0
+        for k in shapes:
+            got = torch.from_numpy(np.asarray(open_matrix(Path(d) / f"{k}.safetensors"), dtype=np.float32))
+            worst = max(worst, float(((got - ref[k]).abs() / (ref[k].abs() + 1e-3)).max()))
+    out = {"capture_ratio": t["plain"] / t["capture"], "plain_tok_s": tokens / t["plain"],
+           "capture_tok_s": tokens / t["capture"], "capture_span_tokens": resp,
+           "capture_check_max_rel": worst, "capture_check_pass": worst <= 2e-3}
+    for k in ("capture_half_span", "capture_full_span"):
+        out[k.replace("capture", "capture_ratio")] = t["plain"] / t[k]
+        out[f"{k}_tok_s"] = tokens / t[k]
+    out["capture_tokens_per_pass"] = tokens
+    return out
 
 
 def part_gate(s: dict, state: dict) -> dict:
@@ -297,7 +354,8 @@ def environment(s: dict) -> dict:
 
 
 def table(res: dict) -> str:
-    rows = [("capture", "capture_ratio", "capture / plain tok/s ({capture_tok_s:,.0f} / {plain_tok_s:,.0f})"),
+    rows = [("capture", "capture_ratio", "capture / plain tok/s ({capture_tok_s:,.0f} / {plain_tok_s:,.0f}), span the "
+             "last {capture_span_tokens} (half {capture_ratio_half_span:.3f}, all {capture_ratio_full_span:.3f})"),
             ("gate", "ne_gate_ratio", "gated / base tok/s ({ne_gated_tok_s:,.0f} / {ne_base_tok_s:,.0f}), "
                                       "{ne_channels_per_layer} channels a layer"),
             ("scoring", "scoring_gpu_s_per_category", "s a category float64 on {device} (float32 "

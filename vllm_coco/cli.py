@@ -7,7 +7,7 @@ import sys
 
 import click
 
-from .core import names as N
+from vllm_coco.core import names as N
 
 DEMO_ARCHS = ("llama", "mistral")
 
@@ -57,8 +57,8 @@ def demo_model(out, arch, dtype, force):
       coco-tools demo-model models/smollm2
       coco-tools demo-model models/smollm2-mistral --arch mistral
     """
-    from .atomic import atomic_output_dir
-    from .models import smollm2_gguf, write_demo_model
+    from vllm_coco.core.atomic import atomic_output_dir
+    from vllm_coco.core.models import smollm2_gguf, write_demo_model
 
     smollm2_gguf()  # fail early, before creating anything
     with atomic_output_dir(out, force) as tmp:
@@ -119,7 +119,7 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
       coco-tools identify models/smollm2 --out runs/behave --contrast behavior --no-chat --limit 120
       coco-tools identify meta-llama/Meta-Llama-3-8B-Instruct --out runs/l3 --dtype bfloat16 --device cuda
     """
-    from .identify import IdentifyOptions, identify as run
+    from vllm_coco.identify.run import IdentifyOptions, identify as run
 
     opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
                            threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
@@ -156,7 +156,7 @@ def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, fo
       coco-tools select runs/neurons --out runs/neurons-rand --baseline rand
       coco-tools select runs/neurons --out runs/neurons-2pct --ratio 0.02
     """
-    from .identify import reselect
+    from vllm_coco.identify.run import reselect
 
     meta = reselect(neurons_dir, out, baseline, ratio, threshold, weighting, seed, force)
     click.echo(f"selected {meta['selection']['count']} neurons ({meta['selection']['baseline']}, "
@@ -177,14 +177,14 @@ def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force):
     """Export an NE-COCO directory: MODEL's weights unchanged plus a runtime nonlinear gate on
     the selected q/v channels (coco_gate.safetensors; config names CocoLlamaForCausalLM or
     CocoMistralForCausalLM). Serve it with vLLM and the vllm-coco plugin, or load it in Python
-    with vllm_coco.hf_reference.load_ne_model(DIR).
+    with vllm_coco.serve.hf_reference.load_ne_model(DIR).
 
     \b
     Examples:
       coco-tools ne models/smollm2 runs/neurons --out runs/smollm2-ne
       coco-tools ne models/smollm2 runs/neurons --out runs/ne-strong --alpha 2 --beta 4 --lam 0.2
     """
-    from .ne import write_ne
+    from vllm_coco.edit.ne import write_ne
 
     coco = write_ne(model, neurons_dir, out, alpha, beta, lam, ratio, force)
     click.echo(f"wrote NE-COCO model ({coco['count']} gated channels in "
@@ -202,7 +202,7 @@ def report(neurons_dir, png, category):
     Example:
       coco-tools report runs/neurons --png runs/neurons-heatmap.png
     """
-    from .report import report as run
+    from vllm_coco.identify.report import report as run
 
     click.echo(run(neurons_dir, png, category))
 
@@ -232,7 +232,7 @@ def bake(model, neurons_dir, out, mode, alpha, lora, force):
       coco-tools bake models/smollm2 runs/neurons --out adapters/le --lora
       coco-tools bake models/smollm2 runs/neurons --out models/smollm2-abl --mode ablate-mean
     """
-    from .bake import bake as run
+    from vllm_coco.edit.bake import bake as run
 
     rec = run(model, neurons_dir, out, mode=mode, alpha=alpha, lora=lora, force=force)
     what = f"LoRA adapter (rank {rec['rank']})" if lora else "checkpoint"
@@ -267,7 +267,7 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
       coco-tools generate models/smollm2 --prompts p.jsonl --out a.jsonl --lora runs/le-lora
       coco-tools generate runs/ne --prompts p.jsonl --out a.jsonl --max-tokens 64 --enforce-eager
     """
-    from .generate import generate as run
+    from vllm_coco.serve.generate import generate as run
 
     stats = run(model, prompts, out, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
                 chat=chat, lora=lora, dtype=dtype, max_model_len=max_model_len, extra=ctx.args, force=force)
@@ -319,7 +319,7 @@ def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, m
       coco-tools eval models/smollm2 --backend http://127.0.0.1:8000 --tasks stereo_coco_gen --limit 30
       COCO_BBQ_SOURCE=hf:oskarvanderwal/bbq coco-tools eval models/smollm2 --out runs/eval-hub
     """
-    from .evaluate import EvalOptions, run_eval, summary
+    from vllm_coco.tasks.evaluate import EvalOptions, run_eval, summary
 
     opts = EvalOptions(tasks=tasks or (), backend=backend, limit=limit, max_items=max_items, batch_size=batch_size,
                        device=device, max_model_len=max_model_len, served_model_name=served_model_name, chat=chat,
@@ -349,7 +349,7 @@ def compare(results, labels, group, metric, png):
       coco-tools compare base.json le.json --labels base,LE-COCO --png runs/compare.png
       coco-tools compare runs/eval-base runs/eval-ne --group stereo_coco_jailbreak
     """
-    from .compare import compare as run
+    from vllm_coco.tasks.compare import compare as run
 
     text, png_path = run(list(results), labels=labels, png=png, group=group, metric=metric)
     click.echo(text, nl=False)
@@ -381,7 +381,7 @@ def run_cmd(config, out, check):
       coco-tools run configs/full.yaml                # paper scale: Llama-3-8B / Mistral-7B, GPU, vLLM backend
       coco-tools run my.yaml --out runs/exp2
     """
-    from .pipeline import run_pipeline
+    from vllm_coco.experiment.pipeline import run_pipeline
 
     res = run_pipeline(config, out=out, check=check, echo=click.echo)
     if res["report"] is not None:
@@ -397,7 +397,7 @@ def _on_sigterm(signum, frame):
 
 
 def _interrupted(exc: KeyboardInterrupt) -> None:
-    from .atomic import COMMITTED
+    from vllm_coco.core.atomic import COMMITTED
 
     what = "terminated" if isinstance(exc, Terminated) else "interrupted"
     done = f"; {', '.join(map(str, COMMITTED))} had already been written completely" if COMMITTED else \
@@ -415,7 +415,7 @@ def main(argv=None):
     Ctrl-C -> 130, SIGTERM -> 143, with temporary outputs removed."""
     import signal
 
-    from .errors import CocoError
+    from vllm_coco.core.errors import CocoError
 
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)

@@ -32,9 +32,9 @@ import sys
 import time
 from pathlib import Path
 
-from . import METHOD_VERSION, __version__
-from .atomic import check_output_dir, plain_mode, remove_tree, write_text
-from .errors import CocoError
+from vllm_coco import METHOD_VERSION, __version__
+from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, write_text
+from vllm_coco.core.errors import CocoError
 
 PIPELINE_VERSION = 1  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
@@ -171,7 +171,7 @@ class Steps:
 
 def _child_eval(args: dict) -> None:
     """Entry point of the evaluation subprocess (vLLM backend: one engine per process)."""
-    from .evaluate import EvalOptions, run_eval
+    from vllm_coco.tasks.evaluate import EvalOptions, run_eval
 
     try:
         run_eval(args["model"], EvalOptions(**args["opts"]), out=args["out"], force=True)
@@ -184,7 +184,7 @@ def eval_in_subprocess(model_dir: Path, opts, out: Path) -> None:
     """run_eval in a child process (the vLLM backend: one engine per process, since an engine does
     not give everything back when dropped in-process). Exit 2 in the child -> CocoError here."""
     payload = json.dumps({"model": str(model_dir), "out": str(out), "opts": opts.__dict__})
-    code = "import json, sys; from vllm_coco.pipeline import _child_eval; _child_eval(json.loads(sys.argv[1]))"
+    code = "import json, sys; from vllm_coco.experiment.pipeline import _child_eval; _child_eval(json.loads(sys.argv[1]))"
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     proc = subprocess.run([sys.executable, "-c", code, payload], env=env, stdout=subprocess.DEVNULL,
@@ -199,7 +199,7 @@ def eval_in_subprocess(model_dir: Path, opts, out: Path) -> None:
 
 def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, metadata=None) -> dict:
     """Evaluate model_dir on `tasks` into `out` (results.json); returns lm-eval's results dict."""
-    from .evaluate import EvalOptions, run_eval
+    from vllm_coco.tasks.evaluate import EvalOptions, run_eval
 
     ev = run.cfg["eval"]
     opts = EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev["batch_size"],
@@ -297,7 +297,7 @@ def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]]
 # --------------------------------------------------------------------------- the stages
 
 def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> dict:
-    from .identify import IdentifyOptions, identify
+    from vllm_coco.identify.run import IdentifyOptions, identify
 
     ic = run.cfg["identify"]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "data": data_spec,
@@ -327,7 +327,7 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> dict:
 
 
 def _baselines(run: Run, m: dict, root: Path, ident: dict) -> dict:
-    from .identify import reselect
+    from vllm_coco.identify.run import reselect
 
     spec = {"identify": ident["hash"], "baselines": run.cfg["baselines"]}
 
@@ -350,7 +350,7 @@ def _neuron_sets(ident: dict, bases: dict) -> dict[str, Path]:
 
 
 def _ablation(run: Run, m: dict, root: Path, ident: dict, bases: dict, data_spec: dict) -> dict:
-    from .bake import bake
+    from vllm_coco.edit.bake import bake
 
     ac = run.cfg["ablation"]
     cats = run.cfg["data"]["categories"]
@@ -396,8 +396,8 @@ def _candidates(sw: dict) -> list[dict]:
 
 
 def _make_edit(m: dict, neurons: Path, cand: dict, ratio, out: Path) -> None:
-    from .bake import bake
-    from .ne import write_ne
+    from vllm_coco.edit.bake import bake
+    from vllm_coco.edit.ne import write_ne
 
     if cand["edit"] == "le":
         bake(str(m["dir"]), str(neurons), str(out), mode="le", alpha=cand["alpha"])
@@ -554,9 +554,9 @@ def _contrast_source(r: dict, limit) -> str:
 
 def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
     """REPORT.md text; figures written into report_dir (names relative to OUT)."""
-    from . import report as neuron_report
-    from .artifact import load as load_artifact
-    from .compare import bar_chart
+    from vllm_coco.identify import report as neuron_report
+    from vllm_coco.core.artifact import load as load_artifact
+    from vllm_coco.tasks.compare import bar_chart
 
     cfg = run.cfg
     cats = cfg["data"]["categories"]
@@ -756,8 +756,8 @@ def plan(cfg: dict) -> list[str]:
 
 def run_pipeline(config_path: str, out: str | None = None, check: bool = False, echo=print) -> dict:
     """Validate CONFIG, then run (or reuse) every stage; returns {"report": path, "stages": [...]}."""
-    from . import config as config_mod
-    from .models import check_device, resolve_model_dir
+    from vllm_coco.experiment import config as config_mod
+    from vllm_coco.core.models import check_device, resolve_model_dir
 
     cfg = config_mod.load(config_path, overrides={"out": out} if out is not None else None)
     cfg["_config_path"] = str(config_path)

@@ -19,16 +19,16 @@ from collections import Counter
 
 import numpy as np
 
-from .capture import Span, _batches, _collate
-from .core.names import SCORINGS
-from .errors import CocoError
+from vllm_coco.identify.capture import Span, _batches, _collate
+from vllm_coco.core.names import SCORINGS
+from vllm_coco.core.errors import CocoError
 
 MIN_PER_SET = 10  # docs/METHOD.md §2.4: refuse a category with fewer biased or fewer "unknown" answers
 
 
 def option_spans(tokenizer, items, chat: bool = True) -> list[Span]:
     """Three spans per item (its options in BBQ order): prompt + option, pooled over the option."""
-    from .data import encode_example
+    from vllm_coco.data.contrast import encode_example
 
     spans = []
     for it in items:
@@ -113,7 +113,7 @@ def check_sets(counts: dict, split: str, minimum: int | None = None, chat: bool 
 
 def decision_spans(tokenizer, items, chat: bool = True) -> list[Span]:
     """One span per item: its prompt, pooled over the last prompt token only (the decision point)."""
-    from .data import encode_example
+    from vllm_coco.data.contrast import encode_example
 
     spans = []
     for it in items:

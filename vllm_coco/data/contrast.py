@@ -23,10 +23,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import CocoError
+from vllm_coco.core.errors import CocoError
 
-from .core.names import BBQ_CATEGORIES, DEFAULT_CATEGORIES, SPLIT_FRACTIONS, SPLITS, SPLITS_OR_ALL  # noqa: F401
-from .core.names import SEED as DEFAULT_SEED
+from vllm_coco.core.names import BBQ_CATEGORIES, DEFAULT_CATEGORIES, SPLIT_FRACTIONS, SPLITS, SPLITS_OR_ALL  # noqa: F401
+from vllm_coco.core.names import SEED as DEFAULT_SEED
 
 
 # --------------------------------------------------------------------------- BBQ items

@@ -21,8 +21,8 @@ from vllm.model_executor.models.mistral import (MistralAttention, MistralDecoder
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
-from .gate import apply_gate
-from .sharding import HeadLayout, shard_plan
+from vllm_coco.edit.gate import apply_gate
+from vllm_coco.serve.sharding import HeadLayout, shard_plan
 
 
 class CocoGate(nn.Module):

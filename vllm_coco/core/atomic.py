@@ -18,7 +18,7 @@ import tempfile
 from pathlib import Path
 from typing import Iterator
 
-from .errors import CocoError
+from vllm_coco.core.errors import CocoError
 
 
 def resolved(path: str | os.PathLike) -> Path:

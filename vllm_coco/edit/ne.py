@@ -25,14 +25,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import METHOD_VERSION, __version__, artifact
-from .atomic import atomic_output_dir, check_output_dir
-from .checks import finite, tensors_finite
-from .core.names import RATIO, Proj
-from .errors import CocoError
-from .models import check_weights, NeuronLayout, read_config, resolve_model_dir
-from .ne_config import BASE_TO_NE_ARCH
-from .selection import edit_weights
+from vllm_coco import METHOD_VERSION, __version__
+from vllm_coco.core import artifact
+from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
+from vllm_coco.core.checks import finite, tensors_finite
+from vllm_coco.core.names import RATIO, Proj
+from vllm_coco.core.errors import CocoError
+from vllm_coco.core.models import check_weights, NeuronLayout, read_config, resolve_model_dir
+from vllm_coco.serve.ne_config import BASE_TO_NE_ARCH
+from vllm_coco.identify.selection import edit_weights
 
 GATE_FILE = "coco_gate.safetensors"
 GATE_KEYS = ("channels", "mu", "sigma", "w", "w_hat")
@@ -45,7 +46,7 @@ def gate_prefix(layer: int) -> str:
 
 def select_ne(arrays: dict, ratio: float) -> np.ndarray:
     """Flat ids of the top `ratio` of q and v neurons by |direction|, best first."""
-    from .selection import count_for, top_by_value
+    from vllm_coco.identify.selection import count_for, top_by_value
 
     qv = np.flatnonzero(arrays["proj"] != Proj.k)
     k = count_for(len(qv), ratio)
@@ -67,7 +68,7 @@ def w_hat_of(x: np.ndarray) -> np.ndarray:
 
 def build_gate(meta: dict, arrays: dict, neurons_dir: Path, ratio: float) -> dict[int, dict[str, np.ndarray]]:
     """Per-layer gate tensors for the NE neuron set (layers without a selected channel are absent)."""
-    from .capture import open_matrix
+    from vllm_coco.identify.capture import open_matrix
 
     layout = NeuronLayout(meta["model"]["num_layers"], meta["model"]["q_size"], meta["model"]["kv_size"])
     sel = select_ne(arrays, ratio)
@@ -111,7 +112,7 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
     """Write an NE-COCO directory; returns its `coco` config section."""
     from safetensors.numpy import save_file
 
-    from .selection import count_for
+    from vllm_coco.identify.selection import count_for
 
     alpha, beta, lam = finite(alpha, "--alpha"), finite(beta, "--beta"), finite(lam, "--lam")
 

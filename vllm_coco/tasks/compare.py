@@ -12,8 +12,8 @@ import math
 import os
 from pathlib import Path
 
-from .atomic import save_figure
-from .errors import CocoError
+from vllm_coco.core.atomic import save_figure
+from vllm_coco.core.errors import CocoError
 
 ALL_ROW = "all"
 
@@ -77,7 +77,7 @@ def run_label(data: dict, path: Path) -> str:
 def _children(group: str, runs: list[dict]) -> list[str]:
     """Subtasks of `group`: from the evals/ definitions when available, else the results files."""
     try:
-        from .evaluate import evals_dir, local_tasks
+        from vllm_coco.tasks.evaluate import evals_dir, local_tasks
 
         defined = local_tasks(evals_dir()).get(group)
     except CocoError:

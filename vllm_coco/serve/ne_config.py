@@ -9,7 +9,7 @@ from __future__ import annotations
 
 BASE_TO_NE_ARCH = {"LlamaForCausalLM": "CocoLlamaForCausalLM", "MistralForCausalLM": "CocoMistralForCausalLM"}
 NE_TO_BASE_TYPE = {"coco_llama": "llama", "coco_mistral": "mistral"}
-LOADER = "vllm_coco.hf_reference.load_ne_model"
+LOADER = "vllm_coco.serve.hf_reference.load_ne_model"
 
 _registered = False
 
@@ -23,7 +23,7 @@ def register() -> None:
     from transformers import AutoConfig, AutoModelForCausalLM
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
-    from . import hf_configs as h
+    from vllm_coco.serve import hf_configs as h
 
     for cfg, refuse in ((h.CocoLlamaConfig, h.RefuseCocoLlama), (h.CocoMistralConfig, h.RefuseCocoMistral)):
         if cfg.model_type not in CONFIG_MAPPING:

@@ -8,7 +8,7 @@ import math
 
 import numpy as np
 
-from .errors import CocoError
+from vllm_coco.core.errors import CocoError
 
 
 def finite(value, what: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:

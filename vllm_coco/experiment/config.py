@@ -18,10 +18,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CocoError
+from vllm_coco.core.errors import CocoError
 
-from .core import names as N
-from .core.names import ABLATIONS, BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
+from vllm_coco.core import names as N
+from vllm_coco.core.names import ABLATIONS, BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
 
 # The schema: every key with its default. A dict is a section (its keys are the only ones
 # allowed); `models` is a list of MODEL_KEYS dicts.
@@ -156,14 +156,14 @@ def _models(value) -> list[dict]:
 
 def _eval_categories() -> list[str]:
     """Categories with a stereo_coco_<category> task in evals/."""
-    from .evaluate import evals_dir, local_tasks
+    from vllm_coco.tasks.evaluate import evals_dir, local_tasks
 
     return [t[len("stereo_coco_"):] for t in local_tasks(evals_dir()).get("stereo_coco", [])]
 
 
 def validate(raw) -> dict:
     """The resolved config (defaults filled in) or CocoError naming the first bad key."""
-    from .data import BBQ_CATEGORIES
+    from vllm_coco.data.contrast import BBQ_CATEGORIES
 
     cfg = _merge(DEFAULTS, raw, "")
     if not isinstance(cfg["out"], str) or not cfg["out"]:
@@ -200,7 +200,7 @@ def validate(raw) -> dict:
 
     ident = cfg["identify"]
     _choice(ident["contrast"], "identify.contrast", CONTRASTS)
-    from .behavior import MIN_PER_SET
+    from vllm_coco.identify.behavior import MIN_PER_SET
 
     # behavior mode: at least MIN_PER_SET biased and MIN_PER_SET "unknown" answers per category
     _int(ident, "identify", "limit", lo=2 * MIN_PER_SET if ident["contrast"] == "behavior" else 2, nullable=True)
@@ -212,7 +212,7 @@ def validate(raw) -> dict:
     _choice(ident["dtype"], "identify.dtype", DTYPES)
     if not isinstance(ident["device"], str) or not ident["device"]:
         _fail("identify.device", f"{ident['device']!r} is not a torch device name (cpu, cuda, cuda:1)")
-    from .models import check_device
+    from vllm_coco.core.models import check_device
 
     check_device(ident["device"], "identify.device:", here=False)  # run_pipeline checks it exists here
 

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .models import NeuronLayout, attention_layers, layout_of
+from vllm_coco.core.models import NeuronLayout, attention_layers, layout_of
 
 MATRIX_NAME = "intensities"
 
@@ -68,7 +68,13 @@ class CaptureResult:
 
 
 class _Recorder:
-    """Forward hooks that pool |h| of each q/k/v projection into one [batch, neurons] buffer."""
+    """Forward hooks that pool |h| of each q/k/v projection into one [batch, neurons] buffer.
+
+    Before each batch, `capture` sets `span_idx` and `weights` (from `_span_index`) and a fresh
+    `buf`. A hook gathers the batch's span tokens from its projection's output and reduces only
+    those: a response is a few tokens at the end of a long prompt, so the float32 copy and the
+    reductions are a small fraction of what the forward itself touches.
+    """
 
     def __init__(self, model, layout: NeuronLayout, device):
         import torch
@@ -78,8 +84,8 @@ class _Recorder:
         self.sumsq = torch.zeros(layout.total, dtype=torch.float64, device=device)  # Σ|h|²
         self.signed = torch.zeros(layout.total, dtype=torch.float64, device=device)  # Σh
         self.buf = None  # [batch, neurons] float32
-        self.weights = None  # [batch, tokens] span mask / span length
-        self.mask = None  # [batch, tokens] span mask
+        self.span_idx = None  # [n_span] long: the span tokens' positions in the flattened [batch * tokens]
+        self.weights = None  # [batch, n_span] float32: 1 / span length where the token is the row's, else 0
         self.handles = []
         for layer, attn in enumerate(attention_layers(model)):
             for proj in ("q", "k", "v"):
@@ -91,11 +97,13 @@ class _Recorder:
         import torch
 
         def hook(module, args, out):
-            h = out.float()  # [batch, tokens, size]
-            a = h.abs()
-            self.buf[:, off:off + size] = torch.einsum("bt,btc->bc", self.weights, a)
-            self.sumsq[off:off + size] += torch.einsum("bt,btc->c", self.mask, a * a).double()
-            self.signed[off:off + size] += torch.einsum("bt,btc->c", self.mask, h).double()
+            # index_select with device-side indices: no boolean mask (its nonzero() would wait
+            # for the device) and nothing read back, so the forward stays queued ahead of the GPU.
+            h = out.reshape(-1, size).index_select(0, self.span_idx).float()  # [n_span, size]
+            a = h.abs()  # [n_span, size]
+            self.buf[:, off:off + size] = self.weights @ a  # [batch, size]: mean over each row's span
+            self.sumsq[off:off + size] += (a * a).sum(0, dtype=torch.float64)  # [size]
+            self.signed[off:off + size] += h.sum(0, dtype=torch.float64)  # [size]
 
         return hook
 
@@ -108,6 +116,16 @@ def _batches(spans: list[Span], batch_size: int):
     """Indices grouped into batches of similar length (longest first: padding and OOM show early)."""
     order = sorted(range(len(spans)), key=lambda i: -len(spans[i].ids))
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def _to_device(t, device):
+    """A CPU tensor on `device`. To CUDA through pinned memory, non_blocking: a copy from pageable
+    memory synchronizes the stream, which would drain the GPU before every batch."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
 
 
 def _collate(spans: list[Span], idx: list[int], pad_id: int, device):
@@ -123,7 +141,41 @@ def _collate(spans: list[Span], idx: list[int], pad_id: int, device):
         ids[b, :len(s.ids)] = torch.tensor(s.ids)
         attn[b, :len(s.ids)] = 1
         span[b, s.start:s.end] = 1.0
-    return ids.to(device), attn.to(device), span.to(device)
+    return _to_device(ids, device), _to_device(attn, device), _to_device(span, device)
+
+
+def _span_index(spans: list[Span], idx: list[int], device):
+    """Where a batch's span tokens are, built on the CPU (nothing waits for the device):
+    positions in the flattened right-padded [batch * tokens] output [n_span] (row by row), the
+    pooling weights [batch, n_span] (1 / span length on the row's own tokens) and the span
+    lengths [batch, 1] float32, all on `device`."""
+    import torch
+
+    width = max(len(spans[i].ids) for i in idx)
+    flat = torch.cat([torch.arange(b * width + spans[i].start, b * width + spans[i].end) for b, i in enumerate(idx)])
+    lengths = [spans[i].end - spans[i].start for i in idx]
+    row = torch.repeat_interleave(torch.arange(len(idx)), torch.tensor(lengths))  # [n_span] row of each token
+    weights = torch.zeros((len(idx), len(flat)), dtype=torch.float32)
+    weights[row, torch.arange(len(flat))] = 1.0 / torch.tensor(lengths, dtype=torch.float32)[row]
+    count = torch.tensor(lengths, dtype=torch.float32)[:, None]
+    return _to_device(flat, device), _to_device(weights, device), _to_device(count, device)
+
+
+def _check_spans(spans: list[Span]) -> None:
+    """Every span a non-empty range inside its sequence (an empty one would pool to 0/0)."""
+    for i, s in enumerate(spans):
+        if not 0 <= s.start < s.end <= len(s.ids):
+            raise ValueError(f"span {i}: [{s.start}, {s.end}) is not a non-empty range of its {len(s.ids)} tokens")
+
+
+def _write_rows(matrix: np.memmap, col_sum: np.ndarray, idx: list[int], rows, done) -> None:
+    """One batch's rows [batch, neurons] (a float32 CPU tensor, complete once the CUDA event `done`
+    is) into the matrix as float16, and their column sums into col_sum [neurons]."""
+    if done is not None:
+        done.synchronize()
+    block = rows.numpy()  # [batch, neurons]
+    col_sum += block.sum(0)
+    matrix[np.asarray(idx)] = block.astype(np.float16)
 
 
 def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pad_id: int = 0,
@@ -131,10 +183,13 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
     """Run every span through the model (teacher-forced, no grad) and write intensities row by row.
 
     Row i of the matrix is spans[i]. Only the decoder stack runs (no LM head: logits are not needed).
+    The only waits for the device are the batches' rows: each batch's rows are copied back
+    (non_blocking on CUDA) and written to the matrix while the next batch runs.
     """
     import torch
     from tqdm.auto import tqdm
 
+    _check_spans(spans)
     layout = layout_of(model)
     device = next(model.parameters()).device
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
@@ -143,22 +198,30 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
     tokens = span_tokens = 0
     col_sum = np.zeros(layout.total, dtype=np.float64)
     bar = tqdm(total=len(spans), desc="capture", unit="seq", disable=not progress)
+    pending = None  # the previous batch's write, done once this batch is queued
     try:
         with torch.no_grad():
             for idx in _batches(spans, batch_size):
-                ids, attn, span = _collate(spans, idx, pad_id, device)
-                count = span.sum(1, keepdim=True)  # [batch, 1]
-                rec.mask, rec.weights = span, span / count
+                ids, attn, _ = _collate(spans, idx, pad_id, device)
+                rec.span_idx, rec.weights, count = _span_index(spans, idx, device)
                 rec.buf = torch.empty((len(idx), layout.total), dtype=torch.float32, device=device)
                 decoder(input_ids=ids, attention_mask=attn, use_cache=False)
                 rec.sum += (rec.buf * count).sum(0).double()
-                block = rec.buf.cpu().numpy()  # [batch, neurons]
-                col_sum += block.sum(0)
-                matrix[np.asarray(idx)] = block.astype(np.float16)
-                tokens += int(attn.sum())
-                span_tokens += int(count.sum())
-                bar.update(len(idx))
+                if device.type == "cuda":  # into pinned memory, ready when `done` is
+                    rows, done = rec.buf.to("cpu", non_blocking=True), torch.cuda.Event()
+                    done.record()
+                else:
+                    rows, done = rec.buf.cpu(), None
+                if pending is not None:
+                    _write_rows(matrix, col_sum, *pending)
+                    bar.update(len(pending[0]))
+                pending = (idx, rows, done)
+                tokens += sum(len(spans[i].ids) for i in idx)
+                span_tokens += sum(spans[i].end - spans[i].start for i in idx)
                 bar.set_postfix(tok=tokens)
+            if pending is not None:
+                _write_rows(matrix, col_sum, *pending)
+                bar.update(len(pending[0]))
     finally:
         rec.remove()
         bar.close()
@@ -175,7 +238,7 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
 def response_spans(tokenizer, pairs, chat: bool = True) -> list[Span]:
     """Two spans per pair, biased then unbiased (rows 2i and 2i+1), pooled over the response;
     `chat`: render the prompt with the tokenizer's chat template when it has one."""
-    from .data import encode_example
+    from vllm_coco.data.contrast import encode_example
 
     spans = []
     for p in pairs:

@@ -6,10 +6,10 @@ from pathlib import Path
 
 import numpy as np
 
-from . import artifact
-from .atomic import save_figure
-from .errors import CocoError
-from .core.names import PROJS, Proj
+from vllm_coco.core import artifact
+from vllm_coco.core.atomic import save_figure
+from vllm_coco.core.errors import CocoError
+from vllm_coco.core.names import PROJS, Proj
 
 
 def counts(meta: dict, category: str | None = None) -> np.ndarray:

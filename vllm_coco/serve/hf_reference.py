@@ -13,11 +13,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .checks import tensors_finite
-from .errors import CocoError
-from .gate import apply_gate
-from .ne import GATE_FILE, GATE_KEYS, gate_prefix
-from .ne_config import NE_TO_BASE_TYPE
+from vllm_coco.core.checks import tensors_finite
+from vllm_coco.core.errors import CocoError
+from vllm_coco.edit.gate import apply_gate
+from vllm_coco.edit.ne import GATE_FILE, GATE_KEYS, gate_prefix
+from vllm_coco.serve.ne_config import NE_TO_BASE_TYPE
 
 
 class _Stored(nn.Module):
@@ -60,7 +60,7 @@ class GatedAttention(nn.Module):
 
 
 def read_ne_config(ne_dir: Path) -> dict:
-    from .models import read_config
+    from vllm_coco.core.models import read_config
 
     path = Path(ne_dir) / "config.json"
     if not path.is_file():
@@ -75,8 +75,8 @@ def read_ne_config(ne_dir: Path) -> dict:
 def check_coco_section(cfg: dict, path: Path) -> None:
     """The `coco` section of an NE directory's config.json: finite hyperparameters in range and one
     list of channel indices per layer (CocoError naming the file)."""
-    from .checks import finite
-    from .ne_config import BASE_TO_NE_ARCH
+    from vllm_coco.core.checks import finite
+    from vllm_coco.serve.ne_config import BASE_TO_NE_ARCH
 
     coco = cfg["coco"]
     fix = "re-export the directory with `coco-tools ne`"

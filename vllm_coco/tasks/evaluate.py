@@ -23,12 +23,12 @@ from pathlib import Path
 
 import yaml
 
-from .errors import CocoError
+from vllm_coco.core.errors import CocoError
 
 EVALS_ENV = "COCO_EVALS_DIR"
 RESULTS_FILE = "results.json"
 # passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
-from .core.names import EVAL_SPLITS, SCORINGS  # noqa: E402,F401 (re-exported)
+from vllm_coco.core.names import EVAL_SPLITS, SCORINGS  # noqa: E402,F401 (re-exported)
 
 
 # --------------------------------------------------------------------------- the task folder
@@ -43,7 +43,7 @@ def evals_dir() -> Path:
             raise CocoError(f"{EVALS_ENV}={env} is not the vllm-coco evals directory (no coco_eval.py); "
                             "unset it or point it at the repository's evals/")
         return path.absolute()
-    path = Path(__file__).resolve().parent.parent / "evals"
+    path = Path(__file__).resolve().parents[2] / "evals"
     if not (path / "coco_eval.py").is_file():
         raise CocoError(f"cannot find the vllm-coco evals directory (looked for {path}); install vllm-coco "
                         f"from its repository (pip install -e .) or set {EVALS_ENV}=/path/to/evals")
@@ -189,8 +189,8 @@ def served_model(url: str) -> str:
 
 def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
     """Validate everything before any model loads; returns (model_dir, out_path)."""
-    from .atomic import check_output_dir
-    from .models import resolve_model_dir
+    from vllm_coco.core.atomic import check_output_dir
+    from vllm_coco.core.models import resolve_model_dir
 
     if opts.limit is not None and opts.limit < 1:
         raise CocoError(f"--limit {opts.limit} must be a positive number of documents per task")
@@ -216,8 +216,8 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
 def check_model_dir(model_dir: Path) -> None:
     """What every backend would trip over, found before lm-eval starts: config, weights (safetensors
     only), remote code, and for an NE-COCO directory its gate section."""
-    from .hf_reference import read_ne_config
-    from .models import auto_config, check_weights, read_config
+    from vllm_coco.serve.hf_reference import read_ne_config
+    from vllm_coco.core.models import auto_config, check_weights, read_config
 
     check_weights(model_dir)
     if "coco" in read_config(model_dir):
@@ -239,7 +239,7 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
             # AutoModel refuses NE directories on purpose; the reference loader applies the gate.
             from lm_eval.models.huggingface import HFLM
 
-            from .hf_reference import load_ne_model
+            from vllm_coco.serve.hf_reference import load_ne_model
 
             model, tok = load_ne_model(model_dir, dtype=torch.float32, device=device)
             return HFLM(pretrained=model, tokenizer=tok, batch_size=bs, device=device), None, bs, device
@@ -287,7 +287,7 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
                        "ne_coco": _is_ne_dir(model_dir), "tasks": list(opts.tasks), "limit": opts.limit,
                        "max_items": opts.max_items, "split": opts.split, "chat_template": chat, "scoring": opts.scoring,
                        "evals_dir": str(evals_dir())}
-    from .atomic import atomic_output_dir
+    from vllm_coco.core.atomic import atomic_output_dir
 
     with atomic_output_dir(out_path, force) as tmp:
         (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=handle_non_serializable,

@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import CocoError
+from vllm_coco.core.errors import CocoError
 
-from .core.names import BASELINES, WEIGHTINGS, Proj
+from vllm_coco.core.names import BASELINES, WEIGHTINGS, Proj
 
 
 def count_for(total: int, ratio: float) -> int:

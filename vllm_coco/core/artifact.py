@@ -23,9 +23,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import METHOD_VERSION
-from .checks import finite_array
-from .errors import CocoError
+from vllm_coco import METHOD_VERSION
+from vllm_coco.core.checks import finite_array
+from vllm_coco.core.errors import CocoError
 
 JSON_NAME = "neurons.json"
 ARRAYS_NAME = "neurons.safetensors"
@@ -90,7 +90,7 @@ def _read_json(d: Path) -> dict:
 
 def _check_neuron_entries(d: Path, meta: dict) -> None:
     """Every neuron named in neurons.json sits inside the model's layout."""
-    from .models import PROJS
+    from vllm_coco.core.models import PROJS
 
     m = meta["model"]
     size = {"q": m["q_size"], "k": m["kv_size"], "v": m["kv_size"]}
@@ -118,7 +118,7 @@ def _read_arrays(d: Path) -> dict[str, np.ndarray]:
 
 
 def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    from .models import NeuronLayout
+    from vllm_coco.core.models import NeuronLayout
 
     m = meta["model"]
     layout = NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
@@ -187,7 +187,7 @@ def check_model_matches(meta: dict, model_dir, force: bool = False, layout=None)
     is derived from config.json. Returns the model's fingerprint. A fingerprint mismatch is refused
     unless `force`; a layout mismatch always is (neuron addresses would point at other channels).
     """
-    from .models import NeuronLayout, fingerprint, read_config
+    from vllm_coco.core.models import NeuronLayout, fingerprint, read_config
 
     if layout is None:
         cfg = read_config(model_dir)

@@ -3,7 +3,7 @@ vLLM's worker processes). Registered by `ne_config.register()`."""
 
 from transformers import LlamaConfig, MistralConfig, PreTrainedModel
 
-from .ne_config import LOADER
+from vllm_coco.serve.ne_config import LOADER
 
 
 class CocoLlamaConfig(LlamaConfig):

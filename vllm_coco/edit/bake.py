@@ -25,13 +25,14 @@ from pathlib import Path
 
 import numpy as np
 
-from . import METHOD_VERSION, __version__, artifact
-from .atomic import atomic_output_dir, check_output_dir
-from .checks import finite, tensors_finite
-from .errors import CocoError
-from .models import check_weights, PROJS, NeuronLayout, read_config, resolve_model_dir
+from vllm_coco import METHOD_VERSION, __version__
+from vllm_coco.core import artifact
+from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
+from vllm_coco.core.checks import finite, tensors_finite
+from vllm_coco.core.errors import CocoError
+from vllm_coco.core.models import check_weights, PROJS, NeuronLayout, read_config, resolve_model_dir
 
-from .core.names import EDIT_MODES as MODES
+from vllm_coco.core.names import EDIT_MODES as MODES
 EDIT_JSON = "coco_edit.json"
 INDEX_JSON = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"

@@ -8,13 +8,15 @@ from pathlib import Path
 
 import numpy as np
 
-from . import METHOD_VERSION, __version__, artifact, scoring, selection
-from .atomic import atomic_output_dir, check_output_dir
-from .checks import finite
-from .core import names as N
-from .core.names import CONTRASTS, SCORINGS  # noqa: F401 (CONTRASTS re-exported)
-from .errors import CocoError
-from .models import PROJS, fingerprint, load_model, read_config, resolve_model_dir
+from vllm_coco import METHOD_VERSION, __version__
+from vllm_coco.core import artifact
+from vllm_coco.identify import scoring, selection
+from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
+from vllm_coco.core.checks import finite
+from vllm_coco.core import names as N
+from vllm_coco.core.names import CONTRASTS, SCORINGS  # noqa: F401 (CONTRASTS re-exported)
+from vllm_coco.core.errors import CocoError
+from vllm_coco.core.models import PROJS, fingerprint, load_model, read_config, resolve_model_dir
 
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
@@ -62,7 +64,7 @@ class IdentifyOptions:
             raise CocoError(f"unknown --contrast {self.contrast}; choose {' or '.join(CONTRASTS)}")
         if self.scoring not in SCORINGS:
             raise CocoError(f"unknown --scoring {self.scoring}; choose {' or '.join(SCORINGS)}")
-        from .behavior import MIN_PER_SET
+        from vllm_coco.identify.behavior import MIN_PER_SET
 
         if self.contrast == "behavior" and self.limit is not None and self.limit < 2 * MIN_PER_SET:
             raise CocoError(f"--limit {self.limit} is too small for --contrast behavior: the model must answer at "
@@ -70,7 +72,7 @@ class IdentifyOptions:
                             f"use --limit {2 * MIN_PER_SET} or more (more is better)")
         if self.batch_size < 1:
             raise CocoError(f"--batch-size {self.batch_size} must be at least 1")
-        from .models import check_device
+        from vllm_coco.core.models import check_device
 
         check_device(self.device)
         if self.null_rounds < 0:
@@ -79,7 +81,7 @@ class IdentifyOptions:
 
 def _weight_norms(model, layout) -> np.ndarray:
     """L2 norm of every q/k/v weight row: the NORM baseline statistic. -> [N]"""
-    from .models import attention_layers
+    from vllm_coco.core.models import attention_layers
 
     out = np.empty(layout.total, dtype=np.float64)
     for layer, attn in enumerate(attention_layers(model)):
@@ -251,7 +253,7 @@ def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOp
     """Behavior mode: the model answers the ambiguous items; (decision-point spans, row_cat,
     row_label, categories, data info). Refuses (CocoError) before anything is written when a
     category has too few biased or "unknown" answers."""
-    from . import behavior
+    from vllm_coco.identify import behavior
 
     categories = list(dict.fromkeys(it.category for it in items))
     chat = bool(opts.chat and getattr(tokenizer, "chat_template", None))
@@ -273,7 +275,7 @@ def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOp
 
 def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, progress: bool = True) -> dict:
     """Run the whole identify job; returns the written neurons.json content."""
-    from .capture import capture, open_matrix
+    from vllm_coco.identify.capture import capture, open_matrix
 
     t0 = time.time()
     opts.validate()
@@ -282,15 +284,15 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
     check_output_dir(out, force, sources)
     config = read_config(model_dir)
     if opts.contrast == "behavior":
-        from .data import load_items
+        from vllm_coco.data.contrast import load_items
 
         items, data_info = load_items(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
         hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device)
         spans, row_cat, row_label, categories, data_info = _behavior_rows(hf_model, tokenizer, items, data_info,
                                                                           opts, progress)
     else:
-        from .capture import response_spans
-        from .data import load_contrast
+        from vllm_coco.identify.capture import response_spans
+        from vllm_coco.data.contrast import load_contrast
 
         pairs, data_info = load_contrast(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
         categories = list(dict.fromkeys(p.category for p in pairs))

@@ -13,14 +13,14 @@ import os
 import time
 from pathlib import Path
 
-from .errors import CocoError
+from vllm_coco.core.errors import CocoError
 
 
 def read_requests(path: Path) -> list[dict]:
     """Validate the whole prompts file before any engine starts (line numbers in errors)."""
     if not Path(path).is_file():
         raise CocoError(f"prompts file {path} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
-    from .data import read_jsonl
+    from vllm_coco.data.contrast import read_jsonl
 
     requests = []
     for lineno, obj in read_jsonl(path):
@@ -56,10 +56,10 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
              dtype: str = "auto", max_model_len: int | None = None, extra: list[str] = (),
              force: bool = False) -> dict:
     """Generate for every request in `prompts`, write `out` atomically; returns throughput figures."""
-    from .models import resolve_model_dir
+    from vllm_coco.core.models import resolve_model_dir
 
-    from .atomic import check_output_file
-    from .checks import finite
+    from vllm_coco.core.atomic import check_output_file
+    from vllm_coco.core.checks import finite
 
     model_dir = resolve_model_dir(model)
     out_path = check_output_file(out, force, sources=(model_dir, prompts) + ((lora,) if lora else ()))
@@ -100,7 +100,7 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
     wall = time.perf_counter() - t0
     n_out = sum(len(r.outputs[0].token_ids) for r in results)
     n_in = sum(len(r.prompt_token_ids) for r in results)
-    from .atomic import made_parents, write_text
+    from vllm_coco.core.atomic import made_parents, write_text
 
     with made_parents(out_path):
         write_text(out_path, "".join(json.dumps({**req, "output": res.outputs[0].text,

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .core.names import K_NEGATIVES, TAU  # noqa: F401 (re-exported: scoring.TAU)
+from vllm_coco.core.names import K_NEGATIVES, TAU  # noqa: F401 (re-exported: scoring.TAU)
 
 # Elements of the [anchors, negatives, neurons] tensor per chunk: bounds scoring memory (~64 MB in float64).
 # A chunk makes a handful of such temporaries; a GPU with tens of GB free can take 1 << 28 (2 GB each),

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import CocoError
+from vllm_coco.core.errors import CocoError
 
-from .core.names import DTYPES, PROJS  # noqa: F401 (re-exported)
+from vllm_coco.core.names import DTYPES, PROJS  # noqa: F401 (re-exported)
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
 

@@ -5,15 +5,15 @@ registered as lazy "module:Class" strings, so nothing heavy is imported here.
 """
 
 ARCHITECTURES = {
-    "CocoLlamaForCausalLM": "vllm_coco.vllm_models:CocoLlamaForCausalLM",
-    "CocoMistralForCausalLM": "vllm_coco.vllm_models:CocoMistralForCausalLM",
+    "CocoLlamaForCausalLM": "vllm_coco.serve.vllm_models:CocoLlamaForCausalLM",
+    "CocoMistralForCausalLM": "vllm_coco.serve.vllm_models:CocoMistralForCausalLM",
 }
 
 
 def register() -> None:
     from vllm import ModelRegistry
 
-    from .ne_config import register as register_configs
+    from vllm_coco.serve.ne_config import register as register_configs
 
     register_configs()  # coco_llama / coco_mistral model types for transformers' AutoConfig
     known = set(ModelRegistry.get_supported_archs())

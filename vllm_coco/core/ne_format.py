@@ -1,0 +1,148 @@
+"""The NE-COCO directory format: the one place that knows its file names, tensor names, config
+keys and architecture names. `coco-tools ne` writes it, the Hugging Face reference and the vLLM
+plugin read it, and every "is this an NE directory?" question asks `is_ne`.
+
+An NE directory is the base model's files, byte-identical, plus
+
+    coco_gate.safetensors   per layer l with S_l gated channels (layers without one are absent):
+        model.layers.{l}.self_attn.coco_gate.channels  int64   [S_l]  indices into the packed [q | k | v] output
+        model.layers.{l}.self_attn.coco_gate.mu        float32 [S_l]  calibration mean of |h|
+        model.layers.{l}.self_attn.coco_gate.sigma     float32 [S_l]  calibration std of |h| (floored)
+        model.layers.{l}.self_attn.coco_gate.w         float32 [S_l]  edit weights
+        model.layers.{l}.self_attn.coco_gate.w_hat     float32 [S_l, S_l]  networked-engagement mixing
+    config.json             the base config with `architectures: [CocoLlamaForCausalLM]` (or Mistral),
+                            `model_type: coco_llama` (or coco_mistral), and a `coco` section: method,
+                            alpha, beta, lam, ratio, weighting, base_architecture, `channels` (per layer,
+                            the gated indices, so a tensor-parallel rank can size its share before any
+                            weight loads), count, neurons (artifact hash), base_fingerprint.
+
+The tensor names avoid ".q_proj"/".v_proj", which vLLM's weight loader rewrites. The model types
+are unknown to plain transformers on purpose: the gate can never be silently dropped.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vllm_coco.core.errors import CocoError
+
+GATE_FILE = "coco_gate.safetensors"
+GATE_KEYS = ("channels", "mu", "sigma", "w", "w_hat")
+SECTION = "coco"  # the config.json key holding the gate's hyperparameters
+BASE_TO_NE_ARCH = {"LlamaForCausalLM": "CocoLlamaForCausalLM", "MistralForCausalLM": "CocoMistralForCausalLM"}
+NE_TO_BASE_TYPE = {"coco_llama": "llama", "coco_mistral": "mistral"}
+LOADER = "vllm_coco.serve.hf_reference.load_ne_model"  # named in errors that refuse an NE directory
+INDEX_JSON = "model.safetensors.index.json"
+_FIX = "re-export the directory with `coco-tools ne`"
+
+
+def gate_prefix(layer: int) -> str:
+    return f"model.layers.{layer}.self_attn.coco_gate"
+
+
+def is_ne(config: dict) -> bool:
+    """Whether a config.json (as a dict) is an NE-COCO directory's."""
+    return SECTION in config
+
+
+def refuse_ne(config: dict, model_dir) -> None:
+    """Commands that need a plain base model (identify, bake, ne) refuse an NE directory."""
+    if is_ne(config):
+        raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
+
+
+def check_section(config: dict, path: Path) -> dict:
+    """The `coco` section of an NE config.json: finite hyperparameters in range and one list of
+    channel indices per layer. Returns it (CocoError naming the file if not)."""
+    from vllm_coco.core.checks import finite
+
+    coco = config.get(SECTION)
+    if not isinstance(coco, dict) or config.get("model_type") not in NE_TO_BASE_TYPE:
+        raise CocoError(f"{path.parent} is not an NE-COCO directory (no coco section); create one with `coco-tools ne`")
+    try:
+        finite(coco.get("alpha"), f"{path}: coco.alpha")
+        finite(coco.get("beta"), f"{path}: coco.beta", lo=0, lo_open=True)
+        finite(coco.get("lam"), f"{path}: coco.lam", lo=0, hi=1)
+    except CocoError as exc:
+        raise CocoError(f"{exc}; {_FIX}") from None
+    if coco.get("base_architecture") not in BASE_TO_NE_ARCH:
+        raise CocoError(f"{path}: coco.base_architecture {coco.get('base_architecture')!r} is not one of "
+                        f"{', '.join(BASE_TO_NE_ARCH)}; {_FIX}")
+    channels = coco.get("channels")
+    if (not isinstance(channels, list) or len(channels) != config.get("num_hidden_layers")
+            or not all(isinstance(c, list) and all(isinstance(i, int) and i >= 0 for i in c) for c in channels)):
+        raise CocoError(f"{path}: coco.channels is not one list of channel indices per layer; {_FIX}")
+    return coco
+
+
+@dataclass(frozen=True)
+class NEDirectory:
+    """A validated NE-COCO directory: its path and config.json (with the `coco` section)."""
+
+    path: Path
+    config: dict
+
+    @classmethod
+    def read(cls, ne_dir) -> "NEDirectory":
+        from vllm_coco.core.models import read_config
+
+        path = Path(ne_dir)
+        if not (path / "config.json").is_file():
+            raise CocoError(f"{ne_dir} is not a model directory (no config.json)")
+        config = read_config(path)
+        check_section(config, path / "config.json")
+        return cls(path, config)
+
+    @property
+    def coco(self) -> dict:
+        return self.config[SECTION]
+
+    def base_config(self) -> tuple[str, dict]:
+        """(base model_type, config kwargs) of the model under the gate."""
+        kwargs = {k: v for k, v in self.config.items() if k not in (SECTION, "architectures", "model_type")}
+        return NE_TO_BASE_TYPE[self.config["model_type"]], kwargs
+
+    def gates(self) -> dict[int, dict]:
+        """Per gated layer, its tensors (torch, CPU) by GATE_KEYS name; every one finite."""
+        from safetensors.torch import load_file
+
+        from vllm_coco.core.checks import tensors_finite
+
+        try:
+            tensors = load_file(str(self.path / GATE_FILE))
+        except Exception as exc:  # missing, truncated or garbage
+            raise CocoError(f"{self.path / GATE_FILE} is not a readable safetensors file ({type(exc).__name__}); "
+                            f"{_FIX}") from None
+        tensors_finite(tensors, str(self.path / GATE_FILE), _FIX)
+        out = {}
+        for layer, channels in enumerate(self.coco["channels"]):
+            if channels:
+                names = [f"{gate_prefix(layer)}.{k}" for k in GATE_KEYS]
+                if not all(n in tensors for n in names):
+                    raise CocoError(f"{self.path / GATE_FILE} lacks layer {layer}'s gate tensors; {_FIX}")
+                out[layer] = {k: tensors[n] for k, n in zip(GATE_KEYS, names)}
+        return out
+
+
+def write(tmp: Path, base_config: dict, coco: dict, gate: dict[int, dict]) -> None:
+    """Write the NE parts into `tmp`, which already holds the base model's files: the gate
+    tensors, the sharded index entries (if the base is sharded) and the NE config.json."""
+    import numpy as np
+    from safetensors.numpy import save_file
+
+    from vllm_coco import METHOD_VERSION
+
+    tensors = {f"{gate_prefix(l)}.{k}": np.ascontiguousarray(g[k]) for l, g in gate.items() for k in GATE_KEYS}
+    save_file(tensors, str(tmp / GATE_FILE), metadata={"format": "pt", "method": METHOD_VERSION})
+    index = tmp / INDEX_JSON
+    if index.exists():  # sharded base: the index must list the gate tensors too
+        idx = json.loads(index.read_text())
+        idx["weight_map"].update({name: GATE_FILE for name in tensors})
+        index.write_text(json.dumps(idx, indent=2) + "\n")
+    config = dict(base_config)
+    config["architectures"] = [BASE_TO_NE_ARCH[coco["base_architecture"]]]
+    config["model_type"] = "coco_" + base_config["model_type"]
+    config[SECTION] = coco
+    (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")

@@ -1,0 +1,1 @@
+"""Inputs of the pipeline: contrast data (BBQ items, JSONL pairs, splits) and the demo model."""

@@ -1,0 +1,1 @@
+"""The experiment (`coco-tools run`): config schema, stages, typed results, report."""

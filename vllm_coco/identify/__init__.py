@@ -1,0 +1,1 @@
+"""Identify: capture intensities -> COCO score -> selection -> the neuron artifact (and its report)."""
