@@ -35,6 +35,7 @@ from pathlib import Path
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, write_text
 from vllm_coco.core.errors import CocoError
+from vllm_coco.tasks import results as lm_results
 
 PIPELINE_VERSION = 1  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
@@ -213,22 +214,11 @@ def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, met
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
-def _metric(results: dict, task: str, metric: str):
-    entry = results.get("results", {}).get(task) or {}
-    v = entry.get(f"{metric},none")
-    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else None
-
-
-def _docs(results: dict, task: str) -> int:
-    n = (results.get("n-samples") or {}).get(task) or {}
-    return int(n.get("effective") or n.get("original") or 0)
-
-
 def _weighted(results: dict, tasks, metric: str):
     """Doc-weighted mean of a metric over subtasks (as lm-eval's weight_by_size groups), NaN-aware."""
     num = den = 0.0
     for t in tasks:
-        v, n = _metric(results, t, metric), _docs(results, t)
+        v, n = lm_results.metric(results, t, metric), lm_results.docs(results, t)
         if v is None or math.isnan(v) or n == 0:
             continue
         num, den = num + v * n, den + n
@@ -242,9 +232,9 @@ STEREO_METRICS = ("success_rate", "acc_disambig", "bias_ambig", "abs_bias_ambig"
 def stereo_summary(results: dict, categories) -> dict:
     """{metric: {category: value, "all": value}} of the stereo_coco_<category> tasks, plus docs."""
     tasks = [f"stereo_coco_{c}" for c in categories]
-    out = {m: {**{c: _metric(results, t, m) for c, t in zip(categories, tasks)},
+    out = {m: {**{c: lm_results.metric(results, t, m) for c, t in zip(categories, tasks)},
                "all": _weighted(results, tasks, m)} for m in STEREO_METRICS}
-    out["docs"] = {c: _docs(results, t) for c, t in zip(categories, tasks)}
+    out["docs"] = {c: lm_results.docs(results, t) for c, t in zip(categories, tasks)}
     return out
 
 
@@ -252,10 +242,10 @@ def retention_summary(results: dict, tasks) -> dict:
     out = {}
     for t in tasks:
         if t == "coco_truthfulqa_ref":
-            out[t] = _metric(results, t, "ref_bits_per_byte")
+            out[t] = lm_results.metric(results, t, "ref_bits_per_byte")
         else:
-            out[t] = _metric(results, t, "acc")
-        out[f"{t}_docs"] = _docs(results, t)
+            out[t] = lm_results.metric(results, t, "acc")
+        out[f"{t}_docs"] = lm_results.docs(results, t)
     accs = [out[t] for t in tasks if t in RETENTION_SWEEP and out[t] is not None]
     out["acc_mean"] = sum(accs) / len(accs) if accs else None
     return out
@@ -265,12 +255,12 @@ def jailbreak_summary(results: dict) -> dict:
     out = {}
     for fam in JAILBREAK_FAMILIES:
         t = f"stereo_coco_jailbreak_{fam}"
-        out[fam] = {"success_rate": _metric(results, t, "success_rate"),
-                    "bias_ambig": _metric(results, t, "bias_ambig"), "docs": _docs(results, t)}
+        out[fam] = {"success_rate": lm_results.metric(results, t, "success_rate"),
+                    "bias_ambig": lm_results.metric(results, t, "bias_ambig"), "docs": lm_results.docs(results, t)}
     tasks = [f"stereo_coco_jailbreak_{f}" for f in JAILBREAK_FAMILIES]
     out["all"] = {"success_rate": _weighted(results, tasks, "success_rate"),
                   "bias_ambig": _weighted(results, tasks, "bias_ambig"),
-                  "docs": sum(_docs(results, t) for t in tasks)}
+                  "docs": sum(lm_results.docs(results, t) for t in tasks)}
     return out
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from vllm_coco.core.atomic import save_figure
 from vllm_coco.core.errors import CocoError
+from vllm_coco.tasks import results as lm_results
 
 ALL_ROW = "all"
 
@@ -92,12 +93,6 @@ def _children(group: str, runs: list[dict]) -> list[str]:
     return names
 
 
-def _value(data: dict, task: str, metric: str):
-    entry = data["results"].get(task) or {}
-    value = entry.get(f"{metric},none", entry.get(metric))
-    return value if isinstance(value, (int, float)) and not isinstance(value, bool) else None
-
-
 def _row_name(task: str, group: str) -> str:
     return task[len(group) + 1:] if task.startswith(group + "_") else task
 
@@ -105,17 +100,17 @@ def _row_name(task: str, group: str) -> str:
 def compare_table(runs: list[tuple[str, dict]], group: str = "stereo_coco", metric: str = "success_rate"):
     """(rows, table text): rows = [(row name, [value or None per run])], the group's own value last."""
     datas = [d for _, d in runs]
-    tasks = [t for t in _children(group, datas) if any(_value(d, t, metric) is not None for d in datas)]
-    has_group = any(_value(d, group, metric) is not None for d in datas)
+    tasks = [t for t in _children(group, datas) if any(lm_results.metric(d, t, metric) is not None for d in datas)]
+    has_group = any(lm_results.metric(d, group, metric) is not None for d in datas)
     if not tasks and not has_group:
         present = sorted({k.split(",")[0] for d in datas for v in d["results"].values() for k in v
                           if k.endswith(",none") and "_stderr" not in k})
         groups = sorted({t for d in datas for t in d["results"]})
         raise CocoError(f"no run has metric {metric} for task group {group}; tasks in the results: "
                         f"{', '.join(groups)}; metrics: {', '.join(present)}")
-    rows = [(_row_name(t, group), [_value(d, t, metric) for d in datas]) for t in tasks]
+    rows = [(_row_name(t, group), [lm_results.metric(d, t, metric) for d in datas]) for t in tasks]
     if has_group:
-        rows.append((ALL_ROW, [_value(d, group, metric) for d in datas]))
+        rows.append((ALL_ROW, [lm_results.metric(d, group, metric) for d in datas]))
     labels = [label for label, _ in runs]
     first = max([len(f"{metric} ({group})")] + [len(r) for r, _ in rows])
     width = max([len(label) for label in labels] + [17])

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import yaml
 
+from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
 
 EVALS_ENV = "COCO_EVALS_DIR"
@@ -163,8 +164,9 @@ def _has_chat_template(model_dir: Path) -> bool:
 
 
 def _is_ne_dir(model_dir: Path) -> bool:
-    cfg = json.loads((model_dir / "config.json").read_text(encoding="utf-8"))
-    return "coco" in cfg
+    from vllm_coco.core.models import read_config
+
+    return ne_format.is_ne(read_config(model_dir))
 
 
 def _api_base(url: str) -> str:
@@ -216,12 +218,11 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
 def check_model_dir(model_dir: Path) -> None:
     """What every backend would trip over, found before lm-eval starts: config, weights (safetensors
     only), remote code, and for an NE-COCO directory its gate section."""
-    from vllm_coco.serve.hf_reference import read_ne_config
-    from vllm_coco.core.models import auto_config, check_weights, read_config
+    from vllm_coco.core.models import auto_config, check_weights
 
     check_weights(model_dir)
-    if "coco" in read_config(model_dir):
-        read_ne_config(model_dir)
+    if _is_ne_dir(model_dir):
+        ne_format.NEDirectory.read(model_dir)
     else:
         auto_config(model_dir)
 
