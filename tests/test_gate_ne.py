@@ -211,7 +211,7 @@ def test_plain_automodel_refuses_an_ne_directory(planted, artifact_dir, tmp_path
     code = f"from transformers import AutoModelForCausalLM; AutoModelForCausalLM.from_pretrained({str(out)!r})"
     plain = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert plain.returncode != 0 and "coco_llama" in plain.stderr
-    with_ours = subprocess.run([sys.executable, "-c", "import vllm_coco.serve.ne_config as c; c.register(); " + code],
+    with_ours = subprocess.run([sys.executable, "-c", "import vllm_coco.serve.hf_configs as c; c.register(); " + code],
                                capture_output=True, text=True)
     assert with_ours.returncode != 0 and "vllm_coco.serve.hf_reference.load_ne_model" in with_ours.stderr
 

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
 
 from vllm_coco.core.names import DTYPES, PROJS  # noqa: F401 (re-exported)
@@ -239,8 +240,7 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening
     config = read_config(model_dir)
-    if "coco" in config:
-        raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
+    ne_format.refuse_ne(config, model_dir)
     check_weights(model_dir)
     check_architecture(auto_config(model_dir))
     try:

@@ -29,6 +29,7 @@ from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core import artifact
 from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
 from vllm_coco.core.checks import finite, tensors_finite
+from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import check_weights, PROJS, NeuronLayout, read_config, resolve_model_dir
 
@@ -185,8 +186,7 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
     sources = (model_dir, Path(neurons_dir))
     check_output_dir(out, force, sources)
     config = read_config(model_dir)
-    if "coco" in config:
-        raise CocoError(f"{model_dir} is an NE-COCO directory; pass its base model directory instead")
+    ne_format.refuse_ne(config, model_dir)
     src = scan_source(model_dir)
     fp = artifact.check_model_matches(meta, model_dir, force, layout=source_layout(src, model_dir))
     edits = planned_edits(meta, arrays)

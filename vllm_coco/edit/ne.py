@@ -1,25 +1,14 @@
 """`coco-tools ne`: export an NE-COCO model directory (base weights unchanged + a runtime gate).
 
-Neuron set (docs/METHOD.md §7.1; tensors §7.2): the top `ratio` of all q and v neurons by inter-contrast |d_n| (combined
-direction), relaxing intra-consistency. Per layer l with S_l selected channels, the gate tensors are
-
-    model.layers.{l}.self_attn.coco_gate.channels  int64   [S_l]  indices into the packed [q | k | v] output
-    model.layers.{l}.self_attn.coco_gate.mu        float32 [S_l]  calibration mean of |h|
-    model.layers.{l}.self_attn.coco_gate.sigma     float32 [S_l]  calibration std of |h| (floored)
-    model.layers.{l}.self_attn.coco_gate.w         float32 [S_l]  edit weights (artifact's weighting)
-    model.layers.{l}.self_attn.coco_gate.w_hat     float32 [S_l, S_l]  |Pearson| of intensities, zero
-                                                                      diagonal, rows summing to 1
-
-stored in coco_gate.safetensors. The names avoid ".q_proj"/".v_proj", which vLLM's loader rewrites.
-config.json names CocoLlamaForCausalLM / CocoMistralForCausalLM (model_type coco_llama /
-coco_mistral) and carries a `coco` section with the hyperparameters and `channels` (per layer, the
-gated indices into the packed output), so that a tensor-parallel rank can size its own share of
-the gate before any weight is loaded.
+Neuron set (docs/METHOD.md §7.1): the top `ratio` of all q and v neurons by inter-contrast |d_n|
+(combined direction), relaxing intra-consistency. Per layer, the gate's tensors (§7.2): the
+channels, their calibration mean and std of |h| (mu, sigma floored), the edit weights w, and
+W_hat, the |Pearson| correlation of the channels' intensities with a zero diagonal and rows
+summing to 1. The directory format (file, tensor and config names) is core/ne_format.py's.
 """
 
 from __future__ import annotations
 
-import json
 import shutil
 from pathlib import Path
 
@@ -32,16 +21,11 @@ from vllm_coco.core.checks import finite, tensors_finite
 from vllm_coco.core.names import RATIO, Proj
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import check_weights, NeuronLayout, read_config, resolve_model_dir
-from vllm_coco.serve.ne_config import BASE_TO_NE_ARCH
+from vllm_coco.core import ne_format
+from vllm_coco.core.ne_format import BASE_TO_NE_ARCH
 from vllm_coco.identify.selection import edit_weights
 
-GATE_FILE = "coco_gate.safetensors"
-GATE_KEYS = ("channels", "mu", "sigma", "w", "w_hat")
 SIGMA_FLOOR = 1e-6
-
-
-def gate_prefix(layer: int) -> str:
-    return f"model.layers.{layer}.self_attn.coco_gate"
 
 
 def select_ne(arrays: dict, ratio: float) -> np.ndarray:
@@ -110,8 +94,6 @@ def check_hyper(alpha: float, beta: float, lam: float, w_min: float) -> None:
 def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: float = 2.0, lam: float = 0.5,
              ratio: float | None = None, force: bool = False) -> dict:
     """Write an NE-COCO directory; returns its `coco` config section."""
-    from safetensors.numpy import save_file
-
     from vllm_coco.identify.selection import count_for
 
     alpha, beta, lam = finite(alpha, "--alpha"), finite(beta, "--beta"), finite(lam, "--lam")
@@ -122,6 +104,7 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
     sources = (model_dir, Path(neurons_dir))
     check_output_dir(out, force, sources)
     config = read_config(model_dir)
+    ne_format.refuse_ne(config, model_dir)
     base_arch = (config.get("architectures") or ["?"])[0]
     if base_arch not in BASE_TO_NE_ARCH:
         raise CocoError(f"NE-COCO supports {', '.join(BASE_TO_NE_ARCH)}; {model_dir} is {base_arch}")
@@ -140,20 +123,11 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
                          for l in range(meta["model"]["num_layers"])],
             "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp}
     coco["count"] = sum(len(c) for c in coco["channels"])
-    tensors = {f"{gate_prefix(l)}.{k}": np.ascontiguousarray(g[k]) for l, g in gate.items() for k in GATE_KEYS}
-    tensors_finite(tensors, "the NE gate", f"the artifact {neurons_dir} holds non-finite statistics: re-run identify")
+    tensors_finite({f"layer {l} {k}": g[k] for l, g in gate.items() for k in ne_format.GATE_KEYS}, "the NE gate",
+                   f"the artifact {neurons_dir} holds non-finite statistics: re-run identify")
     with atomic_output_dir(out, force, sources) as tmp:
         for f in model_dir.iterdir():
             if f.is_file() and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)  # base weights and tokenizer: byte-identical
-        save_file(tensors, str(tmp / GATE_FILE), metadata={"format": "pt", "method": METHOD_VERSION})
-        index = tmp / "model.safetensors.index.json"
-        if index.exists():  # sharded base: the index must list the gate tensors too
-            idx = json.loads(index.read_text())
-            idx["weight_map"].update({name: GATE_FILE for name in tensors})
-            index.write_text(json.dumps(idx, indent=2) + "\n")
-        config["architectures"] = [BASE_TO_NE_ARCH[base_arch]]
-        config["model_type"] = "coco_" + config["model_type"]
-        config["coco"] = coco
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        ne_format.write(tmp, config, coco, gate)
     return coco

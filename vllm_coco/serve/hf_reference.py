@@ -8,16 +8,11 @@ hands the gated outputs to the unchanged attention forward through stand-in proj
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 
-from vllm_coco.core.checks import tensors_finite
-from vllm_coco.core.errors import CocoError
 from vllm_coco.edit.gate import apply_gate
-from vllm_coco.edit.ne import GATE_FILE, GATE_KEYS, gate_prefix
-from vllm_coco.serve.ne_config import NE_TO_BASE_TYPE
+from vllm_coco.core.ne_format import GATE_KEYS, NEDirectory
 
 
 class _Stored(nn.Module):
@@ -59,71 +54,23 @@ class GatedAttention(nn.Module):
         return a(*args, **kwargs)
 
 
-def read_ne_config(ne_dir: Path) -> dict:
-    from vllm_coco.core.models import read_config
-
-    path = Path(ne_dir) / "config.json"
-    if not path.is_file():
-        raise CocoError(f"{ne_dir} is not a model directory (no config.json)")
-    cfg = read_config(ne_dir)
-    if not isinstance(cfg.get("coco"), dict) or cfg.get("model_type") not in NE_TO_BASE_TYPE:
-        raise CocoError(f"{ne_dir} is not an NE-COCO directory (no coco section); create one with `coco-tools ne`")
-    check_coco_section(cfg, path)
-    return cfg
-
-
-def check_coco_section(cfg: dict, path: Path) -> None:
-    """The `coco` section of an NE directory's config.json: finite hyperparameters in range and one
-    list of channel indices per layer (CocoError naming the file)."""
-    from vllm_coco.core.checks import finite
-    from vllm_coco.serve.ne_config import BASE_TO_NE_ARCH
-
-    coco = cfg["coco"]
-    fix = "re-export the directory with `coco-tools ne`"
-    try:
-        finite(coco.get("alpha"), f"{path}: coco.alpha")
-        finite(coco.get("beta"), f"{path}: coco.beta", lo=0, lo_open=True)
-        finite(coco.get("lam"), f"{path}: coco.lam", lo=0, hi=1)
-    except CocoError as exc:
-        raise CocoError(f"{exc}; {fix}") from None
-    if coco.get("base_architecture") not in BASE_TO_NE_ARCH:
-        raise CocoError(f"{path}: coco.base_architecture {coco.get('base_architecture')!r} is not one of "
-                        f"{', '.join(BASE_TO_NE_ARCH)}; {fix}")
-    channels = coco.get("channels")
-    layers = cfg.get("num_hidden_layers")
-    if (not isinstance(channels, list) or len(channels) != layers
-            or not all(isinstance(c, list) and all(isinstance(i, int) and i >= 0 for i in c) for c in channels)):
-        raise CocoError(f"{path}: coco.channels is not one list of channel indices per layer; {fix}")
-
-
 def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu", alpha: float | None = None):
     """Load an NE-COCO directory as a transformers causal LM with the NE gate applied.
 
     `alpha` overrides the directory's strength (0 gives exactly the base model). Returns (model, tokenizer).
     """
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    ne_dir = Path(ne_dir)
-    cfg = read_ne_config(ne_dir)
-    coco = cfg["coco"]
-    base_cfg = {k: v for k, v in cfg.items() if k not in ("coco", "architectures", "model_type")}
-    config = AutoConfig.for_model(NE_TO_BASE_TYPE[cfg["model_type"]], **base_cfg)
-    config.architectures = [coco["base_architecture"]]
-    model = AutoModelForCausalLM.from_pretrained(ne_dir, config=config, dtype=dtype, trust_remote_code=False,
+    ne = NEDirectory.read(ne_dir)
+    base_type, base_cfg = ne.base_config()
+    config = AutoConfig.for_model(base_type, **base_cfg)
+    config.architectures = [ne.coco["base_architecture"]]
+    model = AutoModelForCausalLM.from_pretrained(ne.path, config=config, dtype=dtype, trust_remote_code=False,
                                                  use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(ne_dir, trust_remote_code=False)
-    try:
-        tensors = load_file(str(ne_dir / GATE_FILE))
-    except Exception as exc:  # missing, truncated or garbage
-        raise CocoError(f"{ne_dir / GATE_FILE} is not a readable safetensors file ({type(exc).__name__}); "
-                        "re-export the directory with `coco-tools ne`") from None
-    tensors_finite(tensors, f"{ne_dir / GATE_FILE}", "re-export the directory with `coco-tools ne`")
-    a = coco["alpha"] if alpha is None else alpha
-    for layer, decoder_layer in enumerate(model.model.layers):
-        if not coco["channels"][layer]:
-            continue
-        gate = {k: tensors[f"{gate_prefix(layer)}.{k}"] for k in GATE_KEYS}
-        decoder_layer.self_attn = GatedAttention(decoder_layer.self_attn, gate, a, coco["beta"], coco["lam"])
+    tokenizer = AutoTokenizer.from_pretrained(ne.path, trust_remote_code=False)
+    a = ne.coco["alpha"] if alpha is None else alpha
+    for layer, gate in ne.gates().items():
+        decoder_layer = model.model.layers[layer]
+        decoder_layer.self_attn = GatedAttention(decoder_layer.self_attn, gate, a, ne.coco["beta"], ne.coco["lam"])
     model.to(device).eval()
     return model, tokenizer

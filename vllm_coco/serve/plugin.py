@@ -13,7 +13,7 @@ ARCHITECTURES = {
 def register() -> None:
     from vllm import ModelRegistry
 
-    from vllm_coco.serve.ne_config import register as register_configs
+    from vllm_coco.serve.hf_configs import register as register_configs
 
     register_configs()  # coco_llama / coco_mistral model types for transformers' AutoConfig
     known = set(ModelRegistry.get_supported_archs())
