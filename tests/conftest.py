@@ -22,7 +22,7 @@ def planted(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
     """The SmolLM2 demo model (Llama), materialized once per session (slow: ~30 s)."""
-    from vllm_coco.core.models import write_demo_model
+    from vllm_coco.data.demo_model import write_demo_model
 
     out = tmp_path_factory.mktemp("demo") / "smollm2"
     write_demo_model(out, "llama")
@@ -32,7 +32,7 @@ def demo_model(tmp_path_factory):
 @pytest.fixture(scope="session")
 def demo_mistral(tmp_path_factory):
     """The SmolLM2 demo model as its MistralForCausalLM twin."""
-    from vllm_coco.core.models import write_demo_model
+    from vllm_coco.data.demo_model import write_demo_model
 
     out = tmp_path_factory.mktemp("demo") / "smollm2-mistral"
     write_demo_model(out, "mistral")

@@ -23,7 +23,7 @@ def _logits(model_dir):
 def test_demo_model_matches_the_gguf_and_its_mistral_twin(demo_model, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from vllm_coco.core.models import smollm2_gguf
+    from vllm_coco.data.demo_model import smollm2_gguf
 
     cfg = json.loads((demo_model / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30

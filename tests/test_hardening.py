@@ -191,7 +191,7 @@ EMPTY_CASES = [
 def test_blank_out_is_refused_and_the_current_directory_survives(argv, tmp_path, planted, art,
                                                                          monkeypatch):
     """`--out ""` is the current directory to pathlib: with --force it would be replaced."""
-    from vllm_coco.core import models
+    from vllm_coco.data import demo_model as models
 
     def no_demo(*a, **k):  # never spend 30 s writing SmolLM2 into the cwd when the check is missing
         raise AssertionError("demo-model started writing although OUT is empty")

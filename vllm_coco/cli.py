@@ -9,8 +9,6 @@ import click
 
 from vllm_coco.core import names as N
 
-DEMO_ARCHS = ("llama", "mistral")
-
 EXIT_CODES = """\b
 Exit codes:
   0  success
@@ -44,7 +42,7 @@ def cli():
 
 @cli.command("demo-model", epilog=EXIT_CODES)
 @click.argument("out", type=click.Path(file_okay=False))
-@click.option("--arch", type=click.Choice(DEMO_ARCHS), default="llama", show_default=True,
+@click.option("--arch", type=click.Choice(N.DEMO_ARCHS), default="llama", show_default=True,
               help="llama: LlamaForCausalLM; mistral: the equivalent MistralForCausalLM (identical logits).")
 @click.option("--dtype", type=click.Choice(N.DTYPES), default="float32", show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
@@ -58,7 +56,7 @@ def demo_model(out, arch, dtype, force):
       coco-tools demo-model models/smollm2-mistral --arch mistral
     """
     from vllm_coco.core.atomic import atomic_output_dir
-    from vllm_coco.core.models import smollm2_gguf, write_demo_model
+    from vllm_coco.data.demo_model import smollm2_gguf, write_demo_model
 
     smollm2_gguf()  # fail early, before creating anything
     with atomic_output_dir(out, force) as tmp:

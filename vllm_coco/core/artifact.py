@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -156,20 +157,56 @@ def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         _fail(d, ARRAYS_NAME, "a standard deviation or norm is negative")
 
 
-def load(neurons_dir: str | Path) -> tuple[dict, dict[str, np.ndarray]]:
-    """Read and validate an artifact directory (JSON + safetensors only: nothing is unpickled).
+def is_artifact(d) -> bool:
+    """Whether `d` holds the two files of a neuron artifact (not whether they are valid)."""
+    d = Path(d)
+    return str(d).strip() != "" and (d / JSON_NAME).is_file() and (d / ARRAYS_NAME).is_file()
 
-    Any problem (missing or unreadable files, bad JSON, missing keys, arrays of the wrong shape,
-    non-finite numbers, neurons outside the layout) is a CocoError naming the file."""
-    d = Path(neurons_dir)
-    if str(neurons_dir).strip() == "" or not (d / JSON_NAME).is_file() or not (d / ARRAYS_NAME).is_file():
-        raise CocoError(f"{d} is not a neuron artifact (needs {JSON_NAME} and {ARRAYS_NAME}); "
-                        "create one with `coco-tools identify`")
-    meta = _read_json(d)
-    _check_neuron_entries(d, meta)
-    arrays = _read_arrays(d)
-    _check_arrays(d, meta, arrays)
-    return meta, arrays
+
+@dataclass(frozen=True)
+class Artifact:
+    """A validated neuron artifact. Unpacks as `meta, arrays = Artifact.read(d)`."""
+
+    path: Path
+    meta: dict
+    arrays: dict[str, np.ndarray]
+
+    @classmethod
+    def read(cls, neurons_dir) -> "Artifact":
+        """Read and validate (JSON + safetensors only: nothing is unpickled). Any problem (missing or
+        unreadable files, bad JSON, missing keys, arrays of the wrong shape, non-finite numbers,
+        neurons outside the layout) is a CocoError naming the file."""
+        d = Path(neurons_dir)
+        if not is_artifact(d):
+            raise CocoError(f"{d} is not a neuron artifact (needs {JSON_NAME} and {ARRAYS_NAME}); "
+                            "create one with `coco-tools identify`")
+        meta = _read_json(d)
+        _check_neuron_entries(d, meta)
+        arrays = _read_arrays(d)
+        _check_arrays(d, meta, arrays)
+        return cls(d, meta, arrays)
+
+    def __iter__(self):
+        return iter((self.meta, self.arrays))
+
+    @property
+    def layout(self):
+        from vllm_coco.core.models import NeuronLayout
+
+        m = self.meta["model"]
+        return NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
+
+    @property
+    def categories(self) -> list[str]:
+        return self.meta["categories"]
+
+    def hash(self) -> str:
+        return artifact_hash(self.path)
+
+
+def load(neurons_dir: str | Path) -> Artifact:
+    """`Artifact.read`: the validated artifact, which unpacks as (meta, arrays)."""
+    return Artifact.read(neurons_dir)
 
 
 def artifact_hash(neurons_dir: str | Path) -> str:

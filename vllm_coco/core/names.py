@@ -48,6 +48,7 @@ LE_ALPHA = 1.0
 NE_ALPHA, NE_BETA, NE_LAM = 1.0, 2.0, 0.5
 
 # --- models and evaluation
+DEMO_ARCHS = ("llama", "mistral")  # the demo model as LlamaForCausalLM or its MistralForCausalLM twin
 DTYPES = ("float32", "bfloat16", "float16")
 SCORINGS = ("sum", "per-byte")  # how a loglikelihood task picks an option (§8)
 BACKENDS = ("auto", "hf", "vllm")  # the pipeline's; `coco-tools eval` also takes a server URL
