@@ -24,9 +24,10 @@ modules free of vLLM / lm-eval (checked: the JSON's `heavy_imports` must be empt
 
     PYTHONPATH=. python3 tools/gpu_check.py --out $OUT/gpu_check.json
 
-Expected runtime on one H200: about 1 minute (budget: 8); measured 57 s wall, of which 44 s in the
-parts (capture 18 s including the 9 s model build, gate 7 s, scoring 12 s, parity 4 s). Progress lines are flushed as they come, so a cut-off run still says
-how far it got. `--dry-run` runs every part on the CPU with tiny shapes in seconds (the tests do).
+Expected runtime on one H200: about 1 minute (budget: 8); measured 63 s wall, of which 55 s in the
+parts (capture 28 s including the 11 s model build, gate 7 s, scoring 13 s, parity 5 s). Progress lines
+are flushed as they come, so a cut-off run still says how far it got. `--dry-run` runs every part on
+the CPU with tiny shapes in seconds (the tests do).
 Output: a human table, then as the LAST line one JSON object (also written to --out).
 """
 
