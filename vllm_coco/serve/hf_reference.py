@@ -65,9 +65,16 @@ def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu
     base_type, base_cfg = ne.base_config()
     config = AutoConfig.for_model(base_type, **base_cfg)
     config.architectures = [ne.coco["base_architecture"]]
-    model = AutoModelForCausalLM.from_pretrained(ne.path, config=config, dtype=dtype, trust_remote_code=False,
-                                                 use_safetensors=True)
-    tokenizer = AutoTokenizer.from_pretrained(ne.path, trust_remote_code=False)
+    from transformers.utils import logging as hf_logging
+
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # it reads config.json on the side and warns that coco_llama is no known type
+    try:
+        model = AutoModelForCausalLM.from_pretrained(ne.path, config=config, dtype=dtype, trust_remote_code=False,
+                                                     use_safetensors=True)
+        tokenizer = AutoTokenizer.from_pretrained(ne.path, trust_remote_code=False)
+    finally:
+        hf_logging.set_verbosity(level)
     a = ne.coco["alpha"] if alpha is None else alpha
     for layer, gate in ne.gates().items():
         decoder_layer = model.model.layers[layer]

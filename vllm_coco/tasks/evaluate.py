@@ -243,7 +243,15 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
             from vllm_coco.serve.hf_reference import load_ne_model
 
             model, tok = load_ne_model(model_dir, dtype=torch.float32, device=device)
-            return HFLM(pretrained=model, tokenizer=tok, batch_size=bs, device=device), None, bs, device
+            # lm-eval warns that an in-memory `pretrained` model ignores other model arguments: we pass none
+            hf_log = logging.getLogger("lm_eval.models.huggingface")
+            level = hf_log.level
+            hf_log.setLevel(logging.ERROR)
+            try:
+                lm = HFLM(pretrained=model, tokenizer=tok, batch_size=bs, device=device)
+            finally:
+                hf_log.setLevel(level)
+            return lm, None, bs, device
         args = {"pretrained": str(model_dir), "dtype": "float32", "trust_remote_code": False}
         return "hf", args, bs, device
     if opts.backend == "vllm":
