@@ -7,9 +7,7 @@ import shutil
 
 import numpy as np
 import pytest
-
 from conftest import expect_bad, run_cli
-
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -240,7 +238,7 @@ def test_ablate_mean_outputs_the_calibration_mean(art, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     seen = {}
     hooks = []
-    for layer, proj, index, _, c in sel:
+    for layer, proj, index, _, _c in sel:
         mod = getattr(m.model.layers[layer].self_attn, f"{proj}_proj")
 
         def hook(module, args, output, key=(layer, proj, index)):

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import expect_bad, run_cli
 
 
@@ -36,9 +35,8 @@ def test_not_a_model_dir(tmp_path):
 
 
 def test_architecture_without_qkv(tmp_path):
-    from transformers import GPT2Config, GPT2LMHeadModel
-
     import tiny
+    from transformers import GPT2Config, GPT2LMHeadModel
 
     d = tmp_path / "gpt2"
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=32, n_head=2, vocab_size=64, n_positions=64)).save_pretrained(d)

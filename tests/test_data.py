@@ -5,8 +5,8 @@ import shutil
 
 import pytest
 
-from vllm_coco.data import contrast as data
 from vllm_coco.core.errors import CocoError
+from vllm_coco.data import contrast as data
 
 
 def _row(**kw):
@@ -37,7 +37,8 @@ def test_gender_ses_and_nationality_labels():
     s = _row(answer_info={"ans0": ["rich", "highSES"], "ans1": ["poor", "lowSES"], "ans2": ["Unknown", "unknown"]},
              additional_metadata={"stereotyped_groups": ["low SES"]})
     assert data.bbq_item(s).biased == 1
-    n = _row(answer_info={"ans0": ["Nigerian", "Africa"], "ans1": ["Swedish", "Europe"], "ans2": ["Unknown", "unknown"]},
+    n = _row(answer_info={"ans0": ["Nigerian", "Africa"], "ans1": ["Swedish", "Europe"],
+                          "ans2": ["Unknown", "unknown"]},
              additional_metadata={"stereotyped_groups": ["Nigerian"]})
     assert data.bbq_item(n).biased == 0
     age = _row(answer_info={"ans0": ["young", "nonOld"], "ans1": ["old", "old"], "ans2": ["Unknown", "unknown"]},
@@ -134,7 +135,8 @@ def test_encode_can_skip_the_chat_template():
     import tiny
 
     tok = tiny.word_tokenizer(["n1", "n2", "b1"])
-    tok.chat_template = "{% for m in messages %}[{{ m['content'] }}]{% endfor %}{% if add_generation_prompt %}>{% endif %}"
+    tok.chat_template = ("{% for m in messages %}[{{ m['content'] }}]{% endfor %}"
+                         "{% if add_generation_prompt %}>{% endif %}")
     with_chat, start = data.encode_example(tok, "n1 n2", "b1")
     plain, pstart = data.encode_example(tok, "n1 n2", "b1", chat=False)
     assert plain == data.encode_example(tiny.word_tokenizer(["n1", "n2", "b1"]), "n1 n2", "b1")[0]

@@ -7,9 +7,9 @@ import sys
 import numpy as np
 import pytest
 import torch
+from conftest import run_cli
 from safetensors.numpy import load_file
 
-from conftest import run_cli
 from vllm_coco.edit import gate
 
 
@@ -148,8 +148,8 @@ def _logits(model, tok, text="n1 n2 n3 b1 b2 u3"):
 
 
 def test_hf_reference_alpha_zero_is_the_base_model_and_alpha_changes_it(planted, artifact_dir, tmp_path):
-    from vllm_coco.serve.hf_reference import load_ne_model
     from vllm_coco.core.models import load_model
+    from vllm_coco.serve.hf_reference import load_ne_model
 
     base, tok = load_model(planted[0])
     ne0 = _ne(planted, artifact_dir, tmp_path / "ne0", "--alpha", "0")
@@ -163,8 +163,8 @@ def test_hf_reference_alpha_zero_is_the_base_model_and_alpha_changes_it(planted,
 
 def test_hf_reference_equals_manual_gating(planted, artifact_dir, tmp_path):
     """The wrapped attention equals the base model with the gate applied by hand on q and v."""
-    from vllm_coco.serve.hf_reference import load_ne_model
     from vllm_coco.core.models import load_model
+    from vllm_coco.serve.hf_reference import load_ne_model
 
     out = _ne(planted, artifact_dir, tmp_path / "ne", "--alpha", "1.5")
     ne_model, tok = load_ne_model(out)

@@ -4,10 +4,9 @@ import json
 
 import numpy as np
 import pytest
-from safetensors.numpy import load_file
-
 import tiny
 from conftest import run_cli
+from safetensors.numpy import load_file
 
 
 def _identify(planted, out, *extra):
@@ -106,9 +105,9 @@ def test_capture_matches_a_direct_forward(planted, tmp_path):
     """Intensities in the matrix equal |q_proj output| averaged over the response tokens, computed by hand."""
     import torch
 
-    from vllm_coco.identify.capture import capture, open_matrix, response_spans
-    from vllm_coco.data.contrast import load_contrast
     from vllm_coco.core.models import load_model
+    from vllm_coco.data.contrast import load_contrast
+    from vllm_coco.identify.capture import capture, open_matrix, response_spans
 
     model_dir, pairs_path = planted
     pairs, _ = load_contrast(str(pairs_path), split="all", limit=3)
@@ -121,7 +120,7 @@ def test_capture_matches_a_direct_forward(planted, tmp_path):
     tokens = []  # every response token's v_proj output: the calibration set
     for row, span in enumerate(spans):
         seen = {}
-        h = attn.v_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("v", o))
+        h = attn.v_proj.register_forward_hook(lambda m, a, o, seen=seen: seen.__setitem__("v", o))
         with torch.no_grad():
             model(input_ids=torch.tensor([span.ids]))
         h.remove()

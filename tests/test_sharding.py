@@ -76,7 +76,7 @@ def test_sharded_gain_equals_the_single_device_gain(heads, tp):
     # engagement of each rank's own channels, as the model computes it before the all-gather
     es = [torch.sign(w[p.rows]) * ((o[:, p.local].abs() - mu[p.rows]) / sigma[p.rows]) for o, p in zip(outs, plans)]
     gathered = gather(es)
-    for r, (o, p) in enumerate(zip(outs, plans)):
+    for o, p in zip(outs, plans):
         got = ne_gain(o[:, p.local], mu[p.rows], sigma[p.rows], w[p.rows],
                       torch.from_numpy(p.w_hat_rows(w_hat)), 0.8, 2.0, 0.5, gather=lambda e: gathered)
         torch.testing.assert_close(got, want[:, p.rows].float() if got.dtype == torch.float32 else want[:, p.rows])

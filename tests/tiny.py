@@ -141,6 +141,7 @@ def planted_bbq(root: Path, n=40, seed=0) -> Path:
                     "context": " ".join(rng.choices(NEUTRAL[:30], k=rng.randint(4, 10))),
                     "question": " ".join(rng.choices(NEUTRAL[:30], k=2)), "label": 2,
                     "ans0": names[0], "ans1": names[1], "ans2": names[2],
-                    "answer_info": {"ans0": [names[0], biased], "ans1": [names[1], other], "ans2": [names[2], "unknown"]},
+                    "answer_info": {"ans0": [names[0], biased], "ans1": [names[1], other],
+                                    "ans2": [names[2], "unknown"]},
                     "additional_metadata": {"stereotyped_groups": stereo}}) + "\n")
     return root

@@ -29,9 +29,9 @@ from pathlib import Path
 def worker(model_dir: str, pairs: int, batch_size: int, repeats: int, dtype: str, device: str) -> dict:
     import torch
 
-    from vllm_coco.identify.capture import _batches, _collate, capture, response_spans
-    from vllm_coco.data.contrast import load_contrast
     from vllm_coco.core.models import load_model
+    from vllm_coco.data.contrast import load_contrast
+    from vllm_coco.identify.capture import _batches, _collate, capture, response_spans
 
     per_cat = max(2, pairs // 6)
     data, _ = load_contrast("bbq", None, "identify", per_cat)
@@ -58,8 +58,12 @@ def worker(model_dir: str, pairs: int, batch_size: int, repeats: int, dtype: str
     plain()  # warm-up (allocator, kernels)
     t_plain, t_cap = [], []
     for _ in range(repeats):  # interleaved, so drift hits both alike
-        t0 = time.perf_counter(); plain(); t_plain.append(time.perf_counter() - t0)
-        t0 = time.perf_counter(); cap(); t_cap.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        plain()
+        t_plain.append(time.perf_counter() - t0)
+        t0 = time.perf_counter()
+        cap()
+        t_cap.append(time.perf_counter() - t0)
     out = {"pairs": len(data), "sequences": len(spans), "tokens": tokens,
            "plain_tok_s": tokens / min(t_plain), "capture_tok_s": tokens / min(t_cap),
            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
@@ -91,7 +95,8 @@ def main():
         results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, "
           f"device {args.device}, dtype {args.dtype}, batch {args.batch_size}")
-    print(f"{'pairs':>6} {'seqs':>6} {'tokens':>8} {'plain tok/s':>12} {'capture tok/s':>14} {'ratio':>6} {'peak RSS MB':>12}")
+    print(f"{'pairs':>6} {'seqs':>6} {'tokens':>8} {'plain tok/s':>12} {'capture tok/s':>14} {'ratio':>6} "
+          f"{'peak RSS MB':>12}")
     for r in results:
         print(f"{r['pairs']:>6} {r['sequences']:>6} {r['tokens']:>8} {r['plain_tok_s']:>12.0f} "
               f"{r['capture_tok_s']:>14.0f} {r['capture_tok_s'] / r['plain_tok_s']:>6.3f} {r['peak_rss_mb']:>12.0f}")

@@ -72,7 +72,8 @@ def main():
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; vLLM offline engine, "
           f"{'eager' if args.eager else 'compiled'} mode, fp32, {args.max_tokens} tokens/request; "
           f"NE gate: {coco['count']} channels in {sum(1 for c in coco['channels'] if c)} layers")
-    print(f"{'model':>8} {'batch 1 tok/s':>14} {'batch ' + str(args.batch) + ' tok/s':>15} {'ratio@' + str(args.batch):>9}")
+    batch = f"batch {args.batch} tok/s"
+    print(f"{'model':>8} {'batch 1 tok/s':>14} {batch:>15} {'ratio@' + str(args.batch):>9}")
     base32 = results["vanilla"]["batch32_tok_s"]
     for name, r in results.items():
         print(f"{name:>8} {r['batch1_tok_s']:>14.1f} {r['batch32_tok_s']:>15.1f} {r['batch32_tok_s'] / base32:>9.3f}")

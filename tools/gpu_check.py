@@ -292,7 +292,8 @@ def part_scoring(s: dict, state: dict) -> dict:
     l64, t64 = loss(a, b, chunk_elements=s["chunk"])  # [n]
     l32, t32 = loss(a.float(), b.float(), chunk_elements=s["chunk"])  # [n]
     top = max(1, n // 100)  # float32's effect on what is selected: overlap of the top 1% by L (lowest)
-    top64, top32 = set(l64.topk(top, largest=False).indices.tolist()), set(l32.topk(top, largest=False).indices.tolist())
+    top64 = set(l64.topk(top, largest=False).indices.tolist())
+    top32 = set(l32.topk(top, largest=False).indices.tolist())
 
     m = min(s["cpu_neurons"], n)
     ac, bc = a[:, :m].cpu(), b[:, :m].cpu()  # [nA, m], [nB, m]
@@ -370,7 +371,8 @@ def table(res: dict) -> str:
             lines.append(f"{part:<9} {'FAILED':>12}  {res['errors'][part]}")
         elif res.get(key) is not None:
             lines.append(f"{part:<9} {res[key]:>12.4g}  {what.format(**res)}")
-    lines.append(f"6 categories of scoring on the device: {res.get('scoring_gpu_s_6_categories') or float('nan'):.1f} s "
+    six = res.get('scoring_gpu_s_6_categories') or float('nan')
+    lines.append(f"6 categories of scoring on the device: {six:.1f} s "
                  "(identify also scores 3 null rounds: x4)")
     return "\n".join(lines)
 

@@ -117,7 +117,8 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
       coco-tools identify models/smollm2 --out runs/behave --contrast behavior --no-chat --limit 120
       coco-tools identify meta-llama/Meta-Llama-3-8B-Instruct --out runs/l3 --dtype bfloat16 --device cuda
     """
-    from vllm_coco.identify.run import IdentifyOptions, identify as run
+    from vllm_coco.identify.run import IdentifyOptions
+    from vllm_coco.identify.run import identify as run
 
     opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
                            threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
@@ -165,9 +166,11 @@ def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, fo
 @click.argument("model")
 @click.argument("neurons_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="NE model directory to create.")
-@click.option("--alpha", type=float, default=N.NE_ALPHA, show_default=True, help="Gate strength (0: exactly the base model).")
+@click.option("--alpha", type=float, default=N.NE_ALPHA, show_default=True,
+              help="Gate strength (0: exactly the base model).")
 @click.option("--beta", type=float, default=N.NE_BETA, show_default=True, help="Gate sharpness.")
-@click.option("--lam", type=float, default=N.NE_LAM, show_default=True, help="Weight of the networked engagement (W_hat).")
+@click.option("--lam", type=float, default=N.NE_LAM, show_default=True,
+              help="Weight of the networked engagement (W_hat).")
 @click.option("--ratio", type=float, help="Share of q and v neurons to gate, by |direction| "
               "(default: the artifact's ratio).")
 @click.option("--force", is_flag=True, help="Replace --out; or edit a model whose fingerprint differs.")
@@ -285,7 +288,8 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
                                         "documents = one ambiguous and one disambiguated item under all 3 orders.")
 @click.option("--max-items", type=int, help="Cap items per category and condition (BBQ tasks) or per dataset "
                                             "(coco_retention) instead of the tasks' defaults.")
-@click.option("--out", type=click.Path(file_okay=False), help="Results directory to create [default: runs/eval-<model name>].")
+@click.option("--out", type=click.Path(file_okay=False),
+              help="Results directory to create [default: runs/eval-<model name>].")
 @click.option("--batch-size", type=int, help="hf: sequences per forward [default: 8]; vllm: [default: auto]; "
                                              "URL: concurrent requests [default: 4].")
 @click.option("--device", help="torch device for --backend hf [default: cuda if available, else cpu].")

@@ -172,7 +172,7 @@ class Artifact:
     arrays: dict[str, np.ndarray]
 
     @classmethod
-    def read(cls, neurons_dir) -> "Artifact":
+    def read(cls, neurons_dir) -> Artifact:
         """Read and validate (JSON + safetensors only: nothing is unpickled). Any problem (missing or
         unreadable files, bad JSON, missing keys, arrays of the wrong shape, non-finite numbers,
         neurons outside the layout) is a CocoError naming the file."""

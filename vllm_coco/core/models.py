@@ -12,8 +12,8 @@ import numpy as np
 
 from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
-
 from vllm_coco.core.names import DTYPES, PROJS  # noqa: F401 (re-exported)
+
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
 
 
@@ -82,7 +82,8 @@ def check_weights(model_dir: Path) -> list[Path]:
         others = sorted(p.name for g in _WEIGHT_GLOBS[1:] for p in Path(model_dir).glob(g))
         if others:
             raise CocoError(f"{model_dir} has no *.safetensors weights, only {others[0]}: vllm-coco loads "
-                            "safetensors only (never pickles); convert with save_pretrained(..., safe_serialization=True)")
+                            "safetensors only (never pickles); convert with "
+                            "save_pretrained(..., safe_serialization=True)")
         raise CocoError(f"{model_dir} has no weight files (*.safetensors); pass a complete model directory")
     for f in files:
         try:
@@ -234,7 +235,6 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
     """Load a causal LM and its tokenizer from a local directory with plain transformers."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from transformers.utils import logging as hf_logging
 
     hf_logging.disable_progress_bar()  # our own bars say what is happening

@@ -85,7 +85,7 @@ class NEDirectory:
     config: dict
 
     @classmethod
-    def read(cls, ne_dir) -> "NEDirectory":
+    def read(cls, ne_dir) -> NEDirectory:
         from vllm_coco.core.models import read_config
 
         path = Path(ne_dir)

@@ -24,10 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_coco.core.errors import CocoError
-
 from vllm_coco.core.names import BBQ_CATEGORIES, DEFAULT_CATEGORIES, SPLIT_FRACTIONS, SPLITS, SPLITS_OR_ALL  # noqa: F401
 from vllm_coco.core.names import SEED as DEFAULT_SEED
-
 
 # --------------------------------------------------------------------------- BBQ items
 
@@ -151,7 +149,8 @@ def check_bbq_row(row, where: str) -> dict:
     """A native BBQ row with every field the answer mapping reads; CocoError naming `where` if not."""
     if not isinstance(row, dict):
         raise CocoError(f"{where}: not a BBQ row (a JSON object with context, question, ans0..ans2, ...)")
-    bad = sorted(k for k, kind in BBQ_FIELDS.items() if not isinstance(row.get(k), kind) or isinstance(row.get(k), bool))
+    bad = sorted(k for k, kind in BBQ_FIELDS.items()
+                 if not isinstance(row.get(k), kind) or isinstance(row.get(k), bool))
     if not bad:
         info = row["answer_info"]
         if not all(isinstance(info.get(f"ans{i}"), list) and len(info[f"ans{i}"]) >= 2
@@ -355,7 +354,8 @@ def load_items(data: str = "bbq", categories=None, split: str = "identify", limi
     (items, info) like load_contrast. Generic pairs files have no options to answer: refused."""
     if _check_source(data, split).is_file():
         raise CocoError(f"--data {data} is a contrast-pairs file, which has no answer options for the model to "
-                        "choose from; behavior mode needs BBQ (bbq, a BBQ directory or hf:ID), or use --contrast response")
+                        "choose from; behavior mode needs BBQ (bbq, a BBQ directory or hf:ID), "
+                        "or use --contrast response")
     cats = list(categories) if categories else list(DEFAULT_CATEGORIES)
     items, stats = bbq_items(data, cats, split=split, seed=seed)
     by_cat = {c: [it for it in items if it.category == c] for c in cats}

@@ -25,8 +25,14 @@ def smollm2_gguf() -> Path:
 def write_demo_model(out: Path, arch: str = "llama", dtype: str = "float32") -> None:
     """Materialize SmolLM2-135M-Instruct as a safetensors HF directory (Llama, or its Mistral twin)."""
     import torch
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, GenerationConfig,
-                              LlamaForCausalLM, MistralConfig, MistralForCausalLM)
+    from transformers import (
+        AutoModelForCausalLM,
+        AutoTokenizer,
+        GenerationConfig,
+        LlamaForCausalLM,
+        MistralConfig,
+        MistralForCausalLM,
+    )
 
     gguf = smollm2_gguf()
     tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)

@@ -26,14 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from vllm_coco import METHOD_VERSION, __version__
-from vllm_coco.core import artifact
+from vllm_coco.core import artifact, ne_format
 from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
 from vllm_coco.core.checks import finite, tensors_finite
-from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.models import check_weights, PROJS, NeuronLayout, read_config, resolve_model_dir
-
+from vllm_coco.core.models import PROJS, NeuronLayout, check_weights, read_config, resolve_model_dir
 from vllm_coco.core.names import EDIT_MODES as MODES
+
 EDIT_JSON = "coco_edit.json"
 INDEX_JSON = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
@@ -250,7 +249,7 @@ def write_checkpoint(tmp: Path, model_dir: Path, src: SourceTensors, edits, mode
     # Zero biases to add (ablate-mean on a bias-free Llama): attention_bias switches on q, k, v *and* o.
     new_bias: dict[str, dict[str, tuple]] = {}  # file -> {bias name: shape}
     if add_bias:
-        for key, name in src.modules.items():
+        for name in src.modules.values():
             weight = f"{name}.weight"
             new_bias.setdefault(src.file_of[weight], {})[f"{name}.bias"] = (src.shape_of[weight][0],)
     by_name = {src.modules[key]: e for key, e in edits.items()}

@@ -14,7 +14,7 @@ tensor [tokens, 1], so per-request strength needs no rewrite.
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 

@@ -15,13 +15,12 @@ from pathlib import Path
 import numpy as np
 
 from vllm_coco import METHOD_VERSION, __version__
-from vllm_coco.core import artifact
+from vllm_coco.core import artifact, ne_format
 from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
 from vllm_coco.core.checks import finite, tensors_finite
-from vllm_coco.core.names import RATIO, Proj
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.models import check_weights, NeuronLayout, read_config, resolve_model_dir
-from vllm_coco.core import ne_format
+from vllm_coco.core.models import NeuronLayout, check_weights, read_config, resolve_model_dir
+from vllm_coco.core.names import RATIO, Proj
 from vllm_coco.core.ne_format import BASE_TO_NE_ARCH
 from vllm_coco.identify.selection import edit_weights
 

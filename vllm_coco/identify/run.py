@@ -10,13 +10,13 @@ import numpy as np
 
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core import artifact
-from vllm_coco.identify import scoring, selection
+from vllm_coco.core import names as N
 from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
 from vllm_coco.core.checks import finite
-from vllm_coco.core import names as N
-from vllm_coco.core.names import CONTRASTS, SCORINGS  # noqa: F401 (CONTRASTS re-exported)
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import PROJS, fingerprint, load_model, read_config, resolve_model_dir
+from vllm_coco.core.names import CONTRASTS, SCORINGS  # noqa: F401 (CONTRASTS re-exported)
+from vllm_coco.identify import scoring, selection
 
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
@@ -266,7 +266,8 @@ def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOp
         behavior.check_sets(c, opts.split, chat=chat, scoring=opts.scoring)
         xs, ys, counts = xs + x, ys + y, {**counts, **c}
     cat_index = {c: i for i, c in enumerate(categories)}
-    spans = behavior.decision_spans(tokenizer, xs, chat=opts.chat) + behavior.decision_spans(tokenizer, ys, chat=opts.chat)
+    spans = (behavior.decision_spans(tokenizer, xs, chat=opts.chat)
+             + behavior.decision_spans(tokenizer, ys, chat=opts.chat))
     row_cat = np.array([cat_index[it.category] for it in xs + ys], dtype=np.int32)  # [|X| + |Y|]
     row_label = np.array([0] * len(xs) + [1] * len(ys), dtype=np.int32)  # 0: biased answer, 1: "unknown"
     data_info.update({"answers": counts, "scoring": opts.scoring, "items": len(items), "pairs": None})
@@ -291,8 +292,8 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
         spans, row_cat, row_label, categories, data_info = _behavior_rows(hf_model, tokenizer, items, data_info,
                                                                           opts, progress)
     else:
-        from vllm_coco.identify.capture import response_spans
         from vllm_coco.data.contrast import load_contrast
+        from vllm_coco.identify.capture import response_spans
 
         pairs, data_info = load_contrast(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
         categories = list(dict.fromkeys(p.category for p in pairs))

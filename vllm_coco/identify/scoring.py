@@ -52,7 +52,7 @@ class Plan:
     neg_b: np.ndarray  # [nB, kB] indices into A
 
     @classmethod
-    def make(cls, n_a: int, n_b: int, seed: int = 0, k: int = K_NEGATIVES) -> "Plan":
+    def make(cls, n_a: int, n_b: int, seed: int = 0, k: int = K_NEGATIVES) -> Plan:
         rng = np.random.default_rng(seed)
         return cls(derangement(n_a, rng), _negatives(n_a, n_b, k, rng),
                    derangement(n_b, rng), _negatives(n_b, n_a, k, rng))

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from vllm_coco.core.errors import CocoError
-
 from vllm_coco.core.names import BASELINES, WEIGHTINGS, Proj
 
 

@@ -56,10 +56,9 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
              dtype: str = "auto", max_model_len: int | None = None, extra: list[str] = (),
              force: bool = False) -> dict:
     """Generate for every request in `prompts`, write `out` atomically; returns throughput figures."""
-    from vllm_coco.core.models import resolve_model_dir
-
     from vllm_coco.core.atomic import check_output_file
     from vllm_coco.core.checks import finite
+    from vllm_coco.core.models import resolve_model_dir
 
     model_dir = resolve_model_dir(model)
     out_path = check_output_file(out, force, sources=(model_dir, prompts) + ((lora,) if lora else ()))

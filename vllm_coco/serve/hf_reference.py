@@ -11,8 +11,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vllm_coco.edit.gate import apply_gate
 from vllm_coco.core.ne_format import GATE_KEYS, NEDirectory
+from vllm_coco.edit.gate import apply_gate
 
 
 class _Stored(nn.Module):

@@ -13,11 +13,13 @@ import numpy as np
 import torch
 from torch import nn
 from vllm.config import VllmConfig
-from vllm.distributed import (get_tensor_model_parallel_rank, get_tensor_model_parallel_world_size,
-                              tensor_model_parallel_all_gather)
+from vllm.distributed import (
+    get_tensor_model_parallel_rank,
+    get_tensor_model_parallel_world_size,
+    tensor_model_parallel_all_gather,
+)
 from vllm.model_executor.models.llama import LlamaAttention, LlamaDecoderLayer, LlamaForCausalLM
-from vllm.model_executor.models.mistral import (MistralAttention, MistralDecoderLayer,
-                                                MistralForCausalLM)
+from vllm.model_executor.models.mistral import MistralAttention, MistralDecoderLayer, MistralForCausalLM
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
