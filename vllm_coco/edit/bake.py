@@ -26,12 +26,13 @@ from pathlib import Path
 import numpy as np
 
 from vllm_coco import METHOD_VERSION, __version__
-from vllm_coco.core import artifact, ne_format
-from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
+from vllm_coco.core import artifact
+from vllm_coco.core.atomic import atomic_output_dir
 from vllm_coco.core.checks import finite, tensors_finite
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.models import PROJS, NeuronLayout, check_weights, read_config, resolve_model_dir
+from vllm_coco.core.models import PROJS, NeuronLayout
 from vllm_coco.core.names import EDIT_MODES as MODES
+from vllm_coco.edit.inputs import EditInputs
 
 EDIT_JSON = "coco_edit.json"
 INDEX_JSON = "model.safetensors.index.json"
@@ -179,13 +180,9 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
         raise CocoError(f"--lora writes the LE edit only; drop --lora for --mode {mode}")
     alpha = 1.0 if alpha is None else finite(alpha, "--alpha")
 
-    model_dir = resolve_model_dir(model)
-    check_weights(model_dir)
-    meta, arrays = artifact.load(neurons_dir)
-    sources = (model_dir, Path(neurons_dir))
-    check_output_dir(out, force, sources)
-    config = read_config(model_dir)
-    ne_format.refuse_ne(config, model_dir)
+    inputs = EditInputs.open(model, neurons_dir, out, force)
+    model_dir, config, sources = inputs.model_dir, inputs.config, inputs.sources
+    meta, arrays = inputs.artifact
     src = scan_source(model_dir)
     fp = artifact.check_model_matches(meta, model_dir, force, layout=source_layout(src, model_dir))
     edits = planned_edits(meta, arrays)

@@ -16,12 +16,13 @@ import numpy as np
 
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core import artifact, ne_format
-from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
+from vllm_coco.core.atomic import atomic_output_dir
 from vllm_coco.core.checks import finite, tensors_finite
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.models import NeuronLayout, check_weights, read_config, resolve_model_dir
+from vllm_coco.core.models import NeuronLayout
 from vllm_coco.core.names import RATIO, Proj
 from vllm_coco.core.ne_format import BASE_TO_NE_ARCH
+from vllm_coco.edit.inputs import EditInputs
 from vllm_coco.identify.selection import edit_weights
 
 SIGMA_FLOOR = 1e-6
@@ -97,13 +98,9 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: f
 
     alpha, beta, lam = finite(alpha, "--alpha"), finite(beta, "--beta"), finite(lam, "--lam")
 
-    model_dir = resolve_model_dir(model)
-    check_weights(model_dir)
-    meta, arrays = artifact.load(neurons_dir)
-    sources = (model_dir, Path(neurons_dir))
-    check_output_dir(out, force, sources)
-    config = read_config(model_dir)
-    ne_format.refuse_ne(config, model_dir)
+    inputs = EditInputs.open(model, neurons_dir, out, force)
+    model_dir, config, sources = inputs.model_dir, inputs.config, inputs.sources
+    meta, arrays = inputs.artifact
     base_arch = (config.get("architectures") or ["?"])[0]
     if base_arch not in BASE_TO_NE_ARCH:
         raise CocoError(f"NE-COCO supports {', '.join(BASE_TO_NE_ARCH)}; {model_dir} is {base_arch}")
