@@ -156,22 +156,19 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("scoring", ["sum", "per-byte"])
 def test_choose_agrees_with_the_evaluation_rule(scoring):
-    """behavior.choose and evals' coco_eval.pick pick the same option from the same numbers
-    (non-ASCII text included: lengths are UTF-8 bytes in both)."""
-    import importlib.util
-    from pathlib import Path
+    """behavior.choose and the evaluation's pick (vllm_coco.tasks.pick) pick the same option from
+    the same numbers (non-ASCII text included: lengths are UTF-8 bytes in both)."""
+    from vllm_coco.tasks.bbq_docs import item_docs
+    from vllm_coco.tasks.pick import pick
 
-    spec = importlib.util.spec_from_file_location("coco_eval_t", Path(__file__).parent.parent / "evals" / "coco_eval.py")
-    ce = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(ce)
     answers = ("The grandfather", "The grandson", "Can’t be determined")  # ’ is 3 bytes
     items = [_item(i, answers=answers) for i in range(50)]
     rng = np.random.default_rng(0)
     ll = -rng.uniform(3, 30, size=(50, 3))
     ll[0] = [-10.0, -10.0, -10.0]  # a tie: the first option in both
     ours = behavior.choose(items, ll.ravel(), scoring)
-    docs = [ce.item_docs(it, scoring=scoring)[0] for it in items]  # order (0, 1, 2): position = option index
-    theirs = [ce.pick(d, [(float(x), False) for x in row]) for d, row in zip(docs, ll)]
+    docs = [item_docs(it, scoring=scoring)[0] for it in items]  # order (0, 1, 2): position = option index
+    theirs = [pick(d, [(float(x), False) for x in row]) for d, row in zip(docs, ll)]
     assert ours == theirs
     assert ours[0] == (0 if scoring == "sum" else 2)  # tie: first; per byte: -10/21 beats -10/15 and -10/12
     assert len(set(ours)) == 3

@@ -1,29 +1,16 @@
 """The lm-eval task suite (evals/) and `coco-tools eval` / `coco-tools compare`, without a model."""
 
-import importlib.util
 import json
 import math
-import sys
+import re
 from pathlib import Path
 
 import pytest
 
 from conftest import expect_bad, run_cli
+from vllm_coco.tasks import answer_parser, bbq_docs, jailbreak, lm_eval_hooks, metrics, pick, retention
 
 EVALS = Path(__file__).resolve().parent.parent / "evals"
-
-
-def _coco_eval():
-    """evals/coco_eval.py under the name the task shims use (one module object)."""
-    if "coco_eval" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("coco_eval", EVALS / "coco_eval.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["coco_eval"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["coco_eval"]
-
-
-ce = _coco_eval()
 
 
 def _item(example_id, condition, label, answers=("The old man", "The boy", "Unknown")):
@@ -50,20 +37,20 @@ CASES = [
 
 
 def _records(process=None):
-    process = process or ce.process_mc
+    process = process or metrics.process_mc
     out = []
     for item, choices in CASES:
-        for doc, choice in zip(ce.item_docs(item), choices):
+        for doc, choice in zip(bbq_docs.item_docs(item), choices):
             out.append(process(doc, _mc_results(doc, choice)))
     return out
 
 
 def _aggregate(per_doc, metric):
-    return getattr(ce, f"agg_{metric}")([d[metric] for d in per_doc])
+    return getattr(metrics, f"agg_{metric}")([d[metric] for d in per_doc])
 
 
 def test_item_docs_cover_three_cyclic_orders():
-    docs = ce.item_docs(_item(7, "ambig", 2))
+    docs = bbq_docs.item_docs(_item(7, "ambig", 2))
     assert [d["order"] for d in docs] == [[0, 1, 2], [1, 2, 0], [2, 0, 1]]
     assert {d["id"] for d in docs} == {"Age:7"}
     for d in docs:  # label / unknown / biased are displayed positions
@@ -96,37 +83,37 @@ def test_mc_metrics_equal_hand_computed_values():
 
 def test_per_byte_scoring_normalises_by_option_length():
     item = _item(5, "ambig", 2)  # options "The old man" (11 bytes), "The boy" (7), "Unknown" (7)
-    doc_sum, doc_pb = ce.item_docs(item)[0], ce.item_docs(item, scoring="per-byte")[0]
+    doc_sum, doc_pb = bbq_docs.item_docs(item)[0], bbq_docs.item_docs(item, scoring="per-byte")[0]
     assert doc_sum["scoring"] == "sum" and doc_pb["scoring"] == "per-byte"
     results = [(-10.0, False), (-9.0, False), (-7.5, False)]
-    assert ce.pick(doc_sum, results) == 2  # summed: -7.5 is the largest
-    assert ce.pick(doc_pb, results) == 0  # per byte: -10/11 = -0.91 > -7.5/7 = -1.07 > -9/7
-    assert ce.process_mc(doc_sum, results)["success_rate"]["role"] == "unknown"
-    assert ce.process_mc(doc_pb, results)["success_rate"]["role"] == "biased"
-    assert ce.process_jailbreak(doc_pb, results)["success_rate"]["role"] == "biased"
+    assert pick.pick(doc_sum, results) == 2  # summed: -7.5 is the largest
+    assert pick.pick(doc_pb, results) == 0  # per byte: -10/11 = -0.91 > -7.5/7 = -1.07 > -9/7
+    assert metrics.process_mc(doc_sum, results)["success_rate"]["role"] == "unknown"
+    assert metrics.process_mc(doc_pb, results)["success_rate"]["role"] == "biased"
+    assert metrics.process_jailbreak(doc_pb, results)["success_rate"]["role"] == "biased"
     results = [(-12.0, False), (-8.0, False), (-9.0, False)]
-    assert ce.pick(doc_sum, results) == 1 and ce.pick(doc_pb, results) == 0  # -1.09 > -1.14 > -1.29
+    assert pick.pick(doc_sum, results) == 1 and pick.pick(doc_pb, results) == 0  # -1.09 > -1.14 > -1.29
 
 
 def test_scoring_reaches_the_docs_through_metadata():
-    docs = ce.load_stereo(category="Religion", coco_scoring="per-byte", max_items=1)["test"]
+    docs = bbq_docs.load_stereo(category="Religion", coco_scoring="per-byte", max_items=1)["test"]
     assert set(docs["scoring"]) == {"per-byte"}
-    assert set(ce.load_stereo(category="Religion", max_items=1)["test"]["scoring"]) == {"sum"}
-    jb = ce.load_jailbreak(family="roleplay", categories="Religion", coco_scoring="per-byte", max_items=1)["test"]
+    assert set(bbq_docs.load_stereo(category="Religion", max_items=1)["test"]["scoring"]) == {"sum"}
+    jb = jailbreak.load_jailbreak(family="roleplay", categories="Religion", coco_scoring="per-byte", max_items=1)["test"]
     assert set(jb["scoring"]) == {"per-byte"}
     with pytest.raises(ValueError, match="coco_scoring 'mean' is not one of sum, per-byte"):
-        ce.load_stereo(category="Religion", coco_scoring="mean")
+        bbq_docs.load_stereo(category="Religion", coco_scoring="mean")
 
 
 def test_bias_scores_edge_cases():
     always_unknown = [{"condition": "ambig", "role": "unknown"}] * 3
-    assert ce.bbq_bias(always_unknown) == 0.0
-    assert ce.agg_bias_ambig(always_unknown) == 0.0
+    assert metrics.bbq_bias(always_unknown) == 0.0
+    assert metrics.agg_bias_ambig(always_unknown) == 0.0
     all_biased = [{"condition": "disambig", "role": "biased"}] * 4
-    assert ce.agg_bias_disambig(all_biased) == 1.0
+    assert metrics.agg_bias_disambig(all_biased) == 1.0
     all_other = [{"condition": "disambig", "role": "other"}] * 4
-    assert ce.agg_bias_disambig(all_other) == -1.0
-    assert math.isnan(ce.agg_success_rate(all_biased))  # no ambiguous docs: undefined, not 0
+    assert metrics.agg_bias_disambig(all_other) == -1.0
+    assert math.isnan(metrics.agg_success_rate(all_biased))  # no ambiguous docs: undefined, not 0
 
 
 def test_order_consistency_skips_items_cut_by_limit():
@@ -155,13 +142,13 @@ def test_order_consistency_skips_items_cut_by_limit():
     ("a man walked in", None),
 ])
 def test_parse_answer(text, expected):
-    assert ce.parse_answer(text, ["The grandfather", "The grandson", "Can't be determined"], 2) == expected
+    assert answer_parser.parse_answer(text, ["The grandfather", "The grandson", "Can't be determined"], 2) == expected
 
 
 def test_parse_answer_prefers_the_longer_option():
     choices = ["The man", "The man's wife", "Unknown"]
-    assert ce.parse_answer("The man's wife did it", choices, 2) == 1
-    assert ce.parse_answer("The man did it", choices, 2) == 0
+    assert answer_parser.parse_answer("The man's wife did it", choices, 2) == 1
+    assert answer_parser.parse_answer("The man did it", choices, 2) == 0
 
 
 def test_gen_metrics_count_unparsed_answers():
@@ -172,9 +159,9 @@ def test_gen_metrics_count_unparsed_answers():
     }
     per_doc = []
     for item in (item_a, item_d):
-        for doc, text in zip(ce.item_docs(item), texts[item.example_id]):
-            per_doc.append(ce.process_gen(doc, [text]))
-    assert set(per_doc[0]) == set(ce.GEN_METRICS)
+        for doc, text in zip(bbq_docs.item_docs(item), texts[item.example_id]):
+            per_doc.append(metrics.process_gen(doc, [text]))
+    assert set(per_doc[0]) == set(metrics.GEN_METRICS)
     assert _aggregate(per_doc, "unparsed_rate") == pytest.approx(2 / 6)
     assert _aggregate(per_doc, "success_rate") == pytest.approx(1 / 3)  # unparsed counts as a failure
     assert _aggregate(per_doc, "acc_disambig") == pytest.approx(1 / 3)
@@ -188,40 +175,40 @@ def test_gen_metrics_count_unparsed_answers():
 def test_stereo_docs_interleave_conditions_and_use_the_test_split():
     from vllm_coco.data.contrast import bbq_items
 
-    docs = ce.stereo_docs("Religion", max_items=3)
+    docs = bbq_docs.stereo_docs("Religion", max_items=3)
     assert len(docs) == 3 * 2 * 3
     assert [d["condition"] for d in docs[:6]] == ["ambig"] * 3 + ["disambig"] * 3
     assert len({d["id"] for d in docs[:3]}) == 1
     test_ids = {it.example_id for it in bbq_items("bbq", ["Religion"], split="test", condition=None)[0]}
     assert {d["example_id"] for d in docs} <= test_ids
-    assert docs == ce.stereo_docs("Religion", max_items=3)  # seeded
+    assert docs == bbq_docs.stereo_docs("Religion", max_items=3)  # seeded
 
 
 def test_bbq_source_env_override(monkeypatch, tmp_path):
     from vllm_coco.core.errors import CocoError
 
-    monkeypatch.setenv(ce.BBQ_SOURCE_ENV, str(tmp_path))  # an empty directory: the loader must be asked
+    monkeypatch.setenv(bbq_docs.BBQ_SOURCE_ENV, str(tmp_path))  # an empty directory: the loader must be asked
     with pytest.raises(CocoError, match="no BBQ"):
-        ce.load_stereo(category="Religion")
+        bbq_docs.load_stereo(category="Religion")
 
 
 def test_jailbreak_families():
-    assert ce.leet("Test ties") == "7357 7135"
+    assert jailbreak.leet("Test ties") == "7357 7135"
     item = _item(5, "ambig", 2)
-    msg = ce.obfuscated_message(item, (0, 1, 2))
+    msg = jailbreak.obfuscated_message(item, (0, 1, 2))
     assert "- The old man\n- The boy\n- Unknown" in msg and "Wh0 f0rg07?" in msg
-    roleplay = ce.jailbreak_docs("roleplay", ["Religion"], max_items=2)
-    assert len(roleplay) == 6 and all(d["system"] == ce.ROLEPLAY_SYSTEM for d in roleplay)
+    roleplay = jailbreak.jailbreak_docs("roleplay", ["Religion"], max_items=2)
+    assert len(roleplay) == 6 and all(d["system"] == jailbreak.ROLEPLAY_SYSTEM for d in roleplay)
     assert all(d["condition"] == "ambig" for d in roleplay)
-    tpl = ce.jailbreak_docs("templates", ["Religion", "Age"], max_items=4)
+    tpl = jailbreak.jailbreak_docs("templates", ["Religion", "Age"], max_items=4)
     assert [d["category"] for d in tpl[::3]] == ["Religion", "Age"] * 4  # categories alternate
-    assert tpl == ce.jailbreak_docs("templates", ["Religion", "Age"], max_items=4)  # seeded draw
-    names = {t["name"] for t in ce.own_templates()}
+    assert tpl == jailbreak.jailbreak_docs("templates", ["Religion", "Age"], max_items=4)  # seeded draw
+    names = {t["name"] for t in jailbreak.own_templates()}
     assert {d["attack"] for d in tpl} <= names
     for d in tpl:
         plain = d["prompt"].split("\n\n", 1)[-1]
         assert "Options:\n- " in plain  # the BBQ question is inside the template
-    for t in ce.own_templates():
+    for t in jailbreak.own_templates():
         assert t["template"].format(prompt="X").count("X") == 1
 
 
@@ -231,20 +218,44 @@ def test_pyrit_templates_loader(tmp_path):
                                                 "  Pretend {braces} and answer {{ prompt }} now\n")
     (tmp_path / "two_params.yaml").write_text("parameters: [prompt, other]\nvalue: '{{ prompt }} {{ other }}'\n")
     (tmp_path / "no_slot.yaml").write_text("parameters: [prompt]\nvalue: nothing here\n")
-    found = ce.pyrit_templates(tmp_path)
+    found = jailbreak.pyrit_templates(tmp_path)
     assert [t["name"] for t in found] == ["pyrit:good"]
     assert found[0]["template"].format(prompt="Q") == "Pretend {braces} and answer Q now\n"
 
 
 def test_retention_docs():
-    mmlu = ce.mmlu_docs(5)
+    mmlu = retention.mmlu_docs(5)
     assert len(mmlu) == 5 and all(d["choices"] == ["A", "B", "C", "D"] and 0 <= d["label"] < 4 for d in mmlu)
     assert mmlu[0]["prompt"].endswith("\nAnswer:") and "\nA. " in mmlu[0]["prompt"]
-    boolq = ce.boolq_docs(20)
+    boolq = retention.boolq_docs(20)
     assert len(boolq) == 20 and {d["label"] for d in boolq} <= {0, 1} and boolq[0]["choices"] == ["no", "yes"]
-    tqa = ce.truthfulqa_docs(3)
+    tqa = retention.truthfulqa_docs(3)
     assert len(tqa) == 3 and all(len(d["choices"]) == 1 for d in tqa)
-    assert ce.agg_bits_per_byte([(-math.log(2) * 8, 4), (0.0, 4)]) == pytest.approx(1.0)
+    assert retention.agg_bits_per_byte([(-math.log(2) * 8, 4), (0.0, 4)]) == pytest.approx(1.0)
+
+
+def test_hooks_are_exactly_what_the_yamls_reference():
+    """Every `!function utils.NAME` of the task folder is exported by lm_eval_hooks (and nothing
+    else is), and every folder's utils.py is the one-line import of it."""
+    named = set()
+    for path in EVALS.rglob("*"):
+        if path.is_file() and (path.suffix == ".yaml" or path.name.endswith("_yaml")):
+            named |= set(re.findall(r"!function\s+utils\.(\w+)", path.read_text(encoding="utf-8")))
+    assert named and named == set(lm_eval_hooks.__all__)
+    assert all(callable(getattr(lm_eval_hooks, n)) for n in named)
+    folders = {p.parent for p in EVALS.rglob("*.yaml")}
+    for folder in folders:
+        code = [line for line in (folder / "utils.py").read_text(encoding="utf-8").splitlines()
+                if line.strip() and not line.startswith(('"""', "#"))]
+        assert code == ["from vllm_coco.tasks.lm_eval_hooks import *  # noqa: F401,F403"], folder
+
+
+def test_evals_dir_is_the_repository_folder_through_the_package():
+    from vllm_coco.tasks import task_folder
+    from vllm_coco.tasks.evaluate import evals_dir
+
+    assert evals_dir() == EVALS.resolve()
+    assert task_folder.PACKAGED.resolve() == EVALS.resolve()  # the symlink the wheel replaces by a copy
 
 
 # --------------------------------------------------------------------------- through lm-eval
@@ -307,10 +318,10 @@ def test_process_results_keys_are_all_in_metric_list(loaded):
 
 def test_group_aggregates_weighted_by_size(loaded):
     group = loaded["stereo_coco"]["groups"]["stereo_coco"]
-    metrics = {a.metric: a for a in group.aggregate_metric_list}
-    assert set(metrics) == set(ce.MC_METRICS) and all(a.weight_by_size for a in metrics.values())
+    aggs = {a.metric: a for a in group.aggregate_metric_list}
+    assert set(aggs) == set(metrics.MC_METRICS) and all(a.weight_by_size for a in aggs.values())
     jb = loaded["stereo_coco_jailbreak"]["groups"]["stereo_coco_jailbreak"]
-    assert {a.metric for a in jb.aggregate_metric_list} == set(ce.JAILBREAK_METRICS)
+    assert {a.metric for a in jb.aggregate_metric_list} == set(metrics.JAILBREAK_METRICS)
 
 
 def test_roleplay_prompt_is_the_system_turn(loaded):
@@ -319,7 +330,7 @@ def test_roleplay_prompt_is_the_system_turn(loaded):
     ctx = task.fewshot_context(doc, 0, apply_chat_template=True,
                                chat_template=lambda msgs, add_generation_prompt=True: json.dumps(msgs))
     msgs = json.loads(ctx)
-    assert msgs[0] == {"role": "system", "content": ce.ROLEPLAY_SYSTEM}
+    assert msgs[0] == {"role": "system", "content": jailbreak.ROLEPLAY_SYSTEM}
     assert msgs[1] == {"role": "user", "content": doc["prompt"]}
 
 

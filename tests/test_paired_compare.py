@@ -33,18 +33,17 @@ def _write_run(d: Path, unknown_ll: list[float]):
 
 def test_paired_difference_and_scoring(tmp_path, capsys):
     tool = _tool()
-    ce = tool._coco_eval()
     # summed: "unknown" wins at -10 (> -20) and loses at -25 or -30
     _write_run(tmp_path / "base", [-10.0, -10.0, -25.0, -25.0])
     _write_run(tmp_path / "edit", [-30.0, -10.0, -10.0, -10.0])
-    base = tool.per_item(tool.records(tmp_path / "base", "sum", ce))
-    edit = tool.per_item(tool.records(tmp_path / "edit", "sum", ce))
+    base = tool.per_item(tool.records(tmp_path / "base", "sum"))
+    edit = tool.per_item(tool.records(tmp_path / "edit", "sum"))
     assert base == {"Age:0": 1.0, "Age:1": 1.0, "Age:2": 0.0, "Age:3": 0.0}
     p = tool.paired(base, edit, rounds=200)
     assert p["diff"] == 0.25 and (p["up"], p["down"], p["items"]) == (2, 1, 4)
     assert p["lo"] <= 0.25 <= p["hi"]
     # per byte: -20/15 = -1.33 beats -10/7 = -1.43, so the biased option wins where summed picked "unknown"
-    assert tool.per_item(tool.records(tmp_path / "base", "per-byte", ce))["Age:0"] == 0.0
+    assert tool.per_item(tool.records(tmp_path / "base", "per-byte"))["Age:0"] == 0.0
     tool.main([str(tmp_path / "base"), str(tmp_path / "edit"), "--rounds", "100"])
     out = capsys.readouterr().out
     assert "| edit | sum | 0.750 | +0.250 [" in out and "2 / 1 of 4" in out

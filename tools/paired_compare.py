@@ -3,7 +3,7 @@
 
 Each model directory holds samples_stereo_coco_<category>.jsonl (lm-eval's logged documents with
 the options' log-likelihoods). Every answer is re-scored under both option rules of
-evals/coco_eval.pick (summed, per byte), so one evaluation gives both columns. Differences against
+vllm_coco.tasks.pick (summed, per byte), so one evaluation gives both columns. Differences against
 the base are paired by BBQ item (an item's success = its share of "unknown" answers over the three
 option orders); the interval is a percentile bootstrap over items. docs/RESULTS.md's larger-sample
 table was made with this script:
@@ -17,24 +17,16 @@ from __future__ import annotations
 
 import argparse
 import glob
-import importlib.util
 import json
 import random
 import sys
 from pathlib import Path
 
-from vllm_coco.core.names import SCORINGS  # noqa: E402
+from vllm_coco.core.names import SCORINGS
+from vllm_coco.tasks.metrics import agg_acc_disambig, agg_success_rate, process_mc
 
 
-def _coco_eval():
-    path = Path(__file__).resolve().parent.parent / "evals" / "coco_eval.py"
-    spec = importlib.util.spec_from_file_location("coco_eval", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-def records(run_dir: Path, scoring: str, ce) -> list[dict]:
+def records(run_dir: Path, scoring: str) -> list[dict]:
     """One record per logged stereo_coco document, re-scored with `scoring`."""
     files = sorted(glob.glob(str(run_dir / "samples_stereo_coco_*.jsonl")))
     if not files:
@@ -46,7 +38,7 @@ def records(run_dir: Path, scoring: str, ce) -> list[dict]:
             row = json.loads(line)
             doc = {**row["doc"], "scoring": scoring}
             lls = [(float(r[0][0] if isinstance(r[0], list) else r[0]), False) for r in row["resps"]]  # [options]
-            out.append(ce.process_mc(doc, lls)["success_rate"])
+            out.append(process_mc(doc, lls)["success_rate"])
     return out
 
 
@@ -77,20 +69,19 @@ def main(argv=None) -> None:
     ap.add_argument("edits", type=Path, nargs="+", help="eval outputs of edited models")
     ap.add_argument("--rounds", type=int, default=5000, help="bootstrap resamples")
     args = ap.parse_args(argv)
-    ce = _coco_eval()
     print("| model | scoring | success | Δ vs base [95 % CI] | items up / down | acc_disambig |")
     print("|---|---|---|---|---|---|")
     for scoring in SCORINGS:
-        base_recs = records(args.base, scoring, ce)
+        base_recs = records(args.base, scoring)
         base = per_item(base_recs)
-        print(f"| {args.base.name} | {scoring} | {ce.agg_success_rate(base_recs):.3f} | | | "
-              f"{ce.agg_acc_disambig(base_recs):.3f} |")
+        print(f"| {args.base.name} | {scoring} | {agg_success_rate(base_recs):.3f} | | | "
+              f"{agg_acc_disambig(base_recs):.3f} |")
         for d in args.edits:
-            recs = records(d, scoring, ce)
+            recs = records(d, scoring)
             p = paired(base, per_item(recs), args.rounds)
-            print(f"| {d.name} | {scoring} | {ce.agg_success_rate(recs):.3f} | {p['diff']:+.3f} "
+            print(f"| {d.name} | {scoring} | {agg_success_rate(recs):.3f} | {p['diff']:+.3f} "
                   f"[{p['lo']:+.3f}, {p['hi']:+.3f}] | {p['up']} / {p['down']} of {p['items']} | "
-                  f"{ce.agg_acc_disambig(recs):.3f} |")
+                  f"{agg_acc_disambig(recs):.3f} |")
 
 
 if __name__ == "__main__":

@@ -63,13 +63,14 @@ def option_logliks(model, spans: list[Span], batch_size: int = 8, pad_id: int = 
 
 def choose(items, logliks: np.ndarray, scoring: str = "sum") -> list[int]:
     """The option each item's answer is (original index), from its three log-likelihoods
-    (logliks: [items * 3], item-major). Ties go to the first option, as in evals/coco_eval.pick."""
+    (logliks: [items * 3], item-major), by the evaluation's rule (`vllm_coco.tasks.pick`: summed
+    or per UTF-8 byte of the option text; ties go to the first option)."""
+    from vllm_coco.tasks.pick import best_option
+
     if scoring not in SCORINGS:
         raise CocoError(f"scoring {scoring} is not one of {', '.join(SCORINGS)}")
     ll = np.asarray(logliks, dtype=np.float64).reshape(len(items), 3)  # [items, options]
-    if scoring == "per-byte":
-        ll = ll / np.array([[max(1, len(a.encode("utf-8"))) for a in it.answers] for it in items])
-    return [int(np.argmax(row)) for row in ll]
+    return [best_option(row, it.answers, scoring) for it, row in zip(items, ll)]
 
 
 def contrast_sets(items, answers: list[int]) -> tuple[list, list, dict]:

@@ -5,7 +5,7 @@ gate is in the forward), `vllm` (lm-eval's in-process vLLM; the vllm-coco plugin
 NE-COCO architectures by entry point) and a URL of a running `vllm serve` (`local-completions`).
 All run float32 and, unless told otherwise (`chat=False`), with the model's chat template, so
 their numbers agree. `scoring` chooses how the BBQ loglikelihood tasks pick an option (summed
-log-likelihood, lm-eval's rule, or per byte of the option text; evals/coco_eval.pick).
+log-likelihood, lm-eval's rule, or per byte of the option text; vllm_coco.tasks.pick).
 
 Output: OUT/results.json (lm-eval's results dict plus a `coco` block naming the model, backend
 and options), and with --log-samples OUT/samples_<task>.jsonl; written atomically.
@@ -26,7 +26,6 @@ import yaml
 from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
 
-EVALS_ENV = "COCO_EVALS_DIR"
 RESULTS_FILE = "results.json"
 # passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
 from vllm_coco.core.names import EVAL_SPLITS, SCORINGS  # noqa: E402,F401 (re-exported)
@@ -34,21 +33,8 @@ from vllm_coco.core.names import EVAL_SPLITS, SCORINGS  # noqa: E402,F401 (re-ex
 
 # --------------------------------------------------------------------------- the task folder
 
-def evals_dir() -> Path:
-    """The lm-eval task folder: $COCO_EVALS_DIR, else `evals/` at the repository root next to
-    `vllm_coco/` (the package is installed in editable mode)."""
-    env = os.environ.get(EVALS_ENV)
-    if env:
-        path = Path(env).expanduser()
-        if not (path / "coco_eval.py").is_file():
-            raise CocoError(f"{EVALS_ENV}={env} is not the vllm-coco evals directory (no coco_eval.py); "
-                            "unset it or point it at the repository's evals/")
-        return path.absolute()
-    path = Path(__file__).resolve().parents[2] / "evals"
-    if not (path / "coco_eval.py").is_file():
-        raise CocoError(f"cannot find the vllm-coco evals directory (looked for {path}); install vllm-coco "
-                        f"from its repository (pip install -e .) or set {EVALS_ENV}=/path/to/evals")
-    return path
+# evals_dir(): $COCO_EVALS_DIR, else the folder shipped with the package (vllm_coco/tasks/task_folder.py)
+from vllm_coco.tasks.task_folder import EVALS_ENV, evals_dir  # noqa: E402,F401 (re-exported)
 
 
 class _IgnoreTags(yaml.SafeLoader):
@@ -146,7 +132,7 @@ class EvalOptions:
     max_model_len: int = 2048
     served_model_name: str | None = None
     chat: bool = True
-    scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per-byte" (evals/coco_eval.pick)
+    scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per-byte" (vllm_coco.tasks.pick)
     log_samples: bool = False
     split: str = "test"  # BBQ split the stereo_coco* tasks read: test (held out) or validate (for sweeps)
     metadata: dict | None = None  # extra task metadata (e.g. {"categories": [...]} for the jailbreak tasks)
