@@ -1,23 +1,15 @@
 """vllm-coco: find COCO self-debiasing neurons, edit them, serve the edited models with vLLM.
 
-The pipeline, one module per step:
-    data.py          BBQ / JSONL contrast pairs, seeded identify/validate/test splits
-    models.py        model directories: loading, fingerprints, q/k/v neuron layout, demo models
-    capture.py       per-neuron intensities, streamed to an on-disk float16 matrix
-    scoring.py       the COCO InfoNCE score (and its label-permutation null)
-    selection.py     top-ratio / threshold selection, RAND / NORM / MACT baselines, edit weights
-    artifact.py      neurons.json + neurons.safetensors (+ provenance checks)
-    identify.py      the `coco-tools identify` / `select` jobs
-    report.py        where the selected neurons sit (table + heatmap)
-    bake.py          LE-COCO, ablation and LoRA export (safetensors in, safetensors out)
-    gate.py          the NE-COCO gate: one function for the HF reference and vLLM
-    ne.py            NE-COCO model directories
-    hf_reference.py  NE-COCO in plain transformers (the oracle for vLLM)
-    sharding.py      the gate under tensor parallelism
-    plugin.py        vLLM entry point (tiny); vllm_models.py: the gated Llama / Mistral classes
-    generate.py      batch generation with vLLM's offline engine
-    evaluate.py      lm-eval runs over the task folder evals/; compare.py: tables and charts of runs
-    config.py, pipeline.py  `coco-tools run`: the experiment end to end
+The package is laid out as the pipeline (README.md has the module map):
+    core/        names and defaults, errors, number checks, output paths, model directories,
+                 the neuron artifact and NE directory formats
+    data/        contrast data (BBQ, JSONL pairs, splits) and the demo model
+    identify/    capture -> COCO score -> selection -> artifact (and its report)
+    edit/        LE-COCO / ablation / LoRA checkpoints, the NE gate and its export
+    serve/       the vLLM plugin and gated models, the Hugging Face reference, batch generation
+    tasks/       the lm-eval task logic, `coco-tools eval`, comparisons of runs
+    experiment/  `coco-tools run`: config, stages, typed results, report
+    cli.py       `coco-tools`
 
 This module imports nothing heavy: vLLM's plugin loader imports the package in every process.
 """
