@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 from conftest import expect_bad, run_cli
 
-from vllm_coco.identify import behavior
-from vllm_coco.data.contrast import BBQItem
 from vllm_coco.core.errors import CocoError
+from vllm_coco.data.contrast import BBQItem
+from vllm_coco.identify import behavior
 
 
 def _item(i, category="Age", answers=("The old man", "The boy", "Unknown")):
@@ -33,8 +33,8 @@ def _reference_logliks(model, spans):
 
 
 def test_option_logliks_equal_an_unbatched_reference(planted):
-    from vllm_coco.identify.capture import Span
     from vllm_coco.core.models import load_model
+    from vllm_coco.identify.capture import Span
 
     model, tok = load_model(planted[0])
     words = tok.convert_tokens_to_ids
@@ -74,9 +74,9 @@ def test_decision_span_is_the_last_prompt_token(planted):
     the prompt alone (computed here by hand with a hook)."""
     import torch
 
-    from vllm_coco.identify.capture import capture, open_matrix
-    from vllm_coco.data.contrast import encode_example
     from vllm_coco.core.models import load_model
+    from vllm_coco.data.contrast import encode_example
+    from vllm_coco.identify.capture import capture, open_matrix
 
     model, tok = load_model(planted[0])
     items = [_item(i, answers=("b1", "u1", "u2")) for i in range(3)]
@@ -95,7 +95,7 @@ def test_decision_span_is_the_last_prompt_token(planted):
     off = res.layout.flat(1, "q", 0)
     for row, s in enumerate(spans):
         seen = {}
-        h = attn.q_proj.register_forward_hook(lambda m, a, o: seen.__setitem__("q", o))
+        h = attn.q_proj.register_forward_hook(lambda m, a, o, seen=seen: seen.__setitem__("q", o))
         with torch.no_grad():
             model(input_ids=torch.tensor([s.ids]))
         h.remove()
@@ -109,8 +109,8 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
     answers recomputed one item at a time, the rows are |X| + |Y|, and the null is the unpaired one."""
     import tiny
 
-    from vllm_coco.data.contrast import load_items
     from vllm_coco.core.models import load_model
+    from vllm_coco.data.contrast import load_items
 
     monkeypatch.setattr(behavior, "MIN_PER_SET", 1)
     model_dir = planted[0]
@@ -178,7 +178,8 @@ def test_behavior_refuses_small_sets_and_pairs_files(planted, tmp_path):
     model_dir, pairs = planted
     # 12 items per category cannot hold 10 biased and 10 "unknown" answers: refused before loading
     expect_bad(tmp_path, "identify", model_dir, "--out", tmp_path / "b", "--contrast", "behavior",
-               "--categories", "Age", "--limit", "12", "--quiet", match="--limit 12 is too small for --contrast behavior")
+               "--categories", "Age", "--limit", "12", "--quiet",
+               match="--limit 12 is too small for --contrast behavior")
     # 20 items: the tiny model's answers leave a set short (it rarely says "unknown")
     expect_bad(tmp_path, "identify", model_dir, "--out", tmp_path / "b", "--contrast", "behavior", "--no-chat",
                "--categories", "Age", "--limit", "20", "--quiet",

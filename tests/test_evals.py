@@ -6,8 +6,8 @@ import re
 from pathlib import Path
 
 import pytest
-
 from conftest import expect_bad, run_cli
+
 from vllm_coco.tasks import answer_parser, bbq_docs, jailbreak, lm_eval_hooks, metrics, pick, retention
 
 EVALS = Path(__file__).resolve().parent.parent / "evals"
@@ -99,7 +99,8 @@ def test_scoring_reaches_the_docs_through_metadata():
     docs = bbq_docs.load_stereo(category="Religion", coco_scoring="per-byte", max_items=1)["test"]
     assert set(docs["scoring"]) == {"per-byte"}
     assert set(bbq_docs.load_stereo(category="Religion", max_items=1)["test"]["scoring"]) == {"sum"}
-    jb = jailbreak.load_jailbreak(family="roleplay", categories="Religion", coco_scoring="per-byte", max_items=1)["test"]
+    jb = jailbreak.load_jailbreak(family="roleplay", categories="Religion", coco_scoring="per-byte",
+                                  max_items=1)["test"]
     assert set(jb["scoring"]) == {"per-byte"}
     with pytest.raises(ValueError, match="coco_scoring 'mean' is not one of sum, per-byte"):
         bbq_docs.load_stereo(category="Religion", coco_scoring="mean")

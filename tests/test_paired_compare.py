@@ -22,7 +22,7 @@ def _write_run(d: Path, unknown_ll: list[float]):
     d.mkdir()
     with open(d / "samples_stereo_coco_Age.jsonl", "w") as fh:
         for i, u in enumerate(unknown_ll):
-            for k, order in enumerate([(0, 1, 2), (1, 2, 0), (2, 0, 1)]):
+            for order in [(0, 1, 2), (1, 2, 0), (2, 0, 1)]:
                 lls = {0: -20.0, 1: -20.0, 2: u}
                 pos = {orig: shown for shown, orig in enumerate(order)}
                 doc = {"id": f"Age:{i}", "condition": "ambig", "order": list(order),

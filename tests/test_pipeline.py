@@ -3,12 +3,10 @@
 import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
-
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -31,11 +29,11 @@ def _tiny_config(tmp_path: Path, model: Path, **changes) -> Path:
 def tiny_model(tmp_path_factory):
     """A tiny random Llama whose word-level vocabulary covers the BBQ text of the test categories
     (so prompts and answer options are real tokens, not all <unk>); no chat template."""
+    import tiny
     import torch
     from tokenizers import pre_tokenizers
     from transformers import LlamaForCausalLM
 
-    import tiny
     from vllm_coco.data.contrast import bbq_items
 
     items, _ = bbq_items("bbq", ["Religion", "Age"], split="all", condition=None)
@@ -57,6 +55,7 @@ def _done_files(out: Path) -> dict:
 
 def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     from vllm_coco.experiment import pipeline
+    from vllm_coco.experiment.results import AblationResult, BaselinesResult, FinalResult, IdentifyResult, SweepResult
 
     config = _tiny_config(tmp_path, tiny_model)
     out = tmp_path / "out"
@@ -107,15 +106,22 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     done = {k: json.loads(p.read_text()) for k, p in _done_files(out).items()}
     assert all(d["hash"].startswith("sha256:") for d in done.values())
     assert not list(out.glob("**/.*.partial")) and not list(out.glob("**/.*.tmp-*"))
-    sweep = done["tiny/sweep"]["result"]
-    assert [r["key"] for r in sweep["rows"]] == ["le-a0.5", "le-a1", "ne-a1-b2-l0.5"]
-    assert sweep["chosen"]["le"]["key"] in ("le-a0.5", "le-a1") and sweep["chosen"]["ne"]["key"] == "ne-a1-b2-l0.5"
+    sweep = SweepResult.from_json(done["tiny/sweep"]["result"])
+    assert [r.key for r in sweep.rows] == ["le-a0.5", "le-a1", "ne-a1-b2-l0.5"]
+    assert sweep.chosen["le"].key in ("le-a0.5", "le-a1") and sweep.chosen["ne"].key == "ne-a1-b2-l0.5"
     # sweep evaluations read the validate split, the final ones the test split
     val = json.loads(next((out / "tiny" / "sweep" / "evals" / "base").rglob("results.json")).read_text())
     test = json.loads(next((out / "tiny" / "final" / "evals" / "base").rglob("results.json")).read_text())
     assert val["coco"]["split"] == "validate" and test["coco"]["split"] == "test"
-    final = done["tiny/final"]["result"]["runs"]
-    assert set(final) == {"base", "le", "ne"}
+    final = FinalResult.from_json(done["tiny/final"]["result"])
+    assert set(final.runs()) == {"base", "le", "ne"}
+    # every done.json reads back as its stage's typed result, and writes the same JSON again
+    kinds = {"identify": IdentifyResult, "baselines": BaselinesResult, "ablation": AblationResult,
+             "sweep": SweepResult, "final": FinalResult}
+    for stage, kind in kinds.items():
+        stored = done[f"tiny/{stage}"]["result"]
+        assert kind.from_json(stored).to_json() == stored, stage
+    assert list(AblationResult.from_json(done["tiny/ablation"]["result"]).sets) == ["coco", "rand", "norm", "mact"]
     assert (out / "tiny" / "final" / "models" / "ne" / "coco_gate.safetensors").is_file()
     assert (out / "tiny" / "final" / "models" / "le" / "coco_edit.json").is_file()
     # candidates' weights were dropped after their evaluation (keep_models: false)
@@ -149,8 +155,8 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
 def test_eval_in_subprocess(tiny_model, tmp_path):
     """The child-process evaluation the vllm backend uses (checked here with hf: same plumbing)."""
     from vllm_coco.core.errors import CocoError
-    from vllm_coco.tasks.evaluate import EvalOptions
     from vllm_coco.experiment.pipeline import eval_in_subprocess
+    from vllm_coco.tasks.evaluate import EvalOptions
 
     opts = EvalOptions(tasks=("stereo_coco_Religion",), backend="hf", limit=3, device="cpu", split="validate")
     eval_in_subprocess(tiny_model, opts, tmp_path / "ok")
@@ -162,42 +168,160 @@ def test_eval_in_subprocess(tiny_model, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
+def _row(key, edit, sr, ret, ok):
+    from vllm_coco.experiment.results import Candidate, RetentionSummary, SweepRow
+
+    cand = None if edit == "base" else Candidate(key=key, edit=edit, alpha=1.0, beta=2.0, lam=0.5)
+    return SweepRow(candidate=cand, success_rate=sr, acc_disambig=None, retention=ret, admissible=ok, per_category={},
+                    retention_tasks=RetentionSummary(values={}, docs={}, acc_mean=ret))
+
+
 def test_choose_best_admissible_candidate():
-    from vllm_coco.experiment.pipeline import choose
+    from vllm_coco.experiment.sweep import choose
 
-    base = {"success_rate": 0.4, "retention": 0.5}
-
-    def row(key, edit, sr, ret, ok):
-        return {"key": key, "edit": edit, "alpha": 1.0, "beta": 2.0, "lam": 0.5, "success_rate": sr,
-                "retention": ret, "admissible": ok}
-
-    rows = [row("le-a0.25", "le", 0.5, 0.50, True), row("le-a0.5", "le", 0.7, 0.40, False),
-            row("le-a1", "le", 0.5, 0.55, True), row("ne-a1", "ne", 0.3, 0.1, False), row("ne-a2", "ne", 0.2, 0.2, False)]
+    base = _row("base", "base", 0.4, 0.5, True)
+    rows = [_row("le-a0.25", "le", 0.5, 0.50, True), _row("le-a0.5", "le", 0.7, 0.40, False),
+            _row("le-a1", "le", 0.5, 0.55, True), _row("ne-a1", "ne", 0.3, 0.1, False),
+            _row("ne-a2", "ne", 0.2, 0.2, False)]
     le = choose(rows, base, "le")
-    assert le["key"] == "le-a1" and le["admissible"] and le["beats_base"]  # tie on success: higher retention
+    assert le.key == "le-a1" and le.admissible and le.beats_base  # tie on success: higher retention
     ne = choose(rows, base, "ne")
-    assert ne["key"] == "ne-a2" and not ne["admissible"] and "floor" in ne["note"]  # none admissible
-    worse = [row("le-a1", "le", 0.3, 0.5, True)]
-    assert "does not beat the base model" in choose(worse, base, "le")["note"]
-    assert choose(worse, base, "ne")["key"] is None
+    assert ne.key == "ne-a2" and not ne.admissible and "floor" in ne.note  # none admissible
+    worse = [_row("le-a1", "le", 0.3, 0.5, True)]
+    assert "does not beat the base model" in choose(worse, base, "le").note
+    assert choose(worse, base, "ne").key is None
+
+
+# --------------------------------------------------------------------------- typed results, report
+
+def _lm(tasks: dict[str, dict], docs: int = 3) -> dict:
+    """A stand-in lm-eval results dict: task -> {metric: value}."""
+    return {"results": {t: {f"{k},none": v for k, v in ms.items()} for t, ms in tasks.items()},
+            "n-samples": {t: {"original": 10, "effective": docs} for t in tasks}}
+
+
+def _typed_results(le=True, ne=True, baselines=("rand",)):
+    """One of every typed stage result, from stand-in lm-eval results (NaN and missing metrics included)."""
+    from vllm_coco.experiment import results as R
+
+    cats = ["Religion", "Age"]
+    stereo = R.StereoSummary.from_lm(_lm({"stereo_coco_Religion": {"success_rate": 0.25, "acc_disambig": float("nan"),
+                                                                   "pos0_rate": 1 / 3},
+                                          "stereo_coco_Age": {"success_rate": 1.0, "bias_ambig": -0.5}}), cats)
+    jail = R.JailbreakSummary.from_lm(_lm({f"stereo_coco_jailbreak_{f}": {"success_rate": 0.5}
+                                           for f in R.JAILBREAK_FAMILIES}))
+    ret = R.RetentionSummary.from_lm(_lm({"coco_mmlu": {"acc": 0.5}, "coco_boolq": {"acc": 1.0},
+                                          "coco_truthfulqa_ref": {"ref_bits_per_byte": 1.6}}), R.RETENTION_FINAL)
+    meta = {"selection": {"count": 3, "by_proj": {"q": 1, "k": 0, "v": 2}},
+            "model": {"num_neurons": 256}, "data": {"pairs": 8, "contrast": "response"},
+            "significance": {"null": "label-permutation", "rounds": 1, "null_best_score": -1.3, "beat_null": 3},
+            "per_category": {c: {"pairs": 4, "count": 3, "null_best_score": 0.5, "beat_null": 2, "neurons": []}
+                             for c in cats},
+            "timing_s": {"capture": 1.0, "total": 2.0}}
+    cand_le = R.Candidate(key="le-a0.5", edit="le", alpha=0.5)
+    cand_ne = R.Candidate(key="ne-a1-b2-l0.5", edit="ne", alpha=1.0, beta=2.0, lam=0.5)
+    base_row = R.SweepRow.score(None, stereo, ret, admissible=True)
+    rows = [R.SweepRow.score(c, stereo, ret, admissible=True) for c in (cand_le, cand_ne)]
+    choice = {"le": R.Choice(key=cand_le.key, admissible=True, beats_base=False, note="le note"),
+              "ne": R.Choice(key=cand_ne.key, admissible=False, beats_base=True, note="ne note")}
+    run = {e: R.FinalRun(params=c.params, model=f"models/{e}", stereo=stereo, jailbreak=jail, retention=ret)
+           for e, c in (("le", cand_le), ("ne", cand_ne))}
+    ident = R.IdentifyResult.from_meta(meta)
+    final_base = R.FinalRun(params="-", model=None, stereo=stereo, jailbreak=jail, retention=ret)
+    return {
+        "identify": ident,
+        "baselines": R.BaselinesResult(sets={b: R.BaselineSet(neurons=b, count=3, by_proj={"q": 3, "k": 0, "v": 0})
+                                             for b in baselines}),
+        "ablation": R.AblationResult(mode="ablate-zero", limit=None, split="test", base=stereo,
+                                     sets={s: stereo for s in ("coco", *baselines)}),
+        "sweep": R.SweepResult(split="validate", limit=3, retention_limit=None, retention_floor=0.02, base=base_row,
+                               rows=rows, chosen=choice),
+        "final": R.FinalResult(split="test", limit=3, jailbreak_limit=3, retention_limit=None,
+                               base=final_base,
+                               le=run["le"] if le else None, ne=run["ne"] if ne else None),
+        "report": R.ReportResult(report="REPORT.md", figures=["a.png"]),
+        "parts": [stereo, jail, ret, cand_le, cand_ne, base_row, choice["le"], final_base, ident.significance,
+                  ident.per_category["Age"], R.BaselineSet(neurons="rand", count=3, by_proj={"q": 3})],
+    }
+
+
+def test_typed_results_round_trip_through_json():
+    """Every stage result (and every part of one) survives done.json: to_json -> JSON text -> from_json."""
+    import dataclasses
+
+    from vllm_coco.experiment import results as R
+
+    typed = _typed_results()
+    objects = [v for k, v in typed.items() if k != "parts"] + typed["parts"]
+    json_classes = {c for c in vars(R).values() if isinstance(c, type) and issubclass(c, R.Json)
+                    and dataclasses.is_dataclass(c) and c is not R.GroupSummary}
+    assert json_classes <= {type(o) for o in objects}, json_classes - {type(o) for o in objects}  # each one tested
+    for obj in objects:
+        text = json.dumps(obj.to_json(), allow_nan=False)  # strict JSON: no NaN in a stored result
+        back = type(obj).from_json(json.loads(text))
+        assert back == obj and back.to_json() == obj.to_json(), type(obj).__name__
+    stereo = typed["parts"][0]
+    assert stereo.get("acc_disambig", "Religion") is None and stereo.get("acc_disambig") is None  # NaN -> None
+    assert stereo.get("success_rate") == (0.25 * 3 + 1.0 * 3) / 6 and stereo.docs["all"] == 6
+    assert stereo.get("bias_ambig") == -0.5 and stereo.get("abs_bias_ambig", "Age") is None
+
+
+def test_report_renderers_are_small():
+    import inspect
+
+    from vllm_coco.experiment import report
+
+    funcs = [f for _, f in inspect.getmembers(report, inspect.isfunction) if f.__module__ == report.__name__]
+    assert len(funcs) >= 10
+    sizes = {f.__name__: len(inspect.getsource(f).splitlines()) for f in funcs}
+    assert max(sizes.values()) <= 40, sizes
+
+
+def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
+    """The report's n/a paths: no control set configured, no NE candidate in the sweep."""
+    from vllm_coco.experiment import report
+    from vllm_coco.experiment.figures import ModelFigures
+    from vllm_coco.experiment.results import ModelResults, Stage
+
+    typed = _typed_results(ne=False, baselines=())
+    stages = {s: Stage(typed[s], tmp_path / s, "sha256:x", 1.0) for s in STAGES}
+    m = ModelResults(name="tiny", path="models/tiny", **stages)
+    figs = ModelFigures(*(tmp_path / f"tiny-{n}.png" for n in ("neurons-heatmap", "ablation", "success-rate")))
+    cfg = {"_config_path": "c.yaml", "seed": 0, "eval": {"scoring": "per-byte"},
+           "data": {"source": "bbq", "categories": ["Religion", "Age"], "chat_template": False},
+           "identify": {"ratio": 0.01, "limit": 4}}
+    text = report.render(cfg, tmp_path, "hf", [m], {"tiny": figs}, {"tiny": "layer q k v"})
+    assert "Baselines: n/a" in text and "RAND ablated" not in text
+    assert "| tiny | 0.625 | 0.625 (+0.000) [alpha=0.5] | n/a (no candidate) | 0.625 (+0.000) |" in text
+    assert "n/a for NE-COCO: no such candidate in the sweep." in text
+    assert "| abs_bias_ambig (\\|s_AMB\\| (lower is better)) | n/a | n/a |" in text
+    assert "| all | 6 | 0.625 | 0.625 (+0.000) |" in text
+    assert "ablating COCO changed the success rate by +0.000." in text
+    assert "![success rate](report/tiny-success-rate.png)" in text
 
 
 def test_validate_docs_are_disjoint_from_test_docs():
-    sys.path.insert(0, str(ROOT / "evals"))
-    try:
-        import coco_eval
-    finally:
-        sys.path.remove(str(ROOT / "evals"))
+    from vllm_coco.tasks.bbq_docs import load_stereo, stereo_docs
+    from vllm_coco.tasks.jailbreak import jailbreak_docs
+
     for cat in ("Religion", "Age"):
-        val = coco_eval.stereo_docs(cat, split="validate")
-        test = coco_eval.stereo_docs(cat, split="test")
+        val = stereo_docs(cat, split="validate")
+        test = stereo_docs(cat, split="test")
         assert val and test
         assert not {d["question_index"] for d in val} & {d["question_index"] for d in test}
-        assert coco_eval.load_stereo(category=cat, coco_split="validate")["test"]["id"] == [d["id"] for d in val]
-        jb = coco_eval.jailbreak_docs("roleplay", [cat], split="validate")
+        assert load_stereo(category=cat, coco_split="validate")["test"]["id"] == [d["id"] for d in val]
+        jb = jailbreak_docs("roleplay", [cat], split="validate")
         assert {d["question_index"] for d in jb} <= {d["question_index"] for d in val}
     with pytest.raises(ValueError, match="coco_split"):
-        coco_eval.load_stereo(category="Religion", coco_split="identify")
+        load_stereo(category="Religion", coco_split="identify")
+
+
+def test_experiment_metrics_are_task_metrics():
+    """The experiment reads only metrics the stereo_coco tasks report (one list each, kept in step)."""
+    from vllm_coco.experiment.results import STEREO_METRICS
+    from vllm_coco.tasks.metrics import MC_METRICS
+
+    assert set(STEREO_METRICS) <= set(MC_METRICS)
 
 
 def test_eval_split_reaches_the_tasks_through_metadata():

@@ -18,9 +18,8 @@ from pathlib import Path
 
 import yaml
 
-from vllm_coco.core.errors import CocoError
-
 from vllm_coco.core import names as N
+from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import ABLATIONS, BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
 
 # The schema: every key with its default. A dict is a section (its keys are the only ones
@@ -41,7 +40,8 @@ DEFAULTS: dict = {
     "sweep": {"le_alpha": [0.25, 0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
               "ne_ratio": None, "limit": 9, "retention_limit": 4, "retention_floor": 0.02},
     "final": {"limit": 6, "jailbreak_limit": 3, "retention_limit": 6},
-    "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": 2048, "scoring": "per-byte"},
+    "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": 2048,
+             "scoring": "per-byte"},
 }
 MODEL_KEYS = {"path": None, "name": None}
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -156,7 +156,7 @@ def _models(value) -> list[dict]:
 
 def _eval_categories() -> list[str]:
     """Categories with a stereo_coco_<category> task in evals/."""
-    from vllm_coco.tasks.evaluate import evals_dir, local_tasks
+    from vllm_coco.tasks.task_folder import evals_dir, local_tasks
 
     return [t[len("stereo_coco_"):] for t in local_tasks(evals_dir()).get("stereo_coco", [])]
 

@@ -10,7 +10,10 @@ Per model (OUT/<model>/<stage>/):
              model's minus `sweep.retention_floor`; the best admissible LE and NE are chosen
   final      base, chosen LE, chosen NE on the test split: stereo_coco, stereo_coco_jailbreak,
              coco_retention (the chosen edits are kept under final/models/)
-Then once: report (OUT/report/: figures; OUT/REPORT.md).
+Then once: report (OUT/report/: figures.py draws the PNGs, report.py renders OUT/REPORT.md).
+
+Each stage returns a typed result (results.py) wrapped in a Stage (result, dir, hash, seconds);
+done.json stores the result's to_json() and a reused stage reads the same typed object back.
 
 Every stage is built in OUT/<model>/.<stage>.partial/ and renamed into place when complete, with
 a done.json holding the hash of everything the stage depends on (its config section, the model,
@@ -25,27 +28,47 @@ import datetime
 import gc
 import hashlib
 import json
-import math
 import os
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import TypeVar
 
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, write_text
 from vllm_coco.core.errors import CocoError
-from vllm_coco.tasks import results as lm_results
+from vllm_coco.experiment import figures, report
+from vllm_coco.experiment.report import fmt
+from vllm_coco.experiment.results import (
+    EDITS,
+    LABELS,
+    RETENTION_FINAL,
+    RETENTION_SWEEP,
+    AblationResult,
+    BaselineSet,
+    BaselinesResult,
+    Candidate,
+    FinalResult,
+    FinalRun,
+    IdentifyResult,
+    JailbreakSummary,
+    ModelResults,
+    ReportResult,
+    RetentionSummary,
+    Stage,
+    StereoSummary,
+    SweepResult,
+    SweepRow,
+)
+from vllm_coco.experiment.sweep import admissible, candidates, choose
 
-PIPELINE_VERSION = 1  # bump when a stage's output format or meaning changes: forces a recompute
+PIPELINE_VERSION = 2  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
 STEP = "step.json"
 LOG = "pipeline.log"
 REPORT = "REPORT.md"
-RETENTION_SWEEP = ("coco_mmlu", "coco_boolq")  # the accuracy tasks the retention floor reads
-RETENTION_FINAL = ("coco_mmlu", "coco_boolq", "coco_truthfulqa_ref")
-JAILBREAK_FAMILIES = ("roleplay", "obfuscated", "templates")
-LABELS = {"coco": "COCO", "rand": "RAND", "norm": "NORM", "mact": "MACT"}
+T = TypeVar("T")
 
 
 # --------------------------------------------------------------------------- small helpers
@@ -74,22 +97,6 @@ def model_stamp(model_dir: Path) -> list:
     return [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files if f.is_file()]
 
 
-def _fmt(v, digits: int = 3) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return "n/a"
-    return f"{v:.{digits}f}"
-
-
-def _delta(v, base, digits: int = 3) -> str:
-    if v is None or base is None or any(isinstance(x, float) and math.isnan(x) for x in (v, base)):
-        return _fmt(v, digits)
-    return f"{v:.{digits}f} ({v - base:+.{digits}f})"
-
-
-def _num_tag(x: float) -> str:
-    return f"{x:g}"
-
-
 # --------------------------------------------------------------------------- context and stages
 
 class Run:
@@ -109,9 +116,9 @@ class Run:
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(f"{stamp} {line}\n")
 
-    def stage(self, root: Path, label: str, name: str, spec: dict, body) -> dict:
-        """Run `body(partial_dir, steps) -> result` unless a finished stage with the same hash
-        exists; returns the stage's done.json (with "dir": where the stage lives)."""
+    def stage(self, root: Path, label: str, name: str, spec: dict, body, kind: type[T]) -> Stage[T]:
+        """Run `body(partial_dir, steps) -> result` (a `kind`) unless a finished stage with the same
+        hash exists; done.json holds result.to_json(), a reused stage reads it back as a `kind`."""
         spec = {"stage": name, "pipeline": PIPELINE_VERSION, "method": METHOD_VERSION, **spec}
         h = spec_hash(spec)
         final = root / name
@@ -120,7 +127,7 @@ class Run:
         if done and done.get("hash") == h:
             self.log(f"{tag}: reused (finished {done['finished']}, {done['seconds']:.1f} s; config unchanged)")
             self.stages.append({"label": label, "stage": name, "status": "reused", "seconds": 0.0})
-            return {**done, "dir": final}
+            return Stage(kind.from_json(done["result"]), final, h, done["seconds"])
         root.mkdir(parents=True, exist_ok=True)
         partial = root / f".{name}.partial"
         marker = _read_json(partial / "stage.json")
@@ -134,17 +141,18 @@ class Run:
         t0 = time.time()
         steps = Steps(partial)
         result = body(partial, steps)
-        seconds = time.time() - t0
-        done = {"stage": name, "model": label, "hash": h, "spec": spec, "seconds": round(seconds, 1),
+        seconds = round(time.time() - t0, 1)
+        done = {"stage": name, "model": label, "hash": h, "spec": spec, "seconds": seconds,
                 "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-                "tool": f"vllm-coco {__version__}", "result": result}
+                "tool": f"vllm-coco {__version__}", "result": result.to_json()}
         (partial / "stage.json").unlink()
         _write_json(partial / DONE, done)
         remove_tree(final)
         os.replace(partial, final)
-        self.log(f"{tag}: done in {seconds:.1f} s" + (f" ({steps.reused} finished steps reused)" if steps.reused else ""))
-        self.stages.append({"label": label, "stage": name, "status": "computed", "seconds": round(seconds, 1)})
-        return {**done, "dir": final}
+        reused = f" ({steps.reused} finished steps reused)" if steps.reused else ""
+        self.log(f"{tag}: done in {seconds:.1f} s{reused}")
+        self.stages.append({"label": label, "stage": name, "status": "computed", "seconds": seconds})
+        return Stage(result, final, h, seconds)
 
 
 class Steps:
@@ -185,7 +193,8 @@ def eval_in_subprocess(model_dir: Path, opts, out: Path) -> None:
     """run_eval in a child process (the vLLM backend: one engine per process, since an engine does
     not give everything back when dropped in-process). Exit 2 in the child -> CocoError here."""
     payload = json.dumps({"model": str(model_dir), "out": str(out), "opts": opts.__dict__})
-    code = "import json, sys; from vllm_coco.experiment.pipeline import _child_eval; _child_eval(json.loads(sys.argv[1]))"
+    code = ("import json, sys; from vllm_coco.experiment.pipeline import _child_eval; "
+            "_child_eval(json.loads(sys.argv[1]))")
     env = dict(os.environ)
     env.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
     proc = subprocess.run([sys.executable, "-c", code, payload], env=env, stdout=subprocess.DEVNULL,
@@ -214,56 +223,6 @@ def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, met
     return json.loads((out / "results.json").read_text(encoding="utf-8"))
 
 
-def _weighted(results: dict, tasks, metric: str):
-    """Doc-weighted mean of a metric over subtasks (as lm-eval's weight_by_size groups), NaN-aware."""
-    num = den = 0.0
-    for t in tasks:
-        v, n = lm_results.metric(results, t, metric), lm_results.docs(results, t)
-        if v is None or math.isnan(v) or n == 0:
-            continue
-        num, den = num + v * n, den + n
-    return num / den if den else float("nan")
-
-
-STEREO_METRICS = ("success_rate", "acc_disambig", "bias_ambig", "abs_bias_ambig", "bias_disambig",
-                  "order_consistency", "pos0_rate", "pos1_rate", "pos2_rate")
-
-
-def stereo_summary(results: dict, categories) -> dict:
-    """{metric: {category: value, "all": value}} of the stereo_coco_<category> tasks, plus docs."""
-    tasks = [f"stereo_coco_{c}" for c in categories]
-    out = {m: {**{c: lm_results.metric(results, t, m) for c, t in zip(categories, tasks)},
-               "all": _weighted(results, tasks, m)} for m in STEREO_METRICS}
-    out["docs"] = {c: lm_results.docs(results, t) for c, t in zip(categories, tasks)}
-    return out
-
-
-def retention_summary(results: dict, tasks) -> dict:
-    out = {}
-    for t in tasks:
-        if t == "coco_truthfulqa_ref":
-            out[t] = lm_results.metric(results, t, "ref_bits_per_byte")
-        else:
-            out[t] = lm_results.metric(results, t, "acc")
-        out[f"{t}_docs"] = lm_results.docs(results, t)
-    accs = [out[t] for t in tasks if t in RETENTION_SWEEP and out[t] is not None]
-    out["acc_mean"] = sum(accs) / len(accs) if accs else None
-    return out
-
-
-def jailbreak_summary(results: dict) -> dict:
-    out = {}
-    for fam in JAILBREAK_FAMILIES:
-        t = f"stereo_coco_jailbreak_{fam}"
-        out[fam] = {"success_rate": lm_results.metric(results, t, "success_rate"),
-                    "bias_ambig": lm_results.metric(results, t, "bias_ambig"), "docs": lm_results.docs(results, t)}
-    tasks = [f"stereo_coco_jailbreak_{f}" for f in JAILBREAK_FAMILIES]
-    out["all"] = {"success_rate": _weighted(results, tasks, "success_rate"),
-                  "bias_ambig": _weighted(results, tasks, "bias_ambig"),
-                  "docs": sum(lm_results.docs(results, t) for t in tasks)}
-    return out
-
-
 def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]], split: str, steps: Steps,
                 key: str, spec: dict, metadata=None) -> dict:
     """Evaluate task groups with their own limits; groups with the same limit share one run.
@@ -286,7 +245,7 @@ def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]]
 
 # --------------------------------------------------------------------------- the stages
 
-def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> dict:
+def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> Stage[IdentifyResult]:
     from vllm_coco.identify.run import IdentifyOptions, identify
 
     ic = run.cfg["identify"]
@@ -295,7 +254,7 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> dict:
             # behavior mode picks the model's answers the way the evaluation scores them
             "scoring": run.cfg["eval"]["scoring"] if ic["contrast"] == "behavior" else None}
 
-    def body(partial: Path, steps: Steps) -> dict:
+    def body(partial: Path, steps: Steps) -> IdentifyResult:
         opts = IdentifyOptions(data=run.cfg["data"]["source"], categories=tuple(run.cfg["data"]["categories"]),
                                split="identify", limit=ic["limit"], ratio=ic["ratio"], weighting=ic["weighting"],
                                tau=ic["tau"], null_rounds=ic["null_rounds"], seed=run.cfg["seed"],
@@ -304,69 +263,67 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> dict:
                                scoring=run.cfg["eval"]["scoring"])
         d = steps.do("neurons", {}, lambda d: identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty()))
         gc.collect()
-        meta = json.loads((d / "neurons.json").read_text(encoding="utf-8"))
-        return {"neurons": "neurons", "count": meta["selection"]["count"], "by_proj": meta["selection"]["by_proj"],
-                "num_neurons": meta["model"]["num_neurons"], "pairs": meta["data"]["pairs"],
-                "contrast": meta["data"]["contrast"], "answers": meta["data"].get("answers"),
-                "significance": meta["significance"],
-                "per_category": {c: {k: v for k, v in pc.items() if k != "neurons"}
-                                 for c, pc in meta["per_category"].items()},
-                "timing_s": meta["timing_s"]}
+        return IdentifyResult.from_meta(json.loads((d / "neurons.json").read_text(encoding="utf-8")), "neurons")
 
-    return run.stage(root, m["name"], "identify", spec, body)
+    return run.stage(root, m["name"], "identify", spec, body, IdentifyResult)
 
 
-def _baselines(run: Run, m: dict, root: Path, ident: dict) -> dict:
+def _baselines(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult]) -> Stage[BaselinesResult]:
     from vllm_coco.identify.run import reselect
 
-    spec = {"identify": ident["hash"], "baselines": run.cfg["baselines"]}
+    spec = {"identify": ident.hash, "baselines": run.cfg["baselines"]}
 
-    def body(partial: Path, steps: Steps) -> dict:
-        out = {}
+    def body(partial: Path, steps: Steps) -> BaselinesResult:
+        sets = {}
         for b in run.cfg["baselines"]:
-            d = steps.do(b, {}, lambda d, b=b: reselect(str(ident["dir"] / "neurons"), str(d), baseline=b))
-            meta = json.loads((d / "neurons.json").read_text(encoding="utf-8"))
-            out[b] = {"neurons": b, "count": meta["selection"]["count"], "by_proj": meta["selection"]["by_proj"]}
-        return out
+            d = steps.do(b, {}, lambda d, b=b: reselect(str(ident.dir / ident.result.neurons), str(d), baseline=b))
+            sel = json.loads((d / "neurons.json").read_text(encoding="utf-8"))["selection"]
+            sets[b] = BaselineSet(neurons=b, count=sel["count"], by_proj=dict(sel["by_proj"]))
+        return BaselinesResult(sets=sets)
 
-    return run.stage(root, m["name"], "baselines", spec, body)
+    return run.stage(root, m["name"], "baselines", spec, body, BaselinesResult)
 
 
-def _neuron_sets(ident: dict, bases: dict) -> dict[str, Path]:
-    sets = {"coco": ident["dir"] / "neurons"}
-    for b, info in bases["result"].items():
-        sets[b] = bases["dir"] / info["neurons"]
+def _neuron_sets(ident: Stage[IdentifyResult], bases: Stage[BaselinesResult]) -> dict[str, Path]:
+    """Every neuron set's directory: COCO first, then the baselines in the config's order."""
+    sets = {"coco": ident.dir / ident.result.neurons}
+    for b, info in bases.result.sets.items():
+        sets[b] = bases.dir / info.neurons
     return sets
 
 
-def _ablation(run: Run, m: dict, root: Path, ident: dict, bases: dict, data_spec: dict) -> dict:
+def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases: Stage[BaselinesResult],
+              data_spec: dict) -> Stage[AblationResult]:
     from vllm_coco.edit.bake import bake
 
     ac = run.cfg["ablation"]
     cats = run.cfg["data"]["categories"]
     tasks = [f"stereo_coco_{c}" for c in cats]
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident["hash"],
-            "baselines": bases["hash"], "ablation": ac, "data": data_spec, "backend": run.backend,
+    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
+            "baselines": bases.hash, "ablation": ac, "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
-    def body(partial: Path, steps: Steps) -> dict:
-        out = {}
-        for name, neurons in [("base", None), *_neuron_sets(ident, bases).items()]:
-            t0 = time.time()
-            model_dir = m["dir"]
-            if neurons is not None:
-                model_dir = steps.do(f"models/{name}", {"neurons": str(neurons), "mode": ac["mode"]},
-                                     lambda d, n=neurons: bake(str(m["dir"]), str(n), str(d), mode=ac["mode"]))
-            res = eval_groups(run, model_dir, [("stereo", tasks, ac["limit"])], "test", steps, f"evals/{name}",
-                              {"model": name, "mode": ac["mode"]})["stereo"]
-            out[name] = stereo_summary(res, cats)
-            if neurons is not None and not run.cfg["keep_models"]:
-                _drop_weights(model_dir)
-            run.log(f"  [{m['name']}] ablation {LABELS.get(name, name)}: success_rate "
-                    f"{_fmt(out[name]['success_rate']['all'])} ({time.time() - t0:.0f} s)")
-        return {"mode": ac["mode"], "limit": ac["limit"], "split": "test", "runs": out}
+    def score(name: str, model_dir: Path, steps: Steps, t0: float) -> StereoSummary:
+        res = eval_groups(run, model_dir, [("stereo", tasks, ac["limit"])], "test", steps, f"evals/{name}",
+                          {"model": name, "mode": ac["mode"]})["stereo"]
+        out = StereoSummary.from_lm(res, cats)
+        run.log(f"  [{m['name']}] ablation {LABELS.get(name, name)}: success_rate "
+                f"{fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
+        return out
 
-    return run.stage(root, m["name"], "ablation", spec, body)
+    def body(partial: Path, steps: Steps) -> AblationResult:
+        base = score("base", m["dir"], steps, time.time())
+        sets = {}
+        for name, neurons in _neuron_sets(ident, bases).items():
+            t0 = time.time()
+            model_dir = steps.do(f"models/{name}", {"neurons": str(neurons), "mode": ac["mode"]},
+                                 lambda d, n=neurons: bake(str(m["dir"]), str(n), str(d), mode=ac["mode"]))
+            sets[name] = score(name, model_dir, steps, t0)
+            if not run.cfg["keep_models"]:
+                _drop_weights(model_dir)
+        return AblationResult(mode=ac["mode"], limit=ac["limit"], split="test", base=base, sets=sets)
+
+    return run.stage(root, m["name"], "ablation", spec, body, AblationResult)
 
 
 def _drop_weights(model_dir: Path) -> None:
@@ -375,119 +332,65 @@ def _drop_weights(model_dir: Path) -> None:
         f.unlink()
 
 
-def _candidates(sw: dict) -> list[dict]:
-    out = [{"key": f"le-a{_num_tag(a)}", "edit": "le", "alpha": a} for a in sw["le_alpha"]]
-    for a in sw["ne_alpha"]:
-        for b in sw["ne_beta"]:
-            for lam in sw["ne_lam"]:
-                out.append({"key": f"ne-a{_num_tag(a)}-b{_num_tag(b)}-l{_num_tag(lam)}", "edit": "ne",
-                            "alpha": a, "beta": b, "lam": lam})
-    return out
-
-
-def _make_edit(m: dict, neurons: Path, cand: dict, ratio, out: Path) -> None:
+def _make_edit(m: dict, neurons: Path, cand: Candidate, ratio, out: Path) -> None:
     from vllm_coco.edit.bake import bake
     from vllm_coco.edit.ne import write_ne
 
-    if cand["edit"] == "le":
-        bake(str(m["dir"]), str(neurons), str(out), mode="le", alpha=cand["alpha"])
+    if cand.edit == "le":
+        bake(str(m["dir"]), str(neurons), str(out), mode="le", alpha=cand.alpha)
     else:
-        write_ne(str(m["dir"]), str(neurons), str(out), alpha=cand["alpha"], beta=cand["beta"], lam=cand["lam"],
-                 ratio=ratio)
+        write_ne(str(m["dir"]), str(neurons), str(out), alpha=cand.alpha, beta=cand.beta, lam=cand.lam, ratio=ratio)
 
 
-def _params(c: dict) -> str:
-    if c["edit"] == "le":
-        return f"alpha={_num_tag(c['alpha'])}"
-    return f"alpha={_num_tag(c['alpha'])}, beta={_num_tag(c['beta'])}, lam={_num_tag(c['lam'])}"
-
-
-def choose(rows: list[dict], base: dict, edit: str) -> dict:
-    """The best admissible candidate of one edit kind: highest validate success rate; ties go to
-    the higher retention, then the earlier (gentler) candidate. None admissible: the one with the
-    highest retention, flagged. Returns {"key", "admissible", "beats_base", "note"}."""
-    mine = [r for r in rows if r["edit"] == edit]
-    if not mine:
-        return {"key": None, "admissible": False, "beats_base": False, "note": f"no {edit.upper()} candidate"}
-    ok = [r for r in mine if r["admissible"]]
-
-    def sr(r):
-        v = r["success_rate"]
-        return -math.inf if v is None or math.isnan(v) else v
-
-    def ret(r):
-        return -math.inf if r["retention"] is None else r["retention"]
-
-    if ok:
-        best = max(ok, key=lambda r: (sr(r), ret(r), -mine.index(r)))
-        beats = sr(best) > sr(base)
-        note = (f"best admissible {edit.upper()} ({_params(best)}) "
-                + ("beats the base model on validate" if beats else
-                   "does not beat the base model on validate: no candidate improved the success rate"))
-        return {"key": best["key"], "admissible": True, "beats_base": beats, "note": note}
-    best = max(mine, key=lambda r: (ret(r), sr(r), -mine.index(r)))
-    return {"key": best["key"], "admissible": False, "beats_base": sr(best) > sr(base),
-            "note": f"no {edit.upper()} candidate keeps retention within the floor; kept the one with the "
-                    f"highest retention ({_params(best)}) for the final evaluation"}
-
-
-def _sweep(run: Run, m: dict, root: Path, ident: dict, data_spec: dict) -> dict:
+def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SweepResult]:
     sw = run.cfg["sweep"]
     cats = run.cfg["data"]["categories"]
     stereo = [f"stereo_coco_{c}" for c in cats]
-    neurons = ident["dir"] / "neurons"
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident["hash"], "sweep": sw,
+    neurons = ident.dir / ident.result.neurons
+    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash, "sweep": sw,
             "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
-    def score(model_dir: Path, key: str, steps: Steps) -> tuple[dict, dict]:
+    def score(model_dir: Path, key: str, steps: Steps) -> tuple[StereoSummary, RetentionSummary]:
         res = eval_groups(run, model_dir, [("stereo", stereo, sw["limit"]),
                                            ("retention", list(RETENTION_SWEEP), sw["retention_limit"])],
                           "validate", steps, f"evals/{key}", {"model": key})
-        return stereo_summary(res["stereo"], cats), retention_summary(res["retention"], RETENTION_SWEEP)
+        return StereoSummary.from_lm(res["stereo"], cats), RetentionSummary.from_lm(res["retention"], RETENTION_SWEEP)
 
-    def body(partial: Path, steps: Steps) -> dict:
+    def body(partial: Path, steps: Steps) -> SweepResult:
         t0 = time.time()
-        base_stereo, base_ret = score(m["dir"], "base", steps)
-        base = {"key": "base", "edit": "base", "params": "-", "success_rate": base_stereo["success_rate"]["all"],
-                "acc_disambig": base_stereo["acc_disambig"]["all"], "retention": base_ret["acc_mean"],
-                "retention_tasks": base_ret, "per_category": base_stereo["success_rate"], "admissible": True}
-        run.log(f"  [{m['name']}] sweep base: success_rate {_fmt(base['success_rate'])}, retention "
-                f"{_fmt(base['retention'])} ({time.time() - t0:.0f} s)")
+        base = SweepRow.score(None, *score(m["dir"], "base", steps), admissible=True)
+        run.log(f"  [{m['name']}] sweep base: success_rate {fmt(base.success_rate)}, retention "
+                f"{fmt(base.retention)} ({time.time() - t0:.0f} s)")
         rows = []
-        for cand in _candidates(sw):
+        for cand in candidates(sw):
             t0 = time.time()
-            d = steps.do(f"models/{cand['key']}", {"cand": cand, "ratio": sw["ne_ratio"]},
+            d = steps.do(f"models/{cand.key}", {"cand": cand.spec(), "ratio": sw["ne_ratio"]},
                          lambda d, c=cand: _make_edit(m, neurons, c, sw["ne_ratio"], d))
-            st, ret = score(d, cand["key"], steps)
+            st, ret = score(d, cand.key, steps)
             if not run.cfg["keep_models"]:
                 _drop_weights(d)
-            r = {**cand, "params": _params(cand), "success_rate": st["success_rate"]["all"],
-                 "acc_disambig": st["acc_disambig"]["all"], "retention": ret["acc_mean"], "retention_tasks": ret,
-                 "per_category": st["success_rate"]}
-            floor_ok = (r["retention"] is not None and base["retention"] is not None
-                        and r["retention"] >= base["retention"] - sw["retention_floor"] - 1e-12)
-            r["admissible"] = bool(floor_ok)
+            r = SweepRow.score(cand, st, ret, admissible(ret.acc_mean, base.retention, sw["retention_floor"]))
             rows.append(r)
-            run.log(f"  [{m['name']}] sweep {cand['edit'].upper()} {r['params']}: success_rate "
-                    f"{_fmt(r['success_rate'])}, retention {_fmt(r['retention'])}"
-                    f"{'' if r['admissible'] else ' (below the retention floor)'} ({time.time() - t0:.0f} s)")
-        chosen = {e: choose(rows, base, e) for e in ("le", "ne")}
-        for e, c in chosen.items():
-            run.log(f"  [{m['name']}] sweep: {c['note']}")
-        return {"split": "validate", "limit": sw["limit"], "retention_limit": sw["retention_limit"],
-                "retention_floor": sw["retention_floor"], "base": base, "rows": rows, "chosen": chosen}
+            run.log(f"  [{m['name']}] sweep {cand.edit.upper()} {r.params}: success_rate "
+                    f"{fmt(r.success_rate)}, retention {fmt(r.retention)}"
+                    f"{'' if r.admissible else ' (below the retention floor)'} ({time.time() - t0:.0f} s)")
+        chosen = {e: choose(rows, base, e) for e in EDITS}
+        for c in chosen.values():
+            run.log(f"  [{m['name']}] sweep: {c.note}")
+        return SweepResult(split="validate", limit=sw["limit"], retention_limit=sw["retention_limit"],
+                           retention_floor=sw["retention_floor"], base=base, rows=rows, chosen=chosen)
 
-    return run.stage(root, m["name"], "sweep", spec, body)
+    return run.stage(root, m["name"], "sweep", spec, body, SweepResult)
 
 
-def _final(run: Run, m: dict, root: Path, ident: dict, sweep: dict, data_spec: dict) -> dict:
+def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: Stage[SweepResult],
+           data_spec: dict) -> Stage[FinalResult]:
     fc = run.cfg["final"]
     cats = run.cfg["data"]["categories"]
-    rows = {r["key"]: r for r in sweep["result"]["rows"]}
-    chosen = {e: rows.get(c["key"]) for e, c in sweep["result"]["chosen"].items()}
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident["hash"],
-            "sweep": sweep["hash"], "final": fc, "data": data_spec, "backend": run.backend,
+    chosen = {e: sweep.result.chosen_row(e) for e in EDITS}
+    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
+            "sweep": sweep.hash, "final": fc, "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"],
             "ne_ratio": run.cfg["sweep"]["ne_ratio"]}
     parts = [("stereo", [f"stereo_coco_{c}" for c in cats], fc["limit"]),
@@ -495,238 +398,51 @@ def _final(run: Run, m: dict, root: Path, ident: dict, sweep: dict, data_spec: d
              ("retention", list(RETENTION_FINAL), fc["retention_limit"])]
     metadata = {"categories": list(cats)}  # the jailbreak families draw items from these categories
 
-    def body(partial: Path, steps: Steps) -> dict:
-        out = {}
-        for name in ("base", "le", "ne"):
-            t0 = time.time()
-            cand = chosen.get(name)
-            if name != "base" and cand is None:
-                out[name] = None
-                continue
-            model_dir = m["dir"]
-            if cand is not None:
-                model_dir = steps.do(f"models/{name}", {"cand": {k: cand[k] for k in ("edit", "alpha", "beta", "lam")
-                                                                 if k in cand}},
-                                     lambda d, c=cand: _make_edit(m, ident["dir"] / "neurons", c,
-                                                                  run.cfg["sweep"]["ne_ratio"], d))
-            res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata)
-            out[name] = {"params": "-" if cand is None else _params(cand), "model": None if cand is None else
-                         f"models/{name}", "stereo": stereo_summary(res["stereo"], cats),
-                         "jailbreak": jailbreak_summary(res["jailbreak"]),
-                         "retention": retention_summary(res["retention"], RETENTION_FINAL)}
-            run.log(f"  [{m['name']}] final {name.upper() if name != 'base' else 'base'}: success_rate "
-                    f"{_fmt(out[name]['stereo']['success_rate']['all'])} ({time.time() - t0:.0f} s)")
-        return {"split": "test", **{k: fc[k] for k in fc}, "runs": out}
+    def evaluate_one(name: str, cand: Candidate | None, steps: Steps) -> FinalRun:
+        t0 = time.time()
+        model_dir = m["dir"]
+        if cand is not None:
+            spec = {k: v for k, v in cand.spec().items() if k != "key"}
+            model_dir = steps.do(f"models/{name}", {"cand": spec},
+                                 lambda d: _make_edit(m, ident.dir / ident.result.neurons, cand,
+                                                      run.cfg["sweep"]["ne_ratio"], d))
+        res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata)
+        out = FinalRun(params="-" if cand is None else cand.params, model=None if cand is None else f"models/{name}",
+                       stereo=StereoSummary.from_lm(res["stereo"], cats),
+                       jailbreak=JailbreakSummary.from_lm(res["jailbreak"]),
+                       retention=RetentionSummary.from_lm(res["retention"], RETENTION_FINAL))
+        run.log(f"  [{m['name']}] final {name.upper() if name != 'base' else 'base'}: success_rate "
+                f"{fmt(out.stereo.get('success_rate'))} ({time.time() - t0:.0f} s)")
+        return out
 
-    return run.stage(root, m["name"], "final", spec, body)
+    def body(partial: Path, steps: Steps) -> FinalResult:
+        base = evaluate_one("base", None, steps)
+        edits = {e: None if row is None else evaluate_one(e, row.candidate, steps) for e, row in chosen.items()}
+        return FinalResult(split="test", limit=fc["limit"], jailbreak_limit=fc["jailbreak_limit"],
+                           retention_limit=fc["retention_limit"], base=base, **edits)
+
+    return run.stage(root, m["name"], "final", spec, body, FinalResult)
 
 
 # --------------------------------------------------------------------------- report
 
-def _md_table(header: list[str], rows: list[list[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
-    lines += ["| " + " | ".join(r) + " |" for r in rows]
-    return "\n".join(lines)
+def _report(run: Run, models: list[ModelResults]) -> Stage[ReportResult]:
+    spec = {"models": {m.name: {s: stage.hash for s, stage in m.stages().items()} for m in models},
+            "config": run.cfg["_config_path"]}
+    cats = run.cfg["data"]["categories"]
 
-
-def _contrast_source(r: dict, limit) -> str:
-    """How the contrast sets were made, for the report's neuron section."""
-    per_cat = limit if limit else "all"
-    if r.get("contrast") == "behavior":
-        answers = r["answers"]  # {category: {"answered", "biased", "unknown", "other"}}
-        nb, nu = sum(v["biased"] for v in answers.values()), sum(v["unknown"] for v in answers.values())
-        return (f"from the model's own answers (behavior mode) to the ambiguous identify-split items (up to {per_cat} "
-                f"per category): {nb} answered with the biased option vs {nu} answered \"unknown\", "
-                "intensities at the last prompt token.")
-    return (f"from {r['pairs']} contrast pairs (response mode: biased vs \"unknown\" answer teacher-forced; "
-            f"identify split, up to {per_cat} per category).")
-
-
-def write_report(run: Run, models: list[dict], report_dir: Path) -> str:
-    """REPORT.md text; figures written into report_dir (names relative to OUT)."""
-    from vllm_coco.identify import report as neuron_report
-    from vllm_coco.core.artifact import load as load_artifact
-    from vllm_coco.tasks.compare import bar_chart
-
-    cfg = run.cfg
-    cats = cfg["data"]["categories"]
-    rel = "report"  # the stage directory (figures are written into its partial twin first)
-    md = ["# COCO experiment report", "",
-          f"Config: `{cfg['_config_path']}` · output: `{run.out}` · tool: vllm-coco {__version__} "
-          f"({METHOD_VERSION}) · eval backend: {run.backend} · data: {cfg['data']['source']}, "
-          f"{len(cats)} categories ({', '.join(cats)}) · seed {cfg['seed']} · prompts: "
-          f"{'chat template' if cfg['data']['chat_template'] else 'plain (no chat template)'} · option scoring: "
-          f"{'summed log-likelihood' if cfg['eval']['scoring'] == 'sum' else 'log-likelihood per byte'}", "",
-          "Success rate = share of ambiguous BBQ answers that pick the \"unknown\" option, averaged over the "
-          "three cyclic option orders (higher is better). Sweep numbers are on the **validate** split, "
-          "ablation and final numbers on the held-out **test** split; neurons were identified on the "
-          "identify split. Sample sizes are per category (lm-eval documents; 3 documents = one item "
-          "under the three orders): small samples mean wide error bars.", ""]
-
-    # headline
-    md += ["## Summary", ""]
-    head_rows = []
-    for m in models:
-        f = m["final"]["result"]["runs"]
-        b = f["base"]["stereo"]["success_rate"]["all"]
-        cells = [m["name"], _fmt(b)]
-        for e in ("le", "ne"):
-            cells.append("n/a (no candidate)" if f.get(e) is None else
-                         f"{_delta(f[e]['stereo']['success_rate']['all'], b)} [{f[e]['params']}]")
-        abl = m["ablation"]["result"]["runs"]
-        cells.append(_delta(abl["coco"]["success_rate"]["all"], abl["base"]["success_rate"]["all"]))
-        head_rows.append(cells)
-    md += [_md_table(["model", "base (test)", "LE-COCO (test)", "NE-COCO (test)", "COCO ablated (test)"],
-                     head_rows), ""]
-
-    for m in models:
-        name = m["name"]
-        ident, abl, sweep, final = m["identify"], m["ablation"], m["sweep"], m["final"]
-        md += [f"## {name}", "", f"Model: `{m['path']}`", ""]
-        times = ", ".join(f"{s} {m[s]['seconds']:.0f} s" for s in ("identify", "baselines", "ablation", "sweep", "final"))
-        md += [f"Compute time per stage (when computed): {times}.", ""]
-
-        # neurons
-        r = ident["result"]
-        meta, _ = load_artifact(ident["dir"] / "neurons")
-        grid = neuron_report.counts(meta)
-        heat = report_dir / f"{name}-neurons-heatmap.png"
-        neuron_report.heatmap(grid, f"COCO neurons (combined)\n{name}: {int(grid.sum())} selected", heat)
-        sig = r["significance"]
-        md += ["### Neurons: count, significance, where they sit", "",
-               f"{r['count']} of {r['num_neurons']} q/k/v neurons selected (ratio {cfg['identify']['ratio']}, "
-               f"{r['by_proj']}) " + _contrast_source(r, cfg['identify']['limit']), ""]
-        if sig.get("null_best_score") is None:
-            md += ["Significance: n/a (identify.null_rounds is 0: no label-permutation null was computed).", ""]
-        else:
-            md += [f"Significance (label-permutation null, {sig['rounds']} rounds): {sig['beat_null']} of "
-                   f"{r['count']} selected neurons score above the null's best ({sig['null_best_score']:.4f}).", ""]
-            behavior = r.get("contrast") == "behavior"  # per_category then counts answers, not pairs
-            prow = [[c, f"{pc['biased']} / {pc['unknown']}" if behavior else str(pc["pairs"]), str(pc["count"]),
-                     "n/a" if pc.get("beat_null") is None else f"{pc['beat_null']}/{pc['count']}",
-                     _fmt(pc.get("null_best_score"), 4)] for c, pc in r["per_category"].items()]
-            md += [_md_table(["category", "biased / unknown answers" if behavior else "pairs", "selected", "beat null",
-                              "null best score"], prow), ""]
-        md += ["Selected neurons per layer and projection (combined set):", "", "```",
-               neuron_report.table(grid, meta), "```", "", f"![neuron heatmap]({rel}/{heat.name})", ""]
-
-        # ablation
-        runs = abl["result"]["runs"]
-        sets = [k for k in runs]
-        md += ["### Causal check: ablation (test split)", "",
-               f"Each neuron set ablated (`bake --mode {abl['result']['mode']}`); stereo_coco success rate, lm-eval limit "
-               f"{abl['result']['limit'] or 'all'} documents per category.", ""]
-        if len(sets) <= 2:
-            md += ["Baselines: n/a (no RAND / NORM / MACT baseline configured in `baselines`).", ""]
-        arows = []
-        for c in [*cats, "all"]:
-            base = runs["base"]["success_rate"][c]
-            arows.append([c] + [_fmt(base)] + [_delta(runs[s]["success_rate"][c], base) for s in sets[1:]])
-        md += [_md_table(["category", "base"] + [f"{LABELS[s]} ablated" for s in sets[1:]], arows), ""]
-        abl_png = report_dir / f"{name}-ablation.png"
-        bar_chart([(c, [runs[s]["success_rate"][c] for s in sets]) for c in [*cats, "all"]],
-              ["base"] + [f"{LABELS[s]} ablated" for s in sets[1:]], abl_png,
-              f"{name}: success rate after ablation (test)")
-        coco_d = runs["coco"]["success_rate"]["all"] - runs["base"]["success_rate"]["all"]
-        others = [runs[s]["success_rate"]["all"] - runs["base"]["success_rate"]["all"] for s in sets[2:]]
-        verdict = ("n/a (success rates undefined)" if math.isnan(coco_d) else
-                   f"ablating COCO changed the success rate by {coco_d:+.3f}"
-                   + (f"; the baselines by {', '.join(f'{LABELS[s]} {d:+.3f}' for s, d in zip(sets[2:], others))}"
-                      if others else ""))
-        md += [f"Reading: {verdict}.", "", f"![ablation]({rel}/{abl_png.name})", ""]
-
-        # sweep
-        sr = sweep["result"]
-        b = sr["base"]
-        md += ["### Sweep (validate split)", "",
-               f"stereo_coco limit {sr['limit'] or 'all'} documents per category; retention = mean accuracy of "
-               f"coco_mmlu and coco_boolq (limit {sr['retention_limit'] or 'all'} each); admissible when retention "
-               f">= base - {sr['retention_floor']}.", ""]
-        srows = [["base", "-", _fmt(b["success_rate"]), _fmt(b["acc_disambig"]), _fmt(b["retention"]), "-", ""]]
-        for row in sr["rows"]:
-            sel = "**selected**" if row["key"] in (sr["chosen"]["le"]["key"], sr["chosen"]["ne"]["key"]) else ""
-            srows.append([row["edit"].upper(), row["params"], _delta(row["success_rate"], b["success_rate"]),
-                          _fmt(row["acc_disambig"]), _delta(row["retention"], b["retention"]),
-                          "yes" if row["admissible"] else "no", sel])
-        md += [_md_table(["edit", "hyperparameters", "success rate", "acc (disambig.)", "retention", "admissible",
-                          ""], srows), ""]
-        for e in ("le", "ne"):
-            md.append(f"- {e.upper()}: {sr['chosen'][e]['note']}.")
-        md.append("")
-
-        # final
-        fr = final["result"]["runs"]
-        present = [k for k in ("base", "le", "ne") if fr.get(k) is not None]
-        labels = {"base": "base", "le": "LE-COCO", "ne": "NE-COCO"}
-        md += ["### Final: per-category success rate (test split)", "",
-               f"stereo_coco limit {final['result']['limit'] or 'all'} documents per category; "
-               f"LE {fr['le']['params'] if fr.get('le') else 'n/a'}, NE {fr['ne']['params'] if fr.get('ne') else 'n/a'}.", ""]
-        frows = []
-        for c in [*cats, "all"]:
-            base = fr["base"]["stereo"]["success_rate"][c]
-            frows.append([c, str(fr["base"]["stereo"]["docs"].get(c, "")) if c != "all" else
-                          str(sum(fr["base"]["stereo"]["docs"].values())), _fmt(base)]
-                         + [_delta(fr[k]["stereo"]["success_rate"][c], base) for k in present[1:]])
-        md += [_md_table(["category", "docs", "base"] + [labels[k] for k in present[1:]], frows), ""]
-        orow = []
-        for metric, what in (("acc_disambig", "accuracy, disambiguated items"),
-                             ("abs_bias_ambig", "\\|s_AMB\\| (lower is better)"),
-                             ("bias_disambig", "s_DIS (0 is unbiased)"),
-                             ("order_consistency", "same answer under all 3 orders"),
-                             ("pos0_rate", "answers at position 1"), ("pos1_rate", "answers at position 2"),
-                             ("pos2_rate", "answers at position 3")):
-            base = fr["base"]["stereo"][metric]["all"]
-            orow.append([f"{metric} ({what})", _fmt(base)] + [_delta(fr[k]["stereo"][metric]["all"], base)
-                                                               for k in present[1:]])
-        md += ["Other stereo_coco metrics (all categories; n/a = no document of that condition in the sample):", "",
-               _md_table(["metric", "base"] + [labels[k] for k in present[1:]], orow), ""]
-        fin_png = report_dir / f"{name}-success-rate.png"
-        bar_chart([(c, [fr[k]["stereo"]["success_rate"][c] for k in present]) for c in [*cats, "all"]],
-              [labels[k] for k in present], fin_png, f"{name}: success rate (test)")
-        md += [f"![success rate]({rel}/{fin_png.name})", ""]
-
-        # jailbreak
-        md += ["### Jailbreak (test split, ambiguous items under attack)", "",
-               f"lm-eval limit {final['result']['jailbreak_limit'] or 'all'} documents per attack family.", ""]
-        jrows = []
-        for fam in (*JAILBREAK_FAMILIES, "all"):
-            base = fr["base"]["jailbreak"][fam]["success_rate"]
-            jrows.append([fam, str(fr["base"]["jailbreak"][fam]["docs"]), _fmt(base)]
-                         + [_delta(fr[k]["jailbreak"][fam]["success_rate"], base) for k in present[1:]])
-        md += [_md_table(["attack", "docs", "base"] + [labels[k] for k in present[1:]], jrows), ""]
-
-        # retention
-        md += ["### Retention (offline subsets)", "",
-               f"lm-eval limit {final['result']['retention_limit'] or 'all'} documents per task.", ""]
-        rrows = []
-        for t, what in (("coco_mmlu", "MMLU subset accuracy"), ("coco_boolq", "BoolQ accuracy"),
-                        ("coco_truthfulqa_ref", "TruthfulQA reference answer, bits per byte (lower is better)")):
-            base = fr["base"]["retention"][t]
-            rrows.append([f"{t} ({what})", str(fr["base"]["retention"][f"{t}_docs"]), _fmt(base)]
-                         + [_delta(fr[k]["retention"][t], base) for k in present[1:]])
-        md += [_md_table(["task", "docs", "base"] + [labels[k] for k in present[1:]], rrows), ""]
-        if len(present) < 3:
-            md += [f"n/a for {', '.join(labels[k] for k in ('le', 'ne') if k not in present)}: no such candidate "
-                   "in the sweep.", ""]
-        md += [f"Edited models: `{final['dir']}/models/` (le: a baked checkpoint; ne: an NE-COCO directory for "
-               "`vllm serve` with the vllm-coco plugin).", ""]
-    return "\n".join(md).rstrip() + "\n"
-
-
-def _report(run: Run, models: list[dict]) -> dict:
-    spec = {"models": {m["name"]: {s: m[s]["hash"] for s in ("identify", "baselines", "ablation", "sweep", "final")}
-                       for m in models}, "config": run.cfg["_config_path"]}
-
-    def body(partial: Path, steps: Steps) -> dict:
-        text = write_report(run, models, partial)
-        (partial / REPORT).write_text(text, encoding="utf-8")
-        for png in partial.glob("*.png"):
+    def body(partial: Path, steps: Steps) -> ReportResult:
+        figs = {m.name: figures.draw(m, cats, partial) for m in models}
+        for png in (p for f in figs.values() for p in f.paths()):
             plain_mode(png)
-        return {"report": REPORT, "figures": sorted(p.name for p in partial.glob("*.png"))}
+        layouts = {m.name: report.neuron_layout(m.identify) for m in models}
+        text = report.render(run.cfg, run.out, run.backend, models, figs, layouts)
+        (partial / REPORT).write_text(text, encoding="utf-8")
+        return ReportResult(report=REPORT, figures=sorted(p.name for f in figs.values() for p in f.paths()))
 
-    done = run.stage(run.out, "all", "report", spec, body)
+    done = run.stage(run.out, "all", "report", spec, body, ReportResult)
     # OUT/REPORT.md links figures as report/<name>.png
-    write_text(run.out / REPORT, (done["dir"] / REPORT).read_text(encoding="utf-8"))
+    write_text(run.out / REPORT, (done.dir / REPORT).read_text(encoding="utf-8"))
     return done
 
 
@@ -746,8 +462,8 @@ def plan(cfg: dict) -> list[str]:
 
 def run_pipeline(config_path: str, out: str | None = None, check: bool = False, echo=print) -> dict:
     """Validate CONFIG, then run (or reuse) every stage; returns {"report": path, "stages": [...]}."""
-    from vllm_coco.experiment import config as config_mod
     from vllm_coco.core.models import check_device, resolve_model_dir
+    from vllm_coco.experiment import config as config_mod
 
     cfg = config_mod.load(config_path, overrides={"out": out} if out is not None else None)
     cfg["_config_path"] = str(config_path)
@@ -781,8 +497,8 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
         abl = _ablation(run, m, root, ident, bases, data_spec)
         sweep = _sweep(run, m, root, ident, data_spec)
         final = _final(run, m, root, ident, sweep, data_spec)
-        done_models.append({"name": m["name"], "path": m["path"], "identify": ident, "baselines": bases,
-                            "ablation": abl, "sweep": sweep, "final": final})
+        done_models.append(ModelResults(name=m["name"], path=m["path"], identify=ident, baselines=bases,
+                                        ablation=abl, sweep=sweep, final=final))
     rep = _report(run, done_models)
     computed = [s for s in run.stages if s["status"] == "computed"]
     summary = ("every stage reused" if not computed else

@@ -19,9 +19,9 @@ from collections import Counter
 
 import numpy as np
 
-from vllm_coco.identify.capture import Span, _batches, _collate
-from vllm_coco.core.names import SCORINGS
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.names import SCORINGS
+from vllm_coco.identify.capture import Span, _batches, _collate
 
 MIN_PER_SET = 10  # docs/METHOD.md §2.4: refuse a category with fewer biased or fewer "unknown" answers
 

@@ -78,7 +78,7 @@ def run_label(data: dict, path: Path) -> str:
 def _children(group: str, runs: list[dict]) -> list[str]:
     """Subtasks of `group`: from the evals/ definitions when available, else the results files."""
     try:
-        from vllm_coco.tasks.evaluate import evals_dir, local_tasks
+        from vllm_coco.tasks.task_folder import evals_dir, local_tasks
 
         defined = local_tasks(evals_dir()).get(group)
     except CocoError:

@@ -21,8 +21,6 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-import yaml
-
 from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
 
@@ -30,32 +28,9 @@ RESULTS_FILE = "results.json"
 # passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
 from vllm_coco.core.names import EVAL_SPLITS, SCORINGS  # noqa: E402,F401 (re-exported)
 
-
 # --------------------------------------------------------------------------- the task folder
-
 # evals_dir(): $COCO_EVALS_DIR, else the folder shipped with the package (vllm_coco/tasks/task_folder.py)
-from vllm_coco.tasks.task_folder import EVALS_ENV, evals_dir  # noqa: E402,F401 (re-exported)
-
-
-class _IgnoreTags(yaml.SafeLoader):
-    """YAML loader that reads `!function x.y` as a plain string (no imports while indexing)."""
-
-
-_IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: loader.construct_scalar(node))
-
-
-def local_tasks(evals: Path) -> dict[str, list[str]]:
-    """Task and group names defined under `evals`: {name: children} ([] for a task)."""
-    out = {}
-    for path in sorted(evals.rglob("*.yaml")):
-        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_IgnoreTags) or {}
-        if "group" in cfg:
-            children = cfg.get("task") or []
-            out[cfg["group"]] = [c if isinstance(c, str) else c.get("task") or c.get("group") for c in
-                                 (children if isinstance(children, list) else [children])]
-        elif isinstance(cfg.get("task"), str):
-            out[cfg["task"]] = []
-    return out
+from vllm_coco.tasks.task_folder import EVALS_ENV, evals_dir, local_tasks  # noqa: E402,F401 (re-exported)
 
 
 def _needs_builtin(names, ours: dict[str, list[str]]) -> bool:

@@ -16,8 +16,16 @@ import re
 from pathlib import Path
 
 from vllm_coco.tasks import custom_dataset
-from vllm_coco.tasks.bbq_docs import (DATA_SEED, bbq_source, coco_scoring, coco_split, interleave, item_docs,
-                                      shuffled, split_items)
+from vllm_coco.tasks.bbq_docs import (
+    DATA_SEED,
+    bbq_source,
+    coco_scoring,
+    coco_split,
+    interleave,
+    item_docs,
+    shuffled,
+    split_items,
+)
 
 FAMILIES = ("roleplay", "obfuscated", "templates")
 

@@ -8,10 +8,22 @@ reference (tests/test_evals.py checks both directions).
 
 from vllm_coco.tasks.bbq_docs import load_stereo
 from vllm_coco.tasks.jailbreak import load_jailbreak
-from vllm_coco.tasks.metrics import (agg_abs_bias_ambig, agg_abs_bias_disambig, agg_acc_disambig, agg_bias_ambig,
-                                     agg_bias_disambig, agg_order_consistency, agg_pos0_rate, agg_pos1_rate,
-                                     agg_pos2_rate, agg_success_rate, agg_unparsed_rate, process_gen,
-                                     process_jailbreak, process_mc)
+from vllm_coco.tasks.metrics import (
+                                     agg_abs_bias_ambig,
+                                     agg_abs_bias_disambig,
+                                     agg_acc_disambig,
+                                     agg_bias_ambig,
+                                     agg_bias_disambig,
+                                     agg_order_consistency,
+                                     agg_pos0_rate,
+                                     agg_pos1_rate,
+                                     agg_pos2_rate,
+                                     agg_success_rate,
+                                     agg_unparsed_rate,
+                                     process_gen,
+                                     process_jailbreak,
+                                     process_mc,
+)
 from vllm_coco.tasks.retention import agg_bits_per_byte, load_retention, process_reference_ll
 
 __all__ = [

@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import yaml
+
 from vllm_coco.core.errors import CocoError
 
 EVALS_ENV = "COCO_EVALS_DIR"
@@ -34,3 +36,24 @@ def evals_dir() -> Path:
             return path.resolve()
     raise CocoError(f"cannot find the vllm-coco evals directory (looked for {PACKAGED} and {REPO}); "
                     f"reinstall vllm-coco or set {EVALS_ENV}=/path/to/evals")
+
+
+class _IgnoreTags(yaml.SafeLoader):
+    """YAML loader that reads `!function x.y` as a plain string (no imports while indexing)."""
+
+
+_IgnoreTags.add_multi_constructor("!", lambda loader, suffix, node: loader.construct_scalar(node))
+
+
+def local_tasks(evals: Path) -> dict[str, list[str]]:
+    """Task and group names defined under `evals`: {name: children} ([] for a task)."""
+    out = {}
+    for path in sorted(evals.rglob("*.yaml")):
+        cfg = yaml.load(path.read_text(encoding="utf-8"), Loader=_IgnoreTags) or {}
+        if "group" in cfg:
+            children = cfg.get("task") or []
+            out[cfg["group"]] = [c if isinstance(c, str) else c.get("task") or c.get("group") for c in
+                                 (children if isinstance(children, list) else [children])]
+        elif isinstance(cfg.get("task"), str):
+            out[cfg["task"]] = []
+    return out

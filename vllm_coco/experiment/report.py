@@ -1,0 +1,254 @@
+"""REPORT.md of `coco-tools run`: one small renderer per section, each from typed results.
+
+Renderers return Markdown lines and do no I/O; figures.py draws the PNGs they link (as
+report/<name>.png, relative to OUT/REPORT.md) and `neuron_layout` reads the one artifact text the
+neuron section prints. tests/test_pipeline.py keeps every function here under 40 lines.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from vllm_coco import METHOD_VERSION, __version__
+from vllm_coco.experiment.figures import ModelFigures
+from vllm_coco.experiment.results import (
+    EDIT_LABELS,
+    EDITS,
+    JAILBREAK_FAMILIES,
+    LABELS,
+    RETENTION_FINAL,
+    RETENTION_METRICS,
+    RETENTION_SWEEP,
+    STEREO_METRICS,
+    AblationResult,
+    FinalResult,
+    IdentifyResult,
+    ModelResults,
+    Stage,
+    SweepResult,
+)
+
+REL = "report"  # the report stage's directory, relative to OUT/REPORT.md
+
+
+# --------------------------------------------------------------------------- formatting
+
+def _missing(v) -> bool:
+    return v is None or (isinstance(v, float) and math.isnan(v))
+
+
+def fmt(v, digits: int = 3) -> str:
+    return "n/a" if _missing(v) else f"{v:.{digits}f}"
+
+
+def delta(v, base, digits: int = 3) -> str:
+    """v with its difference to base: "0.500 (+0.100)"."""
+    if _missing(v) or _missing(base):
+        return fmt(v, digits)
+    return f"{v:.{digits}f} ({v - base:+.{digits}f})"
+
+
+def md_table(header: list[str], rows: list[list[str]]) -> str:
+    """A Markdown table; "|" inside a cell is escaped."""
+    def line(cells):
+        return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
+
+    return "\n".join([line(header), "|" + "|".join("---" for _ in header) + "|", *map(line, rows)])
+
+
+def vs_base(cells: list[str], base, others) -> list[str]:
+    """A table row: its label cells, the base value, each other value with its difference to base."""
+    return [*cells, fmt(base)] + [delta(v, base) for v in others]
+
+
+def figure(alt: str, png: Path) -> list[str]:
+    return [f"![{alt}]({REL}/{png.name})", ""]
+
+
+# --------------------------------------------------------------------------- the whole report
+
+def render(cfg: dict, out: Path, backend: str, models: list[ModelResults], figs: dict[str, ModelFigures],
+           layouts: dict[str, str]) -> str:
+    """REPORT.md: header, summary, then one section per model. figs / layouts: by model name."""
+    md = header(cfg, out, backend) + summary(models)
+    for m in models:
+        md += model_section(cfg, m, figs[m.name], layouts[m.name])
+    return "\n".join(md).rstrip() + "\n"
+
+
+def model_section(cfg: dict, m: ModelResults, fig: ModelFigures, layout: str) -> list[str]:
+    cats, final = cfg["data"]["categories"], m.final.result
+    return (model_intro(m) + neurons(m.identify.result, cfg["identify"], layout, fig.heatmap)
+            + ablation(m.ablation.result, cats, fig.ablation) + sweep(m.sweep.result)
+            + final_stereo(final, cats) + other_metrics(final) + figure("success rate", fig.success)
+            + jailbreak(final) + retention(final, m.final.dir))
+
+
+def neuron_layout(ident: Stage[IdentifyResult]) -> str:
+    """The layer x projection table of the COCO set (read from its artifact)."""
+    from vllm_coco.core.artifact import load as load_artifact
+    from vllm_coco.identify import report as neuron_report
+
+    meta, _ = load_artifact(ident.dir / ident.result.neurons)
+    return neuron_report.table(neuron_report.counts(meta), meta)
+
+
+# --------------------------------------------------------------------------- sections
+
+def header(cfg: dict, out: Path, backend: str) -> list[str]:
+    cats, data = cfg["data"]["categories"], cfg["data"]
+    return ["# COCO experiment report", "",
+            f"Config: `{cfg['_config_path']}` · output: `{out}` · tool: vllm-coco {__version__} "
+            f"({METHOD_VERSION}) · eval backend: {backend} · data: {data['source']}, "
+            f"{len(cats)} categories ({', '.join(cats)}) · seed {cfg['seed']} · prompts: "
+            f"{'chat template' if data['chat_template'] else 'plain (no chat template)'} · option scoring: "
+            f"{'summed log-likelihood' if cfg['eval']['scoring'] == 'sum' else 'log-likelihood per byte'}", "",
+            "Success rate = share of ambiguous BBQ answers that pick the \"unknown\" option, averaged over the "
+            "three cyclic option orders (higher is better). Sweep numbers are on the **validate** split, "
+            "ablation and final numbers on the held-out **test** split; neurons were identified on the "
+            "identify split. Sample sizes are per category (lm-eval documents; 3 documents = one item "
+            "under the three orders): small samples mean wide error bars.", ""]
+
+
+def summary(models: list[ModelResults]) -> list[str]:
+    """One row per model: final success rates on test, and the COCO ablation's."""
+    rows = []
+    for m in models:
+        f, abl = m.final.result, m.ablation.result
+        base = f.base.stereo.get("success_rate")
+        edits = ["n/a (no candidate)" if run is None
+                 else f"{delta(run.stereo.get('success_rate'), base)} [{run.params}]" for run in (f.le, f.ne)]
+        rows.append([m.name, fmt(base), *edits, delta(abl.coco.get("success_rate"), abl.base.get("success_rate"))])
+    return ["## Summary", "", md_table(["model", "base (test)", "LE-COCO (test)", "NE-COCO (test)",
+                                        "COCO ablated (test)"], rows), ""]
+
+
+def model_intro(m: ModelResults) -> list[str]:
+    times = ", ".join(f"{s} {stage.seconds:.0f} s" for s, stage in m.stages().items())
+    return [f"## {m.name}", "", f"Model: `{m.path}`", "", f"Compute time per stage (when computed): {times}.", ""]
+
+
+def contrast_source(r: IdentifyResult, limit) -> str:
+    """How the contrast sets were made."""
+    per_cat = limit if limit else "all"
+    if r.contrast == "behavior":
+        nb, nu = (sum(v[k] for v in r.answers.values()) for k in ("biased", "unknown"))
+        return (f"from the model's own answers (behavior mode) to the ambiguous identify-split items (up to {per_cat} "
+                f"per category): {nb} answered with the biased option vs {nu} answered \"unknown\", "
+                "intensities at the last prompt token.")
+    return (f"from {r.pairs} contrast pairs (response mode: biased vs \"unknown\" answer teacher-forced; "
+            f"identify split, up to {per_cat} per category).")
+
+
+def neurons(r: IdentifyResult, ic: dict, layout: str, heatmap: Path) -> list[str]:
+    """Count, significance, and where the neurons sit (ic: the config's identify section)."""
+    return (["### Neurons: count, significance, where they sit", "",
+             f"{r.count} of {r.num_neurons} q/k/v neurons selected (ratio {ic['ratio']}, {r.by_proj}) "
+             + contrast_source(r, ic["limit"]), ""]
+            + significance(r)
+            + ["Selected neurons per layer and projection (combined set):", "", "```", layout, "```", ""]
+            + figure("neuron heatmap", heatmap))
+
+
+def significance(r: IdentifyResult) -> list[str]:
+    sig = r.significance
+    if sig.null_best_score is None:
+        return ["Significance: n/a (identify.null_rounds is 0: no label-permutation null was computed).", ""]
+    behavior = r.contrast == "behavior"  # per category: answers, not pairs
+    rows = [[c, f"{pc.biased} / {pc.unknown}" if behavior else str(pc.pairs), str(pc.count),
+             "n/a" if pc.beat_null is None else f"{pc.beat_null}/{pc.count}", fmt(pc.null_best_score, 4)]
+            for c, pc in r.per_category.items()]
+    return [f"Significance (label-permutation null, {sig.rounds} rounds): {sig.beat_null} of "
+            f"{r.count} selected neurons score above the null's best ({sig.null_best_score:.4f}).", "",
+            md_table(["category", "biased / unknown answers" if behavior else "pairs", "selected", "beat null",
+                      "null best score"], rows), ""]
+
+
+def ablation(r: AblationResult, cats, png: Path) -> list[str]:
+    md = ["### Causal check: ablation (test split)", "",
+          f"Each neuron set ablated (`bake --mode {r.mode}`); stereo_coco success rate, lm-eval limit "
+          f"{r.limit or 'all'} documents per category.", ""]
+    if not r.baselines():
+        md += ["Baselines: n/a (no RAND / NORM / MACT baseline configured in `baselines`).", ""]
+    rows = [vs_base([c], r.base.get("success_rate", c), [s.get("success_rate", c) for s in r.sets.values()])
+            for c in [*cats, "all"]]
+    md += [md_table(["category", "base"] + [f"{LABELS[s]} ablated" for s in r.sets], rows), ""]
+    return md + [f"Reading: {ablation_reading(r)}.", ""] + figure("ablation", png)
+
+
+def ablation_reading(r: AblationResult) -> str:
+    """How ablating each set moved the overall success rate."""
+    base = r.base.get("success_rate")
+
+    def change(s):
+        v = s.get("success_rate")
+        return None if _missing(v) or _missing(base) else v - base
+
+    coco = change(r.coco)
+    if coco is None:
+        return "n/a (success rates undefined)"
+    others = [f"{LABELS[k]} {'n/a' if change(s) is None else f'{change(s):+.3f}'}" for k, s in r.baselines().items()]
+    return (f"ablating COCO changed the success rate by {coco:+.3f}"
+            + (f"; the baselines by {', '.join(others)}" if others else ""))
+
+
+def sweep(r: SweepResult) -> list[str]:
+    b, selected = r.base, {c.key for c in r.chosen.values() if c.key is not None}
+    rows = [["base", "-", fmt(b.success_rate), fmt(b.acc_disambig), fmt(b.retention), "-", ""]]
+    rows += [[row.edit.upper(), row.params, delta(row.success_rate, b.success_rate), fmt(row.acc_disambig),
+              delta(row.retention, b.retention), "yes" if row.admissible else "no",
+              "**selected**" if row.key in selected else ""] for row in r.rows]
+    return (["### Sweep (validate split)", "",
+             f"stereo_coco limit {r.limit or 'all'} documents per category; retention = mean accuracy of "
+             f"{' and '.join(RETENTION_SWEEP)} (limit {r.retention_limit or 'all'} each); admissible when "
+             f"retention >= base - {r.retention_floor}.", "",
+             md_table(["edit", "hyperparameters", "success rate", "acc (disambig.)", "retention", "admissible", ""],
+                      rows), ""]
+            + [f"- {e.upper()}: {r.chosen[e].note}." for e in EDITS] + [""])
+
+
+def _edit_labels(r: FinalResult) -> list[str]:
+    return [EDIT_LABELS[k] for k in r.edits()]
+
+
+def final_stereo(r: FinalResult, cats) -> list[str]:
+    """Per-category success rate of base and the chosen edits."""
+    st, edits = r.base.stereo, r.edits().values()
+    rows = [vs_base([c, str(st.docs.get(c, ""))], st.get("success_rate", c),
+                    [x.stereo.get("success_rate", c) for x in edits]) for c in [*cats, "all"]]
+    return ["### Final: per-category success rate (test split)", "",
+            f"stereo_coco limit {r.limit or 'all'} documents per category; "
+            f"LE {r.le.params if r.le else 'n/a'}, NE {r.ne.params if r.ne else 'n/a'}.", "",
+            md_table(["category", "docs", "base"] + _edit_labels(r), rows), ""]
+
+
+def other_metrics(r: FinalResult) -> list[str]:
+    """The other stereo_coco metrics over all categories (those STEREO_METRICS describes)."""
+    rows = [vs_base([f"{m} ({what})"], r.base.stereo.get(m), [x.stereo.get(m) for x in r.edits().values()])
+            for m, what in STEREO_METRICS.items() if what]
+    return ["Other stereo_coco metrics (all categories; n/a = no document of that condition in the sample):", "",
+            md_table(["metric", "base"] + _edit_labels(r), rows), ""]
+
+
+def jailbreak(r: FinalResult) -> list[str]:
+    jb = r.base.jailbreak
+    rows = [vs_base([fam, str(jb.docs[fam])], jb.get("success_rate", fam),
+                    [x.jailbreak.get("success_rate", fam) for x in r.edits().values()])
+            for fam in (*JAILBREAK_FAMILIES, "all")]
+    return ["### Jailbreak (test split, ambiguous items under attack)", "",
+            f"lm-eval limit {r.jailbreak_limit or 'all'} documents per attack family.", "",
+            md_table(["attack", "docs", "base"] + _edit_labels(r), rows), ""]
+
+
+def retention(r: FinalResult, final_dir: Path) -> list[str]:
+    ret = r.base.retention
+    rows = [vs_base([f"{t} ({RETENTION_METRICS[t][1]})", str(ret.docs[t])], ret.values[t],
+                    [x.retention.values[t] for x in r.edits().values()]) for t in RETENTION_FINAL]
+    md = ["### Retention (offline subsets)", "", f"lm-eval limit {r.retention_limit or 'all'} documents per task.",
+          "", md_table(["task", "docs", "base"] + _edit_labels(r), rows), ""]
+    missing = [EDIT_LABELS[e] for e in EDITS if e not in r.edits()]
+    if missing:
+        md += [f"n/a for {', '.join(missing)}: no such candidate in the sweep.", ""]
+    return md + [f"Edited models: `{final_dir}/models/` (le: a baked checkpoint; ne: an NE-COCO directory for "
+                 "`vllm serve` with the vllm-coco plugin).", ""]

@@ -1,0 +1,386 @@
+"""Typed results of the experiment's stages (`coco-tools run`) and the metric lists they read.
+
+Every stage of experiment/pipeline.py returns one of these frozen dataclasses. Its done.json holds
+`result.to_json()` (plain JSON) and a reused stage reads it back with `cls.from_json()`: the same
+object (tests/test_pipeline.py checks the round trip of each class). A value that is not a number
+(a metric lm-eval left out, a rate over no documents) is None, never NaN, so done.json stays strict
+JSON and a round trip compares equal. lm-eval's results dict is read only through
+vllm_coco.tasks.results (`metric`, `docs`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import types
+import typing
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Generic, TypeVar
+
+from vllm_coco.tasks import results as lm_results
+
+# stereo_coco metrics the experiment keeps, with what the report's "other metrics" table calls
+# each (None: not in that table; success_rate is the headline, the table shows |s_AMB| for
+# bias_ambig). A subset of the stereo_coco task's metric list vllm_coco.tasks.metrics.MC_METRICS
+# (tests/test_pipeline.py keeps them in step): abs_bias_disambig is not reported. Adding a metric to the
+# report: add it there (the task computes it) and here (the experiment keeps and reports it).
+STEREO_METRICS: dict[str, str | None] = {
+    "success_rate": None,
+    "acc_disambig": "accuracy, disambiguated items",
+    "bias_ambig": None,
+    "abs_bias_ambig": "|s_AMB| (lower is better)",
+    "bias_disambig": "s_DIS (0 is unbiased)",
+    "order_consistency": "same answer under all 3 orders",
+    "pos0_rate": "answers at position 1",
+    "pos1_rate": "answers at position 2",
+    "pos2_rate": "answers at position 3",
+}
+# stereo_coco_jailbreak_<family> metrics kept (a subset of the task's JAILBREAK_METRICS, ditto)
+JAILBREAK_FAMILIES = ("roleplay", "obfuscated", "templates")
+JAILBREAK_METRICS = ("success_rate", "bias_ambig")
+# retention task -> (the metric read, what the report calls it)
+RETENTION_METRICS = {
+    "coco_mmlu": ("acc", "MMLU subset accuracy"),
+    "coco_boolq": ("acc", "BoolQ accuracy"),
+    "coco_truthfulqa_ref": ("ref_bits_per_byte", "TruthfulQA reference answer, bits per byte (lower is better)"),
+}
+RETENTION_SWEEP = ("coco_mmlu", "coco_boolq")  # the accuracy tasks the retention floor reads
+RETENTION_FINAL = tuple(RETENTION_METRICS)
+EDITS = ("le", "ne")  # the two edits the sweep chooses, in report order
+LABELS = {"coco": "COCO", "rand": "RAND", "norm": "NORM", "mact": "MACT"}  # neuron sets
+EDIT_LABELS = {"base": "base", "le": "LE-COCO", "ne": "NE-COCO"}
+
+T = TypeVar("T")
+
+
+# --------------------------------------------------------------------------- JSON plumbing
+
+def num(v) -> float | None:
+    """A float, or None for a missing value or NaN."""
+    if v is None or isinstance(v, bool) or not isinstance(v, (int, float)):
+        return None
+    return None if math.isnan(v) else float(v)
+
+
+def _decode(tp, v):
+    """v (from JSON) as type tp: dataclasses via their from_json, dict / list / X | None by parts."""
+    if v is None:
+        return None
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin in (typing.Union, types.UnionType):
+        (inner,) = [a for a in args if a is not type(None)]
+        return _decode(inner, v)
+    if origin is dict:
+        return {k: _decode(args[1], x) for k, x in v.items()}
+    if origin is list:
+        return [_decode(args[0], x) for x in v]
+    if dataclasses.is_dataclass(tp):
+        return tp.from_json(v)
+    return num(v) if tp is float else v
+
+
+class Json:
+    """to_json(): the fields as plain JSON (nested results too); from_json(): the inverse."""
+
+    def to_json(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict):
+        hints = typing.get_type_hints(cls)
+        return cls(**{f.name: _decode(hints[f.name], data.get(f.name)) for f in dataclasses.fields(cls)})
+
+
+@dataclass(frozen=True)
+class Stage(Generic[T]):
+    """A finished stage: its typed result, where it lives, the hash of its inputs, its compute time
+    (when it was computed; a reused stage reports the time it took then)."""
+    result: T
+    dir: Path
+    hash: str
+    seconds: float
+
+
+# --------------------------------------------------------------------------- identify, baselines
+
+@dataclass(frozen=True)
+class Significance(Json):
+    """neurons.json "significance": the label-permutation null (null_best_score None: not computed)."""
+    null: str | None
+    rounds: int
+    null_best_score: float | None
+    beat_null: int | None
+
+
+@dataclass(frozen=True)
+class CategoryNeurons(Json):
+    """neurons.json "per_category"[c] without its neuron list. pairs: response mode; biased /
+    unknown: answers in behavior mode."""
+    count: int
+    null_best_score: float | None = None
+    beat_null: int | None = None
+    pairs: int | None = None
+    biased: int | None = None
+    unknown: int | None = None
+
+
+@dataclass(frozen=True)
+class IdentifyResult(Json):
+    """The COCO neurons (stage directory / `neurons`) and what the report says of them."""
+    neurons: str
+    count: int
+    by_proj: dict[str, int]
+    num_neurons: int
+    pairs: int | None
+    contrast: str
+    answers: dict[str, dict[str, int]] | None  # behavior mode: {category: {answered, biased, unknown, other}}
+    significance: Significance
+    per_category: dict[str, CategoryNeurons]
+    timing_s: dict[str, float]
+
+    @classmethod
+    def from_meta(cls, meta: dict, neurons: str = "neurons") -> IdentifyResult:
+        """From a neurons.json."""
+        sel, data, sig = meta["selection"], meta["data"], meta["significance"]
+        per_cat = {c: CategoryNeurons(**{f.name: pc.get(f.name) for f in dataclasses.fields(CategoryNeurons)})
+                   for c, pc in meta["per_category"].items()}
+        return cls(neurons=neurons, count=sel["count"], by_proj=dict(sel["by_proj"]),
+                   num_neurons=meta["model"]["num_neurons"], pairs=data.get("pairs"), contrast=data["contrast"],
+                   answers=data.get("answers"), significance=Significance.from_json(sig), per_category=per_cat,
+                   timing_s=dict(meta["timing_s"]))
+
+
+@dataclass(frozen=True)
+class BaselineSet(Json):
+    """One control set (stage directory / `neurons`) with the COCO set's count."""
+    neurons: str
+    count: int
+    by_proj: dict[str, int]
+
+
+@dataclass(frozen=True)
+class BaselinesResult(Json):
+    """The control sets by name (rand, norm, mact), in the config's order."""
+    sets: dict[str, BaselineSet]
+
+
+# --------------------------------------------------------------------------- evaluation summaries
+
+def _weighted(results: dict, tasks, metric: str) -> float | None:
+    """Doc-weighted mean of a metric over tasks (as lm-eval's weight_by_size groups); None when no
+    task has a value."""
+    total = weight = 0.0
+    for t in tasks:
+        v, n = num(lm_results.metric(results, t, metric)), lm_results.docs(results, t)
+        if v is not None and n:
+            total, weight = total + v * n, weight + n
+    return total / weight if weight else None
+
+
+@dataclass(frozen=True)
+class GroupSummary(Json):
+    """values: metric -> {group | "all": value}; docs: group | "all" -> documents evaluated.
+    "all" is the document-weighted mean (values) and the sum (docs) over the groups."""
+    values: dict[str, dict[str, float | None]]
+    docs: dict[str, int]
+
+    def get(self, metric: str, group: str = "all") -> float | None:
+        return self.values[metric].get(group)
+
+    @classmethod
+    def _from_lm(cls, results: dict, tasks: dict[str, str], metrics):
+        """tasks: group -> lm-eval task name."""
+        values = {m: {**{g: num(lm_results.metric(results, t, m)) for g, t in tasks.items()},
+                      "all": _weighted(results, tasks.values(), m)} for m in metrics}
+        docs = {g: lm_results.docs(results, t) for g, t in tasks.items()}
+        return cls(values=values, docs={**docs, "all": sum(docs.values())})
+
+
+@dataclass(frozen=True)
+class StereoSummary(GroupSummary):
+    """stereo_coco_<category>: STEREO_METRICS per category and over all."""
+
+    @classmethod
+    def from_lm(cls, results: dict, categories) -> StereoSummary:
+        return cls._from_lm(results, {c: f"stereo_coco_{c}" for c in categories}, STEREO_METRICS)
+
+
+@dataclass(frozen=True)
+class JailbreakSummary(GroupSummary):
+    """stereo_coco_jailbreak_<family>: JAILBREAK_METRICS per attack family and over all."""
+
+    @classmethod
+    def from_lm(cls, results: dict) -> JailbreakSummary:
+        return cls._from_lm(results, {f: f"stereo_coco_jailbreak_{f}" for f in JAILBREAK_FAMILIES}, JAILBREAK_METRICS)
+
+
+@dataclass(frozen=True)
+class RetentionSummary(Json):
+    """values: task -> its RETENTION_METRICS metric; acc_mean: mean accuracy over the RETENTION_SWEEP
+    tasks that have one (None: none has)."""
+    values: dict[str, float | None]
+    docs: dict[str, int]
+    acc_mean: float | None
+
+    @classmethod
+    def from_lm(cls, results: dict, tasks) -> RetentionSummary:
+        values = {t: num(lm_results.metric(results, t, RETENTION_METRICS[t][0])) for t in tasks}
+        accs = [values[t] for t in tasks if t in RETENTION_SWEEP and values[t] is not None]
+        return cls(values=values, docs={t: lm_results.docs(results, t) for t in tasks},
+                   acc_mean=sum(accs) / len(accs) if accs else None)
+
+
+# --------------------------------------------------------------------------- ablation
+
+@dataclass(frozen=True)
+class AblationResult(Json):
+    """stereo_coco on the test split: the base model, and each neuron set ablated. sets: COCO first,
+    then the baselines in the config's order."""
+    mode: str
+    limit: int | None
+    split: str
+    base: StereoSummary
+    sets: dict[str, StereoSummary]
+
+    @property
+    def coco(self) -> StereoSummary:
+        return self.sets["coco"]
+
+    def baselines(self) -> dict[str, StereoSummary]:
+        """The control sets (every set but COCO), in the config's order."""
+        return {k: v for k, v in self.sets.items() if k != "coco"}
+
+
+# --------------------------------------------------------------------------- sweep
+
+@dataclass(frozen=True)
+class Candidate(Json):
+    """One edit of the sweep grid: LE (alpha) or NE (alpha, beta, lam)."""
+    key: str
+    edit: str
+    alpha: float
+    beta: float | None = None
+    lam: float | None = None
+
+    @property
+    def params(self) -> str:
+        if self.edit == "le":
+            return f"alpha={self.alpha:g}"
+        return f"alpha={self.alpha:g}, beta={self.beta:g}, lam={self.lam:g}"
+
+    def spec(self) -> dict:
+        """What makes the edit (a step's hash input): LE has no beta / lam."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
+
+
+@dataclass(frozen=True)
+class SweepRow(Json):
+    """One model scored on the validate split: a candidate edit, or the base model (candidate None)."""
+    candidate: Candidate | None
+    success_rate: float | None
+    acc_disambig: float | None
+    retention: float | None  # RetentionSummary.acc_mean
+    admissible: bool
+    per_category: dict[str, float | None]  # success rate
+    retention_tasks: RetentionSummary
+
+    @property
+    def key(self) -> str:
+        return "base" if self.candidate is None else self.candidate.key
+
+    @property
+    def edit(self) -> str:
+        return "base" if self.candidate is None else self.candidate.edit
+
+    @property
+    def params(self) -> str:
+        return "-" if self.candidate is None else self.candidate.params
+
+    @classmethod
+    def score(cls, cand: Candidate | None, stereo: StereoSummary, ret: RetentionSummary,
+              admissible: bool) -> SweepRow:
+        return cls(candidate=cand, success_rate=stereo.get("success_rate"), acc_disambig=stereo.get("acc_disambig"),
+                   retention=ret.acc_mean, admissible=admissible,
+                   per_category={c: v for c, v in stereo.values["success_rate"].items() if c != "all"},
+                   retention_tasks=ret)
+
+
+@dataclass(frozen=True)
+class Choice(Json):
+    """The sweep's pick for one edit (key None: the grid has no candidate of that edit)."""
+    key: str | None
+    admissible: bool
+    beats_base: bool
+    note: str
+
+
+@dataclass(frozen=True)
+class SweepResult(Json):
+    """The base model and every candidate on the validate split; chosen: edit ("le", "ne") -> Choice."""
+    split: str
+    limit: int | None
+    retention_limit: int | None
+    retention_floor: float
+    base: SweepRow
+    rows: list[SweepRow]
+    chosen: dict[str, Choice]
+
+    def chosen_row(self, edit: str) -> SweepRow | None:
+        key = self.chosen[edit].key
+        return next((r for r in self.rows if r.key == key), None)
+
+
+# --------------------------------------------------------------------------- final
+
+@dataclass(frozen=True)
+class FinalRun(Json):
+    """One model on the test split. model: its directory under the final stage (None: the base)."""
+    params: str
+    model: str | None
+    stereo: StereoSummary
+    jailbreak: JailbreakSummary
+    retention: RetentionSummary
+
+
+@dataclass(frozen=True)
+class FinalResult(Json):
+    """Base, chosen LE and chosen NE on the test split (None: the sweep had no such candidate)."""
+    split: str
+    limit: int | None
+    jailbreak_limit: int | None
+    retention_limit: int | None
+    base: FinalRun
+    le: FinalRun | None
+    ne: FinalRun | None
+
+    def edits(self) -> dict[str, FinalRun]:
+        """The edited runs present, le before ne."""
+        return {e: getattr(self, e) for e in EDITS if getattr(self, e) is not None}
+
+    def runs(self) -> dict[str, FinalRun]:
+        """base, then the edited runs present."""
+        return {"base": self.base, **self.edits()}
+
+
+# --------------------------------------------------------------------------- report, per model
+
+@dataclass(frozen=True)
+class ReportResult(Json):
+    report: str
+    figures: list[str]
+
+
+@dataclass(frozen=True)
+class ModelResults:
+    """Every stage of one model, as the report reads them."""
+    name: str
+    path: str
+    identify: Stage[IdentifyResult]
+    baselines: Stage[BaselinesResult]
+    ablation: Stage[AblationResult]
+    sweep: Stage[SweepResult]
+    final: Stage[FinalResult]
+
+    def stages(self) -> dict[str, Stage]:
+        return {s: getattr(self, s) for s in ("identify", "baselines", "ablation", "sweep", "final")}

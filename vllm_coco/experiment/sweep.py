@@ -1,0 +1,48 @@
+"""The sweep's grid of candidate edits and its selection rule (pure: no model, no evaluation)."""
+
+from __future__ import annotations
+
+import math
+
+from vllm_coco.experiment.results import Candidate, Choice, SweepRow
+
+
+def candidates(sw: dict) -> list[Candidate]:
+    """The config's sweep section as candidates: every LE alpha, then the NE alpha x beta x lam grid."""
+    out = [Candidate(key=f"le-a{a:g}", edit="le", alpha=a) for a in sw["le_alpha"]]
+    for a in sw["ne_alpha"]:
+        for b in sw["ne_beta"]:
+            for lam in sw["ne_lam"]:
+                out.append(Candidate(key=f"ne-a{a:g}-b{b:g}-l{lam:g}", edit="ne", alpha=a, beta=b, lam=lam))
+    return out
+
+
+def admissible(retention: float | None, base_retention: float | None, floor: float) -> bool:
+    """A candidate keeps retention accuracy within `floor` of the base model's."""
+    return (retention is not None and base_retention is not None
+            and retention >= base_retention - floor - 1e-12)
+
+
+def _rate(v: float | None) -> float:
+    return -math.inf if v is None or math.isnan(v) else v
+
+
+def choose(rows: list[SweepRow], base: SweepRow, edit: str) -> Choice:
+    """The best admissible candidate of one edit kind: highest validate success rate; ties go to
+    the higher retention, then the earlier (gentler) candidate. None admissible: the one with the
+    highest retention, flagged."""
+    mine = [r for r in rows if r.edit == edit]
+    if not mine:
+        return Choice(key=None, admissible=False, beats_base=False, note=f"no {edit.upper()} candidate")
+    ok = [r for r in mine if r.admissible]
+    if ok:
+        best = max(ok, key=lambda r: (_rate(r.success_rate), _rate(r.retention), -mine.index(r)))
+        beats = _rate(best.success_rate) > _rate(base.success_rate)
+        note = (f"best admissible {edit.upper()} ({best.params}) "
+                + ("beats the base model on validate" if beats else
+                   "does not beat the base model on validate: no candidate improved the success rate"))
+        return Choice(key=best.key, admissible=True, beats_base=beats, note=note)
+    best = max(mine, key=lambda r: (_rate(r.retention), _rate(r.success_rate), -mine.index(r)))
+    return Choice(key=best.key, admissible=False, beats_base=_rate(best.success_rate) > _rate(base.success_rate),
+                  note=f"no {edit.upper()} candidate keeps retention within the floor; kept the one with the "
+                       f"highest retention ({best.params}) for the final evaluation")
