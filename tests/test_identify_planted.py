@@ -150,3 +150,16 @@ def test_select_reproduces_identify_without_the_model(planted, coco, tmp_path):
         assert (tmp_path / f"sel-{baseline}" / "intensities.safetensors").is_file()
     code, _, err = run_cli("select", src, "--out", tmp_path / "t", "--threshold", "100")
     assert code == 2 and "no neuron scores at least" in err and not (tmp_path / "t").exists()
+
+
+@pytest.mark.skipif(not __import__("torch").cuda.is_available(), reason="needs a CUDA device")
+def test_identify_on_cuda_equals_cpu(coco, planted, tmp_path):
+    """`identify --device cuda` (capture and COCO scoring on the GPU) gives the CPU run's artifact:
+    the same selected neurons in the same order, losses and statistics within float tolerance."""
+    meta, arrays = coco
+    meta_gpu, arrays_gpu = _identify(planted, tmp_path / "n", "--ratio", "0.02", "--device", "cuda")
+    assert [_addr(n) for n in meta_gpu["neurons"]] == [_addr(n) for n in meta["neurons"]]
+    for key in ("loss", "calib_mean", "calib_std", "act_mean", "mean_intensity"):
+        finite = np.isfinite(arrays[key])
+        assert np.array_equal(finite, np.isfinite(arrays_gpu[key])), key
+        np.testing.assert_allclose(arrays_gpu[key][finite], arrays[key][finite], rtol=1e-4, atol=1e-5, err_msg=key)
