@@ -371,9 +371,9 @@ def table(res: dict) -> str:
             lines.append(f"{part:<9} {'FAILED':>12}  {res['errors'][part]}")
         elif res.get(key) is not None:
             lines.append(f"{part:<9} {res[key]:>12.4g}  {what.format(**res)}")
-    six = res.get('scoring_gpu_s_6_categories') or float('nan')
-    lines.append(f"6 categories of scoring on the device: {six:.1f} s "
-                 "(identify also scores 3 null rounds: x4)")
+    six = res.get("scoring_gpu_s_6_categories")
+    if six is not None:  # the scoring part ran
+        lines.append(f"6 categories of scoring on the device: {six:.1f} s (identify also scores 3 null rounds: x4)")
     return "\n".join(lines)
 
 
