@@ -142,3 +142,15 @@ def test_encode_can_skip_the_chat_template():
     assert plain == data.encode_example(tiny.word_tokenizer(["n1", "n2", "b1"]), "n1 n2", "b1")[0]
     assert with_chat != plain
     assert tok.convert_ids_to_tokens(with_chat[start:]) == tok.convert_ids_to_tokens(plain[pstart:]) == ["b1"]
+
+
+def test_the_split_does_not_depend_on_the_seed():
+    """--seed changes the sample, never the split: the evaluation splits with the fixed SPLIT_SEED,
+    so identify pairs drawn under any seed come from identify-split templates only."""
+    from vllm_coco.data.contrast import bbq_items, load_contrast
+
+    test_templates = {it.question_index for it in bbq_items("bbq", ["Religion"], split="test", condition=None)[0]}
+    for seed in (0, 1, 7):
+        pairs, info = load_contrast("bbq", ["Religion"], split="identify", limit=20, seed=seed)
+        assert pairs and not {p.group for p in pairs} & test_templates
+        assert info["split_seed"] == 0 and info["seed"] == seed

@@ -92,7 +92,8 @@ def demo_model(out, arch, dtype, force):
 @click.option("--null-rounds", type=click.IntRange(min=0), default=N.NULL_ROUNDS, show_default=True,
               help="Label-permutation rounds for the significance null (0 to skip).")
 @click.option("--seed", type=click.IntRange(min=0), default=N.SEED, show_default=True,
-              help="Seed for splits, sampling and RAND.")
+              help="Seed for sampling (--limit) and RAND. The identify/validate/test split of question "
+                   "templates is fixed, so no seed lets identify see an evaluation template.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=N.BATCH_SIZE, show_default=True)
 @click.option("--dtype", type=click.Choice(N.DTYPES), default="float32", show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")

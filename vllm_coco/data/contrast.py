@@ -26,6 +26,7 @@ from pathlib import Path
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import BBQ_CATEGORIES, DEFAULT_CATEGORIES, SPLIT_FRACTIONS, SPLITS, SPLITS_OR_ALL  # noqa: F401
 from vllm_coco.core.names import SEED as DEFAULT_SEED
+from vllm_coco.core.names import SPLIT_SEED
 
 # --------------------------------------------------------------------------- BBQ items
 
@@ -218,7 +219,7 @@ def assign_splits(category: str, groups, seed: int = DEFAULT_SEED) -> dict[str, 
 
 
 def bbq_items(source: str = "bbq", categories=DEFAULT_CATEGORIES, split: str = "identify",
-              condition: str | None = "ambig", seed: int = DEFAULT_SEED):
+              condition: str | None = "ambig", seed: int = SPLIT_SEED):
     """BBQ items of one split (or "all"), with per-category counts of items dropped by the mapping.
 
     Returns (items, stats) with stats = {category: {"rows", "dropped", "items"}}.
@@ -311,7 +312,8 @@ def _sample(by_cat: dict, stats: dict, limit, seed: int, minimum: int, what: str
 
 def _info(data: str, kind: str, split: str, seed: int, limit, stats: dict) -> dict:
     local = kind == "jsonl" or data == "bbq" or data.startswith("hf:")
-    return {"source": data if local else str(Path(data).absolute()), "kind": kind, "split": split, "seed": seed,
+    return {"source": data if local else str(Path(data).absolute()), "kind": kind, "split": split,
+            "split_seed": SPLIT_SEED, "seed": seed,
             "limit": limit, "split_fractions": list(SPLIT_FRACTIONS), "counts": stats}
 
 
@@ -333,14 +335,14 @@ def load_contrast(data: str = "bbq", categories=None, split: str = "identify", l
         for cat in cats:
             cat_pairs = [p for p in pairs if p.category == cat]
             if split != "all":
-                splits = assign_splits(cat, [p.group for p in cat_pairs], seed)
+                splits = assign_splits(cat, [p.group for p in cat_pairs], SPLIT_SEED)
                 cat_pairs = [p for p in cat_pairs if splits[p.group] == split]
             by_cat[cat] = cat_pairs
         stats = {c: {"items": len(v)} for c, v in by_cat.items()}
         kind = "jsonl"
     else:
         cats = list(categories) if categories else list(DEFAULT_CATEGORIES)
-        items, stats = bbq_items(data, cats, split=split, seed=seed)
+        items, stats = bbq_items(data, cats, split=split, seed=SPLIT_SEED)
         by_cat = {c: [pair_from_item(it) for it in items if it.category == c] for c in cats}
         kind = "bbq"
     out = _sample(by_cat, stats, limit, seed, 2, "contrast pair(s)", split)
@@ -357,7 +359,7 @@ def load_items(data: str = "bbq", categories=None, split: str = "identify", limi
                         "choose from; behavior mode needs BBQ (bbq, a BBQ directory or hf:ID), "
                         "or use --contrast response")
     cats = list(categories) if categories else list(DEFAULT_CATEGORIES)
-    items, stats = bbq_items(data, cats, split=split, seed=seed)
+    items, stats = bbq_items(data, cats, split=split, seed=SPLIT_SEED)
     by_cat = {c: [it for it in items if it.category == c] for c in cats}
     out = _sample(by_cat, stats, limit, seed, 1, "ambiguous item(s)", split)
     return out, _info(data, "bbq", split, seed, limit, stats)

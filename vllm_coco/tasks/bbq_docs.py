@@ -52,11 +52,12 @@ def coco_scoring(kwargs) -> str:
 def split_items(source: str, category: str, condition: str | None, split: str = "test") -> tuple:
     """BBQ items of one category in one evaluation split (test or validate), through the project's
     single BBQ loader (cached: the jailbreak families and the gen tasks read the same categories again)."""
+    from vllm_coco.core.names import SPLIT_SEED
     from vllm_coco.data.contrast import bbq_items
 
     if split not in EVAL_SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(EVAL_SPLITS)}")
-    items, _ = bbq_items(source, [category], split=split, condition=condition)
+    items, _ = bbq_items(source, [category], split=split, condition=condition, seed=SPLIT_SEED)
     return tuple(items)
 
 
