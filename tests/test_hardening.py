@@ -731,3 +731,53 @@ def test_sigterm_leaves_nothing_half_written(replace, tmp_path, planted):
         assert digests(out) == kept
     else:
         assert not out.exists()
+
+
+# ---------------------------------------------------------------- found by the session's review
+
+def test_model_named_like_the_runs_own_output_is_refused(tmp_path, planted):
+    from vllm_coco.core.errors import CocoError
+    from vllm_coco.experiment import config
+
+    for name in config.RESERVED_NAMES:
+        with pytest.raises(CocoError, match="name of the run's own output"):
+            config.validate({"models": [{"path": str(planted[0]), "name": name}]})
+
+
+def test_integer_too_large_for_a_float_is_refused(tmp_path, planted):
+    from vllm_coco.core.checks import finite
+    from vllm_coco.core.errors import CocoError
+
+    with pytest.raises(CocoError, match="not a finite number"):
+        finite(10 ** 400, "--alpha")
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"models: [{{path: {planted[0]}}}]\nsweep: {{retention_floor: {10 ** 400}}}\n")
+    expect_bad(tmp_path, "run", cfg, "--check", match="finite")
+
+
+@pytest.mark.parametrize("cmd", ["report", "compare"])
+def test_figure_path_must_be_a_png(cmd, tmp_path, art):
+    if cmd == "report":
+        expect_bad(tmp_path, "report", art, "--png", tmp_path / "heat.txt", match="does not end in .png")
+    else:
+        res = tmp_path / "run1.json"
+        res.write_text(json.dumps({"results": {"stereo_coco": {"success_rate,none": 0.5}}}))
+        before = res.read_bytes()
+        expect_bad(tmp_path, "compare", res, "--png", res, match="does not end in .png")
+        assert res.read_bytes() == before
+
+
+def test_ne_gate_tensors_must_match_the_config(tmp_path, ne_dir):
+    from safetensors.numpy import load_file, save_file
+
+    from vllm_coco.core.errors import CocoError
+    from vllm_coco.core.ne_format import GATE_FILE, NEDirectory
+
+    bad = tmp_path / "ne"
+    shutil.copytree(ne_dir, bad)
+    tensors = load_file(str(bad / GATE_FILE))
+    key = next(k for k in tensors if k.endswith(".w_hat"))
+    tensors[key] = tensors[key][:, :1].copy()
+    save_file(tensors, str(bad / GATE_FILE))
+    with pytest.raises(CocoError, match="do not match"):
+        NEDirectory.read(bad).gates()

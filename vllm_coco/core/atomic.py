@@ -177,6 +177,17 @@ def check_output_file(path: str | os.PathLike, force: bool = True, sources: tupl
     return p
 
 
+def check_figure_path(path: Path) -> Path:
+    """A --png path: a .png file whose directory exists (CocoError naming the fix if not)."""
+    if path.suffix.lower() != ".png":
+        raise CocoError(f"--png {path} does not end in .png; figures are written as PNG")
+    if not path.absolute().parent.is_dir():
+        raise CocoError(f"directory for --png does not exist: {path.absolute().parent}")
+    if path.is_dir():
+        raise CocoError(f"--png {path} is a directory; pass a file path")
+    return path
+
+
 def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> None:
     """Save a matplotlib figure to `path` atomically (temp file beside it, then rename) and close it."""
     import matplotlib.pyplot as plt

@@ -17,6 +17,8 @@ def finite(value, what: str, lo: float | None = None, hi: float | None = None, l
         v = float(value)
     except (TypeError, ValueError):
         raise CocoError(f"{what} {value!r} is not a number") from None
+    except OverflowError:  # an integer too large for a float
+        raise CocoError(f"{what} {str(value)[:20]}... is not a finite number; pass a finite value") from None
     if not math.isfinite(v):
         raise CocoError(f"{what} {value} is not a finite number; pass a finite value")
     if lo is not None and (v <= lo if lo_open else v < lo):

@@ -122,7 +122,14 @@ class NEDirectory:
                 names = [f"{gate_prefix(layer)}.{k}" for k in GATE_KEYS]
                 if not all(n in tensors for n in names):
                     raise CocoError(f"{self.path / GATE_FILE} lacks layer {layer}'s gate tensors; {_FIX}")
-                out[layer] = {k: tensors[n] for k, n in zip(GATE_KEYS, names)}
+                gate = {k: tensors[n] for k, n in zip(GATE_KEYS, names)}
+                s = len(channels)
+                shapes = {k: tuple(gate[k].shape) for k in GATE_KEYS}
+                if shapes != {"channels": (s,), "mu": (s,), "sigma": (s,), "w": (s,), "w_hat": (s, s)} \
+                        or gate["channels"].tolist() != channels:
+                    raise CocoError(f"{self.path / GATE_FILE}: layer {layer}'s gate tensors do not match the "
+                                    f"{s} channels config.json names for it; {_FIX}")
+                out[layer] = gate
         return out
 
 

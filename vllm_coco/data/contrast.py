@@ -24,9 +24,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.names import BBQ_CATEGORIES, DEFAULT_CATEGORIES, SPLIT_FRACTIONS, SPLITS, SPLITS_OR_ALL  # noqa: F401
+from vllm_coco.core.names import BBQ_CATEGORIES, DEFAULT_CATEGORIES, SPLIT_FRACTIONS, SPLIT_SEED, SPLITS, SPLITS_OR_ALL  # noqa: F401
 from vllm_coco.core.names import SEED as DEFAULT_SEED
-from vllm_coco.core.names import SPLIT_SEED
 
 # --------------------------------------------------------------------------- BBQ items
 
@@ -157,8 +156,11 @@ def check_bbq_row(row, where: str) -> dict:
         if not all(isinstance(info.get(f"ans{i}"), list) and len(info[f"ans{i}"]) >= 2
                    and all(isinstance(x, str) for x in info[f"ans{i}"][:2]) for i in range(3)):
             bad.append("answer_info")
-        if not isinstance(row["additional_metadata"].get("stereotyped_groups"), list):
+        groups = row["additional_metadata"].get("stereotyped_groups")
+        if not isinstance(groups, list) or not all(isinstance(g, str) for g in groups):
             bad.append("additional_metadata.stereotyped_groups")
+        if isinstance(row["example_id"], str) and not row["example_id"].strip().isdigit():
+            bad.append("example_id")
         if not 0 <= row["label"] <= 2:
             bad.append("label")
     if bad:
@@ -198,7 +200,7 @@ def _bbq_rows_hub(dataset_id: str, categories) -> dict[str, list[dict]]:
         except Exception as exc:
             raise CocoError(f"cannot load BBQ category {cat} from hf:{dataset_id} ({type(exc).__name__}); "
                             "check the dataset id (one config per category, split 'test') or use --data bbq") from None
-        out[cat] = [dict(r) for r in ds]
+        out[cat] = [check_bbq_row(dict(r), f"hf:{dataset_id} {cat} row {i}") for i, r in enumerate(ds)]
     return out
 
 

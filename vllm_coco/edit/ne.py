@@ -61,7 +61,15 @@ def build_gate(meta: dict, arrays: dict, neurons_dir: Path, ratio: float) -> dic
     if not matrix_path.is_file():
         raise CocoError(f"{neurons_dir} lacks {artifact.MATRIX_FILE} (NE needs the calibration intensities); "
                         "re-run `coco-tools identify`")
-    matrix = open_matrix(matrix_path)
+    try:
+        matrix = open_matrix(matrix_path)
+    except Exception as exc:  # truncated, garbage, or not our layout
+        raise CocoError(f"{matrix_path} is not a readable intensity matrix ({type(exc).__name__}); "
+                        "re-run `coco-tools identify`") from None
+    rows = len(arrays["row_label"]) if "row_label" in arrays else matrix.shape[0]
+    if matrix.ndim != 2 or matrix.shape[1] != layout.total or matrix.shape[0] != rows:
+        raise CocoError(f"{matrix_path} has shape {matrix.shape}, not [rows, {layout.total}] for this artifact; "
+                        "re-run `coco-tools identify`")
     gate = {}
     for layer in range(layout.num_layers):
         mine = np.flatnonzero(sel // layout.per_layer == layer)

@@ -12,13 +12,13 @@ current directory, as for every other coco-tools command.
 from __future__ import annotations
 
 import copy
-import math
 import re
 from pathlib import Path
 
 import yaml
 
 from vllm_coco.core import names as N
+from vllm_coco.core.checks import finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import ABLATIONS, BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
 
@@ -44,6 +44,8 @@ DEFAULTS: dict = {
              "scoring": "per-byte"},
 }
 MODEL_KEYS = {"path": None, "name": None}
+# OUT holds a folder per model, the report stage and two files: no model may take their names.
+RESERVED_NAMES = ("report", "REPORT.md", "pipeline.log")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -71,14 +73,7 @@ def _int(cfg: dict, path: str, key: str, lo: int | None = None, nullable: bool =
 def _num(v, where: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
     if not _is_num(v):
         _fail(where, f"{v!r} is not a number")
-    v = float(v)
-    if not math.isfinite(v):
-        _fail(where, f"{v} is not a finite number")
-    if lo is not None and (v <= lo if lo_open else v < lo):
-        _fail(where, f"{v} must be {'greater than' if lo_open else 'at least'} {lo}")
-    if hi is not None and v > hi:
-        _fail(where, f"{v} must be at most {hi}")
-    return v
+    return finite(v, f"{where}:", lo=lo, hi=hi, lo_open=lo_open)  # the one number validation (core/checks.py)
 
 
 def _choice(v, where: str, choices) -> str:
@@ -147,6 +142,9 @@ def _models(value) -> list[dict]:
         name = m["name"] if m["name"] is not None else Path(path.rstrip("/")).name
         if not isinstance(name, str) or not NAME.fullmatch(name):
             _fail(f"{where}.name", f"{name!r} is not a usable directory name (letters, digits, . _ -)")
+        if name in RESERVED_NAMES:
+            _fail(f"{where}.name", f"{name} is the name of the run's own output ({', '.join(RESERVED_NAMES)}); "
+                  "give the model another `name:`")
         if name in names:
             _fail(f"{where}.name", f"{name} is already the name of models[{names[name]}]; give one a `name:`")
         names[name] = i
@@ -265,6 +263,8 @@ def load(path: str, overrides: dict | None = None) -> dict:
         raw = yaml.safe_load(p.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as exc:
         raise CocoError(f"cannot read config {path} ({type(exc).__name__})") from None
+    except ValueError as exc:  # e.g. an integer over Python's digit limit (yaml.YAMLError is not one)
+        raise CocoError(f"config {path} holds an unreadable value ({str(exc)[:60]})") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}" if mark is not None else ""

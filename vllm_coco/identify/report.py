@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_coco.core import artifact
-from vllm_coco.core.atomic import save_figure
+from vllm_coco.core.atomic import check_figure_path, save_figure
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import PROJS, Proj
 
@@ -57,9 +57,7 @@ def heatmap(grid: np.ndarray, title: str, path: Path) -> None:
 def report(neurons_dir, png=None, category=None) -> str:
     meta, _ = artifact.load(neurons_dir)
     grid = counts(meta, category)
-    png = Path(png) if png else Path(neurons_dir) / "heatmap.png"
-    if not png.parent.is_dir():
-        raise CocoError(f"directory for --png does not exist: {png.parent}")
+    png = check_figure_path(Path(png) if png else Path(neurons_dir) / "heatmap.png")
     sel = meta["selection"]
     what = category or "combined"
     title = f"COCO neurons ({sel['baseline']}, {what})\n{Path(meta['model']['path']).name}: {grid.sum()} selected"

@@ -12,7 +12,7 @@ import math
 import os
 from pathlib import Path
 
-from vllm_coco.core.atomic import save_figure
+from vllm_coco.core.atomic import check_figure_path, save_figure
 from vllm_coco.core.errors import CocoError
 from vllm_coco.tasks import results as lm_results
 
@@ -179,9 +179,7 @@ def compare(paths, labels=None, png=None, group: str = "stereo_coco", metric: st
         seen[label] = seen.get(label, 0) + 1
         if seen[label] > 1:
             labels[i] = f"{label}#{seen[label]}"
-    png = Path(png) if png else files[0].parent / f"compare-{group}-{metric}.png"
-    if not png.absolute().parent.is_dir():
-        raise CocoError(f"directory for --png does not exist: {png.absolute().parent}")
+    png = check_figure_path(Path(png) if png else files[0].parent / f"compare-{group}-{metric}.png")
     rows, text = compare_table(list(zip(labels, datas)), group, metric)
     bar_chart(rows, labels, png, f"{metric} ({group})")
     return text, png

@@ -170,6 +170,10 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
         raise CocoError(f"--backend {opts.backend} is not hf, vllm or an http(s):// URL of `vllm serve`")
     if not opts.tasks:
         raise CocoError("--tasks is empty; name at least one task, e.g. --tasks stereo_coco")
+    if opts.device is not None and opts.backend == "hf":
+        from vllm_coco.core.models import check_device
+
+        check_device(opts.device)
     model_dir = resolve_model_dir(model)
     out_path = Path(out) if out is not None else Path("runs") / f"eval-{model_dir.name}"
     check_output_dir(out_path, force, sources=(model_dir,))  # a missing parent (e.g. runs/) is made at the end

