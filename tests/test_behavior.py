@@ -156,10 +156,10 @@ def test_behavior_identify_end_to_end(planted, tmp_path, monkeypatch):
 
 @pytest.mark.parametrize("scoring", ["sum", "per-byte"])
 def test_choose_agrees_with_the_evaluation_rule(scoring):
-    """behavior.choose and the evaluation's pick (vllm_coco.tasks.pick) pick the same option from
+    """behavior.choose and the evaluation's pick (vllm_coco.core.pick) pick the same option from
     the same numbers (non-ASCII text included: lengths are UTF-8 bytes in both)."""
+    from vllm_coco.core.pick import pick
     from vllm_coco.tasks.bbq_docs import item_docs
-    from vllm_coco.tasks.pick import pick
 
     answers = ("The grandfather", "The grandson", "Can’t be determined")  # ’ is 3 bytes
     items = [_item(i, answers=answers) for i in range(50)]

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 from conftest import expect_bad, run_cli
 
-from vllm_coco.tasks import answer_parser, bbq_docs, jailbreak, lm_eval_hooks, metrics, pick, retention
+from vllm_coco.core import pick
+from vllm_coco.tasks import answer_parser, bbq_docs, jailbreak, lm_eval_hooks, metrics, retention
 
 EVALS = Path(__file__).resolve().parent.parent / "evals"
 

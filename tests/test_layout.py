@@ -1,7 +1,8 @@
 """The package layout's import rules (README.md, "Module map"), checked on the source.
 
-- core/ imports no stage; a stage never imports experiment/ or the CLI; only the CLI and the
-  experiment import tasks.evaluate (the `coco-tools eval` runner);
+- core/ imports no stage; a stage imports only core/ and stages before it in the pipeline
+  (data -> identify -> edit -> serve -> tasks -> experiment), lazily or not; only the CLI and
+  the experiment import tasks.evaluate (the `coco-tools eval` runner);
 - the module-level imports form no cycle (imports inside functions are lazy by design: the CLI
   and the plugin entry point keep `--help` and vLLM's plugin loading light).
 """
@@ -70,3 +71,10 @@ def test_no_import_cycle_at_module_level():
     for m in sorted(edges):
         if m not in state:
             visit(m, [m])
+
+
+def test_stages_import_only_earlier_stages():
+    order = {s: i for i, s in enumerate(STAGES)}
+    bad = [(m, i) for m, imps in GRAPH.items() if _stage(m) in order
+           for i, _ in imps if _stage(i) in order and order[_stage(i)] > order[_stage(m)]]
+    assert not bad, bad

@@ -54,7 +54,7 @@ def test_wheel_carries_the_task_folder_and_the_hooks(wheel):
     missing = [f for f in files if f"vllm_coco/tasks/evals/{f}" not in names]
     assert not missing, f"task files left out of the wheel: {missing}"
     for module in ("lm_eval_hooks", "task_folder", "bbq_docs", "jailbreak", "retention", "metrics",
-                   "answer_parser", "pick", "custom_dataset", "evaluate"):
+                   "answer_parser", "custom_dataset", "evaluate"):
         assert f"vllm_coco/tasks/{module}.py" in names
     # every module of the package is in the wheel (the package-data mapping did not replace discovery)
     sources = {p.relative_to(ROOT).as_posix() for p in (ROOT / "vllm_coco").rglob("*.py")

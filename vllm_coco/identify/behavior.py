@@ -63,9 +63,9 @@ def option_logliks(model, spans: list[Span], batch_size: int = 8, pad_id: int = 
 
 def choose(items, logliks: np.ndarray, scoring: str = "sum") -> list[int]:
     """The option each item's answer is (original index), from its three log-likelihoods
-    (logliks: [items * 3], item-major), by the evaluation's rule (`vllm_coco.tasks.pick`: summed
+    (logliks: [items * 3], item-major), by the evaluation's rule (`vllm_coco.core.pick`: summed
     or per UTF-8 byte of the option text; ties go to the first option)."""
-    from vllm_coco.tasks.pick import best_option
+    from vllm_coco.core.pick import best_option
 
     if scoring not in SCORINGS:
         raise CocoError(f"scoring {scoring} is not one of {', '.join(SCORINGS)}")

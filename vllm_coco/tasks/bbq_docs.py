@@ -39,7 +39,7 @@ def coco_split(kwargs) -> str:
 
 def coco_scoring(kwargs) -> str:
     """Task metadata `coco_scoring`: "sum" (default; lm-eval's `acc` rule) or "per-byte"
-    (the option rule: vllm_coco.tasks.pick)."""
+    (the option rule: vllm_coco.core.pick)."""
     value = kwargs.get("coco_scoring") or "sum"
     if value not in SCORINGS:
         raise ValueError(f"coco_scoring {value!r} is not one of {', '.join(SCORINGS)}")
@@ -82,7 +82,7 @@ def item_docs(item, prompt=None, system: str = "", attack: str = "", scoring: st
     """The three docs (one per cyclic order) of a BBQ item.
 
     `prompt(item, order) -> str` builds the user turn (default: `item.user_message(order)`);
-    `scoring` ("sum" or "per-byte") is how `vllm_coco.tasks.pick` chooses among the options'
+    `scoring` ("sum" or "per-byte") is how `vllm_coco.core.pick` chooses among the options'
     log-likelihoods.
     """
     docs = []

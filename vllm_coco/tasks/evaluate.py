@@ -5,7 +5,7 @@ gate is in the forward), `vllm` (lm-eval's in-process vLLM; the vllm-coco plugin
 NE-COCO architectures by entry point) and a URL of a running `vllm serve` (`local-completions`).
 All run float32 and, unless told otherwise (`chat=False`), with the model's chat template, so
 their numbers agree. `scoring` chooses how the BBQ loglikelihood tasks pick an option (summed
-log-likelihood, lm-eval's rule, or per byte of the option text; vllm_coco.tasks.pick).
+log-likelihood, lm-eval's rule, or per byte of the option text; vllm_coco.core.pick).
 
 Output: OUT/results.json (lm-eval's results dict plus a `coco` block naming the model, backend
 and options), and with --log-samples OUT/samples_<task>.jsonl; written atomically.
@@ -107,7 +107,7 @@ class EvalOptions:
     max_model_len: int = 2048
     served_model_name: str | None = None
     chat: bool = True
-    scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per-byte" (vllm_coco.tasks.pick)
+    scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per-byte" (vllm_coco.core.pick)
     log_samples: bool = False
     split: str = "test"  # BBQ split the stereo_coco* tasks read: test (held out) or validate (for sweeps)
     metadata: dict | None = None  # extra task metadata (e.g. {"categories": [...]} for the jailbreak tasks)

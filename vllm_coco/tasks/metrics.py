@@ -13,9 +13,9 @@ from __future__ import annotations
 
 from collections import defaultdict
 
+from vllm_coco.core.pick import pick
 from vllm_coco.tasks.answer_parser import parse_answer
 from vllm_coco.tasks.bbq_docs import ORDERS
-from vllm_coco.tasks.pick import pick
 
 # Metric keys returned by process_results; each must be listed in the task's metric_list.
 MC_METRICS = ("success_rate", "acc_disambig", "bias_disambig", "bias_ambig", "abs_bias_disambig",
@@ -43,7 +43,7 @@ def record(doc: dict, pred: int | None) -> dict:
 
 
 def process_mc(doc: dict, results) -> dict:
-    """process_results of the loglikelihood tasks (the option is chosen by `vllm_coco.tasks.pick`)."""
+    """process_results of the loglikelihood tasks (the option is chosen by `vllm_coco.core.pick`)."""
     rec = record(doc, pick(doc, results))
     return {m: rec for m in MC_METRICS}
 
