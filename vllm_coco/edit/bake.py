@@ -32,10 +32,11 @@ from vllm_coco.core.checks import finite, tensors_finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import PROJS, NeuronLayout
 from vllm_coco.core.names import EDIT_MODES as MODES
+from vllm_coco.core.names import LE_ALPHA
+from vllm_coco.core.ne_format import INDEX_JSON
 from vllm_coco.edit.inputs import EditInputs
 
 EDIT_JSON = "coco_edit.json"
-INDEX_JSON = "model.safetensors.index.json"
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 # Weight formats other than safetensors: never read (they may be pickles) and never copied (an
@@ -178,7 +179,7 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
         raise CocoError(f"--alpha applies to --mode le only; drop it for --mode {mode}")
     if lora and mode != "le":
         raise CocoError(f"--lora writes the LE edit only; drop --lora for --mode {mode}")
-    alpha = 1.0 if alpha is None else finite(alpha, "--alpha")
+    alpha = LE_ALPHA if alpha is None else finite(alpha, "--alpha")
 
     inputs = EditInputs.open(model, neurons_dir, out, force)
     model_dir, config, sources = inputs.model_dir, inputs.config, inputs.sources

@@ -20,7 +20,7 @@ from vllm_coco.core.atomic import atomic_output_dir
 from vllm_coco.core.checks import finite, tensors_finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import NeuronLayout
-from vllm_coco.core.names import RATIO, Proj
+from vllm_coco.core.names import NE_ALPHA, NE_BETA, NE_LAM, RATIO, Proj
 from vllm_coco.core.ne_format import BASE_TO_NE_ARCH
 from vllm_coco.edit.inputs import EditInputs
 from vllm_coco.identify.selection import edit_weights
@@ -99,8 +99,8 @@ def check_hyper(alpha: float, beta: float, lam: float, w_min: float) -> None:
                         "choose an alpha with 1 + alpha*w >= 0 for every weight")
 
 
-def write_ne(model: str, neurons_dir: str, out: str, alpha: float = 1.0, beta: float = 2.0, lam: float = 0.5,
-             ratio: float | None = None, force: bool = False) -> dict:
+def write_ne(model: str, neurons_dir: str, out: str, alpha: float = NE_ALPHA, beta: float = NE_BETA,
+             lam: float = NE_LAM, ratio: float | None = None, force: bool = False) -> dict:
     """Write an NE-COCO directory; returns its `coco` config section."""
     from vllm_coco.identify.selection import count_for
 

@@ -40,7 +40,7 @@ DEFAULTS: dict = {
     "sweep": {"le_alpha": [0.25, 0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
               "ne_ratio": None, "limit": 9, "retention_limit": 4, "retention_floor": 0.02},
     "final": {"limit": 6, "jailbreak_limit": 3, "retention_limit": 6},
-    "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": 2048,
+    "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": N.MAX_MODEL_LEN,
              "scoring": "per-byte"},
 }
 MODEL_KEYS = {"path": None, "name": None}

@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_coco.core.models import NeuronLayout, attention_layers, layout_of
+from vllm_coco.core.names import PROJS
 
 MATRIX_NAME = "intensities"
 
@@ -88,7 +89,7 @@ class _Recorder:
         self.weights = None  # [batch, n_span] float32: 1 / span length where the token is the row's, else 0
         self.handles = []
         for layer, attn in enumerate(attention_layers(model)):
-            for proj in ("q", "k", "v"):
+            for proj in PROJS:
                 off = layout.flat(layer, proj, 0)
                 module = getattr(attn, f"{proj}_proj")
                 self.handles.append(module.register_forward_hook(self._hook(off, layout.proj_size(proj))))

@@ -52,8 +52,8 @@ class IdentifyOptions:
         else:
             finite(self.threshold, "--threshold")
         finite(self.tau, "--tau", lo=0, lo_open=True)
-        if self.seed < 0:
-            raise CocoError(f"--seed {self.seed} must be >= 0")
+        if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
+            raise CocoError(f"--seed {self.seed!r} must be an integer >= 0")
         if self.limit is not None and self.limit < 1:
             raise CocoError(f"--limit {self.limit} must be at least 1")
         if self.baseline not in selection.BASELINES:
@@ -222,17 +222,24 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
     sources = (Path(neurons_dir),)
     check_output_dir(out, force, sources)
     old = meta["selection"]
+    if ratio is None and threshold is None and old.get("rule") == "threshold":
+        threshold = old.get("threshold")  # the source's own rule, as --help promises
     opts = IdentifyOptions(baseline=baseline, weighting=weighting or old["weighting"],
-                           seed=old["seed"] if seed is None else seed, tau=old["tau"],
-                           k_negatives=old["k_negatives"], null_rounds=meta["significance"]["rounds"],
+                           seed=old.get("seed", N.SEED) if seed is None else seed, tau=old.get("tau", N.TAU),
+                           k_negatives=old.get("k_negatives", N.K_NEGATIVES),
+                           null_rounds=meta["significance"].get("rounds", N.NULL_ROUNDS),
                            threshold=threshold, contrast=meta["data"].get("contrast", "response"),
-                           ratio=ratio if ratio is not None else (old["ratio"] or N.RATIO))
+                           ratio=ratio if ratio is not None else (old.get("ratio") or N.RATIO))
     opts.validate()
     categories = meta["categories"]
     if f"mean_intensity.{categories[0]}" not in arrays:
         raise CocoError(f"{neurons_dir} predates re-selection support; re-run `coco-tools identify`")
-    nulls = {"combined": meta["significance"]["null_best_score"],
-             **{c: meta["per_category"][c]["null_best_score"] for c in categories}}
+    nulls = {"combined": meta["significance"].get("null_best_score"),
+             **{c: meta["per_category"][c].get("null_best_score") for c in categories}}
+    bad = [k for k, v in nulls.items() if v is not None and not isinstance(v, (int, float))]
+    if bad or not isinstance(opts.seed, int) or not isinstance(opts.null_rounds, int):
+        raise CocoError(f"{neurons_dir}/neurons.json: damaged selection or significance entries; "
+                        "re-run `coco-tools identify`")
     sizes = {c: {k: meta["per_category"][c][k] for k in ("pairs", "biased", "unknown") if k in meta["per_category"][c]}
              for c in categories}
     new = {**meta, **select_from_arrays(arrays, categories, nulls, sizes, opts),

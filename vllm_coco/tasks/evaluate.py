@@ -26,7 +26,7 @@ from vllm_coco.core.errors import CocoError
 
 RESULTS_FILE = "results.json"
 # passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
-from vllm_coco.core.names import EVAL_SPLITS, SCORINGS  # noqa: E402,F401 (re-exported)
+from vllm_coco.core.names import BATCH_SIZE, EVAL_SPLITS, MAX_MODEL_LEN, SCORINGS  # noqa: E402,F401 (re-exported)
 
 # --------------------------------------------------------------------------- the task folder
 # evals_dir(): $COCO_EVALS_DIR, else the folder shipped with the package (vllm_coco/tasks/task_folder.py)
@@ -104,7 +104,7 @@ class EvalOptions:
     max_items: int | None = None  # overrides the tasks' `max_items` metadata
     batch_size: int | None = None
     device: str | None = None
-    max_model_len: int = 2048
+    max_model_len: int = MAX_MODEL_LEN
     served_model_name: str | None = None
     chat: bool = True
     scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per-byte" (vllm_coco.core.pick)
@@ -200,7 +200,7 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
         import torch
 
         device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
-        bs = opts.batch_size or 8
+        bs = opts.batch_size or BATCH_SIZE
         if _is_ne_dir(model_dir):
             # AutoModel refuses NE directories on purpose; the reference loader applies the gate.
             from lm_eval.models.huggingface import HFLM
