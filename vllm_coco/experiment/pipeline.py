@@ -122,14 +122,22 @@ class Run:
         spec = {"stage": name, "pipeline": PIPELINE_VERSION, "method": METHOD_VERSION, **spec}
         h = spec_hash(spec)
         final = root / name
+        partial = root / f".{name}.partial"
+        finished = _read_json(partial / DONE)
+        if not final.exists() and finished and finished.get("hash") == h:
+            os.replace(partial, final)  # interrupted between the two renames below: finish the swap
         done = _read_json(final / DONE)
         tag = f"[{label}] {name}"
         if done and done.get("hash") == h:
-            self.log(f"{tag}: reused (finished {done['finished']}, {done['seconds']:.1f} s; config unchanged)")
-            self.stages.append({"label": label, "stage": name, "status": "reused", "seconds": 0.0})
-            return Stage(kind.from_json(done["result"]), final, h, done["seconds"])
+            try:
+                reused = Stage(kind.from_json(done["result"]), final, h, float(done["seconds"]))
+            except (KeyError, TypeError, ValueError):  # a damaged done.json: compute the stage again
+                reused = None
+            if reused is not None:
+                self.log(f"{tag}: reused (finished {done.get('finished')}, {reused.seconds:.1f} s; config unchanged)")
+                self.stages.append({"label": label, "stage": name, "status": "reused", "seconds": 0.0})
+                return reused
         root.mkdir(parents=True, exist_ok=True)
-        partial = root / f".{name}.partial"
         marker = _read_json(partial / "stage.json")
         if partial.exists() and (not marker or marker.get("hash") != h):
             remove_tree(partial)  # left over from another configuration
