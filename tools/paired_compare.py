@@ -3,7 +3,7 @@
 
 Each model directory holds samples_stereo_coco_<category>.jsonl (lm-eval's logged documents with
 the options' log-likelihoods). Every answer is re-scored under both option rules of
-vllm_coco.tasks.pick (summed, per byte), so one evaluation gives both columns. Differences against
+vllm_coco.core.pick (summed, per byte), so one evaluation gives both columns. Differences against
 the base are paired by BBQ item (an item's success = its share of "unknown" answers over the three
 option orders); the interval is a percentile bootstrap over items. docs/RESULTS.md's larger-sample
 table was made with this script:
