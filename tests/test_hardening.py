@@ -781,3 +781,17 @@ def test_ne_gate_tensors_must_match_the_config(tmp_path, ne_dir):
     save_file(tensors, str(bad / GATE_FILE))
     with pytest.raises(CocoError, match="do not match"):
         NEDirectory.read(bad).gates()
+
+
+def test_damaged_shard_index_is_refused_before_writing(tmp_path, planted, art):
+    model = tmp_path / "m"
+    shutil.copytree(planted[0], model)
+    (model / "model.safetensors.index.json").write_text("{not json")
+    for cmd in (("bake", model, art, "--out", tmp_path / "o"), ("ne", model, art, "--out", tmp_path / "o")):
+        expect_bad(tmp_path, *cmd, match="model.safetensors.index.json", unchanged=(model,))
+
+
+def test_run_check_applies_the_output_rule(tmp_path, planted):
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"models: [{{path: {planted[0]}}}]\nout: {planted[0] / 'run'}\n")
+    expect_bad(tmp_path, "run", cfg, "--check", match="overlaps", unchanged=(planted[0],))

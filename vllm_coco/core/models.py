@@ -85,6 +85,15 @@ def check_weights(model_dir: Path) -> list[Path]:
                             "safetensors only (never pickles); convert with "
                             "save_pretrained(..., safe_serialization=True)")
         raise CocoError(f"{model_dir} has no weight files (*.safetensors); pass a complete model directory")
+    index = Path(model_dir) / ne_format.INDEX_JSON
+    if index.exists():  # a sharded checkpoint: bake and ne rewrite its index
+        try:
+            idx = json.loads(index.read_text(encoding="utf-8"))
+        except (ValueError, RecursionError, OSError) as exc:
+            raise CocoError(f"{index} is not readable JSON ({type(exc).__name__}); re-download or regenerate "
+                            "the model") from None
+        if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
+            raise CocoError(f"{index} has no weight_map; re-download or regenerate the model")
     for f in files:
         try:
             with safe_open(str(f), framework="np") as fh:

@@ -172,7 +172,7 @@ def bbq_rows(source: str, categories) -> dict[str, list[dict]]:
     """Raw BBQ rows per category from `bbq`, a native-layout DIR, or `hf:ID`."""
     if source.startswith("hf:"):
         return _bbq_rows_hub(source[3:], categories)
-    root = packaged_bbq_dir() if source == "bbq" else Path(source)
+    root = packaged_bbq_dir() if source == "bbq" else Path(source).expanduser()
     if (root / "data").is_dir() and not any(root.glob("*.jsonl")):
         root = root / "data"
     available = {p.stem for p in root.glob("*.jsonl")}
@@ -292,7 +292,7 @@ def _take(pairs: list, limit: int | None, seed: int) -> list:
 def _check_source(data: str, split: str) -> Path:
     if split not in SPLITS_OR_ALL:
         raise CocoError(f"unknown split {split}; choose {', '.join(SPLITS_OR_ALL)}")
-    path = Path(data)
+    path = Path(data).expanduser()
     if not path.is_file() and data != "bbq" and not data.startswith("hf:") and not path.is_dir():
         raise CocoError(f"--data {data} is neither 'bbq', an existing directory or file, nor hf:ID")
     return path
@@ -314,7 +314,7 @@ def _sample(by_cat: dict, stats: dict, limit, seed: int, minimum: int, what: str
 
 def _info(data: str, kind: str, split: str, seed: int, limit, stats: dict) -> dict:
     local = kind == "jsonl" or data == "bbq" or data.startswith("hf:")
-    return {"source": data if local else str(Path(data).absolute()), "kind": kind, "split": split,
+    return {"source": data if local else str(Path(data).expanduser().absolute()), "kind": kind, "split": split,
             "split_seed": SPLIT_SEED, "seed": seed,
             "limit": limit, "split_fractions": list(SPLIT_FRACTIONS), "counts": stats}
 

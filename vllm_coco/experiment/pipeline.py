@@ -475,7 +475,9 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
 
     cfg = config_mod.load(config_path, overrides={"out": out} if out is not None else None)
     cfg["_config_path"] = str(config_path)
-    if check:
+    if check:  # the output rule against the local inputs too (hub models are not fetched for a check)
+        local = [Path(m["path"]).expanduser() for m in cfg["models"] if Path(m["path"]).expanduser().exists()]
+        check_output_dir(cfg["out"], force=False, sources=tuple(local), what="out:", merge=True)
         for line in plan(cfg):
             echo(line)
         return {"report": None, "stages": []}
@@ -484,7 +486,7 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
         check_device(cfg["eval"]["device"], "eval.device:")
     models = [{**m, "dir": resolve_model_dir(m["path"])} for m in cfg["models"]]  # hub ids are fetched here
     src = cfg["data"]["source"]
-    inputs = [m["dir"] for m in models] + ([Path(src)] if Path(src).is_dir() else [])
+    inputs = [m["dir"] for m in models] + ([Path(src).expanduser()] if Path(src).expanduser().is_dir() else [])
     # a run resumes by writing into an existing out; out may never overlap an input
     out_dir = check_output_dir(cfg["out"], force=False, sources=tuple(inputs), what="out:", merge=True)
     out_dir.mkdir(parents=True, exist_ok=True)

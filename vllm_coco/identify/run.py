@@ -288,7 +288,8 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
     t0 = time.time()
     opts.validate()
     model_dir = resolve_model_dir(model)
-    sources = (model_dir,) + ((Path(opts.data),) if Path(opts.data).exists() else ())
+    data_path = Path(opts.data).expanduser()
+    sources = (model_dir,) + ((data_path,) if data_path.exists() else ())
     check_output_dir(out, force, sources)
     config = read_config(model_dir)
     if opts.contrast == "behavior":

@@ -121,7 +121,14 @@ def _has_chat_template(model_dir: Path) -> bool:
     if (model_dir / "chat_template.jinja").is_file() or (model_dir / "chat_template.json").is_file():
         return True
     cfg = model_dir / "tokenizer_config.json"
-    return cfg.is_file() and bool(json.loads(cfg.read_text(encoding="utf-8")).get("chat_template"))
+    if not cfg.is_file():
+        return False
+    try:
+        tok_cfg = json.loads(cfg.read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as exc:
+        raise CocoError(f"{cfg} is not readable JSON ({type(exc).__name__}); fix or regenerate the model's "
+                        "tokenizer files") from None
+    return isinstance(tok_cfg, dict) and bool(tok_cfg.get("chat_template"))
 
 
 def _is_ne_dir(model_dir: Path) -> bool:
