@@ -27,6 +27,7 @@ import numpy as np
 from vllm_coco import METHOD_VERSION
 from vllm_coco.core.checks import finite_array
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.json_file import read_json
 
 JSON_NAME = "neurons.json"
 ARRAYS_NAME = "neurons.safetensors"
@@ -56,14 +57,7 @@ def _fail(d: Path, name: str, problem: str) -> None:
 
 
 def _read_json(d: Path) -> dict:
-    try:
-        meta = json.loads((d / JSON_NAME).read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        _fail(d, JSON_NAME, "is not UTF-8 text")
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or a number over the digit limit
-        _fail(d, JSON_NAME, f"is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)})")
-    except OSError as exc:
-        _fail(d, JSON_NAME, f"cannot be read ({exc.strerror})")
+    meta = read_json(d / JSON_NAME, "re-run `coco-tools identify` (or `coco-tools select`) to rewrite it")
     if not isinstance(meta, dict):
         _fail(d, JSON_NAME, f"holds a {type(meta).__name__}, not a neuron artifact object")
     if meta.get("method") != METHOD_VERSION:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import hashlib
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +11,7 @@ import numpy as np
 
 from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.json_file import read_json
 from vllm_coco.core.names import DTYPES, PROJS  # noqa: F401 (re-exported)
 
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
@@ -47,14 +47,7 @@ def read_config(model_dir: Path) -> dict:
     """config.json as a dict with a `model_type`; CocoError naming the file on any problem."""
     path = Path(model_dir) / "config.json"
     fix = "fix it or regenerate the model directory with save_pretrained"
-    try:
-        cfg = json.loads(path.read_text(encoding="utf-8"))
-    except UnicodeDecodeError:
-        raise CocoError(f"{path} is not UTF-8 text; {fix}") from None
-    except (ValueError, RecursionError) as exc:  # JSONDecodeError, or a number over the digit limit
-        raise CocoError(f"{path} is not valid JSON ({getattr(exc, 'msg', type(exc).__name__)}); {fix}") from None
-    except OSError as exc:
-        raise CocoError(f"{path} cannot be read ({exc.strerror}); {fix}") from None
+    cfg = read_json(path, fix)
     if not isinstance(cfg, dict):
         raise CocoError(f"{path} holds a {type(cfg).__name__}, not a model config object; {fix}")
     if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
@@ -87,18 +80,14 @@ def check_weights(model_dir: Path) -> list[Path]:
         raise CocoError(f"{model_dir} has no weight files (*.safetensors); pass a complete model directory")
     index = Path(model_dir) / ne_format.INDEX_JSON
     if index.exists():  # a sharded checkpoint: bake and ne rewrite its index
-        try:
-            idx = json.loads(index.read_text(encoding="utf-8"))
-        except (ValueError, RecursionError, OSError) as exc:
-            raise CocoError(f"{index} is not readable JSON ({type(exc).__name__}); re-download or regenerate "
-                            "the model") from None
+        idx = read_json(index, "re-download or regenerate the model")
         if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
             raise CocoError(f"{index} has no weight_map; re-download or regenerate the model")
     for f in files:
         try:
             with safe_open(str(f), framework="np") as fh:
-                ends = [fh.get_slice(k) for k in fh.keys()]
-                del ends
+                for k in fh.keys():
+                    fh.get_slice(k)  # reads each tensor's header entry: a truncated file fails here
         except Exception as exc:  # truncated, garbage, or not safetensors at all
             raise CocoError(f"{f} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:80]}); "
                             "re-download or regenerate the model") from None

@@ -7,13 +7,13 @@ metric with its difference to the first run (the baseline). Also a grouped bar c
 
 from __future__ import annotations
 
-import json
 import math
 import os
 from pathlib import Path
 
 from vllm_coco.core.atomic import check_figure_path, save_figure
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.json_file import read_json
 from vllm_coco.tasks import results as lm_results
 
 ALL_ROW = "all"
@@ -36,10 +36,7 @@ def find_results(path: str | os.PathLike) -> Path:
 
 
 def load_results(path: Path) -> dict:
-    try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CocoError(f"{path} is not a readable JSON file ({type(exc).__name__}); pass lm-eval results") from None
+    data = read_json(path, "pass lm-eval results")
     if not isinstance(data, dict) or not isinstance(data.get("results"), dict):
         raise CocoError(f"{path} has no 'results' section; it is not an lm-eval results file")
     bad = [k for k, v in data["results"].items() if not isinstance(v, dict)]

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.json_file import read_json
 
 RESULTS_FILE = "results.json"
 # passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
@@ -123,11 +124,7 @@ def _has_chat_template(model_dir: Path) -> bool:
     cfg = model_dir / "tokenizer_config.json"
     if not cfg.is_file():
         return False
-    try:
-        tok_cfg = json.loads(cfg.read_text(encoding="utf-8"))
-    except (ValueError, RecursionError) as exc:
-        raise CocoError(f"{cfg} is not readable JSON ({type(exc).__name__}); fix or regenerate the model's "
-                        "tokenizer files") from None
+    tok_cfg = read_json(cfg, "fix or regenerate the model's tokenizer files")
     return isinstance(tok_cfg, dict) and bool(tok_cfg.get("chat_template"))
 
 
