@@ -38,31 +38,42 @@ def _existing_ancestor(path: Path) -> Path:
     return p
 
 
+def _outside_inputs(out, sources: tuple, what: str, kind: str) -> Path:
+    """`out` resolved; CocoError if it is empty or overlaps any input (the rule both checks share)."""
+    if str(out).strip() == "":
+        raise CocoError(f"{what} is empty; pass the path of a {kind} to create")
+    path = resolved(out)
+    for src in sources:
+        src = resolved(src)
+        if overlap(path, src):
+            raise CocoError(f"{what} {out} overlaps the input {src} (same path, inside it, or containing it); "
+                            "choose an output path outside every input")
+    return path
+
+
+def _check_writable_ancestor(path: Path, out, what: str) -> None:
+    """The nearest existing ancestor of `path` must be a directory this user can write into."""
+    base = _existing_ancestor(path.parent)
+    if not base.is_dir():
+        raise CocoError(f"{what} {out}: {base} is a file, not a directory; choose another {what}")
+    if not os.access(base, os.W_OK | os.X_OK):
+        raise CocoError(f"{what} {out}: {base} is not writable; choose an output path you can write to")
+
+
 def check_output_dir(out: str | os.PathLike, force: bool, sources: tuple = (), what: str = "--out",
                      merge: bool = False) -> Path:
     """Validate an output directory before any work starts; returns it resolved (CocoError if not).
 
     `merge`: the caller writes into an existing directory instead of replacing it (the pipeline's
     resumable output root), so it may exist and may be the current directory."""
-    if str(out).strip() == "":
-        raise CocoError(f"{what} is empty; pass the path of a directory to create")
-    path = resolved(out)
-    for src in sources:
-        src = resolved(src)
-        if overlap(path, src):
-            raise CocoError(f"{what} {out} overlaps the input {src} (same directory, inside it, or containing it); "
-                            "choose an output path outside every input")
+    path = _outside_inputs(out, sources, what, "directory")
     if not merge and (path in Path.cwd().resolve().parents or path == Path.cwd().resolve()):
         raise CocoError(f"{what} {out} is the current directory or contains it; choose a new directory to create")
     if path.exists() and not path.is_dir():
         raise CocoError(f"{what} {out} exists and is not a directory; remove it or choose another {what}")
     if path.exists() and not force and not merge:
         raise CocoError(f"{what} {out} already exists; pass --force to replace it or choose another {what}")
-    base = _existing_ancestor(path.parent)
-    if not base.is_dir():
-        raise CocoError(f"{what} {out}: {base} is a file, not a directory; choose another {what}")
-    if not os.access(base, os.W_OK | os.X_OK):
-        raise CocoError(f"{what} {out}: {base} is not writable; choose an output path you can write to")
+    _check_writable_ancestor(path, out, what)
     return path
 
 
@@ -121,14 +132,20 @@ def atomic_output_dir(out: str | os.PathLike, force: bool = False, sources: tupl
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        if out.exists():  # --force: swap the old directory out, then delete it
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-            os.replace(out, trash / "old")
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        swap_in(tmp, out)
     COMMITTED.append(out)
+
+
+def swap_in(new: Path, final: Path) -> None:
+    """Put directory `new` at `final`: an existing `final` is renamed aside first and deleted only
+    once `new` is in place, so `final` is never half-deleted and never holds a mix of both."""
+    trash = None
+    if final.exists():
+        trash = Path(tempfile.mkdtemp(prefix=f".{final.name}.old-", dir=final.parent))
+        os.replace(final, trash / "old")
+    os.replace(new, final)
+    if trash is not None:
+        shutil.rmtree(trash, ignore_errors=True)
 
 
 # Outputs committed in this process: an interrupt that arrives after a commit is reported as such.
@@ -160,20 +177,12 @@ def remove_tree(path: Path) -> None:
 def check_output_file(path: str | os.PathLike, force: bool = True, sources: tuple = (), what: str = "--out") -> Path:
     """The output-file twin of `check_output_dir`: not empty, not a directory, not an input,
     its nearest existing ancestor writable. Returns the resolved path."""
-    if str(path).strip() == "":
-        raise CocoError(f"{what} is empty; pass the path of a file to write")
-    p = resolved(path)
-    for src in sources:
-        src = resolved(src)
-        if p == src or src in p.parents:
-            raise CocoError(f"{what} {path} is (or lies inside) the input {src}; choose another {what}")
+    p = _outside_inputs(path, sources, what, "file")
     if p.is_dir():
         raise CocoError(f"{what} {path} is a directory; pass a file path")
     if p.exists() and not force:
         raise CocoError(f"{what} {path} already exists; pass --force to replace it or choose another {what}")
-    base = _existing_ancestor(p.parent)
-    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
-        raise CocoError(f"{what} {path}: {base} is not a writable directory; choose another {what}")
+    _check_writable_ancestor(p, path, what)
     return p
 
 

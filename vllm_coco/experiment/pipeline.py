@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import TypeVar
 
 from vllm_coco import METHOD_VERSION, __version__
-from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, write_text
+from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, swap_in, write_text
 from vllm_coco.core.errors import CocoError
 from vllm_coco.experiment import figures, report
 from vllm_coco.experiment.report import fmt
@@ -155,8 +155,7 @@ class Run:
                 "tool": f"vllm-coco {__version__}", "result": result.to_json()}
         (partial / "stage.json").unlink()
         _write_json(partial / DONE, done)
-        remove_tree(final)
-        os.replace(partial, final)
+        swap_in(partial, final)
         reused = f" ({steps.reused} finished steps reused)" if steps.reused else ""
         self.log(f"{tag}: done in {seconds:.1f} s{reused}")
         self.stages.append({"label": label, "stage": name, "status": "computed", "seconds": seconds})
