@@ -289,8 +289,12 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
               help="Comma-separated lm-eval tasks or groups: stereo_coco, stereo_coco_gen, stereo_coco_jailbreak, "
                    "coco_retention, coco_retention_online, their subtasks (e.g. stereo_coco_Age), or any lm-eval task.")
 @click.option("--backend", default="hf", show_default=True,
-              help="hf (transformers; NE-COCO directories through the reference loader), vllm (in-process engine), "
-                   "or the URL of a running `vllm serve`, e.g. http://127.0.0.1:8000.")
+              help="hf (transformers, shared-prefix scoring: lm-eval's hf model answering each prompt prefix once; "
+                   "NE-COCO directories with their gate), hf-stock (lm-eval's own hf model, the reference), vllm "
+                   "(in-process engine), or the URL of a running `vllm serve`, e.g. http://127.0.0.1:8000.")
+@click.option("--dtype", type=click.Choice(N.EVAL_DTYPES), default=N.EVAL_DTYPES[0], show_default=True,
+              help="--backend hf: bfloat16 where the hardware runs it natively (CPUs with AVX-512 BF16 / AMX, "
+                   "CUDA); docs/BENCHMARKS.md has its pick agreement with float32.")
 @click.option("--limit", type=int, help="At most N documents per task (lm-eval's --limit). For stereo_coco, 6 "
                                         "documents = one ambiguous and one disambiguated item under all 3 orders.")
 @click.option("--max-items", type=int, help="Cap items per category and condition (BBQ tasks) or per dataset "
@@ -311,7 +315,7 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
 @click.option("--log-samples", is_flag=True, help="Also write each document's prompt, answer and metrics "
                                                   "(OUT/samples_<task>.jsonl).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, max_model_len, served_model_name,
+def eval_cmd(model, tasks, backend, dtype, limit, max_items, out, batch_size, device, max_model_len, served_model_name,
              chat, scoring, log_samples, force):
     """Evaluate MODEL (a Hugging Face, LE-baked or NE-COCO directory) with the vllm-coco lm-eval tasks
     in evals/ through lm-eval's Python API, float32, zero-shot, with the chat template unless
@@ -330,8 +334,9 @@ def eval_cmd(model, tasks, backend, limit, max_items, out, batch_size, device, m
     """
     from vllm_coco.tasks.evaluate import EvalOptions, run_eval, summary
 
-    opts = EvalOptions(tasks=tasks or (), backend=backend, limit=limit, max_items=max_items, batch_size=batch_size,
-                       device=device, max_model_len=max_model_len, served_model_name=served_model_name, chat=chat,
+    opts = EvalOptions(tasks=tasks or (), backend=backend, dtype=dtype, limit=limit, max_items=max_items,
+                       batch_size=batch_size, device=device, max_model_len=max_model_len,
+                       served_model_name=served_model_name, chat=chat,
                        scoring=scoring, log_samples=log_samples)
     results, out_path = run_eval(model, opts, out=out, force=force)
     click.echo(summary(results))

@@ -1,11 +1,13 @@
 """`coco-tools eval`: the vllm-coco lm-eval tasks (evals/) on one model, through lm-eval's Python API.
 
-Backends: `hf` (transformers; NE-COCO directories through `hf_reference.load_ne_model`, so the
-gate is in the forward), `vllm` (lm-eval's in-process vLLM; the vllm-coco plugin registers the
-NE-COCO architectures by entry point) and a URL of a running `vllm serve` (`local-completions`).
-All run float32 and, unless told otherwise (`chat=False`), with the model's chat template, so
-their numbers agree. `scoring` chooses how the BBQ loglikelihood tasks pick an option (summed
-log-likelihood, lm-eval's rule, or per byte of the option text; vllm_coco.core.pick).
+Backends: `hf` (transformers through `prefix_lm.CocoHFLM`, lm-eval's hf model with shared-prefix
+scoring; NE-COCO directories get their gate in the forward), `hf-stock` (lm-eval's own hf model,
+the reference `hf` is tested against), `vllm` (lm-eval's in-process vLLM; the vllm-coco plugin
+registers the NE-COCO architectures by entry point) and a URL of a running `vllm serve`
+(`local-completions`). All run float32 (`hf` also bfloat16 where the hardware has it) and, unless
+told otherwise (`chat=False`), with the model's chat template, so their numbers agree. `scoring`
+chooses how the BBQ loglikelihood tasks pick an option (summed log-likelihood, lm-eval's rule, or
+per byte of the option text; vllm_coco.core.pick).
 
 Output: OUT/results.json (lm-eval's results dict plus a `coco` block naming the model, backend
 and options), and with --log-samples OUT/samples_<task>.jsonl; written atomically.
@@ -27,7 +29,7 @@ from vllm_coco.core.json_file import read_json
 
 RESULTS_FILE = "results.json"
 # passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
-from vllm_coco.core.names import BATCH_SIZE, EVAL_SPLITS, MAX_MODEL_LEN, SCORINGS  # noqa: E402,F401 (re-exported)
+from vllm_coco.core.names import BATCH_SIZE, EVAL_BACKENDS, EVAL_SPLITS, MAX_MODEL_LEN, SCORINGS  # noqa: E402,F401 (re-exported)
 
 # --------------------------------------------------------------------------- the task folder
 # evals_dir(): $COCO_EVALS_DIR, else the folder shipped with the package (vllm_coco/tasks/task_folder.py)
@@ -100,7 +102,8 @@ def preload(tm, names) -> None:
 @dataclass
 class EvalOptions:
     tasks: tuple[str, ...] = ("stereo_coco",)
-    backend: str = "hf"  # hf | vllm | http(s)://host:port of `vllm serve`
+    backend: str = "hf"  # hf | hf-stock | vllm | http(s)://host:port of `vllm serve`
+    dtype: str = "float32"  # hf: float32 or bfloat16 (only where the hardware runs it natively)
     limit: int | None = None  # documents per task (lm-eval's --limit)
     max_items: int | None = None  # overrides the tasks' `max_items` metadata
     batch_size: int | None = None
@@ -170,14 +173,20 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
                         "evaluated)")
     if opts.scoring not in SCORINGS:
         raise CocoError(f"scoring {opts.scoring} is not one of {', '.join(SCORINGS)}")
-    if opts.backend not in ("hf", "vllm") and not _is_url(opts.backend):
-        raise CocoError(f"--backend {opts.backend} is not hf, vllm or an http(s):// URL of `vllm serve`")
+    if opts.backend not in EVAL_BACKENDS and not _is_url(opts.backend):
+        raise CocoError(f"--backend {opts.backend} is not {', '.join(EVAL_BACKENDS)} or an http(s):// URL of "
+                        "`vllm serve`")
+    if opts.dtype != "float32" and opts.backend != "hf":
+        raise CocoError(f"--dtype {opts.dtype} applies to --backend hf only; the others evaluate float32")
     if not opts.tasks:
         raise CocoError("--tasks is empty; name at least one task, e.g. --tasks stereo_coco")
-    if opts.device is not None and opts.backend == "hf":
+    if opts.backend.startswith("hf"):
         from vllm_coco.core.models import check_device
+        from vllm_coco.tasks.prefix_lm import check_dtype
 
-        check_device(opts.device)
+        if opts.device is not None:
+            check_device(opts.device)
+        check_dtype(opts.dtype, opts.device or _default_device())
     model_dir = resolve_model_dir(model)
     out_path = Path(out) if out is not None else Path("runs") / f"eval-{model_dir.name}"
     check_output_dir(out_path, force, sources=(model_dir,))  # a missing parent (e.g. runs/) is made at the end
@@ -198,15 +207,31 @@ def check_model_dir(model_dir: Path) -> None:
 
 # --------------------------------------------------------------------------- running
 
+def _default_device() -> str:
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def load_lm(model_dir: Path, opts: EvalOptions):
+    """The `hf` backend's model: a `prefix_lm.CocoHFLM` (reusable across evaluations and conditions)."""
+    from vllm_coco.tasks.prefix_lm import CocoHFLM
+
+    return CocoHFLM(str(model_dir), dtype=opts.dtype, device=opts.device or _default_device(),
+                    batch_size=opts.batch_size or BATCH_SIZE)
+
+
 def _lm_for(model_dir: Path, opts: EvalOptions):
     """(model, model_args, batch_size, device) for lm_eval.simple_evaluate."""
     if opts.backend == "hf":
-        import torch
-
-        device = opts.device or ("cuda" if torch.cuda.is_available() else "cpu")
+        bs = opts.batch_size or BATCH_SIZE
+        return load_lm(model_dir, opts), None, bs, opts.device or _default_device()
+    if opts.backend == "hf-stock":
+        device = opts.device or _default_device()
         bs = opts.batch_size or BATCH_SIZE
         if _is_ne_dir(model_dir):
             # AutoModel refuses NE directories on purpose; the reference loader applies the gate.
+            import torch
             from lm_eval.models.huggingface import HFLM
 
             from vllm_coco.serve.hf_reference import load_ne_model
@@ -235,8 +260,12 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
     return "local-completions", args, 1, None
 
 
-def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool = False) -> tuple[dict, Path]:
-    """Evaluate MODEL on opts.tasks and write OUT/results.json atomically; returns (results, out)."""
+def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool = False,
+             lm=None, condition: str | None = None) -> tuple[dict, Path]:
+    """Evaluate MODEL on opts.tasks and write OUT/results.json atomically; returns (results, out).
+
+    `lm`: an already loaded `CocoHFLM` of MODEL (backend hf) to evaluate with instead of loading one;
+    `condition`: the edit condition registered on it to evaluate (recorded in the `coco` block)."""
     model_dir, out_path = check_options(model, opts, out, force)
     metadata = dict(opts.metadata or {})
     if opts.max_items:
@@ -256,7 +285,11 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
-    lm, model_args, bs, device = _lm_for(model_dir, opts)
+    if lm is not None:
+        model_args, bs, device = None, opts.batch_size or BATCH_SIZE, str(lm.device)
+        lm.use(condition or "base")
+    else:
+        lm, model_args, bs, device = _lm_for(model_dir, opts)
     results = simple_evaluate(model=lm, model_args=model_args, tasks=list(opts.tasks), limit=opts.limit,
                               batch_size=bs, device=device, apply_chat_template=chat, task_manager=tm,
                               log_samples=opts.log_samples, bootstrap_iters=1000)
@@ -264,6 +297,7 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
     results["coco"] = {"model": str(model_dir), "name": model_dir.name, "backend": opts.backend,
                        "ne_coco": _is_ne_dir(model_dir), "tasks": list(opts.tasks), "limit": opts.limit,
                        "max_items": opts.max_items, "split": opts.split, "chat_template": chat, "scoring": opts.scoring,
+                       "dtype": opts.dtype, "condition": condition,
                        "evals_dir": str(evals_dir())}
     from vllm_coco.core.atomic import atomic_output_dir
 
