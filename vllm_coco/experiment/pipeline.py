@@ -63,7 +63,7 @@ from vllm_coco.experiment.results import (
 )
 from vllm_coco.experiment.sweep import admissible, candidates, choose
 
-PIPELINE_VERSION = 2  # bump when a stage's output format or meaning changes: forces a recompute
+PIPELINE_VERSION = 3  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
 STEP = "step.json"
 LOG = "pipeline.log"
@@ -109,6 +109,22 @@ class Run:
         self.backend = None  # resolved eval backend
         self.log_path = out / LOG
         self.stages: list[dict] = []  # (label, stage, status, seconds) of this invocation
+        self._lm: tuple[str, object] | None = None  # (model dir, CocoHFLM): backend hf loads each model once
+
+    @property
+    def in_memory(self) -> bool:
+        """Edits run as conditions on one loaded model (backend hf) rather than as written directories."""
+        return self.backend == "hf"
+
+    def lm(self, model_dir: Path):
+        """The loaded `CocoHFLM` of model_dir, shared by every stage of that model (one in memory at a time)."""
+        if self._lm is None or self._lm[0] != str(model_dir):
+            from vllm_coco.tasks.evaluate import load_lm
+
+            self._lm = None
+            gc.collect()
+            self._lm = (str(model_dir), load_lm(model_dir, eval_options(self, (), "test", None)))
+        return self._lm[1]
 
     def log(self, line: str) -> None:
         self.echo(line)
@@ -214,16 +230,29 @@ def eval_in_subprocess(model_dir: Path, opts, out: Path) -> None:
                            + proc.stderr[-4000:])
 
 
-def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, metadata=None) -> dict:
-    """Evaluate model_dir on `tasks` into `out` (results.json); returns lm-eval's results dict."""
-    from vllm_coco.tasks.evaluate import EvalOptions, run_eval
+def eval_options(run: Run, tasks, split: str, limit, metadata=None):
+    from vllm_coco.tasks.evaluate import EvalOptions
 
     ev = run.cfg["eval"]
-    opts = EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev["batch_size"],
+    return EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev["batch_size"],
                        device=ev["device"], max_model_len=ev["max_model_len"], split=split, metadata=metadata,
                        chat=run.cfg["data"]["chat_template"], scoring=ev["scoring"])
+
+
+def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, metadata=None,
+             condition: str | None = None, prefetch=()) -> dict:
+    """Evaluate model_dir on `tasks` into `out` (results.json); returns lm-eval's results dict.
+    In memory (backend hf): `condition` names an edit registered on run.lm(model_dir), and the
+    conditions in `prefetch` are scored in the same batches for their own evaluations later."""
+    from vllm_coco.tasks.evaluate import run_eval
+
+    opts = eval_options(run, tasks, split, limit, metadata)
     if run.backend == "vllm":
         eval_in_subprocess(model_dir, opts, out)
+    elif run.in_memory:
+        lm = run.lm(model_dir)
+        lm.prefetch([c for c in prefetch if c != condition])
+        run_eval(str(model_dir), opts, out=str(out), force=True, lm=lm, condition=condition)
     else:
         run_eval(str(model_dir), opts, out=str(out), force=True)
         gc.collect()
@@ -231,9 +260,9 @@ def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, met
 
 
 def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]], split: str, steps: Steps,
-                key: str, spec: dict, metadata=None) -> dict:
+                key: str, spec: dict, metadata=None, condition: str | None = None, prefetch=()) -> dict:
     """Evaluate task groups with their own limits; groups with the same limit share one run.
-    parts: [(part name, tasks, limit)] -> {part name: results dict}."""
+    parts: [(part name, tasks, limit)] -> {part name: results dict}. `condition`, `prefetch`: see evaluate."""
     by_limit: dict = {}
     for name, tasks, limit in parts:
         by_limit.setdefault(limit, []).append((name, tasks))
@@ -243,7 +272,8 @@ def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]]
         sub = f"{key}/eval{i}" if len(by_limit) > 1 else f"{key}/eval"
         d = steps.do(sub, {**spec, "tasks": tasks, "limit": limit, "split": split, "metadata": metadata,
                            "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]},
-                     lambda d, tasks=tasks, limit=limit: evaluate(run, model_dir, tasks, split, limit, d, metadata))
+                     lambda d, tasks=tasks, limit=limit: evaluate(run, model_dir, tasks, split, limit, d, metadata,
+                                                                  condition, prefetch))
         res = json.loads((d / "results.json").read_text(encoding="utf-8"))
         for name, _ in group:
             out[name] = res
@@ -310,25 +340,39 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
             "baselines": bases.hash, "ablation": ac, "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
-    def score(name: str, model_dir: Path, steps: Steps, t0: float) -> StereoSummary:
+    def score(name: str, model_dir: Path, steps: Steps, t0: float, condition=None, prefetch=()) -> StereoSummary:
         res = eval_groups(run, model_dir, [("stereo", tasks, ac["limit"])], "test", steps, f"evals/{name}",
-                          {"model": name, "mode": ac["mode"]})["stereo"]
+                          {"model": name, "mode": ac["mode"]}, condition=condition, prefetch=prefetch)["stereo"]
         out = StereoSummary.from_lm(res, cats)
         run.log(f"  [{m['name']}] ablation {LABELS.get(name, name)}: success_rate "
                 f"{fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
         return out
 
     def body(partial: Path, steps: Steps) -> AblationResult:
-        base = score("base", m["dir"], steps, time.time())
-        sets = {}
-        for name, neurons in _neuron_sets(ident, bases).items():
+        sets = _neuron_sets(ident, bases)
+        if run.in_memory:  # every set ablated on the loaded base model, all scored in the base's batches
+            from vllm_coco.edit.conditions import linear_edit
+
+            lm = run.lm(m["dir"])
+            for name, neurons in sets.items():
+                lm.add_condition(f"ablate-{name}", linear_edit(neurons, ac["mode"], model_dir=m["dir"]))
+        conds = [f"ablate-{name}" for name in sets] if run.in_memory else []
+        base = score("base", m["dir"], steps, time.time(), prefetch=conds)
+        scored = {}
+        for name, neurons in sets.items():
             t0 = time.time()
+            if run.in_memory and not run.cfg["keep_models"]:
+                scored[name] = score(name, m["dir"], steps, t0, condition=f"ablate-{name}")
+                continue
             model_dir = steps.do(f"models/{name}", {"neurons": str(neurons), "mode": ac["mode"]},
                                  lambda d, n=neurons: bake(str(m["dir"]), str(n), str(d), mode=ac["mode"]))
-            sets[name] = score(name, model_dir, steps, t0)
+            if run.in_memory:  # keep_models: the written copy is for the user; the numbers come from memory
+                scored[name] = score(name, m["dir"], steps, t0, condition=f"ablate-{name}")
+                continue
+            scored[name] = score(name, model_dir, steps, t0)
             if not run.cfg["keep_models"]:
                 _drop_weights(model_dir)
-        return AblationResult(mode=ac["mode"], limit=ac["limit"], split="test", base=base, sets=sets)
+        return AblationResult(mode=ac["mode"], limit=ac["limit"], split="test", base=base, sets=scored)
 
     return run.stage(root, m["name"], "ablation", spec, body, AblationResult)
 
@@ -349,6 +393,15 @@ def _make_edit(m: dict, neurons: Path, cand: Candidate, ratio, out: Path) -> Non
         write_ne(str(m["dir"]), str(neurons), str(out), alpha=cand.alpha, beta=cand.beta, lam=cand.lam, ratio=ratio)
 
 
+def edit_condition(m: dict, neurons: Path, cand: Candidate, ratio):
+    """A sweep candidate as an in-memory edit: the same numbers as the directory `_make_edit` writes."""
+    from vllm_coco.edit.conditions import linear_edit, ne_edit
+
+    if cand.edit == "le":
+        return linear_edit(neurons, "le", alpha=cand.alpha, model_dir=m["dir"])
+    return ne_edit(neurons, alpha=cand.alpha, beta=cand.beta, lam=cand.lam, ratio=ratio, model_dir=m["dir"])
+
+
 def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SweepResult]:
     sw = run.cfg["sweep"]
     cats = run.cfg["data"]["categories"]
@@ -358,25 +411,37 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
             "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
-    def score(model_dir: Path, key: str, steps: Steps) -> tuple[StereoSummary, RetentionSummary]:
+    def score(model_dir: Path, key: str, steps: Steps, condition=None, prefetch=()):
         res = eval_groups(run, model_dir, [("stereo", stereo, sw["limit"]),
                                            ("retention", list(RETENTION_SWEEP), sw["retention_limit"])],
-                          "validate", steps, f"evals/{key}", {"model": key})
+                          "validate", steps, f"evals/{key}", {"model": key}, condition=condition, prefetch=prefetch)
         return StereoSummary.from_lm(res["stereo"], cats), RetentionSummary.from_lm(res["retention"], RETENTION_SWEEP)
 
     def body(partial: Path, steps: Steps) -> SweepResult:
         t0 = time.time()
-        base = SweepRow.score(None, *score(m["dir"], "base", steps), admissible=True)
+        cands = candidates(sw)
+        conds = [f"sweep-{c.key}" for c in cands] if run.in_memory else []
+        if run.in_memory:
+            lm = run.lm(m["dir"])
+            for c in cands:
+                lm.add_condition(f"sweep-{c.key}", edit_condition(m, neurons, c, sw["ne_ratio"]))
+        base = SweepRow.score(None, *score(m["dir"], "base", steps, prefetch=conds), admissible=True)
         run.log(f"  [{m['name']}] sweep base: success_rate {fmt(base.success_rate)}, retention "
                 f"{fmt(base.retention)} ({time.time() - t0:.0f} s)")
         rows = []
-        for cand in candidates(sw):
+        for cand in cands:
             t0 = time.time()
-            d = steps.do(f"models/{cand.key}", {"cand": cand.spec(), "ratio": sw["ne_ratio"]},
-                         lambda d, c=cand: _make_edit(m, neurons, c, sw["ne_ratio"], d))
-            st, ret = score(d, cand.key, steps)
-            if not run.cfg["keep_models"]:
-                _drop_weights(d)
+            if run.in_memory:
+                if run.cfg["keep_models"]:
+                    steps.do(f"models/{cand.key}", {"cand": cand.spec(), "ratio": sw["ne_ratio"]},
+                             lambda d, c=cand: _make_edit(m, neurons, c, sw["ne_ratio"], d))
+                st, ret = score(m["dir"], cand.key, steps, condition=f"sweep-{cand.key}")
+            else:
+                d = steps.do(f"models/{cand.key}", {"cand": cand.spec(), "ratio": sw["ne_ratio"]},
+                             lambda d, c=cand: _make_edit(m, neurons, c, sw["ne_ratio"], d))
+                st, ret = score(d, cand.key, steps)
+                if not run.cfg["keep_models"]:
+                    _drop_weights(d)
             r = SweepRow.score(cand, st, ret, admissible(ret.acc_mean, base.retention, sw["retention_floor"]))
             rows.append(r)
             run.log(f"  [{m['name']}] sweep {cand.edit.upper()} {r.params}: success_rate "
@@ -405,16 +470,23 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
              ("retention", list(RETENTION_FINAL), fc["retention_limit"])]
     metadata = {"categories": list(cats)}  # the jailbreak families draw items from these categories
 
-    def evaluate_one(name: str, cand: Candidate | None, steps: Steps) -> FinalRun:
+    neurons = ident.dir / ident.result.neurons
+    ratio = run.cfg["sweep"]["ne_ratio"]
+
+    def evaluate_one(name: str, cand: Candidate | None, steps: Steps, prefetch=()) -> FinalRun:
         t0 = time.time()
-        model_dir = m["dir"]
+        model_dir, written, condition = m["dir"], None, None
         if cand is not None:
             spec = {k: v for k, v in cand.spec().items() if k != "key"}
-            model_dir = steps.do(f"models/{name}", {"cand": spec},
-                                 lambda d: _make_edit(m, ident.dir / ident.result.neurons, cand,
-                                                      run.cfg["sweep"]["ne_ratio"], d))
-        res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata)
-        out = FinalRun(params="-" if cand is None else cand.params, model=None if cand is None else f"models/{name}",
+            # the chosen edits are the run's product: written even when evaluated in memory
+            written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, ratio, d))
+            if run.in_memory:
+                condition = f"final-{name}"
+            else:
+                model_dir = written
+        res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata,
+                          condition=condition, prefetch=prefetch)
+        out = FinalRun(params="-" if cand is None else cand.params, model=None if written is None else f"models/{name}",
                        stereo=StereoSummary.from_lm(res["stereo"], cats),
                        jailbreak=JailbreakSummary.from_lm(res["jailbreak"]),
                        retention=RetentionSummary.from_lm(res["retention"], RETENTION_FINAL))
@@ -423,7 +495,14 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
         return out
 
     def body(partial: Path, steps: Steps) -> FinalResult:
-        base = evaluate_one("base", None, steps)
+        conds = []
+        if run.in_memory:
+            lm = run.lm(m["dir"])
+            for e, row in chosen.items():
+                if row is not None:
+                    lm.add_condition(f"final-{e}", edit_condition(m, neurons, row.candidate, ratio))
+                    conds.append(f"final-{e}")
+        base = evaluate_one("base", None, steps, prefetch=conds)
         edits = {e: None if row is None else evaluate_one(e, row.candidate, steps) for e, row in chosen.items()}
         return FinalResult(split="test", limit=fc["limit"], jailbreak_limit=fc["jailbreak_limit"],
                            retention_limit=fc["retention_limit"], base=base, **edits)
