@@ -8,9 +8,9 @@ Four parts, each timed and guarded on its own (one failure still reports the oth
            -> capture_ratio; over the second half (the span earlier runs used) and all tokens
            -> capture_ratio_half_span, capture_ratio_full_span; the written rows equal the plain masked
            formula -> capture_check_pass
-  gate     the NE gate of the Hugging Face reference (`hf_reference.GatedAttention` around every
-           layer's attention, ~1% of the packed q/k/v channels, random mu/sigma/w/W_hat) vs the same
-           decoder without it -> ne_gate_ratio
+  gate     the NE gate of the Hugging Face reference (`edit.conditions` around every layer's
+           attention, as `hf_reference.load_ne_model` installs it; ~1% of the packed q/k/v channels,
+           random mu/sigma/w/W_hat) vs the same decoder without it -> ne_gate_ratio
   scoring  `scoring.coco_loss` on the GPU at the 8B neuron count (32 x (4096 + 1024 + 1024) =
            196,608 neurons, 1000 + 1000 rows of one category, K = 256), float64 and float32; the
            same formula on the CPU over a slice of neurons, projected to the full count; GPU float64
@@ -52,9 +52,9 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from vllm_coco.core.models import layout_of  # noqa: E402
+from vllm_coco.edit.conditions import NEEdit, install  # noqa: E402
 from vllm_coco.identify import scoring  # noqa: E402
 from vllm_coco.identify.capture import Span, _batches, _collate, capture, open_matrix  # noqa: E402
-from vllm_coco.serve.hf_reference import GatedAttention  # noqa: E402
 
 # What must not come in with vllm_coco's modules: none of it is installed on the GPU machine.
 HEAVY = ("vllm", "lm_eval", "datasets", "matplotlib", "gguf")
@@ -134,19 +134,12 @@ def random_gate(model, ratio: float, rng: np.random.Generator, device) -> list[d
     return gates
 
 
-def gate_model(model, gates: list[dict], alpha: float = ALPHA) -> tuple[list, list]:
-    """Wrap every layer's attention the way `hf_reference.load_ne_model` does; returns (plain, gated)
-    attention modules. The wrapped attention's stand-in projections fall back to the plain linear
-    when called without the wrapper, so putting the plain modules back gives the base model."""
-    layers = model.model.layers
-    plain = [layer.self_attn for layer in layers]
-    gated = [GatedAttention(a, g, alpha, BETA, LAM) for a, g in zip(plain, gates)]
-    return plain, gated
-
-
-def use_attention(model, modules: list) -> None:
-    for layer, a in zip(model.model.layers, modules):
-        layer.self_attn = a
+def gate_model(model, gates: list[dict], alpha: float = ALPHA):
+    """Install `edit.conditions` the way `hf_reference.load_ne_model` does, with the gates as
+    condition "ne"; returns the condition table (`.use("ne")` gates, `.use("base")` is the plain model)."""
+    table = install(model)
+    table.add("ne", NEEdit(dict(enumerate(gates)), alpha, BETA, LAM))
+    return table
 
 
 def random_batches(s: dict, vocab: int, seed: int, span: tuple[int, int] | None = None) -> list[Span]:
@@ -253,22 +246,22 @@ def part_gate(s: dict, state: dict) -> dict:
     spans = random_batches(s, model.config.vocab_size, seed=2)
     tokens = len(spans) * s["seq"]
     gates = random_gate(model, s["ne_ratio"], np.random.default_rng(3), dev)
-    plain, gated = gate_model(model, gates)
+    table = gate_model(model, gates)
     decoder = model.get_decoder()
     batches = [_collate(spans, idx, 0, dev)[:2] for idx in _batches(spans, s["batch"])]
 
-    def run(modules):
+    def run(condition):
         def fn():
-            use_attention(model, modules)
+            table.use(condition)
             with torch.no_grad():
                 for ids, attn in batches:
                     decoder(input_ids=ids, attention_mask=attn, use_cache=False)
         return fn
 
     try:
-        t = interleaved({"base": run(plain), "gated": run(gated)}, s["warmup"], s["reps"], dev)
+        t = interleaved({"base": run("base"), "gated": run("ne")}, s["warmup"], s["reps"], dev)
     finally:
-        use_attention(model, plain)
+        table.use("base")
     return {"ne_gate_ratio": t["base"] / t["gated"], "ne_base_tok_s": tokens / t["base"],
             "ne_gated_tok_s": tokens / t["gated"], "ne_channels_per_layer": len(gates[0]["channels"])}
 
@@ -314,9 +307,11 @@ def part_parity(s: dict, state: dict) -> dict:
     shape = s["parity_model"]
     ref_dev, ref_dtype = s["parity_ref"]
     cpu = build_llama(shape, torch.float32, "cpu", seed=6)
-    plain, gated = gate_model(cpu, random_gate(cpu, 0.01, np.random.default_rng(7), "cpu"))
-    use_attention(cpu, gated)
     other = copy.deepcopy(cpu).to(ref_dev, ref_dtype)  # the same weights and gate, on the other side
+    gates = random_gate(cpu, 0.01, np.random.default_rng(7), "cpu")
+    table = gate_model(cpu, gates)
+    gate_model(other, gates).use("ne")
+    table.use("ne")
     gen = torch.Generator().manual_seed(8)
     ids = torch.randint(0, shape["vocab_size"], (s["parity_prompts"], s["parity_len"]), generator=gen)  # [p, t]
 
@@ -330,8 +325,7 @@ def part_parity(s: dict, state: dict) -> dict:
     lp_cpu, g_cpu = logprobs(cpu)
     lp_ref, g_ref = logprobs(other)
     del other
-    for a in gated:  # alpha = 0 is the base model: how much the gate moves the logprobs at all
-        a.alpha = 0.0
+    table.use("base")  # how much the gate moves the logprobs at all
     lp_base, _ = logprobs(cpu)
     worst = float((lp_cpu - lp_ref).abs().max())
     return {"parity_model": f"{s['parity_name']} ({shape['num_hidden_layers']} layers, hidden "

@@ -52,7 +52,7 @@ class LinearEdit:
 class NEEdit:
     """The NE-COCO gate: per-layer gate tensors (core/ne_format.GATE_KEYS) and its hyperparameters."""
 
-    gates: dict[int, dict[str, np.ndarray]]
+    gates: dict[int, dict[str, np.ndarray | torch.Tensor]]
     alpha: float = NE_ALPHA
     beta: float = NE_BETA
     lam: float = NE_LAM
@@ -201,12 +201,12 @@ class Conditions:
                 t.linear.add(cid)
         else:
             for layer, gate in edit.gates.items():
-                ch = np.asarray(gate["channels"])
-                if len(ch) and (ch.min() < 0 or ch.max() >= self.widths[layer]):
+                tensors = {k: torch.as_tensor(v).to(self.device) for k, v in gate.items()}  # numpy or torch
+                ch = tensors["channels"]
+                if len(ch) and (int(ch.min()) < 0 or int(ch.max()) >= self.widths[layer]):
                     raise CocoError(f"edit {name!r} gates channel {int(ch.max())} of layer {layer}, outside its "
                                     f"q/k/v width {self.widths[layer]}; the gate was made for another model")
-                self.layers[layer].gates[cid] = {k: torch.as_tensor(np.asarray(v)).to(self.device)
-                                                 for k, v in gate.items()}
+                self.layers[layer].gates[cid] = tensors
         return cid
 
     def _grow(self) -> None:
