@@ -422,3 +422,41 @@ def test_default_config_file_is_the_builtin_default():
     models = [{"path": "org/stand-in", "name": m.get("name")} for m in raw["models"]]
     assert config.validate({**raw, "models": models}) == config.validate({"models": models})
     assert set(raw) == set(config.DEFAULTS)
+
+
+@pytest.mark.slow
+def test_parity_twin_identical_then_injected_difference(tiny_model, tmp_path):
+    """A `parity_of` twin gets the parity stage, not a full run; a twin whose numbers differ stops the run."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    twin = tmp_path / "twin"
+    shutil.copytree(tiny_model, twin)
+    config = _tiny_config(tmp_path, tiny_model, models=[{"path": str(tiny_model), "name": "tiny"},
+                                                        {"path": str(twin), "name": "twin", "parity_of": "tiny"}])
+    code, stdout, err = run_cli("run", config)
+    assert code == 0, err[-3000:]
+    assert "[twin] parity: done" in stdout and "parity with tiny: identical yes" in stdout
+    assert not (tmp_path / "out" / "twin" / "ablation").exists()  # no full run for a twin
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    assert "## Parity twins" in report and re.search(r"\| twin \| tiny \| yes \| 0 \|", report)
+
+    # a small change in one layer's q projection: the twin no longer reproduces its reference
+    weights = load_file(str(twin / "model.safetensors"))
+    name = next(k for k in weights if k.endswith("layers.0.self_attn.q_proj.weight"))
+    weights[name][0] += 0.05
+    save_file(weights, str(twin / "model.safetensors"), metadata={"format": "pt"})
+    code, stdout, err = run_cli("run", config)
+    assert code == 2
+    assert err.strip().splitlines()[-1].startswith("coco-tools: error: parity: twin does not reproduce tiny")
+    assert "parity with tiny: identical NO" in stdout
+
+
+def test_parity_of_must_name_an_earlier_full_model(tiny_model, tmp_path):
+    for models, msg in [([{"path": str(tiny_model), "name": "a", "parity_of": "b"}], "models[0].parity_of"),
+                        ([{"path": str(tiny_model), "name": "a"},
+                          {"path": str(tiny_model), "name": "b", "parity_of": "a"},
+                          {"path": str(tiny_model), "name": "c", "parity_of": "b"}], "b is itself a parity twin")]:
+        code, _, err = run_cli("run", _tiny_config(tmp_path, tiny_model, models=models), "--check")
+        assert code == 2 and msg in err, err

@@ -40,10 +40,13 @@ DEFAULTS: dict = {
     "sweep": {"le_alpha": [0.25, 0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
               "ne_ratio": None, "limit": 9, "retention_limit": 4, "retention_floor": 0.02},
     "final": {"limit": 6, "jailbreak_limit": 3, "retention_limit": 6},
+    "parity": {"identify_limit": 4, "limit": 6, "tolerance": 1e-4},
     "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": N.MAX_MODEL_LEN,
-             "scoring": "per-byte"},
+             "scoring": "per-byte", "dtype": N.EVAL_DTYPES[0]},
 }
-MODEL_KEYS = {"path": None, "name": None}
+# parity_of: the name of an earlier model this one is a twin of (same weights, another architecture
+# class): it gets the parity stage (identify + one evaluation, compared number by number) instead of a full run.
+MODEL_KEYS = {"path": None, "name": None, "parity_of": None}
 # OUT holds a folder per model, the report stage and two files: no model may take their names.
 RESERVED_NAMES = ("report", "REPORT.md", "pipeline.log")
 HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
@@ -148,7 +151,13 @@ def _models(value) -> list[dict]:
         if name in names:
             _fail(f"{where}.name", f"{name} is already the name of models[{names[name]}]; give one a `name:`")
         names[name] = i
-        out.append({"path": path, "name": name})
+        twin = m["parity_of"]
+        if twin is not None:
+            if twin not in names or twin == name:
+                _fail(f"{where}.parity_of", f"{twin!r} is not the name of an earlier model in `models`")
+            if out[names[twin]]["parity_of"] is not None:
+                _fail(f"{where}.parity_of", f"{twin} is itself a parity twin; name a fully run model")
+        out.append({"path": path, "name": name, "parity_of": twin})
     return out
 
 
@@ -250,6 +259,16 @@ def validate(raw) -> dict:
         check_device(ev["device"], "eval.device:", here=False)
     _int(ev, "eval", "max_model_len", lo=16)
     _choice(ev["scoring"], "eval.scoring", SCORINGS)
+    _choice(ev["dtype"], "eval.dtype", N.EVAL_DTYPES)
+    if ev["dtype"] != "float32" and ev["backend"] == "vllm":
+        _fail("eval.dtype", f"{ev['dtype']} applies to backend hf; vllm evaluates float32")
+
+    par = cfg["parity"]
+    _int(par, "parity", "identify_limit", lo=2)
+    _int(par, "parity", "limit", lo=1)
+    par["tolerance"] = _num(par["tolerance"], "parity.tolerance", lo=0)
+    if all(m["parity_of"] is not None for m in cfg["models"]):
+        _fail("models", "every model is a parity twin; at least one must get the full run")
     return cfg
 
 

@@ -54,6 +54,7 @@ from vllm_coco.experiment.results import (
     IdentifyResult,
     JailbreakSummary,
     ModelResults,
+    ParityResult,
     ReportResult,
     RetentionSummary,
     Stage,
@@ -230,23 +231,24 @@ def eval_in_subprocess(model_dir: Path, opts, out: Path) -> None:
                            + proc.stderr[-4000:])
 
 
-def eval_options(run: Run, tasks, split: str, limit, metadata=None):
+def eval_options(run: Run, tasks, split: str, limit, metadata=None, log_samples: bool = False):
     from vllm_coco.tasks.evaluate import EvalOptions
 
     ev = run.cfg["eval"]
     return EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev["batch_size"],
                        device=ev["device"], max_model_len=ev["max_model_len"], split=split, metadata=metadata,
-                       chat=run.cfg["data"]["chat_template"], scoring=ev["scoring"])
+                       chat=run.cfg["data"]["chat_template"], scoring=ev["scoring"], log_samples=log_samples,
+                       dtype=ev["dtype"] if run.backend == "hf" else "float32")
 
 
 def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, metadata=None,
-             condition: str | None = None, prefetch=()) -> dict:
+             condition: str | None = None, prefetch=(), log_samples: bool = False) -> dict:
     """Evaluate model_dir on `tasks` into `out` (results.json); returns lm-eval's results dict.
     In memory (backend hf): `condition` names an edit registered on run.lm(model_dir), and the
     conditions in `prefetch` are scored in the same batches for their own evaluations later."""
     from vllm_coco.tasks.evaluate import run_eval
 
-    opts = eval_options(run, tasks, split, limit, metadata)
+    opts = eval_options(run, tasks, split, limit, metadata, log_samples)
     if run.backend == "vllm":
         eval_in_subprocess(model_dir, opts, out)
     elif run.in_memory:
@@ -510,10 +512,86 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
     return run.stage(root, m["name"], "final", spec, body, FinalResult)
 
 
+def _max_loglik_diff(a: Path, b: Path, tasks) -> tuple[float, int]:
+    """Max |Δ| over every option log-likelihood of the documents two evaluations logged; the count."""
+    worst, docs = 0.0, 0
+    for t in tasks:
+        rows = [{r["doc_id"]: r for r in map(json.loads, (d / f"samples_{t}.jsonl").read_text().splitlines())}
+                for d in (a, b)]
+        if rows[0].keys() != rows[1].keys():
+            return float("inf"), docs
+        for k, ra in rows[0].items():
+            la = [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in ra["resps"]]
+            lb = [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in rows[1][k]["resps"]]
+            worst = max([worst] + [abs(x - y) for x, y in zip(la, lb)])
+            docs += 1
+    return worst, docs
+
+
+def _parity(run: Run, m: dict, ref: dict, root: Path, data_spec: dict) -> Stage[ParityResult]:
+    """Identify both models at a small size and evaluate base and NE-COCO on a small sample: a twin
+    must reproduce its reference to `parity.tolerance` (CocoError otherwise: a code-path bug)."""
+    from vllm_coco.core.artifact import Artifact
+    from vllm_coco.edit.conditions import ne_edit
+    from vllm_coco.edit.ne import write_ne
+    from vllm_coco.identify.run import IdentifyOptions, identify
+
+    pc, ic = run.cfg["parity"], run.cfg["identify"]
+    cats = run.cfg["data"]["categories"]
+    tasks = [f"stereo_coco_{c}" for c in cats]
+    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "reference": str(ref["dir"]),
+            "reference_stamp": model_stamp(ref["dir"]), "parity": pc, "data": data_spec, "identify": ic,
+            "seed": run.cfg["seed"], "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]}
+
+    def body(partial: Path, steps: Steps) -> ParityResult:
+        opts = IdentifyOptions(data=run.cfg["data"]["source"], categories=tuple(cats), split="identify",
+                               limit=pc["identify_limit"], ratio=ic["ratio"], weighting=ic["weighting"], tau=ic["tau"],
+                               null_rounds=0, seed=run.cfg["seed"], batch_size=ic["batch_size"], dtype=ic["dtype"],
+                               device=ic["device"], chat=run.cfg["data"]["chat_template"], contrast=ic["contrast"],
+                               scoring=run.cfg["eval"]["scoring"])
+        evals = {}
+        for x in (ref, m):
+            neurons = steps.do(f"neurons/{x['name']}", {},
+                               lambda d, x=x: identify(str(x["dir"]), str(d), opts, progress=False))
+            for cond in ("base", "ne"):
+                model_dir, condition, prefetch = x["dir"], None, ()
+                if run.in_memory:
+                    lm = run.lm(x["dir"])
+                    lm.add_condition("parity-ne", ne_edit(neurons, model_dir=x["dir"]))
+                    condition, prefetch = ("parity-ne", ()) if cond == "ne" else (None, ("parity-ne",))
+                elif cond == "ne":
+                    model_dir = steps.do(f"models/{x['name']}-ne", {},
+                                         lambda d, x=x, n=neurons: write_ne(str(x["dir"]), str(n), str(d)))
+                evals[(x["name"], cond)] = steps.do(
+                    f"evals/{x['name']}-{cond}", {"limit": pc["limit"]},
+                    lambda d, md=model_dir, c=condition, p=prefetch: evaluate(run, md, tasks, "test", pc["limit"], d,
+                                                                              condition=c, prefetch=p,
+                                                                              log_samples=True))
+        (ma, aa), (mb, ab) = (Artifact.read(partial / f"neurons/{x['name']}") for x in (ref, m))
+        diffs = {c: _max_loglik_diff(evals[(ref["name"], c)], evals[(m["name"], c)], tasks) for c in ("base", "ne")}
+        res = ParityResult(reference=ref["name"], identify_limit=pc["identify_limit"], limit=pc["limit"],
+                           tolerance=pc["tolerance"],
+                           max_abs_score=float(abs(aa["score"].astype(float) - ab["score"].astype(float)).max()),
+                           same_selection=sorted(aa["selected"].tolist()) == sorted(ab["selected"].tolist()),
+                           selected=len(ab["selected"]), docs=diffs["base"][1],
+                           max_abs_loglik={c: d[0] for c, d in diffs.items()})
+        run.log(f"  [{m['name']}] parity with {ref['name']}: identical {'yes' if res.identical else 'NO'} (max |Δ| "
+                f"score {res.max_abs_score:.2g}, log-likelihood base {diffs['base'][0]:.2g} / NE {diffs['ne'][0]:.2g} "
+                f"over {res.docs} documents; same selection: {'yes' if res.same_selection else 'no'})")
+        if not res.identical:
+            raise CocoError(f"parity: {m['name']} does not reproduce {ref['name']} within {pc['tolerance']:g} (max |Δ| "
+                            f"score {res.max_abs_score:.3g}, log-likelihood {res.max_abs_loglik}, same selection "
+                            f"{res.same_selection}): the {m['name']} code path differs; see {partial}")
+        return res
+
+    return run.stage(root, m["name"], "parity", spec, body, ParityResult)
+
+
 # --------------------------------------------------------------------------- report
 
-def _report(run: Run, models: list[ModelResults]) -> Stage[ReportResult]:
+def _report(run: Run, models: list[ModelResults], parities: dict[str, Stage[ParityResult]]) -> Stage[ReportResult]:
     spec = {"models": {m.name: {s: stage.hash for s, stage in m.stages().items()} for m in models},
+            "parity": {name: stage.hash for name, stage in parities.items()},
             "config": run.cfg["_config_path"]}
     cats = run.cfg["data"]["categories"]
 
@@ -522,7 +600,8 @@ def _report(run: Run, models: list[ModelResults]) -> Stage[ReportResult]:
         for png in (p for f in figs.values() for p in f.paths()):
             plain_mode(png)
         layouts = {m.name: report.neuron_layout(m.identify) for m in models}
-        text = report.render(run.cfg, run.out, run.backend, models, figs, layouts)
+        text = report.render(run.cfg, run.out, run.backend, models, figs, layouts,
+                             {name: stage.result for name, stage in parities.items()})
         (partial / REPORT).write_text(text, encoding="utf-8")
         return ReportResult(report=REPORT, figures=sorted(p.name for f in figs.values() for p in f.paths()))
 
@@ -539,6 +618,11 @@ def plan(cfg: dict) -> list[str]:
     n_cand = len(sw["le_alpha"]) + len(sw["ne_alpha"]) * len(sw["ne_beta"]) * len(sw["ne_lam"])
     lines = [f"output: {cfg['out']}"]
     for m in cfg["models"]:
+        if m["parity_of"] is not None:
+            lines.append(f"[{m['name']}] {m['path']}: parity with {m['parity_of']} (identify "
+                         f"{cfg['parity']['identify_limit']} pairs per category, base + NE-COCO on "
+                         f"{cfg['parity']['limit']} documents per category)")
+            continue
         lines.append(f"[{m['name']}] {m['path']}: identify -> baselines ({', '.join(cfg['baselines']) or 'none'}) -> "
                      f"ablation ({1 + 1 + len(cfg['baselines'])} evals) -> sweep ({1 + n_cand} candidates incl. base) "
                      f"-> final (base, LE, NE)")
@@ -577,9 +661,13 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
     run.log(f"coco-tools run {config_path}: {len(models)} model(s), eval backend {run.backend}, output {out_dir}")
     data_spec = {"source": cfg["data"]["source"], "categories": cfg["data"]["categories"],
                  "chat_template": cfg["data"]["chat_template"]}
-    done_models = []
+    done_models, parities = [], {}
     for m in models:
         root = out_dir / m["name"]
+        if m["parity_of"] is not None:
+            ref = next(x for x in models if x["name"] == m["parity_of"])
+            parities[m["name"]] = _parity(run, m, ref, root, data_spec)
+            continue
         ident = _identify(run, m, root, data_spec)
         bases = _baselines(run, m, root, ident)
         abl = _ablation(run, m, root, ident, bases, data_spec)
@@ -587,7 +675,7 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
         final = _final(run, m, root, ident, sweep, data_spec)
         done_models.append(ModelResults(name=m["name"], path=m["path"], identify=ident, baselines=bases,
                                         ablation=abl, sweep=sweep, final=final))
-    rep = _report(run, done_models)
+    rep = _report(run, done_models, parities)
     computed = [s for s in run.stages if s["status"] == "computed"]
     summary = ("every stage reused" if not computed else
                f"{len(computed)} stage(s) computed, {len(run.stages) - len(computed)} reused")

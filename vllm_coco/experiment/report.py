@@ -25,6 +25,7 @@ from vllm_coco.experiment.results import (
     FinalResult,
     IdentifyResult,
     ModelResults,
+    ParityResult,
     Stage,
     SweepResult,
 )
@@ -69,12 +70,28 @@ def figure(alt: str, png: Path) -> list[str]:
 # --------------------------------------------------------------------------- the whole report
 
 def render(cfg: dict, out: Path, backend: str, models: list[ModelResults], figs: dict[str, ModelFigures],
-           layouts: dict[str, str]) -> str:
-    """REPORT.md: header, summary, then one section per model. figs / layouts: by model name."""
-    md = header(cfg, out, backend) + summary(models)
+           layouts: dict[str, str], parities: dict[str, ParityResult] | None = None) -> str:
+    """REPORT.md: header, summary, parity twins, then one section per model. figs / layouts: by model name."""
+    md = header(cfg, out, backend) + summary(models) + parity(parities or {})
     for m in models:
         md += model_section(cfg, m, figs[m.name], layouts[m.name])
     return "\n".join(md).rstrip() + "\n"
+
+
+def parity(parities: dict[str, ParityResult]) -> list[str]:
+    """Twins (same weights, another architecture class) checked against their reference model."""
+    if not parities:
+        return []
+    rows = [[name, p.reference, "yes" if p.identical else "**no**", f"{p.max_abs_score:.2g}",
+             "yes" if p.same_selection else "no", f"{p.max_abs_loglik.get('base', float('nan')):.2g}",
+             f"{p.max_abs_loglik.get('ne', float('nan')):.2g}", str(p.docs)] for name, p in parities.items()]
+    some = next(iter(parities.values()))
+    return ["## Parity twins", "",
+            f"Same weights under another architecture class: identify ({some.identify_limit} pairs per category) "
+            f"and stereo_coco ({some.limit} documents per category, base and NE-COCO) must give the reference's "
+            f"numbers to {some.tolerance:g}. They check code paths; they add no evidence, so they get no full run.",
+            "", md_table(["twin", "reference", "identical", "max |Δ score|", "same neurons",
+                          "max |Δ loglik| base", "max |Δ loglik| NE", "documents"], rows), ""]
 
 
 def model_section(cfg: dict, m: ModelResults, fig: ModelFigures, layout: str) -> list[str]:

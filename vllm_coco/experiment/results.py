@@ -372,6 +372,26 @@ class ReportResult(Json):
 
 
 @dataclass(frozen=True)
+class ParityResult(Json):
+    """A twin model (same weights, another architecture class) against its reference: identify at a
+    small size and the stereo_coco option log-likelihoods of base and NE-COCO, compared number by number."""
+    reference: str  # the reference model's name
+    identify_limit: int
+    limit: int  # stereo_coco documents per category
+    tolerance: float
+    max_abs_score: float  # over every neuron's COCO score
+    same_selection: bool
+    selected: int
+    docs: int  # documents compared per condition
+    max_abs_loglik: dict[str, float]  # condition (base, ne) -> max |Δ| of an option's log-likelihood
+
+    @property
+    def identical(self) -> bool:
+        return (self.same_selection and self.max_abs_score <= self.tolerance
+                and all(v <= self.tolerance for v in self.max_abs_loglik.values()))
+
+
+@dataclass(frozen=True)
 class ModelResults:
     """Every stage of one model, as the report reads them."""
     name: str
