@@ -90,15 +90,25 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     for stage in ("sweep", "final"):
         assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
     report = (out / "REPORT.md").read_text()
-    for heading in ("## Summary", "### Neurons", "### Causal check", "### Sweep", "### Final",
+    for heading in ("## Verdicts", "## Summary", "### Neurons", "### Causal check", "### Sweep", "### Final",
                     "### Jailbreak", "### Retention"):
         assert heading in report, heading
+    # the verdicts come first, each computed (a status by a stated rule, from intervals with their n)
+    assert report.index("## Verdicts") < report.index("## Summary")
+    verdict_rows = [line for line in report.split("## Verdicts")[1].split("## Summary")[0].splitlines()
+                    if line.startswith("| tiny |")]
+    assert len(verdict_rows) == 1 + 3 * 2  # (a), then (b)/(c), (d), (e) for LE and NE
+    for row in verdict_rows:
+        assert re.search(r"\*\*(supported|not supported|inconclusive)\*\*", row), row
+        assert "(n=" in row, row
+    assert report.count("- supported if") >= 4  # every rule stated once
+    assert "Δ_COCO - Δ_X" in report and "paired 95 % interval" in report
     for section in report.split("\n### ")[1:]:  # every section has content beyond its title
         assert len(section.strip().splitlines()) > 2, section[:80]
     assert "RAND ablated" in report and "NORM ablated" in report and "MACT ablated" in report
     assert "**selected**" in report and "Significance (label-permutation null" in report
     pngs = sorted(p.name for p in (out / "report").glob("*.png"))
-    assert pngs == ["tiny-ablation.png", "tiny-neurons-heatmap.png", "tiny-success-rate.png"]
+    assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-neurons-heatmap.png", "tiny-success-rate.png"]
     for name in pngs:
         assert (out / "report" / name).stat().st_size > 1000
         assert f"report/{name}" in report

@@ -38,12 +38,14 @@ from typing import TypeVar
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, swap_in, write_text
 from vllm_coco.core.errors import CocoError
-from vllm_coco.experiment import figures, report
+from vllm_coco.experiment import figures, report, stats
 from vllm_coco.experiment.report import fmt
 from vllm_coco.experiment.results import (
     EDITS,
+    JAILBREAK_FAMILIES,
     LABELS,
     RETENTION_FINAL,
+    RETENTION_METRICS,
     RETENTION_SWEEP,
     AblationResult,
     BaselineSet,
@@ -52,6 +54,7 @@ from vllm_coco.experiment.results import (
     FinalResult,
     FinalRun,
     IdentifyResult,
+    Interval,
     JailbreakSummary,
     ModelResults,
     ParityResult,
@@ -262,9 +265,12 @@ def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, met
 
 
 def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]], split: str, steps: Steps,
-                key: str, spec: dict, metadata=None, condition: str | None = None, prefetch=()) -> dict:
+                key: str, spec: dict, metadata=None, condition: str | None = None, prefetch=(),
+                dirs: dict | None = None) -> dict:
     """Evaluate task groups with their own limits; groups with the same limit share one run.
-    parts: [(part name, tasks, limit)] -> {part name: results dict}. `condition`, `prefetch`: see evaluate."""
+    parts: [(part name, tasks, limit)] -> {part name: results dict}. `condition`, `prefetch`: see evaluate.
+    Every document is logged (samples_<task>.jsonl, for the paired intervals); `dirs` gets each
+    part's evaluation directory."""
     by_limit: dict = {}
     for name, tasks, limit in parts:
         by_limit.setdefault(limit, []).append((name, tasks))
@@ -275,10 +281,12 @@ def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]]
         d = steps.do(sub, {**spec, "tasks": tasks, "limit": limit, "split": split, "metadata": metadata,
                            "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]},
                      lambda d, tasks=tasks, limit=limit: evaluate(run, model_dir, tasks, split, limit, d, metadata,
-                                                                  condition, prefetch))
+                                                                  condition, prefetch, log_samples=True))
         res = json.loads((d / "results.json").read_text(encoding="utf-8"))
         for name, _ in group:
             out[name] = res
+            if dirs is not None:
+                dirs[name] = d
     return out
 
 
@@ -342,9 +350,14 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
             "baselines": bases.hash, "ablation": ac, "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
+    where: dict[str, Path] = {}  # set name -> its evaluation directory
+
     def score(name: str, model_dir: Path, steps: Steps, t0: float, condition=None, prefetch=()) -> StereoSummary:
+        dirs: dict[str, Path] = {}
         res = eval_groups(run, model_dir, [("stereo", tasks, ac["limit"])], "test", steps, f"evals/{name}",
-                          {"model": name, "mode": ac["mode"]}, condition=condition, prefetch=prefetch)["stereo"]
+                          {"model": name, "mode": ac["mode"]}, condition=condition, prefetch=prefetch,
+                          dirs=dirs)["stereo"]
+        where[name] = dirs["stereo"]
         out = StereoSummary.from_lm(res, cats)
         run.log(f"  [{m['name']}] ablation {LABELS.get(name, name)}: success_rate "
                 f"{fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
@@ -374,7 +387,13 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
             scored[name] = score(name, model_dir, steps, t0)
             if not run.cfg["keep_models"]:
                 _drop_weights(model_dir)
-        return AblationResult(mode=ac["mode"], limit=ac["limit"], split="test", base=base, sets=scored)
+        recs = {name: stats.bbq_records(d) for name, d in where.items()}
+        intervals = {name: {k: stats.compare(recs["base"], recs[name], k) for k in stats.METRIC_STATS}
+                     for name in scored}
+        specific = {name: stats.compare_diff(recs["base"], recs["coco"], recs[name])
+                    for name in scored if name != "coco" and "coco" in recs}
+        return AblationResult(mode=ac["mode"], limit=ac["limit"], split="test", base=base, sets=scored,
+                              intervals=intervals, specific=specific)
 
     return run.stage(root, m["name"], "ablation", spec, body, AblationResult)
 
@@ -413,10 +432,15 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
             "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
+    where: dict[str, Path] = {}
+
     def score(model_dir: Path, key: str, steps: Steps, condition=None, prefetch=()):
+        dirs: dict[str, Path] = {}
         res = eval_groups(run, model_dir, [("stereo", stereo, sw["limit"]),
                                            ("retention", list(RETENTION_SWEEP), sw["retention_limit"])],
-                          "validate", steps, f"evals/{key}", {"model": key}, condition=condition, prefetch=prefetch)
+                          "validate", steps, f"evals/{key}", {"model": key}, condition=condition, prefetch=prefetch,
+                          dirs=dirs)
+        where[key] = dirs["stereo"]
         return StereoSummary.from_lm(res["stereo"], cats), RetentionSummary.from_lm(res["retention"], RETENTION_SWEEP)
 
     def body(partial: Path, steps: Steps) -> SweepResult:
@@ -444,7 +468,9 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
                 st, ret = score(d, cand.key, steps)
                 if not run.cfg["keep_models"]:
                     _drop_weights(d)
-            r = SweepRow.score(cand, st, ret, admissible(ret.acc_mean, base.retention, sw["retention_floor"]))
+            delta = stats.compare(stats.bbq_records(where["base"]), stats.bbq_records(where[cand.key]),
+                                  "success_rate")
+            r = SweepRow.score(cand, st, ret, admissible(ret.acc_mean, base.retention, sw["retention_floor"]), delta)
             rows.append(r)
             run.log(f"  [{m['name']}] sweep {cand.edit.upper()} {r.params}: success_rate "
                     f"{fmt(r.success_rate)}, retention {fmt(r.retention)}"
@@ -456,6 +482,23 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
                            retention_floor=sw["retention_floor"], base=base, rows=rows, chosen=chosen)
 
     return run.stage(root, m["name"], "sweep", spec, body, SweepResult)
+
+
+def final_intervals(base: dict[str, Path], edit: dict[str, Path]) -> dict[str, Interval]:
+    """An edit against the base on the test split, paired over items: the stereo_coco metrics,
+    retention accuracy per document (the sweep's tasks) and the success rate per jailbreak family."""
+    b, e = stats.bbq_records(base["stereo"]), stats.bbq_records(edit["stereo"])
+    out = {k: stats.compare(b, e, k) for k in stats.METRIC_STATS}
+    ret = [{}, {}]
+    for t in RETENTION_SWEEP:
+        for side, d in zip(ret, (base["retention"], edit["retention"])):
+            side.update(stats.doc_values(d, t, RETENTION_METRICS[t][0]))
+    out["retention"] = stats.paired_bootstrap(ret[0], ret[1], stats.mean)
+    for fam in JAILBREAK_FAMILIES:
+        prefix = f"stereo_coco_jailbreak_{fam}"
+        out[f"jailbreak:{fam}"] = stats.compare(stats.bbq_records(base["jailbreak"], prefix),
+                                                stats.bbq_records(edit["jailbreak"], prefix), "success_rate")
+    return out
 
 
 def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: Stage[SweepResult],
@@ -474,6 +517,7 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
 
     neurons = ident.dir / ident.result.neurons
     ratio = run.cfg["sweep"]["ne_ratio"]
+    where: dict[str, dict[str, Path]] = {}  # run -> part -> evaluation directory
 
     def evaluate_one(name: str, cand: Candidate | None, steps: Steps, prefetch=()) -> FinalRun:
         t0 = time.time()
@@ -486,12 +530,15 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
                 condition = f"final-{name}"
             else:
                 model_dir = written
+        dirs: dict[str, Path] = {}
         res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata,
-                          condition=condition, prefetch=prefetch)
+                          condition=condition, prefetch=prefetch, dirs=dirs)
+        where[name] = dirs
         out = FinalRun(params="-" if cand is None else cand.params, model=None if written is None else f"models/{name}",
                        stereo=StereoSummary.from_lm(res["stereo"], cats),
                        jailbreak=JailbreakSummary.from_lm(res["jailbreak"]),
-                       retention=RetentionSummary.from_lm(res["retention"], RETENTION_FINAL))
+                       retention=RetentionSummary.from_lm(res["retention"], RETENTION_FINAL),
+                       intervals=None if cand is None else final_intervals(where["base"], dirs))
         run.log(f"  [{m['name']}] final {name.upper() if name != 'base' else 'base'}: success_rate "
                 f"{fmt(out.stereo.get('success_rate'))} ({time.time() - t0:.0f} s)")
         return out

@@ -11,6 +11,7 @@ import math
 from pathlib import Path
 
 from vllm_coco import METHOD_VERSION, __version__
+from vllm_coco.experiment import stats
 from vllm_coco.experiment.figures import ModelFigures
 from vllm_coco.experiment.results import (
     EDIT_LABELS,
@@ -24,6 +25,7 @@ from vllm_coco.experiment.results import (
     AblationResult,
     FinalResult,
     IdentifyResult,
+    Interval,
     ModelResults,
     ParityResult,
     Stage,
@@ -72,10 +74,42 @@ def figure(alt: str, png: Path) -> list[str]:
 def render(cfg: dict, out: Path, backend: str, models: list[ModelResults], figs: dict[str, ModelFigures],
            layouts: dict[str, str], parities: dict[str, ParityResult] | None = None) -> str:
     """REPORT.md: header, summary, parity twins, then one section per model. figs / layouts: by model name."""
-    md = header(cfg, out, backend) + summary(models) + parity(parities or {})
+    md = header(cfg, out, backend) + verdicts(cfg, models) + summary(models) + parity(parities or {})
     for m in models:
         md += model_section(cfg, m, figs[m.name], layouts[m.name])
     return "\n".join(md).rstrip() + "\n"
+
+
+def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
+    """The claims (a)-(e), each computed from the stored intervals by stats' stated rule."""
+    abl, fin = m.ablation.result, m.final.result
+    out = [stats.verdict_specific({LABELS[k]: iv for k, iv in (abl.specific or {}).items()})]
+    floor = cfg["sweep"]["retention_floor"]
+    for e in EDITS:
+        run, label = getattr(fin, e), EDIT_LABELS[e]
+        iv = (run.intervals or {}) if run is not None else {}
+        if not iv:  # no candidate of this edit: nothing to judge
+            continue
+        out.append(stats.verdict_edit(iv["success_rate"], iv["acc_disambig"], edit=label))
+        out.append(stats.verdict_retention(iv["retention"], floor, edit=label))
+        out.append(stats.verdict_jailbreak({k.split(":", 1)[1]: v for k, v in iv.items()
+                                            if k.startswith("jailbreak:")}, edit=label))
+    return out
+
+
+def verdicts(cfg: dict, models: list[ModelResults]) -> list[str]:
+    """The verdicts section: claim, status, the intervals it read; then every rule once."""
+    rows, rules = [], {}
+    for m in models:
+        for v in model_verdicts(cfg, m):
+            evidence = "; ".join(f"{k}: {iv.text()} (n={iv.n})" for k, iv in v.evidence.items()) or "n/a"
+            rows.append([m.name, v.claim, f"**{v.status}**", evidence])
+            rules.setdefault(v.rule, None)
+    return (["## Verdicts", "",
+             "Computed from paired 95 % bootstrap intervals over BBQ items (an item's value is its mean over the "
+             "three option orders; n = items) on the held-out test split; never written by hand.", "",
+             md_table(["model", "claim", "verdict", "evidence: Δ [95 % interval]"], rows), "", "Rules:", ""]
+            + [f"- {r}" for r in rules] + [""])
 
 
 def parity(parities: dict[str, ParityResult]) -> list[str]:
@@ -98,8 +132,31 @@ def model_section(cfg: dict, m: ModelResults, fig: ModelFigures, layout: str) ->
     cats, final = cfg["data"]["categories"], m.final.result
     return (model_intro(m) + neurons(m.identify.result, cfg["identify"], layout, fig.heatmap)
             + ablation(m.ablation.result, cats, fig.ablation) + sweep(m.sweep.result)
-            + final_stereo(final, cats) + other_metrics(final) + figure("success rate", fig.success)
+            + final_stereo(final, cats) + choice_on_test(m) + other_metrics(final)
+            + figure("success rate", fig.success) + figure("deltas with intervals", fig.deltas)
             + jailbreak(final) + retention(final, m.final.dir))
+
+
+def choice_on_test(m: ModelResults) -> list[str]:
+    """Chosen on validate, reported on test: does the test result agree with the validate one?"""
+    sw, fin = m.sweep.result, m.final.result
+    rows = []
+    for e in EDITS:
+        run, choice = getattr(fin, e), sw.chosen.get(e)
+        row = next((r for r in sw.rows if choice is not None and r.key == choice.key), None)
+        if run is None or row is None or row.delta is None or not run.intervals:
+            continue
+        val, test = row.delta, run.intervals["success_rate"]
+
+        def side(iv):
+            return "n/a" if iv.lo is None else "up" if iv.lo > 0 else "down" if iv.hi < 0 else "no change resolved"
+
+        rows.append([EDIT_LABELS[e], row.params, f"{val.text()} (n={val.n})", f"{test.text()} (n={test.n})",
+                     "yes" if side(val) == side(test) else "no"])
+    if not rows:
+        return []
+    return ["Chosen on validate, reported on test (Δ success rate vs base, paired 95 % interval):", "",
+            md_table(["edit", "hyperparameters", "validate", "test", "same reading"], rows), ""]
 
 
 def neuron_layout(ident: Stage[IdentifyResult]) -> str:
@@ -191,7 +248,27 @@ def ablation(r: AblationResult, cats, png: Path) -> list[str]:
     rows = [vs_base([c], r.base.get("success_rate", c), [s.get("success_rate", c) for s in r.sets.values()])
             for c in [*cats, "all"]]
     md += [md_table(["category", "base"] + [f"{LABELS[s]} ablated" for s in r.sets], rows), ""]
+    md += intervals_table("Δ vs base with its paired 95 % interval over test items (n items)",
+                          {f"{LABELS[s]} ablated": iv for s, iv in (r.intervals or {}).items()})
+    if r.specific:
+        md += ["Specificity, Δ_COCO - Δ_X (success rate; below 0: COCO's ablation lowers it more):", "",
+               md_table(["baseline X", "Δ_COCO - Δ_X [95 %]", "n"],
+                        [[LABELS[k], iv.text(), str(iv.n)] for k, iv in r.specific.items()]), ""]
     return md + [f"Reading: {ablation_reading(r)}.", ""] + figure("ablation", png)
+
+
+METRIC_NAMES = {"success_rate": "success rate", "acc_disambig": "acc (disambig.)", "abs_bias_ambig": "|s_AMB|",
+                "bias_disambig": "s_DIS", "retention": "retention acc"}
+
+
+def intervals_table(title: str, runs: dict[str, dict[str, Interval]]) -> list[str]:
+    """metric rows x run columns of "Δ [lo, hi] (n)"."""
+    if not runs:
+        return []
+    metrics = [k for k in next(iter(runs.values()))]
+    rows = [[METRIC_NAMES.get(k, k.replace("jailbreak:", "jailbreak "))]
+            + [f"{iv[k].text()} (n={iv[k].n})" if k in iv else "n/a" for iv in runs.values()] for k in metrics]
+    return [f"{title}:", "", md_table(["metric", *runs], rows), ""]
 
 
 def ablation_reading(r: AblationResult) -> str:
@@ -212,17 +289,28 @@ def ablation_reading(r: AblationResult) -> str:
 
 def sweep(r: SweepResult) -> list[str]:
     b, selected = r.base, {c.key for c in r.chosen.values() if c.key is not None}
-    rows = [["base", "-", fmt(b.success_rate), fmt(b.acc_disambig), fmt(b.retention), "-", ""]]
-    rows += [[row.edit.upper(), row.params, delta(row.success_rate, b.success_rate), fmt(row.acc_disambig),
+    rows = [["base", "-", fmt(b.success_rate), "", fmt(b.acc_disambig), fmt(b.retention), "-", ""]]
+    rows += [[row.edit.upper(), row.params, delta(row.success_rate, b.success_rate),
+              row.delta.text() if row.delta else "n/a", fmt(row.acc_disambig),
               delta(row.retention, b.retention), "yes" if row.admissible else "no",
               "**selected**" if row.key in selected else ""] for row in r.rows]
+    by_key = {row.key: row for row in r.rows}
+    honest = []
+    for e in EDITS:
+        row = by_key.get(r.chosen[e].key)
+        if row is None or row.delta is None or row.delta.lo is None:
+            continue
+        beyond = row.delta.lo > 0
+        honest.append(f"- {e.upper()} choice on validate: Δ success {row.delta.text()} (n={row.delta.n}): "
+                      + ("beats the base beyond noise." if beyond else
+                         "**no candidate beat base beyond noise** (evaluated on test anyway, labelled so)."))
     return (["### Sweep (validate split)", "",
              f"stereo_coco limit {r.limit or 'all'} documents per category; retention = mean accuracy of "
              f"{' and '.join(RETENTION_SWEEP)} (limit {r.retention_limit or 'all'} each); admissible when "
              f"retention >= base - {r.retention_floor}.", "",
-             md_table(["edit", "hyperparameters", "success rate", "acc (disambig.)", "retention", "admissible", ""],
-                      rows), ""]
-            + [f"- {e.upper()}: {r.chosen[e].note}." for e in EDITS] + [""])
+             md_table(["edit", "hyperparameters", "success rate", "Δ [95 %]", "acc (disambig.)", "retention",
+                       "admissible", ""], rows), ""]
+            + [f"- {e.upper()}: {r.chosen[e].note}." for e in EDITS] + honest + [""])
 
 
 def _edit_labels(r: FinalResult) -> list[str]:
@@ -244,8 +332,11 @@ def other_metrics(r: FinalResult) -> list[str]:
     """The other stereo_coco metrics over all categories (those STEREO_METRICS describes)."""
     rows = [vs_base([f"{m} ({what})"], r.base.stereo.get(m), [x.stereo.get(m) for x in r.edits().values()])
             for m, what in STEREO_METRICS.items() if what]
-    return ["Other stereo_coco metrics (all categories; n/a = no document of that condition in the sample):", "",
-            md_table(["metric", "base"] + _edit_labels(r), rows), ""]
+    return (["Other stereo_coco metrics (all categories; n/a = no document of that condition in the sample):", "",
+             md_table(["metric", "base"] + _edit_labels(r), rows), ""]
+            + intervals_table("Δ vs base with its paired 95 % interval over test items (n items; retention: "
+                              "documents; jailbreak: ambiguous items per attack family)",
+                              {EDIT_LABELS[k]: x.intervals for k, x in r.edits().items() if x.intervals}))
 
 
 def jailbreak(r: FinalResult) -> list[str]:

@@ -93,6 +93,26 @@ class Json:
 
 
 @dataclass(frozen=True)
+class Interval(Json):
+    """A paired difference over `n` shared items: the point estimate on all of them (delta) and its
+    95 % percentile bootstrap interval [lo, hi] over `rounds` resamples in which the statistic was
+    defined (None: undefined on every one). up / down: items whose own value rose / fell."""
+    n: int
+    delta: float | None
+    lo: float | None
+    hi: float | None
+    up: int
+    down: int
+    rounds: int
+
+    def text(self, digits: int = 3) -> str:
+        """"+0.120 [+0.050, +0.190]" ("n/a" where undefined)."""
+        if self.delta is None or self.lo is None:
+            return "n/a"
+        return f"{self.delta:+.{digits}f} [{self.lo:+.{digits}f}, {self.hi:+.{digits}f}]"
+
+
+@dataclass(frozen=True)
 class Stage(Generic[T]):
     """A finished stage: its typed result, where it lives, the hash of its inputs, its compute time
     (when it was computed; a reused stage reports the time it took then)."""
@@ -242,6 +262,10 @@ class AblationResult(Json):
     split: str
     base: StereoSummary
     sets: dict[str, StereoSummary]
+    # set -> metric (stats.METRIC_STATS) -> paired interval of set - base, over test items
+    intervals: dict[str, dict[str, Interval]] | None = None
+    # baseline -> interval of Δ_COCO - Δ_baseline (success rate): the specificity claim
+    specific: dict[str, Interval] | None = None
 
     @property
     def coco(self) -> StereoSummary:
@@ -284,6 +308,7 @@ class SweepRow(Json):
     admissible: bool
     per_category: dict[str, float | None]  # success rate
     retention_tasks: RetentionSummary
+    delta: Interval | None = None  # success rate - base's, paired over validate items (None: the base row)
 
     @property
     def key(self) -> str:
@@ -299,11 +324,11 @@ class SweepRow(Json):
 
     @classmethod
     def score(cls, cand: Candidate | None, stereo: StereoSummary, ret: RetentionSummary,
-              admissible: bool) -> SweepRow:
+              admissible: bool, delta: Interval | None = None) -> SweepRow:
         return cls(candidate=cand, success_rate=stereo.get("success_rate"), acc_disambig=stereo.get("acc_disambig"),
                    retention=ret.acc_mean, admissible=admissible,
                    per_category={c: v for c, v in stereo.values["success_rate"].items() if c != "all"},
-                   retention_tasks=ret)
+                   retention_tasks=ret, delta=delta)
 
 
 @dataclass(frozen=True)
@@ -341,6 +366,9 @@ class FinalRun(Json):
     stereo: StereoSummary
     jailbreak: JailbreakSummary
     retention: RetentionSummary
+    # vs base, paired over test items: stats.METRIC_STATS metrics, "retention" (accuracy per
+    # document of the sweep's retention tasks), "jailbreak:<family>" (success rate); None for base
+    intervals: dict[str, Interval] | None = None
 
 
 @dataclass(frozen=True)
