@@ -230,11 +230,14 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
             "timing_s": {"capture": 1.0, "total": 2.0}}
     cand_le = R.Candidate(key="le-a0.5", edit="le", alpha=0.5)
     cand_ne = R.Candidate(key="ne-a1-b2-l0.5", edit="ne", alpha=1.0, beta=2.0, lam=0.5)
+    iv = R.Interval(n=40, delta=0.05, lo=-0.01, hi=0.11, up=9, down=4, rounds=2000)
+    no_items = R.Interval(n=0, delta=None, lo=None, hi=None, up=0, down=0, rounds=0)
     base_row = R.SweepRow.score(None, stereo, ret, admissible=True)
-    rows = [R.SweepRow.score(c, stereo, ret, admissible=True) for c in (cand_le, cand_ne)]
+    rows = [R.SweepRow.score(c, stereo, ret, admissible=True, delta=iv) for c in (cand_le, cand_ne)]
     choice = {"le": R.Choice(key=cand_le.key, admissible=True, beats_base=False, note="le note"),
               "ne": R.Choice(key=cand_ne.key, admissible=False, beats_base=True, note="ne note")}
-    run = {e: R.FinalRun(params=c.params, model=f"models/{e}", stereo=stereo, jailbreak=jail, retention=ret)
+    run = {e: R.FinalRun(params=c.params, model=f"models/{e}", stereo=stereo, jailbreak=jail, retention=ret,
+                         intervals={"success_rate": iv, "acc_disambig": no_items, "jailbreak:roleplay": iv})
            for e, c in (("le", cand_le), ("ne", cand_ne))}
     ident = R.IdentifyResult.from_meta(meta)
     final_base = R.FinalRun(params="-", model=None, stereo=stereo, jailbreak=jail, retention=ret)
@@ -243,7 +246,9 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
         "baselines": R.BaselinesResult(sets={b: R.BaselineSet(neurons=b, count=3, by_proj={"q": 3, "k": 0, "v": 0})
                                              for b in baselines}),
         "ablation": R.AblationResult(mode="ablate-zero", limit=None, split="test", base=stereo,
-                                     sets={s: stereo for s in ("coco", *baselines)}),
+                                     sets={s: stereo for s in ("coco", *baselines)},
+                                     intervals={s: {"success_rate": iv} for s in ("coco", *baselines)},
+                                     specific={b: iv for b in baselines}),
         "sweep": R.SweepResult(split="validate", limit=3, retention_limit=None, retention_floor=0.02, base=base_row,
                                rows=rows, chosen=choice),
         "final": R.FinalResult(split="test", limit=3, jailbreak_limit=3, retention_limit=None,
@@ -251,7 +256,10 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
                                le=run["le"] if le else None, ne=run["ne"] if ne else None),
         "report": R.ReportResult(report="REPORT.md", figures=["a.png"]),
         "parts": [stereo, jail, ret, cand_le, cand_ne, base_row, choice["le"], final_base, ident.significance,
-                  ident.per_category["Age"], R.BaselineSet(neurons="rand", count=3, by_proj={"q": 3})],
+                  ident.per_category["Age"], R.BaselineSet(neurons="rand", count=3, by_proj={"q": 3}), iv, no_items,
+                  R.ParityResult(reference="a", identify_limit=4, limit=6, tolerance=1e-4, max_abs_score=0.0,
+                                 same_selection=True, selected=3, docs=12,
+                                 max_abs_loglik={"base": 0.0, "ne": 1e-6})],
     }
 
 
@@ -296,8 +304,9 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
     typed = _typed_results(ne=False, baselines=())
     stages = {s: Stage(typed[s], tmp_path / s, "sha256:x", 1.0) for s in STAGES}
     m = ModelResults(name="tiny", path="models/tiny", **stages)
-    figs = ModelFigures(*(tmp_path / f"tiny-{n}.png" for n in ("neurons-heatmap", "ablation", "success-rate")))
-    cfg = {"_config_path": "c.yaml", "seed": 0, "eval": {"scoring": "per-byte"},
+    figs = ModelFigures(*(tmp_path / f"tiny-{n}.png" for n in ("neurons-heatmap", "ablation", "success-rate",
+                                                                "deltas")))
+    cfg = {"_config_path": "c.yaml", "seed": 0, "eval": {"scoring": "per-byte"}, "sweep": {"retention_floor": 0.02},
            "data": {"source": "bbq", "categories": ["Religion", "Age"], "chat_template": False},
            "identify": {"ratio": 0.01, "limit": 4}}
     text = report.render(cfg, tmp_path, "hf", [m], {"tiny": figs}, {"tiny": "layer q k v"})
@@ -308,6 +317,11 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
     assert "| all | 6 | 0.625 | 0.625 (+0.000) |" in text
     assert "ablating COCO changed the success rate by +0.000." in text
     assert "![success rate](report/tiny-success-rate.png)" in text
+    # LE only: verdicts (a) and LE's (b), (d), (e); the stored intervals feed them
+    assert "| tiny | LE-COCO raises the success rate without lowering disambiguated accuracy | **inconclusive** |" \
+        in text
+    assert "success_rate: +0.050 [-0.010, +0.110] (n=40); acc_disambig: n/a (n=0)" in text
+    assert "NE-COCO raises" not in text
 
 
 def test_validate_docs_are_disjoint_from_test_docs():

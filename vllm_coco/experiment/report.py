@@ -90,8 +90,9 @@ def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
         iv = (run.intervals or {}) if run is not None else {}
         if not iv:  # no candidate of this edit: nothing to judge
             continue
-        out.append(stats.verdict_edit(iv["success_rate"], iv["acc_disambig"], edit=label))
-        out.append(stats.verdict_retention(iv["retention"], floor, edit=label))
+        none = stats.NO_ITEMS  # a comparison the stage could not make reads as "inconclusive"
+        out.append(stats.verdict_edit(iv.get("success_rate", none), iv.get("acc_disambig", none), edit=label))
+        out.append(stats.verdict_retention(iv.get("retention", none), floor, edit=label))
         out.append(stats.verdict_jailbreak({k.split(":", 1)[1]: v for k, v in iv.items()
                                             if k.startswith("jailbreak:")}, edit=label))
     return out
