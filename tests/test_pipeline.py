@@ -484,3 +484,25 @@ def test_parity_of_must_name_an_earlier_full_model(tiny_model, tmp_path):
                           {"path": str(tiny_model), "name": "c", "parity_of": "b"}], "b is itself a parity twin")]:
         code, _, err = run_cli("run", _tiny_config(tmp_path, tiny_model, models=models), "--check")
         assert code == 2 and msg in err, err
+
+
+@pytest.mark.slow
+def test_readme_main_job_runs_on_a_fresh_clone(tmp_path):
+    """The README's main-job command on a fresh `git clone` (no models/, no runs/), with the tiny
+    config and an `out` under directories that do not exist yet. The clone borrows this checkout's
+    .venv (CI builds that one from scratch with the README's set-up); the paths are the clone's."""
+    import shutil
+    import subprocess
+
+    if not (ROOT / ".git").exists() or shutil.which("git") is None:
+        pytest.skip("needs a git checkout")
+    clone = tmp_path / "clone"
+    subprocess.run(["git", "clone", "-q", str(ROOT), str(clone)], check=True)
+    assert not (clone / "models").exists() and not (clone / "runs").exists()
+    (clone / ".venv").symlink_to(ROOT / ".venv")
+    proc = subprocess.run(["tools/main_job.sh", "configs/tiny.yaml", "--out", "runs/fresh/a/b"], cwd=clone,
+                          capture_output=True, text=True, timeout=1500)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = (clone / "runs" / "fresh" / "a" / "b" / "REPORT.md").read_text()
+    assert "## Verdicts" in report and "**inconclusive**" in report or "**supported**" in report
+    assert (clone / "models" / "smollm2" / "config.json").is_file()

@@ -19,10 +19,12 @@ else
 fi
 export TOKENIZERS_PARALLELISM=false
 COCO=.venv/bin/coco-tools
-if [[ "$CONFIG" == configs/default.yaml ]]; then
-  mkdir -p models
-  step() { [ -e "$2" ] && echo "== $1: $2 exists, skipped" || { echo "== $1"; shift 2; "$@"; }; }
+step() { [ -e "$2" ] && echo "== $1: $2 exists, skipped" || { echo "== $1"; shift 2; "$@"; }; }
+# the embedded configs read the demo models: make the ones they name (demo-model creates models/)
+if [[ "$CONFIG" == configs/default.yaml || "$CONFIG" == configs/tiny.yaml ]]; then
   step "demo model (Llama)"   models/smollm2         $COCO demo-model models/smollm2
+fi
+if [[ "$CONFIG" == configs/default.yaml ]]; then
   step "demo model (Mistral)" models/smollm2-mistral $COCO demo-model models/smollm2-mistral --arch mistral
 fi
 echo "== coco-tools run $CONFIG $*"
