@@ -170,9 +170,21 @@ class Conditions:
             raise CocoError(f"no edit condition named {name!r}; registered: {', '.join(self.names)}") from None
 
     def add(self, name: str, edit: Edit) -> int:
-        """Register `edit` under `name` (replacing an edit of that name); returns its condition id."""
+        """Register `edit` under `name` (replacing an edit of that name); returns its condition id.
+        Every layer and channel is checked first: a refused edit changes nothing."""
         if name == BASE:
             raise CocoError(f"{BASE!r} names the unedited model; choose another condition name")
+        linear = isinstance(edit, LinearEdit)
+        parts = edit.channels if linear else {layer: g["channels"] for layer, g in edit.gates.items()}
+        for layer, ch in parts.items():
+            if not 0 <= layer < len(self.layers):
+                raise CocoError(f"edit {name!r} names layer {layer}, and the model has {len(self.layers)}; "
+                                "the neuron set was made for another model")
+            ch = torch.as_tensor(ch)
+            if len(ch) and (int(ch.min()) < 0 or int(ch.max()) >= self.widths[layer]):
+                bad = int(ch.max()) if int(ch.max()) >= self.widths[layer] else int(ch.min())
+                raise CocoError(f"edit {name!r} names channel {bad} of layer {layer}, outside its q/k/v width "
+                                f"{self.widths[layer]}; the edit was made for another model")
         if name in self.names:
             cid = self.names.index(name)
             self._clear(cid)
@@ -180,18 +192,11 @@ class Conditions:
             cid = len(self.names)
             self.names.append(name)
             self.edits.append(None)
-        for layer in (edit.channels if isinstance(edit, LinearEdit) else edit.gates):
-            if not 0 <= layer < len(self.layers):
-                raise CocoError(f"edit {name!r} names layer {layer}, and the model has {len(self.layers)}; "
-                                "the neuron set was made for another model")
         self.edits[cid] = edit
         self._grow()
-        if isinstance(edit, LinearEdit):
+        if linear:
             for layer, ch in edit.channels.items():
                 t, width = self.layers[layer], self.widths[layer]
-                if len(ch) and (ch.min() < 0 or ch.max() >= width):
-                    raise CocoError(f"edit {name!r} names channel {int(ch.max())} of layer {layer}, outside its "
-                                    f"q/k/v width {width}; the neuron set was made for another model")
                 if t.gain is None:
                     t.gain = torch.ones(len(self.names), width, dtype=torch.float32, device=self.device)  # [C, w]
                     t.offset = torch.zeros(len(self.names), width, dtype=torch.float32, device=self.device)
@@ -201,12 +206,8 @@ class Conditions:
                 t.linear.add(cid)
         else:
             for layer, gate in edit.gates.items():
-                tensors = {k: torch.as_tensor(v).to(self.device) for k, v in gate.items()}  # numpy or torch
-                ch = tensors["channels"]
-                if len(ch) and (int(ch.min()) < 0 or int(ch.max()) >= self.widths[layer]):
-                    raise CocoError(f"edit {name!r} gates channel {int(ch.max())} of layer {layer}, outside its "
-                                    f"q/k/v width {self.widths[layer]}; the gate was made for another model")
-                self.layers[layer].gates[cid] = tensors
+                self.layers[layer].gates[cid] = {k: torch.as_tensor(v).to(self.device)  # numpy or torch
+                                                 for k, v in gate.items()}
         return cid
 
     def _grow(self) -> None:
