@@ -242,7 +242,8 @@ def significance(r: IdentifyResult) -> list[str]:
 
 def ablation(r: AblationResult, cats, png: Path) -> list[str]:
     md = ["### Causal check: ablation (test split)", "",
-          f"Each neuron set ablated (`bake --mode {r.mode}`); stereo_coco success rate, lm-eval limit "
+          f"Each neuron set ablated (`{r.mode}`: in memory with backend hf, equal to `bake --mode {r.mode}`); "
+          f"stereo_coco success rate, lm-eval limit "
           f"{r.limit or 'all'} documents per category.", ""]
     if not r.baselines():
         md += ["Baselines: n/a (no RAND / NORM / MACT baseline configured in `baselines`).", ""]
