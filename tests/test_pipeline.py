@@ -10,7 +10,7 @@ import yaml
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("identify", "baselines", "ablation", "sweep", "final")
+STAGES = ("identify", "baselines", "ablation", "stability", "sweep", "final")
 
 
 def _tiny_config(tmp_path: Path, model: Path, **changes) -> Path:
@@ -55,7 +55,14 @@ def _done_files(out: Path) -> dict:
 
 def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     from vllm_coco.experiment import pipeline
-    from vllm_coco.experiment.results import AblationResult, BaselinesResult, FinalResult, IdentifyResult, SweepResult
+    from vllm_coco.experiment.results import (
+        AblationResult,
+        BaselinesResult,
+        FinalResult,
+        IdentifyResult,
+        StabilityResult,
+        SweepResult,
+    )
 
     config = _tiny_config(tmp_path, tiny_model)
     out = tmp_path / "out"
@@ -68,12 +75,13 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if Ctrl-C hit the run in the middle of the sweep
         return real_evaluate(*args, **kwargs)
 
-    # run 1: interrupted at the 7th evaluation (5 ablation runs, sweep base, then the first candidate)
-    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: counting(*a, fail_at=7, **k))
+    # run 1: interrupted at the 9th evaluation (5 ablation runs, 2 stability half-set ablations, sweep base,
+    # then the first candidate)
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: counting(*a, fail_at=9, **k))
     code, stdout, err = run_cli("run", config)
     assert code == 130, err[-3000:]
-    assert calls == ["test"] * 5 + ["validate"] * 2
-    for stage in ("identify", "baselines", "ablation"):
+    assert calls == ["test"] * 7 + ["validate"] * 2
+    for stage in ("identify", "baselines", "ablation", "stability"):
         assert (out / "tiny" / stage / "done.json").is_file()
     assert not (out / "tiny" / "sweep").exists() and (out / "tiny" / ".sweep.partial").is_dir()
     assert not (out / "REPORT.md").exists()
@@ -83,14 +91,15 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: counting(*a, **k))
     code, stdout, err = run_cli("run", config)
     assert code == 0, err[-3000:]
-    for stage in ("identify", "baselines", "ablation"):
+    for stage in ("identify", "baselines", "ablation", "stability"):
         assert f"[tiny] {stage}: reused" in stdout, stage
     assert "[tiny] sweep: start (resuming its finished steps)" in stdout
-    assert calls == ["validate"] * 3 + ["test"] * 3  # the rest of the sweep, then base / LE / NE on test
+    assert calls == ["validate"] * 6 + ["test"] * 3  # the rest of the sweep, then base / LE / NE on test
     for stage in ("sweep", "final"):
         assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
     report = (out / "REPORT.md").read_text()
-    for heading in ("## Verdicts", "## Summary", "### Neurons", "### Causal check", "### Sweep", "### Final",
+    for heading in ("## Verdicts", "## Summary", "### Neurons", "### Causal check", "### Stability", "### Sweep",
+                    "### Final",
                     "### Jailbreak", "### Retention"):
         assert heading in report, heading
     # the verdicts come first, each computed (a status by a stated rule, from intervals with their n)
@@ -108,7 +117,8 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     assert "RAND ablated" in report and "NORM ablated" in report and "MACT ablated" in report
     assert "**selected**" in report and "Significance (label-permutation null" in report
     pngs = sorted(p.name for p in (out / "report").glob("*.png"))
-    assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-neurons-heatmap.png", "tiny-success-rate.png"]
+    assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-neurons-heatmap.png", "tiny-success-rate.png",
+                    "tiny-sweep.png"]
     for name in pngs:
         assert (out / "report" / name).stat().st_size > 1000
         assert f"report/{name}" in report
@@ -117,8 +127,26 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     assert all(d["hash"].startswith("sha256:") for d in done.values())
     assert not list(out.glob("**/.*.partial")) and not list(out.glob("**/.*.tmp-*"))
     sweep = SweepResult.from_json(done["tiny/sweep"]["result"])
-    assert [r.key for r in sweep.rows] == ["le-a0.5", "le-a1", "ne-a1-b2-l0.5"]
-    assert sweep.chosen["le"].key in ("le-a0.5", "le-a1") and sweep.chosen["ne"].key == "ne-a1-b2-l0.5"
+    # every strength at every neuron share (sweep.ratio); LE at 2 % edits the set re-selected at 2 %
+    keys = ["le-r{r}-a0.5", "le-r{r}-a1", "ne-r{r}-a1-b2-l0.5"]
+    assert [r.key for r in sweep.rows] == [k.format(r=r) for r in ("0.01", "0.02") for k in keys]
+    assert [r.candidate.ratio for r in sweep.rows] == [0.01] * 3 + [0.02] * 3
+    assert sweep.chosen["le"].key.startswith("le-") and sweep.chosen["ne"].key.startswith("ne-")
+    from vllm_coco.core.artifact import Artifact
+
+    ident = Artifact.read(out / "tiny" / "identify" / "neurons")
+    wide = Artifact.read(out / "tiny" / "sweep" / "sets" / "r0.02")
+    from vllm_coco.identify.selection import count_for
+
+    assert len(wide.arrays["selected"]) == count_for(len(ident.arrays["loss"]), 0.02) > len(ident.arrays["selected"])
+    assert set(ident.arrays["selected"].tolist()) <= set(wide.arrays["selected"].tolist())  # top 1 % within top 2 %
+    # stability: the two halves (2 of the 4 pairs per category each; a quarter is too small and skipped)
+    stab = StabilityResult.from_json(done["tiny/stability"]["result"])
+    assert [s.fraction for s in stab.splits] == [0.5] and stab.splits[0].pairs == 2 and stab.pairs == 4
+    assert 0 <= stab.splits[0].jaccard <= 1 and set(stab.ablated) == set(stab.intervals) == {"a", "b"}
+    halves = [Artifact.read(out / "tiny" / "stability" / rel) for rel in stab.splits[0].neurons]
+    assert not set(halves[0].arrays["rows"].tolist()) & set(halves[1].arrays["rows"].tolist())  # disjoint
+    assert all(len(h.arrays["selected"]) == stab.count for h in halves)
     # sweep evaluations read the validate split, the final ones the test split
     val = json.loads(next((out / "tiny" / "sweep" / "evals" / "base").rglob("results.json")).read_text())
     test = json.loads(next((out / "tiny" / "final" / "evals" / "base").rglob("results.json")).read_text())
@@ -127,7 +155,7 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     assert set(final.runs()) == {"base", "le", "ne"}
     # every done.json reads back as its stage's typed result, and writes the same JSON again
     kinds = {"identify": IdentifyResult, "baselines": BaselinesResult, "ablation": AblationResult,
-             "sweep": SweepResult, "final": FinalResult}
+             "stability": StabilityResult, "sweep": SweepResult, "final": FinalResult}
     for stage, kind in kinds.items():
         stored = done[f"tiny/{stage}"]["result"]
         assert kind.from_json(stored).to_json() == stored, stage
@@ -158,7 +186,7 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     config.write_text(yaml.safe_dump(cfg))
     code, stdout, err = run_cli("run", config, "--check")
     assert code == 0, err
-    assert "sweep (3 candidates incl. base)" in stdout
+    assert "sweep (5 candidates incl. base)" in stdout  # 2 shares x (1 LE + 1 NE), and base
     assert {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()} == mtimes
 
 
@@ -228,8 +256,8 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
             "per_category": {c: {"pairs": 4, "count": 3, "null_best_score": 0.5, "beat_null": 2, "neurons": []}
                              for c in cats},
             "timing_s": {"capture": 1.0, "total": 2.0}}
-    cand_le = R.Candidate(key="le-a0.5", edit="le", alpha=0.5)
-    cand_ne = R.Candidate(key="ne-a1-b2-l0.5", edit="ne", alpha=1.0, beta=2.0, lam=0.5)
+    cand_le = R.Candidate(key="le-a0.5", edit="le", alpha=0.5)  # no ratio: a pipeline-3 done.json
+    cand_ne = R.Candidate(key="ne-r0.02-a1-b2-l0.5", edit="ne", alpha=1.0, beta=2.0, lam=0.5, ratio=0.02)
     iv = R.Interval(n=40, delta=0.05, lo=-0.01, hi=0.11, up=9, down=4, rounds=2000)
     no_items = R.Interval(n=0, delta=None, lo=None, hi=None, up=0, down=0, rounds=0)
     base_row = R.SweepRow.score(None, stereo, ret, admissible=True)
@@ -249,6 +277,11 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
                                      sets={s: stereo for s in ("coco", *baselines)},
                                      intervals={s: {"success_rate": iv} for s in ("coco", *baselines)},
                                      specific={b: iv for b in baselines}),
+        "stability": R.StabilityResult(
+            count=3, total=256, pairs=8, chance=0.006,
+            splits=[R.HalfSplit(fraction=f, pairs=int(8 * f), jaccard=j, jaccard_full=[0.5, 0.2],
+                                neurons=[f"sets/f{f:g}-a", f"sets/f{f:g}-b"]) for f, j in ((0.5, 0.5), (0.25, 0.2))],
+            limit=3, ablated={"a": stereo, "b": stereo}, intervals={"a": iv, "b": no_items}),
         "sweep": R.SweepResult(split="validate", limit=3, retention_limit=None, retention_floor=0.02, base=base_row,
                                rows=rows, chosen=choice),
         "final": R.FinalResult(split="test", limit=3, jailbreak_limit=3, retention_limit=None,
@@ -270,7 +303,7 @@ def test_typed_results_round_trip_through_json():
     from vllm_coco.experiment import results as R
 
     typed = _typed_results()
-    objects = [v for k, v in typed.items() if k != "parts"] + typed["parts"]
+    objects = [v for k, v in typed.items() if k != "parts"] + typed["parts"] + typed["stability"].splits
     json_classes = {c for c in vars(R).values() if isinstance(c, type) and issubclass(c, R.Json)
                     and dataclasses.is_dataclass(c) and c is not R.GroupSummary}
     assert json_classes <= {type(o) for o in objects}, json_classes - {type(o) for o in objects}  # each one tested
@@ -305,7 +338,7 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
     stages = {s: Stage(typed[s], tmp_path / s, "sha256:x", 1.0) for s in STAGES}
     m = ModelResults(name="tiny", path="models/tiny", **stages)
     figs = ModelFigures(*(tmp_path / f"tiny-{n}.png" for n in ("neurons-heatmap", "ablation", "success-rate",
-                                                                "deltas")))
+                                                                "deltas", "sweep")))
     cfg = {"_config_path": "c.yaml", "seed": 0, "eval": {"scoring": "per-byte"}, "sweep": {"retention_floor": 0.02},
            "data": {"source": "bbq", "categories": ["Religion", "Age"], "chat_template": False},
            "identify": {"ratio": 0.01, "limit": 4}}
@@ -322,6 +355,12 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
         in text
     assert "success_rate: +0.050 [-0.010, +0.110] (n=40); acc_disambig: n/a (n=0)" in text
     assert "NE-COCO raises" not in text
+    # stability: the overlaps per split, the half-set ablations, a reading computed from them
+    assert "| 50 % | 4 | 0.500 | 0.500 / 0.200 |" in text and "| 25 % | 2 | 0.200 |" in text
+    assert "| subset A (50 %) | +0.050 [-0.010, +0.110] | 40 |" in text
+    assert ("the two halves share far more neurons than chance (0.500, 83x chance); the overlap rises from 2 to 4 "
+            "pairs per category (0.200 -> 0.500), so more identify data would still change the set; ablating the "
+            "halves' sets lowers the success rate beyond noise for neither.") in text
 
 
 def test_validate_docs_are_disjoint_from_test_docs():
@@ -366,6 +405,12 @@ BAD = [
     ({"sweep": {"le_alpha": [0.5, float("inf")]}}, r"^sweep\.le_alpha\[1\]: inf is not a finite number"),
     ({"sweep": {"le_alpha": [0.5, "x"]}}, r"^sweep\.le_alpha\[1\]: 'x' is not a number"),
     ({"sweep": {"extra": 1}}, r"^sweep\.extra: unknown key"),
+    ({"sweep": {"ne_ratio": 0.01}}, r"^sweep\.ne_ratio: was replaced by sweep\.ratio \(a list"),
+    ({"sweep": {"ratio": [0.01, 0.0]}}, r"^sweep\.ratio\[1\]: 0(\.0)? must be (greater than|above|more than) 0"),
+    ({"sweep": {"ratio": [0.01, 0.01]}}, r"^sweep\.ratio\[1\]: 0\.01 is listed twice"),
+    ({"stability": {"fractions": [0.6]}}, r"^stability\.fractions\[0\]: 0\.6 must be at most 0\.5"),
+    ({"stability": {"ablate": "yes"}}, r"^stability\.ablate: 'yes' is not true or false"),
+    ({"stability": {"limit": 0}}, r"^stability\.limit: 0 must be at least 1"),
     ({"sweep": {"ne_lam": [1.5]}}, r"^sweep\.ne_lam\[0\]: 1\.5 must be at most 1"),
     ({"sweep": {"retention_floor": -0.1}}, r"^sweep\.retention_floor: -0\.1 must be at least 0"),
     ({"identify": {"ratio": 0}}, r"^identify\.ratio: 0\.0 must be greater than 0"),

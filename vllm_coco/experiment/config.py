@@ -38,12 +38,15 @@ DEFAULTS: dict = {
     "baselines": list(N.CONTROL_BASELINES),
     "ablation": {"mode": N.ABLATIONS[0], "limit": 120},
     "sweep": {"le_alpha": [0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
-              "ne_ratio": None, "limit": 60, "retention_limit": 50, "retention_floor": 0.02},
+              "ratio": [0.005, 0.01, 0.02], "limit": 60, "retention_limit": 50, "retention_floor": 0.02},
+    "stability": {"fractions": [0.5, 0.25], "ablate": True, "limit": None},
     "final": {"limit": 120, "jailbreak_limit": 30, "retention_limit": 70},
     "parity": {"identify_limit": 4, "limit": 6, "tolerance": 1e-4},
     "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": N.MAX_MODEL_LEN,
              "scoring": "per-byte", "dtype": N.EVAL_DTYPES[0]},
 }
+# keys of earlier versions: what replaced them (the error says so instead of "unknown key")
+RENAMED = {"sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for both edits)"}
 # parity_of: the name of an earlier model this one is a twin of (same weights, another architecture
 # class): it gets the parity stage (identify + one evaluation, compared number by number) instead of a full run.
 MODEL_KEYS = {"path": None, "name": None, "parity_of": None}
@@ -105,6 +108,8 @@ def _merge(defaults: dict, given, path: str) -> dict:
     for key, value in given.items():
         where = f"{path}.{key}" if path else str(key)
         if key not in defaults:
+            if where in RENAMED:
+                _fail(where, f"was replaced by {RENAMED[where]}")
             valid = ", ".join(defaults)
             _fail(where, f"unknown key (valid keys{' in ' + path if path else ''}: {valid})")
         if isinstance(defaults[key], dict):
@@ -241,11 +246,18 @@ def validate(raw) -> dict:
     sw["ne_alpha"] = _num_list(sw["ne_alpha"], "sweep.ne_alpha", lo=lo, hi=hi)
     sw["ne_beta"] = _num_list(sw["ne_beta"], "sweep.ne_beta", lo=0, lo_open=True)
     sw["ne_lam"] = _num_list(sw["ne_lam"], "sweep.ne_lam", lo=0, hi=1)
-    if sw["ne_ratio"] is not None:
-        sw["ne_ratio"] = _num(sw["ne_ratio"], "sweep.ne_ratio", lo=0, hi=1, lo_open=True)
+    if sw["ratio"] is not None:
+        sw["ratio"] = _num_list(sw["ratio"], "sweep.ratio", lo=0, hi=1, lo_open=True)
     _int(sw, "sweep", "limit", lo=1, nullable=True)
     _int(sw, "sweep", "retention_limit", lo=1, nullable=True)
     sw["retention_floor"] = _num(sw["retention_floor"], "sweep.retention_floor", lo=0, hi=1)
+
+    st = cfg["stability"]
+    if st["fractions"] != []:
+        st["fractions"] = _num_list(st["fractions"], "stability.fractions", lo=0, hi=0.5, lo_open=True)
+    if not isinstance(st["ablate"], bool):
+        _fail("stability.ablate", f"{st['ablate']!r} is not true or false")
+    _int(st, "stability", "limit", lo=1, nullable=True)
 
     for key in ("limit", "jailbreak_limit", "retention_limit"):
         _int(cfg["final"], "final", key, lo=1, nullable=True)

@@ -15,9 +15,10 @@ class ModelFigures:
     ablation: Path
     success: Path
     deltas: Path
+    sweep: Path
 
     def paths(self) -> list[Path]:
-        return [self.heatmap, self.ablation, self.success, self.deltas]
+        return [self.heatmap, self.ablation, self.success, self.deltas, self.sweep]
 
 
 def draw(m: ModelResults, categories, out_dir: Path) -> ModelFigures:
@@ -25,7 +26,7 @@ def draw(m: ModelResults, categories, out_dir: Path) -> ModelFigures:
     return ModelFigures(heatmap=neuron_heatmap(m, out_dir),
                         ablation=ablation_chart(m.name, m.ablation.result, categories, out_dir),
                         success=success_chart(m.name, m.final.result, categories, out_dir),
-                        deltas=delta_chart(m, out_dir))
+                        deltas=delta_chart(m, out_dir), sweep=sweep_chart(m, out_dir))
 
 
 def neuron_heatmap(m: ModelResults, out_dir: Path) -> Path:
@@ -74,6 +75,8 @@ def delta_chart(m: ModelResults, out_dir: Path) -> Path:
 
     abl, fin = m.ablation.result, m.final.result
     rows = [(f"{LABELS[k]} ablated", (abl.intervals or {}).get(k, {}).get("success_rate")) for k in abl.sets]
+    if m.stability is not None:  # the split halves' own sets (stability stage)
+        rows += [(f"half {k.upper()}'s set ablated", iv) for k, iv in (m.stability.result.intervals or {}).items()]
     rows += [(EDIT_LABELS[k], (run.intervals or {}).get("success_rate")) for k, run in fin.edits().items()]
     rows = [(label, iv) for label, iv in rows if iv is not None and iv.delta is not None and iv.lo is not None]
     fig, ax = plt.subplots(figsize=(6.5, 0.55 * max(len(rows), 1) + 1.4))
@@ -87,5 +90,46 @@ def delta_chart(m: ModelResults, out_dir: Path) -> Path:
     ax.set_title(f"{m.name}: what each edit does to the success rate")
     fig.tight_layout()
     png = out_dir / f"{m.name}-deltas.png"
+    save_figure(fig, png)
+    return png
+
+
+def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
+    """The sweep on validate: each candidate's Δ success rate vs base with its paired 95 % interval,
+    against the neuron share, one line per edit and strength (the chosen ones ringed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from vllm_coco.core.atomic import save_figure
+
+    r = m.sweep.result
+    chosen = {c.key for c in r.chosen.values() if c.key is not None}
+    lines: dict[str, list] = {}  # edit + strength -> [(share, interval, chosen)]
+    for row in r.rows:
+        c = row.candidate
+        if row.delta is None or row.delta.delta is None or row.delta.lo is None:
+            continue
+        label = f"{EDIT_LABELS[c.edit]} " + c.params.split(", ", 1)[-1] if c.ratio is not None else c.params
+        lines.setdefault(label, []).append((100 * (c.ratio or 0.0), row.delta, row.key in chosen))
+    fig, ax = plt.subplots(figsize=(6.5, 4.0))
+    for i, (label, pts) in enumerate(lines.items()):
+        x = [p[0] * (1 + 0.04 * (i - len(lines) / 2)) for p in pts]  # a small offset keeps whiskers apart
+        d = [p[1].delta for p in pts]
+        err = [[p[1].delta - p[1].lo for p in pts], [p[1].hi - p[1].delta for p in pts]]
+        ax.errorbar(x, d, yerr=err, fmt="o-", capsize=3, label=label)
+        for xi, p in zip(x, pts):
+            if p[2]:
+                ax.plot([xi], [p[1].delta], "o", ms=13, mfc="none", mec="black")
+    ax.axhline(0.0, color="gray", lw=1, ls="--")
+    if all(p[0] > 0 for pts in lines.values() for p in pts):  # shares 0.5, 1, 2 %: evenly spaced
+        ax.set_xscale("log")
+    ax.set_xlabel("neuron share (%)")
+    ax.set_ylabel("Δ success rate vs base (validate), 95 %")
+    ax.set_title(f"{m.name}: sweep (ringed: chosen)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    png = out_dir / f"{m.name}-sweep.png"
     save_figure(fig, png)
     return png

@@ -5,7 +5,11 @@ Per model (OUT/<model>/<stage>/):
   baselines  RAND / NORM / MACT with the same count (identify.reselect: no model run)
   ablation   causal check: each set zeroed (bake --mode ablate-zero), stereo_coco success rate on
              the test split for the base model and every ablated one
-  sweep      LE-COCO alphas and an NE-COCO grid scored on the *validate* split; a candidate is
+  stability  split-half check: the identify data's two halves (and nested quarters) scored and
+             selected alone from the stored intensities (no model run), the Jaccard overlap of
+             their sets; each half's set ablated on the test split like the sets above
+  sweep      LE-COCO alphas and an NE-COCO grid, each at every neuron share of sweep.ratio (LE:
+             the COCO set re-selected at that share), scored on the *validate* split; a candidate is
              admissible when its retention accuracy (coco_mmlu, coco_boolq) is at least the base
              model's minus `sweep.retention_floor`; the best admissible LE and NE are chosen
   final      base, chosen LE, chosen NE on the test split: stereo_coco, stereo_coco_jailbreak,
@@ -53,6 +57,7 @@ from vllm_coco.experiment.results import (
     Candidate,
     FinalResult,
     FinalRun,
+    HalfSplit,
     IdentifyResult,
     Interval,
     JailbreakSummary,
@@ -60,12 +65,13 @@ from vllm_coco.experiment.results import (
     ParityResult,
     ReportResult,
     RetentionSummary,
+    StabilityResult,
     Stage,
     StereoSummary,
     SweepResult,
     SweepRow,
 )
-from vllm_coco.experiment.sweep import admissible, candidates, choose
+from vllm_coco.experiment.sweep import admissible, candidates, choose, shares
 
 PIPELINE_VERSION = 3  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
@@ -339,10 +345,30 @@ def _neuron_sets(ident: Stage[IdentifyResult], bases: Stage[BaselinesResult]) ->
     return sets
 
 
-def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases: Stage[BaselinesResult],
-              data_spec: dict) -> Stage[AblationResult]:
+def score_ablated(run: Run, m: dict, steps: Steps, name: str, neurons: Path, mode: str, score):
+    """Evaluate neuron set `name` ablated: `score(model dir, condition)` with the in-memory condition
+    ablate-<name> on the base model (backend hf; registered by the caller), or on a baked copy
+    (other backends) whose weights go after scoring unless keep_models. keep_models writes the copy
+    for the user in memory mode too; the numbers still come from memory."""
     from vllm_coco.edit.bake import bake
 
+    written = None
+    if not run.in_memory or run.cfg["keep_models"]:
+        written = steps.do(f"models/{name}", {"neurons": str(neurons), "mode": mode},
+                           lambda d: bake(str(m["dir"]), str(neurons), str(d), mode=mode))
+    if run.in_memory:
+        return score(m["dir"], f"ablate-{name}")
+    out = score(written, None)
+    if not run.cfg["keep_models"]:
+        _drop_weights(written)
+    return out
+
+
+BASE_EVAL = Path("evals/base/eval")  # the ablation stage's base evaluation (eval_groups, one group)
+
+
+def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases: Stage[BaselinesResult],
+              data_spec: dict) -> Stage[AblationResult]:
     ac = run.cfg["ablation"]
     cats = run.cfg["data"]["categories"]
     tasks = [f"stereo_coco_{c}" for c in cats]
@@ -376,17 +402,8 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
         scored = {}
         for name, neurons in sets.items():
             t0 = time.time()
-            if run.in_memory and not run.cfg["keep_models"]:
-                scored[name] = score(name, m["dir"], steps, t0, condition=f"ablate-{name}")
-                continue
-            model_dir = steps.do(f"models/{name}", {"neurons": str(neurons), "mode": ac["mode"]},
-                                 lambda d, n=neurons: bake(str(m["dir"]), str(n), str(d), mode=ac["mode"]))
-            if run.in_memory:  # keep_models: the written copy is for the user; the numbers come from memory
-                scored[name] = score(name, m["dir"], steps, t0, condition=f"ablate-{name}")
-                continue
-            scored[name] = score(name, model_dir, steps, t0)
-            if not run.cfg["keep_models"]:
-                _drop_weights(model_dir)
+            scored[name] = score_ablated(run, m, steps, name, neurons, ac["mode"],
+                                         lambda d, c, name=name, t0=t0: score(name, d, steps, t0, condition=c))
         recs = {name: stats.bbq_records(d) for name, d in where.items()}
         intervals = {name: {k: stats.compare(recs["base"], recs[name], k) for k in stats.METRIC_STATS}
                      for name in scored}
@@ -398,37 +415,140 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
     return run.stage(root, m["name"], "ablation", spec, body, AblationResult)
 
 
+def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl: Stage[AblationResult],
+               data_spec: dict) -> Stage[StabilityResult] | None:
+    """Split-half stability (identify/stability.py): the identify data's halves (and smaller nested
+    subsets) scored and selected alone from the stored intensities, their overlap; with `ablate`,
+    each half's set ablated on the test split like the ablation stage's sets, against its base."""
+    sc, ac = run.cfg["stability"], run.cfg["ablation"]
+    if not sc["fractions"]:
+        return None
+    cats = run.cfg["data"]["categories"]
+    tasks = [f"stereo_coco_{c}" for c in cats]
+    limit = ac["limit"] if sc["limit"] is None else sc["limit"]
+    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
+            "ablation": abl.hash, "stability": sc, "limit": limit, "mode": ac["mode"], "seed": run.cfg["seed"],
+            "data": data_spec, "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]}
+
+    def body(partial: Path, steps: Steps) -> StabilityResult:
+        import numpy as np
+
+        from vllm_coco.core.artifact import Artifact
+        from vllm_coco.identify import stability as st
+        from vllm_coco.identify.run import rescore
+
+        full = ident.dir / ident.result.neurons
+        meta, arrays = Artifact.read(full)
+        row_cat, row_label = arrays["row_category"], arrays["row_label"]
+        paired, seed = meta["data"].get("contrast", "response") == "response", run.cfg["seed"]
+        count, total = len(arrays["selected"]), len(arrays["loss"])
+        splits = []
+        for fraction in sorted(sc["fractions"], reverse=True):
+            halves = st.split_halves(row_cat, row_label, paired, seed, fraction)
+            if halves is None:
+                run.log(f"  [{m['name']}] stability: {fraction:g} of the identify data leaves a category fewer "
+                        f"than {st.MIN_UNITS} pairs per side; skipped")
+                continue
+            dirs = [steps.do(f"sets/f{fraction:g}-{side}", {"fraction": fraction, "side": side, "seed": seed},
+                             lambda d, rows=rows, side=side, fraction=fraction: rescore(
+                                 str(full), str(d), rows, f"stability: subset {side}, {fraction:g} of each "
+                                 f"category's identify data (seed {seed})"))
+                    for side, rows in zip("ab", halves)]
+            sels = [Artifact.read(d).arrays["selected"] for d in dirs]
+            split = HalfSplit(fraction=fraction, pairs=st.units_per_category(halves[0], row_cat, row_label),
+                              jaccard=st.jaccard(*sels), jaccard_full=[st.jaccard(x, arrays["selected"]) for x in sels],
+                              neurons=[str(d.relative_to(partial)) for d in dirs])
+            splits.append(split)
+            run.log(f"  [{m['name']}] stability: {split.pairs} pairs per category per subset: Jaccard "
+                    f"{split.jaccard:.3f} (vs the full set {split.jaccard_full[0]:.3f} / {split.jaccard_full[1]:.3f}; "
+                    f"chance {st.chance_jaccard(count, total):.3f})")
+        res = {"count": count, "total": total, "chance": st.chance_jaccard(count, total), "splits": splits,
+               "pairs": st.units_per_category(np.arange(len(row_cat)), row_cat, row_label)}
+        if not (sc["ablate"] and splits):
+            return StabilityResult(**res)
+        sides = {f"half-{side}": partial / rel for side, rel in zip("ab", splits[0].neurons)}
+        if run.in_memory:
+            from vllm_coco.edit.conditions import linear_edit
+
+            lm = run.lm(m["dir"])
+            for name, neurons in sides.items():
+                lm.add_condition(f"ablate-{name}", linear_edit(neurons, ac["mode"], model_dir=m["dir"]))
+        where: dict[str, Path] = {}
+
+        def score(name: str, model_dir: Path, condition: str | None) -> StereoSummary:
+            t0, dirs = time.time(), {}
+            others = [f"ablate-{n}" for n in sides if n != name] if run.in_memory else []
+            res = eval_groups(run, model_dir, [("stereo", tasks, limit)], "test", steps, f"evals/{name}",
+                              {"model": name, "mode": ac["mode"]}, condition=condition, prefetch=others,
+                              dirs=dirs)["stereo"]
+            where[name] = dirs["stereo"]
+            out = StereoSummary.from_lm(res, cats)
+            run.log(f"  [{m['name']}] stability: {name} ablated: success_rate {fmt(out.get('success_rate'))} "
+                    f"({time.time() - t0:.0f} s)")
+            return out
+
+        ablated = {name[-1]: score_ablated(run, m, steps, name, neurons, ac["mode"],
+                                           lambda d, c, name=name: score(name, d, c))
+                   for name, neurons in sides.items()}
+        base = stats.bbq_records(abl.dir / BASE_EVAL)
+        intervals = {name[-1]: stats.compare(base, stats.bbq_records(d), "success_rate") for name, d in where.items()}
+        return StabilityResult(**res, limit=limit, ablated=ablated, intervals=intervals)
+
+    return run.stage(root, m["name"], "stability", spec, body, StabilityResult)
+
+
 def _drop_weights(model_dir: Path) -> None:
     """Free the disk of an evaluated candidate: its weights go, its coco_edit.json / config stay."""
     for f in model_dir.glob("*.safetensors"):
         f.unlink()
 
 
-def _make_edit(m: dict, neurons: Path, cand: Candidate, ratio, out: Path) -> None:
+def share_sets(run: Run, ident: Stage[IdentifyResult], steps: Steps) -> None:
+    """The COCO set at each swept share other than identify's (LE edits it): `select --ratio` of the
+    identify artifact into sets/r<share>/ of the stage (no model run)."""
+    from vllm_coco.identify.run import reselect
+
+    full = ident.dir / ident.result.neurons
+    for r in shares(run.cfg["sweep"], run.cfg["identify"]["ratio"]):
+        if r != run.cfg["identify"]["ratio"]:
+            steps.do(f"sets/r{r:g}", {"ratio": r}, lambda d, r=r: reselect(str(full), str(d), ratio=r))
+
+
+def candidate_neurons(run: Run, ident: Stage[IdentifyResult], sets_dir: Path, cand: Candidate) -> Path:
+    """The artifact a candidate edits: LE at a share other than identify's reads that share's set
+    (share_sets, under the sweep stage's directory `sets_dir`); NE takes its share of q/v neurons
+    from the identify artifact itself (ne.select_ne)."""
+    if cand.edit == "le" and cand.ratio is not None and cand.ratio != run.cfg["identify"]["ratio"]:
+        return sets_dir / "sets" / f"r{cand.ratio:g}"
+    return ident.dir / ident.result.neurons
+
+
+def _make_edit(m: dict, neurons: Path, cand: Candidate, out: Path) -> None:
     from vllm_coco.edit.bake import bake
     from vllm_coco.edit.ne import write_ne
 
     if cand.edit == "le":
         bake(str(m["dir"]), str(neurons), str(out), mode="le", alpha=cand.alpha)
     else:
-        write_ne(str(m["dir"]), str(neurons), str(out), alpha=cand.alpha, beta=cand.beta, lam=cand.lam, ratio=ratio)
+        write_ne(str(m["dir"]), str(neurons), str(out), alpha=cand.alpha, beta=cand.beta, lam=cand.lam,
+                 ratio=cand.ratio)
 
 
-def edit_condition(m: dict, neurons: Path, cand: Candidate, ratio):
+def edit_condition(m: dict, neurons: Path, cand: Candidate):
     """A sweep candidate as an in-memory edit: the same numbers as the directory `_make_edit` writes."""
     from vllm_coco.edit.conditions import linear_edit, ne_edit
 
     if cand.edit == "le":
         return linear_edit(neurons, "le", alpha=cand.alpha, model_dir=m["dir"])
-    return ne_edit(neurons, alpha=cand.alpha, beta=cand.beta, lam=cand.lam, ratio=ratio, model_dir=m["dir"])
+    return ne_edit(neurons, alpha=cand.alpha, beta=cand.beta, lam=cand.lam, ratio=cand.ratio, model_dir=m["dir"])
 
 
 def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SweepResult]:
     sw = run.cfg["sweep"]
     cats = run.cfg["data"]["categories"]
     stereo = [f"stereo_coco_{c}" for c in cats]
-    neurons = ident.dir / ident.result.neurons
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash, "sweep": sw,
+            "identify_ratio": run.cfg["identify"]["ratio"],
             "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
@@ -445,12 +565,14 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
 
     def body(partial: Path, steps: Steps) -> SweepResult:
         t0 = time.time()
-        cands = candidates(sw)
+        cands = candidates(sw, run.cfg["identify"]["ratio"])
+        share_sets(run, ident, steps)
+        neurons = {c.key: candidate_neurons(run, ident, partial, c) for c in cands}
         conds = [f"sweep-{c.key}" for c in cands] if run.in_memory else []
         if run.in_memory:
             lm = run.lm(m["dir"])
             for c in cands:
-                lm.add_condition(f"sweep-{c.key}", edit_condition(m, neurons, c, sw["ne_ratio"]))
+                lm.add_condition(f"sweep-{c.key}", edit_condition(m, neurons[c.key], c))
         base = SweepRow.score(None, *score(m["dir"], "base", steps, prefetch=conds), admissible=True)
         run.log(f"  [{m['name']}] sweep base: success_rate {fmt(base.success_rate)}, retention "
                 f"{fmt(base.retention)} ({time.time() - t0:.0f} s)")
@@ -459,12 +581,12 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
             t0 = time.time()
             if run.in_memory:
                 if run.cfg["keep_models"]:
-                    steps.do(f"models/{cand.key}", {"cand": cand.spec(), "ratio": sw["ne_ratio"]},
-                             lambda d, c=cand: _make_edit(m, neurons, c, sw["ne_ratio"], d))
+                    steps.do(f"models/{cand.key}", {"cand": cand.spec()},
+                             lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
                 st, ret = score(m["dir"], cand.key, steps, condition=f"sweep-{cand.key}")
             else:
-                d = steps.do(f"models/{cand.key}", {"cand": cand.spec(), "ratio": sw["ne_ratio"]},
-                             lambda d, c=cand: _make_edit(m, neurons, c, sw["ne_ratio"], d))
+                d = steps.do(f"models/{cand.key}", {"cand": cand.spec()},
+                             lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
                 st, ret = score(d, cand.key, steps)
                 if not run.cfg["keep_models"]:
                     _drop_weights(d)
@@ -508,15 +630,12 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
     chosen = {e: sweep.result.chosen_row(e) for e in EDITS}
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
             "sweep": sweep.hash, "final": fc, "data": data_spec, "backend": run.backend,
-            "scoring": run.cfg["eval"]["scoring"],
-            "ne_ratio": run.cfg["sweep"]["ne_ratio"]}
+            "scoring": run.cfg["eval"]["scoring"]}
     parts = [("stereo", [f"stereo_coco_{c}" for c in cats], fc["limit"]),
              ("jailbreak", ["stereo_coco_jailbreak"], fc["jailbreak_limit"]),
              ("retention", list(RETENTION_FINAL), fc["retention_limit"])]
     metadata = {"categories": list(cats)}  # the jailbreak families draw items from these categories
 
-    neurons = ident.dir / ident.result.neurons
-    ratio = run.cfg["sweep"]["ne_ratio"]
     where: dict[str, dict[str, Path]] = {}  # run -> part -> evaluation directory
 
     def evaluate_one(name: str, cand: Candidate | None, steps: Steps, prefetch=()) -> FinalRun:
@@ -525,7 +644,8 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
         if cand is not None:
             spec = {k: v for k, v in cand.spec().items() if k != "key"}
             # the chosen edits are the run's product: written even when evaluated in memory
-            written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, ratio, d))
+            neurons = candidate_neurons(run, ident, sweep.dir, cand)
+            written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, d))
             if run.in_memory:
                 condition = f"final-{name}"
             else:
@@ -549,7 +669,8 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
             lm = run.lm(m["dir"])
             for e, row in chosen.items():
                 if row is not None:
-                    lm.add_condition(f"final-{e}", edit_condition(m, neurons, row.candidate, ratio))
+                    lm.add_condition(f"final-{e}", edit_condition(
+                        m, candidate_neurons(run, ident, sweep.dir, row.candidate), row.candidate))
                     conds.append(f"final-{e}")
         base = evaluate_one("base", None, steps, prefetch=conds)
         edits = {e: None if row is None else evaluate_one(e, row.candidate, steps) for e, row in chosen.items()}
@@ -662,7 +783,8 @@ def _report(run: Run, models: list[ModelResults], parities: dict[str, Stage[Pari
 
 def plan(cfg: dict) -> list[str]:
     sw = cfg["sweep"]
-    n_cand = len(sw["le_alpha"]) + len(sw["ne_alpha"]) * len(sw["ne_beta"]) * len(sw["ne_lam"])
+    n_cand = len(shares(sw, cfg["identify"]["ratio"])) * (
+        len(sw["le_alpha"]) + len(sw["ne_alpha"]) * len(sw["ne_beta"]) * len(sw["ne_lam"]))
     lines = [f"output: {cfg['out']}"]
     for m in cfg["models"]:
         if m["parity_of"] is not None:
@@ -671,7 +793,11 @@ def plan(cfg: dict) -> list[str]:
                          f"{cfg['parity']['limit']} documents per category)")
             continue
         lines.append(f"[{m['name']}] {m['path']}: identify -> baselines ({', '.join(cfg['baselines']) or 'none'}) -> "
-                     f"ablation ({1 + 1 + len(cfg['baselines'])} evals) -> sweep ({1 + n_cand} candidates incl. base) "
+                     f"ablation ({1 + 1 + len(cfg['baselines'])} evals) -> "
+                     + (f"stability ({len(cfg['stability']['fractions'])} split(s)"
+                        + (", 2 evals" if cfg['stability']['ablate'] else "") + ") -> "
+                        if cfg["stability"]["fractions"] else "")
+                     + f"sweep ({1 + n_cand} candidates incl. base) "
                      f"-> final (base, LE, NE)")
     lines.append("report: OUT/REPORT.md")
     return lines
@@ -718,10 +844,11 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
         ident = _identify(run, m, root, data_spec)
         bases = _baselines(run, m, root, ident)
         abl = _ablation(run, m, root, ident, bases, data_spec)
+        stab = _stability(run, m, root, ident, abl, data_spec)
         sweep = _sweep(run, m, root, ident, data_spec)
         final = _final(run, m, root, ident, sweep, data_spec)
         done_models.append(ModelResults(name=m["name"], path=m["path"], identify=ident, baselines=bases,
-                                        ablation=abl, sweep=sweep, final=final))
+                                        ablation=abl, stability=stab, sweep=sweep, final=final))
     rep = _report(run, done_models, parities)
     computed = [s for s in run.stages if s["status"] == "computed"]
     summary = ("every stage reused" if not computed else

@@ -28,6 +28,7 @@ from vllm_coco.experiment.results import (
     Interval,
     ModelResults,
     ParityResult,
+    StabilityResult,
     Stage,
     SweepResult,
 )
@@ -132,7 +133,9 @@ def parity(parities: dict[str, ParityResult]) -> list[str]:
 def model_section(cfg: dict, m: ModelResults, fig: ModelFigures, layout: str) -> list[str]:
     cats, final = cfg["data"]["categories"], m.final.result
     return (model_intro(m) + neurons(m.identify.result, cfg["identify"], layout, fig.heatmap)
-            + ablation(m.ablation.result, cats, fig.ablation) + sweep(m.sweep.result)
+            + ablation(m.ablation.result, cats, fig.ablation)
+            + (stability(m.stability.result, m.ablation.result) if m.stability is not None else [])
+            + sweep(m.sweep.result) + figure("sweep", fig.sweep)
             + final_stereo(final, cats) + choice_on_test(m) + other_metrics(final)
             + figure("success rate", fig.success) + figure("deltas with intervals", fig.deltas)
             + jailbreak(final) + retention(final, m.final.dir))
@@ -257,6 +260,53 @@ def ablation(r: AblationResult, cats, png: Path) -> list[str]:
                md_table(["baseline X", "Δ_COCO - Δ_X [95 %]", "n"],
                         [[LABELS[k], iv.text(), str(iv.n)] for k, iv in r.specific.items()]), ""]
     return md + [f"Reading: {ablation_reading(r)}.", ""] + figure("ablation", png)
+
+
+def stability(r: StabilityResult, abl: AblationResult) -> list[str]:
+    """The split-half overlaps, the half sets' ablations, and a reading computed from them."""
+    md = ["### Stability of the neuron set (split halves of the identify data)", "",
+          f"Each category's identify pairs split at random into two disjoint subsets, each scored and selected "
+          f"alone ({r.count} of {r.total:,} neurons, the full run's rule); Jaccard = |A ∩ B| / |A ∪ B|. Two random "
+          f"sets of {r.count} would overlap by {r.chance:.3f}. The full run used {r.pairs} pairs per category.", ""]
+    if not r.splits:
+        return md + ["n/a: the identify data is too small to split (each subset needs >= 2 pairs per category).", ""]
+    rows = [[f"{100 * s.fraction:g} %", str(s.pairs), f"{s.jaccard:.3f}",
+             f"{s.jaccard_full[0]:.3f} / {s.jaccard_full[1]:.3f}"] for s in r.splits]
+    md += [md_table(["data per subset", "pairs per category", "Jaccard(A, B)", "A, B vs the full set"], rows), ""]
+    if r.intervals:
+        coco = (abl.intervals or {}).get("coco", {}).get("success_rate")
+        cells = [[f"subset {side.upper()} ({100 * r.splits[0].fraction:g} %)", iv.text(), str(iv.n)]
+                 for side, iv in r.intervals.items()]
+        if coco is not None:
+            cells.append(["full set (the ablation above)", coco.text(), str(coco.n)])
+        md += [f"Each subset's set ablated (test split, limit {r.limit or 'all'} documents per category), success "
+               "rate Δ vs base [95 %]:", "", md_table(["set ablated", "Δ success rate", "n"], cells), ""]
+    return md + [f"Reading: {stability_reading(r)}.", ""]
+
+
+def stability_reading(r: StabilityResult) -> str:
+    """What the overlaps (and the half ablations) say, by fixed thresholds stated in the text."""
+    top = r.splits[0]
+    ratio = top.jaccard / r.chance if r.chance > 0 else float("inf")
+    if ratio >= 10:
+        text = f"the two halves share far more neurons than chance ({top.jaccard:.3f}, {ratio:.0f}x chance)"
+    elif ratio >= 2:
+        text = f"the halves overlap above chance but weakly ({top.jaccard:.3f}, {ratio:.1f}x chance)"
+    else:
+        text = f"the halves overlap no more than chance ({top.jaccard:.3f}): the selection is mostly sampling"
+    if len(r.splits) > 1:
+        small = r.splits[-1]
+        rising = top.jaccard > small.jaccard
+        text += (f"; the overlap {'rises' if rising else 'does not rise'} from {small.pairs} to {top.pairs} pairs "
+                 f"per category ({small.jaccard:.3f} -> {top.jaccard:.3f})"
+                 + (", so more identify data would still change the set" if rising else ""))
+    if r.intervals:
+        below = [s.upper() for s, iv in r.intervals.items() if iv.hi is not None and iv.hi < 0]
+        text += ("; both halves' sets lower the success rate when ablated (intervals below 0): the effect "
+                 "reproduces from independent data" if len(below) == len(r.intervals) else
+                 "; ablating the halves' sets lowers the success rate beyond noise for "
+                 + (", ".join(below) or "neither"))
+    return text
 
 
 METRIC_NAMES = {"success_rate": "success rate", "acc_disambig": "acc (disambig.)", "abs_bias_ambig": "|s_AMB|",

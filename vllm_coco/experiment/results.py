@@ -276,22 +276,51 @@ class AblationResult(Json):
         return {k: v for k, v in self.sets.items() if k != "coco"}
 
 
+# --------------------------------------------------------------------------- stability
+
+@dataclass(frozen=True)
+class HalfSplit(Json):
+    """Two disjoint subsets of the identify data (identify/stability.py), each scored and selected
+    alone with the full run's options."""
+    fraction: float  # share of every category's contrast units in each subset
+    pairs: int  # units (response mode: pairs) per category in each subset, the smallest category's
+    jaccard: float  # overlap of the two subsets' selections
+    jaccard_full: list[float]  # each subset's selection vs the full run's
+    neurons: list[str]  # the two artifacts, relative to the stage directory
+
+
+@dataclass(frozen=True)
+class StabilityResult(Json):
+    """Split-half stability of the COCO set, and (ablate) the causal check of each half's set."""
+    count: int  # neurons per selection
+    total: int  # q/k/v neurons of the model
+    pairs: int  # units per category of the full identify run (the smallest category's)
+    chance: float  # Jaccard of two random sets of `count` of `total` neurons
+    splits: list[HalfSplit]  # largest fraction first
+    limit: int | None = None  # stereo_coco documents per category of the half-set ablations
+    ablated: dict[str, StereoSummary] | None = None  # "a" / "b": the largest split's halves ablated (test)
+    intervals: dict[str, Interval] | None = None  # "a" / "b": success rate Δ vs base, paired over test items
+
+
 # --------------------------------------------------------------------------- sweep
 
 @dataclass(frozen=True)
 class Candidate(Json):
-    """One edit of the sweep grid: LE (alpha) or NE (alpha, beta, lam)."""
+    """One edit of the sweep grid: LE (alpha) or NE (alpha, beta, lam), on the top `ratio` share of
+    neurons (LE: of all q/k/v neurons by COCO loss; NE: of q and v neurons by |direction|)."""
     key: str
     edit: str
     alpha: float
     beta: float | None = None
     lam: float | None = None
+    ratio: float | None = None  # None: the identify artifact's own share (done.json of pipeline < 4)
 
     @property
     def params(self) -> str:
+        share = "" if self.ratio is None else f"share={100 * self.ratio:g} %, "
         if self.edit == "le":
-            return f"alpha={self.alpha:g}"
-        return f"alpha={self.alpha:g}, beta={self.beta:g}, lam={self.lam:g}"
+            return f"{share}alpha={self.alpha:g}"
+        return f"{share}alpha={self.alpha:g}, beta={self.beta:g}, lam={self.lam:g}"
 
     def spec(self) -> dict:
         """What makes the edit (a step's hash input): LE has no beta / lam."""
@@ -429,6 +458,8 @@ class ModelResults:
     ablation: Stage[AblationResult]
     sweep: Stage[SweepResult]
     final: Stage[FinalResult]
+    stability: Stage[StabilityResult] | None = None  # None: stability.fractions is empty
 
     def stages(self) -> dict[str, Stage]:
-        return {s: getattr(self, s) for s in ("identify", "baselines", "ablation", "sweep", "final")}
+        names = ("identify", "baselines", "ablation", "stability", "sweep", "final")
+        return {s: getattr(self, s) for s in names if getattr(self, s) is not None}

@@ -7,14 +7,23 @@ import math
 from vllm_coco.experiment.results import Candidate, Choice, SweepRow
 
 
-def candidates(sw: dict) -> list[Candidate]:
-    """The config's sweep section as candidates: every LE alpha, then the NE alpha x beta x lam grid."""
-    out = [Candidate(key=f"le-a{a:g}", edit="le", alpha=a) for a in sw["le_alpha"]]
-    for a in sw["ne_alpha"]:
-        for b in sw["ne_beta"]:
-            for lam in sw["ne_lam"]:
-                out.append(Candidate(key=f"ne-a{a:g}-b{b:g}-l{lam:g}", edit="ne", alpha=a, beta=b, lam=lam))
+def candidates(sw: dict, identify_ratio: float) -> list[Candidate]:
+    """The config's sweep section as candidates: for each neuron share (sweep.ratio; null: the
+    identify share), every LE alpha, then the NE alpha x beta x lam grid."""
+    out = []
+    for r in sw["ratio"] or [identify_ratio]:
+        out += [Candidate(key=f"le-r{r:g}-a{a:g}", edit="le", alpha=a, ratio=r) for a in sw["le_alpha"]]
+        for a in sw["ne_alpha"]:
+            for b in sw["ne_beta"]:
+                for lam in sw["ne_lam"]:
+                    out.append(Candidate(key=f"ne-r{r:g}-a{a:g}-b{b:g}-l{lam:g}", edit="ne", alpha=a, beta=b, lam=lam,
+                                         ratio=r))
     return out
+
+
+def shares(sw: dict, identify_ratio: float) -> list[float]:
+    """The neuron shares the sweep covers."""
+    return list(sw["ratio"] or [identify_ratio])
 
 
 def admissible(retention: float | None, base_retention: float | None, floor: float) -> bool:

@@ -211,6 +211,24 @@ def select_from_arrays(arrays: dict, categories, nulls: dict, sizes: dict, opts:
     }
 
 
+def _stored_options(meta: dict, arrays: dict, neurons_dir, **overrides) -> IdentifyOptions:
+    """The scoring and selection options an artifact was made with (its neurons.json), with overrides."""
+    old = meta["selection"]
+    opts = IdentifyOptions(**{"weighting": old["weighting"], "seed": old.get("seed", N.SEED),
+                              "tau": old.get("tau", N.TAU), "k_negatives": old.get("k_negatives", N.K_NEGATIVES),
+                              "null_rounds": meta["significance"].get("rounds", N.NULL_ROUNDS),
+                              "threshold": old.get("threshold") if old.get("rule") == "threshold" else None,
+                              "contrast": meta["data"].get("contrast", "response"),
+                              "ratio": old.get("ratio") or N.RATIO, **overrides})
+    if not isinstance(opts.seed, int) or not isinstance(opts.null_rounds, int):
+        raise CocoError(f"{neurons_dir}/neurons.json: damaged selection or significance entries; "
+                        "re-run `coco-tools identify`")
+    opts.validate()
+    if f"mean_intensity.{meta['categories'][0]}" not in arrays:
+        raise CocoError(f"{neurons_dir} predates re-selection support; re-run `coco-tools identify`")
+    return opts
+
+
 def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | None = None,
              threshold: float | None = None, weighting: str | None = None, seed: int | None = None,
              force: bool = False) -> dict:
@@ -224,20 +242,13 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
     old = meta["selection"]
     if ratio is None and threshold is None and old.get("rule") == "threshold":
         threshold = old.get("threshold")  # the source's own rule, as --help promises
-    opts = IdentifyOptions(baseline=baseline, weighting=weighting or old["weighting"],
-                           seed=old.get("seed", N.SEED) if seed is None else seed, tau=old.get("tau", N.TAU),
-                           k_negatives=old.get("k_negatives", N.K_NEGATIVES),
-                           null_rounds=meta["significance"].get("rounds", N.NULL_ROUNDS),
-                           threshold=threshold, contrast=meta["data"].get("contrast", "response"),
+    opts = _stored_options(meta, arrays, neurons_dir, baseline=baseline, weighting=weighting or old["weighting"],
+                           seed=old.get("seed", N.SEED) if seed is None else seed, threshold=threshold,
                            ratio=ratio if ratio is not None else (old.get("ratio") or N.RATIO))
-    opts.validate()
     categories = meta["categories"]
-    if f"mean_intensity.{categories[0]}" not in arrays:
-        raise CocoError(f"{neurons_dir} predates re-selection support; re-run `coco-tools identify`")
     nulls = {"combined": meta["significance"].get("null_best_score"),
              **{c: meta["per_category"][c].get("null_best_score") for c in categories}}
-    bad = [k for k, v in nulls.items() if v is not None and not isinstance(v, (int, float))]
-    if bad or not isinstance(opts.seed, int) or not isinstance(opts.null_rounds, int):
+    if any(v is not None and not isinstance(v, (int, float)) for v in nulls.values()):
         raise CocoError(f"{neurons_dir}/neurons.json: damaged selection or significance entries; "
                         "re-run `coco-tools identify`")
     sizes = {c: {k: meta["per_category"][c][k] for k in ("pairs", "biased", "unknown") if k in meta["per_category"][c]}
@@ -253,6 +264,45 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
                 (tmp / artifact.MATRIX_FILE).hardlink_to(matrix)
             except OSError:
                 shutil.copy2(matrix, tmp / artifact.MATRIX_FILE)
+    return new
+
+
+def rescore(neurons_dir: str, out: str, rows: np.ndarray, note: str, force: bool = False) -> dict:
+    """A new artifact identified from a subset of an artifact's captured rows (`rows`: indices into
+    its intensity matrix), with the source's scoring and selection options but no permutation null:
+    no model run. The split-half stability check (identify/stability.py) scores each half this way.
+    The new artifact has no intensity matrix (edits that need calibration intensities, NE, take the
+    source); `note` says what the subset is."""
+    from vllm_coco.identify.capture import open_matrix
+
+    meta, arrays = artifact.load(neurons_dir)
+    check_output_dir(out, force, (Path(neurons_dir),))
+    matrix_path = Path(neurons_dir) / artifact.MATRIX_FILE
+    if not matrix_path.exists() or "row_category" not in arrays or "row_label" not in arrays:
+        raise CocoError(f"{neurons_dir} lacks its intensity matrix or row labels; re-run `coco-tools identify`")
+    opts = _stored_options(meta, arrays, neurons_dir, null_rounds=0)
+    categories = meta["categories"]
+    row_cat = arrays["row_category"].astype(np.int64)  # [rows]
+    keep = np.zeros(len(row_cat), dtype=bool)
+    keep[np.asarray(rows, dtype=np.int64)] = True
+    row_cat[~keep] = -1  # rows outside the subset belong to no category: score_matrix skips them
+    res = score_matrix(open_matrix(matrix_path), row_cat, arrays["row_label"], categories, opts, progress=False)
+    new_arrays = dict(arrays)
+    for key in ("loss", "score", "direction"):
+        new_arrays[key] = np.mean([res[c][key] for c in categories], axis=0).astype(arrays[key].dtype)
+    for cat in categories:
+        for key in ("loss", "score", "direction", "mean_intensity"):
+            new_arrays[f"{key}.{cat}"] = res[cat][key].astype(arrays[f"{key}.{cat}"].dtype)
+    new_arrays["rows"] = np.sort(np.flatnonzero(keep)).astype(np.int64)  # [subset rows] into the source matrix
+    sizes = {c: res[c]["sizes"] for c in categories}
+    nulls = {"combined": None, **{c: None for c in categories}}
+    new = {**meta, **select_from_arrays(new_arrays, categories, nulls, sizes, opts),
+           "data": {**meta["data"], "rows": int(keep.sum()), "subset": note,
+                    "pairs": int(keep.sum()) // 2 if opts.contrast == "response" else None},
+           "derived_from": {"artifact": str(Path(neurons_dir).absolute()),
+                            "hash": artifact.artifact_hash(neurons_dir), "subset": note}}
+    with atomic_output_dir(out, force, (Path(neurons_dir),)) as tmp:
+        artifact.save(tmp, new, new_arrays)
     return new
 
 
