@@ -20,6 +20,17 @@ CATEGORY_HELP = ("Comma-separated categories (default for BBQ: Age,Gender_identi
                  "Religion,Nationality,SES; for a JSONL file: all categories in it).")
 
 
+def parallel_options(f):
+    """vLLM's parallelism and executor flags (names.PARALLEL_OPTIONS, names.EXECUTOR_BACKENDS)."""
+    f = click.option("--distributed-executor-backend", type=click.Choice(N.EXECUTOR_BACKENDS),
+                     help="--backend vllm: how the engine starts its workers (ray across nodes; default: vLLM's "
+                          "choice, mp on one machine).")(f)
+    for key, what in reversed(N.PARALLEL_OPTIONS.items()):
+        f = click.option("--" + key.replace("_", "-"), key, type=click.IntRange(min=1), default=1, show_default=True,
+                         help=f"--backend vllm: {what}.")(f)
+    return f
+
+
 def _split_csv(ctx, param, value):
     if value is None:
         return None
@@ -103,13 +114,16 @@ def demo_model(out, arch, dtype, force):
 @click.option("--batch-size", type=click.IntRange(min=1), default=N.BATCH_SIZE, show_default=True)
 @click.option("--dtype", type=click.Choice(N.DTYPES), default=N.DTYPES[0], show_default=True)
 @click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
+@click.option("--device-map", type=click.Choice(N.DEVICE_MAPS),
+              help="Spread a model larger than one device over every visible GPU (and the CPU) with accelerate; "
+                   "intensities are gathered on the first layer's device, scoring runs on --device.")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Render prompts with the model's chat template, when it has one (evaluate the same way: "
                    "`coco-tools eval --chat/--no-chat`).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def identify(model, out, data, categories, split, limit, ratio, threshold, baseline, weighting, tau,
-             null_rounds, seed, batch_size, dtype, device, chat, contrast, scoring, force, quiet):
+             null_rounds, seed, batch_size, dtype, device, device_map, chat, contrast, scoring, force, quiet):
     """Score every q/k/v neuron of MODEL (a Hugging Face directory) with the COCO contrastive
     score on biased vs unbiased responses (or, with --contrast behavior, on the items the model
     itself answers with the biased option vs "unknown"), and write the selected ~1% to an artifact:
@@ -123,6 +137,8 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
       coco-tools identify models/smollm2 --out runs/mine --data pairs.jsonl --split all
       coco-tools identify models/smollm2 --out runs/behave --contrast behavior --no-chat --limit 120
       coco-tools identify meta-llama/Meta-Llama-3-8B-Instruct --out runs/l3 --dtype bfloat16 --device cuda
+      coco-tools identify meta-llama/Meta-Llama-3-70B-Instruct --out runs/l70 --dtype bfloat16 --device-map auto \\
+          --device cuda        # the 70B spread over every visible GPU; scoring on cuda:0
     """
     from vllm_coco.identify.run import IdentifyOptions
     from vllm_coco.identify.run import identify as run
@@ -130,7 +146,7 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
     opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
                            threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
                            null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device,
-                           chat=chat, contrast=contrast, scoring=scoring)
+                           device_map=device_map, chat=chat, contrast=contrast, scoring=scoring)
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
     d = meta["data"]
@@ -312,11 +328,12 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
 @click.option("--scoring", type=click.Choice(N.SCORINGS), default=N.SCORINGS[0], show_default=True,
               help="How the BBQ loglikelihood tasks pick an option: the largest summed log-likelihood "
                    "(lm-eval's acc rule) or the largest per byte of the option's text.")
+@parallel_options
 @click.option("--log-samples", is_flag=True, help="Also write each document's prompt, answer and metrics "
                                                   "(OUT/samples_<task>.jsonl).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def eval_cmd(model, tasks, backend, dtype, limit, max_items, out, batch_size, device, max_model_len, served_model_name,
-             chat, scoring, log_samples, force):
+             chat, scoring, log_samples, force, **parallel):
     """Evaluate MODEL (a Hugging Face, LE-baked or NE-COCO directory) with the vllm-coco lm-eval tasks
     in evals/ through lm-eval's Python API, float32, zero-shot, with the chat template unless
     --no-chat, options picked by --scoring. Writes
@@ -328,6 +345,9 @@ def eval_cmd(model, tasks, backend, dtype, limit, max_items, out, batch_size, de
       coco-tools eval models/smollm2 --limit 60
       coco-tools eval models/smollm2 --limit 60 --no-chat --scoring per-byte --log-samples   # the default run's format
       coco-tools eval runs/ne --tasks stereo_coco,stereo_coco_jailbreak --backend vllm --out runs/eval-ne
+      coco-tools eval runs/l3-ne --backend vllm --tensor-parallel-size 4 --out runs/eval-l3   # 4 GPUs
+      coco-tools eval runs/l3-ne --backend vllm --tensor-parallel-size 8 --pipeline-parallel-size 2 \\
+          --distributed-executor-backend ray --out runs/eval-l3          # 2 nodes x 8 GPUs (README: Ray)
       coco-tools eval runs/le --tasks coco_retention --out runs/eval-le-retention
       coco-tools eval models/smollm2 --backend http://127.0.0.1:8000 --tasks stereo_coco_gen --limit 30
       COCO_BBQ_SOURCE=hf:oskarvanderwal/bbq coco-tools eval models/smollm2 --out runs/eval-hub
@@ -337,7 +357,7 @@ def eval_cmd(model, tasks, backend, dtype, limit, max_items, out, batch_size, de
     opts = EvalOptions(tasks=tasks or (), backend=backend, dtype=dtype, limit=limit, max_items=max_items,
                        batch_size=batch_size, device=device, max_model_len=max_model_len,
                        served_model_name=served_model_name, chat=chat,
-                       scoring=scoring, log_samples=log_samples)
+                       scoring=scoring, log_samples=log_samples, **parallel)
     results, out_path = run_eval(model, opts, out=out, force=force)
     click.echo(summary(results))
     click.echo(f"wrote {out_path / 'results.json'}")

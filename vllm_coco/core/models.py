@@ -229,8 +229,10 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
-    """Load a causal LM and its tokenizer from a local directory with plain transformers."""
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
+    """Load a causal LM and its tokenizer from a local directory with plain transformers. device_map
+    (names.DEVICE_MAPS, accelerate): spread the layers over every visible device (and the CPU) instead
+    of putting the model on `device`, for a model larger than one device."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from transformers.utils import logging as hf_logging
@@ -247,13 +249,15 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu"):
         raise CocoError(f"cannot load a tokenizer from {model_dir} ({type(exc).__name__}: {first}); "
                         "the model directory needs tokenizer files") from None
     try:
+        placement = {} if device_map is None else {"device_map": device_map}
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), trust_remote_code=False,
-                                                     use_safetensors=True)
+                                                     use_safetensors=True, **placement)
     except (ValueError, OSError, KeyError, RuntimeError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CocoError(f"cannot load {model_dir} as a causal LM: {first}") from None
     try:
-        model.to(torch.device(device))
+        if device_map is None:  # with a device map accelerate has placed (and hooked) every layer
+            model.to(torch.device(device))
     except (RuntimeError, AssertionError) as exc:
         raise CocoError(f"device {device} is not usable here ({exc}); pass --device cpu") from None
     model.eval()

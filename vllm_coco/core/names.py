@@ -58,4 +58,13 @@ EVAL_BACKENDS = ("hf", "hf-stock", "vllm")  # coco-tools eval; hf is prefix_lm.C
 EVAL_DTYPES = ("float32", "bfloat16")  # --backend hf only
 BACKENDS = ("auto", "hf", "vllm")  # the pipeline's; `coco-tools eval` also takes a server URL
 BATCH_SIZE = 8
+# vLLM's parallelism and executor options (engine keyword -> what it is) that `coco-tools eval --backend vllm`
+# and `coco-tools run` (eval section) pass through; `coco-tools generate` forwards any engine flag as is.
+PARALLEL_OPTIONS = {
+    "tensor_parallel_size": "shards every layer over N devices (vLLM --tensor-parallel-size)",
+    "pipeline_parallel_size": "splits the layers into N stages on N devices (vLLM --pipeline-parallel-size)",
+    "data_parallel_size": "N engine replicas, requests spread over them (lm-eval dispatches them with Ray)",
+}
+EXECUTOR_BACKENDS = ("mp", "ray", "uni", "external_launcher")  # vLLM --distributed-executor-backend
+DEVICE_MAPS = ("auto", "balanced", "balanced_low_0", "sequential")  # accelerate's, for `identify --device-map`
 MAX_MODEL_LEN = 2048  # context length reserved by the vLLM backend (and the URL backend's truncation)

@@ -34,7 +34,7 @@ DEFAULTS: dict = {
     "models": None,  # required
     "identify": {"contrast": N.CONTRASTS[0], "limit": 60, "ratio": N.RATIO, "weighting": N.WEIGHTINGS[0],
                  "tau": N.TAU, "null_rounds": 1, "batch_size": N.BATCH_SIZE, "dtype": N.DTYPES[0],
-                 "device": "cpu"},
+                 "device": "cpu", "device_map": None},
     "baselines": list(N.CONTROL_BASELINES),
     "ablation": {"mode": N.ABLATIONS[0], "limit": 120},
     "sweep": {"le_alpha": [0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
@@ -43,7 +43,8 @@ DEFAULTS: dict = {
     "final": {"limit": 120, "jailbreak_limit": 30, "retention_limit": 70},
     "parity": {"identify_limit": 4, "limit": 6, "tolerance": 1e-4},
     "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": N.MAX_MODEL_LEN,
-             "scoring": "per-byte", "dtype": N.EVAL_DTYPES[0]},
+             "scoring": "per-byte", "dtype": N.EVAL_DTYPES[0],
+             **{k: 1 for k in N.PARALLEL_OPTIONS}, "distributed_executor_backend": None},
 }
 # keys of earlier versions: what replaced them (the error says so instead of "unknown key")
 RENAMED = {"sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for both edits)"}
@@ -227,6 +228,8 @@ def validate(raw) -> dict:
     from vllm_coco.core.models import check_device
 
     check_device(ident["device"], "identify.device:", here=False)  # run_pipeline checks it exists here
+    if ident["device_map"] is not None:
+        _choice(ident["device_map"], "identify.device_map", N.DEVICE_MAPS)
 
     bl = cfg["baselines"]
     if not isinstance(bl, list):
@@ -274,6 +277,13 @@ def validate(raw) -> dict:
     _choice(ev["dtype"], "eval.dtype", N.EVAL_DTYPES)
     if ev["dtype"] != "float32" and ev["backend"] == "vllm":
         _fail("eval.dtype", f"{ev['dtype']} applies to backend hf; vllm evaluates float32")
+    for key in N.PARALLEL_OPTIONS:
+        if _int(ev, "eval", key, lo=1) > 1 and ev["backend"] != "vllm":
+            _fail(f"eval.{key}", f"{ev[key]} applies to backend vllm only (hf runs on one device: eval.device)")
+    if ev["distributed_executor_backend"] is not None:
+        _choice(ev["distributed_executor_backend"], "eval.distributed_executor_backend", N.EXECUTOR_BACKENDS)
+        if ev["backend"] != "vllm":
+            _fail("eval.distributed_executor_backend", "applies to backend vllm only")
 
     par = cfg["parity"]
     _int(par, "parity", "identify_limit", lo=2)

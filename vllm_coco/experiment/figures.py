@@ -123,8 +123,11 @@ def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
             if p[2]:
                 ax.plot([xi], [p[1].delta], "o", ms=13, mfc="none", mec="black")
     ax.axhline(0.0, color="gray", lw=1, ls="--")
-    if all(p[0] > 0 for pts in lines.values() for p in pts):  # shares 0.5, 1, 2 %: evenly spaced
+    ticks = sorted({p[0] for pts in lines.values() for p in pts})
+    if ticks and ticks[0] > 0:  # shares 0.5, 1, 2 %: evenly spaced
         ax.set_xscale("log")
+        ax.minorticks_off()
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel("neuron share (%)")
     ax.set_ylabel("Δ success rate vs base (validate), 95 %")
     ax.set_title(f"{m.name}: sweep (ringed: chosen)")

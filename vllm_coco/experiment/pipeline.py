@@ -42,6 +42,7 @@ from typing import TypeVar
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, swap_in, write_text
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.names import PARALLEL_OPTIONS
 from vllm_coco.experiment import figures, report, stats
 from vllm_coco.experiment.report import fmt
 from vllm_coco.experiment.results import (
@@ -247,7 +248,9 @@ def eval_options(run: Run, tasks, split: str, limit, metadata=None, log_samples:
     return EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev["batch_size"],
                        device=ev["device"], max_model_len=ev["max_model_len"], split=split, metadata=metadata,
                        chat=run.cfg["data"]["chat_template"], scoring=ev["scoring"], log_samples=log_samples,
-                       dtype=ev["dtype"] if run.backend == "hf" else "float32")
+                       dtype=ev["dtype"] if run.backend == "hf" else "float32",
+                       **({k: ev[k] for k in (*PARALLEL_OPTIONS, "distributed_executor_backend")}
+                          if run.backend == "vllm" else {}))
 
 
 def evaluate(run: Run, model_dir: Path, tasks, split: str, limit, out: Path, metadata=None,
@@ -312,7 +315,8 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> Stage[IdentifyR
                                split="identify", limit=ic["limit"], ratio=ic["ratio"], weighting=ic["weighting"],
                                tau=ic["tau"], null_rounds=ic["null_rounds"], seed=run.cfg["seed"],
                                batch_size=ic["batch_size"], dtype=ic["dtype"], device=ic["device"],
-                               chat=run.cfg["data"]["chat_template"], contrast=ic["contrast"],
+                               device_map=ic["device_map"], chat=run.cfg["data"]["chat_template"],
+                               contrast=ic["contrast"],
                                scoring=run.cfg["eval"]["scoring"])
         d = steps.do("neurons", {}, lambda d: identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty()))
         gc.collect()

@@ -75,10 +75,50 @@ def figure(alt: str, png: Path) -> list[str]:
 def render(cfg: dict, out: Path, backend: str, models: list[ModelResults], figs: dict[str, ModelFigures],
            layouts: dict[str, str], parities: dict[str, ParityResult] | None = None) -> str:
     """REPORT.md: header, summary, parity twins, then one section per model. figs / layouts: by model name."""
-    md = header(cfg, out, backend) + verdicts(cfg, models) + summary(models) + parity(parities or {})
+    md = (header(cfg, out, backend) + verdicts(cfg, models) + [x for m in models for x in sample_sizes(m)]
+          + summary(models) + parity(parities or {}))
     for m in models:
         md += model_section(cfg, m, figs[m.name], layouts[m.name])
     return "\n".join(md).rstrip() + "\n"
+
+
+def sample_sizes(m: ModelResults) -> list[str]:
+    """Each comparison's n, the ± its interval has, and the ± a planning formula expects at that n
+    (stats.expected_halfwidth at the base rate), with the items a ±0.05 would take: what a larger
+    run would buy."""
+    abl, sw, fin = m.ablation.result, m.sweep.result, m.final.result
+    p_test, p_val = abl.base.get("success_rate"), sw.base.success_rate
+    rows = []
+
+    def add(what: str, iv: Interval | None, p):
+        if iv is None or iv.lo is None or iv.n < 1:
+            return
+        p = 0.5 if _missing(p) else min(max(p, 0.05), 0.95)
+        rows.append([what, str(iv.n), f"±{(iv.hi - iv.lo) / 2:.3f}", f"±{stats.expected_halfwidth(p, iv.n):.3f}",
+                     f"{stats.items_for_halfwidth(p, 0.05):,}"])
+
+    add("ablation: COCO set vs base (test)", (abl.intervals or {}).get("coco", {}).get("success_rate"), p_test)
+    add("specificity: Δ_COCO - Δ_RAND (test)", (abl.specific or {}).get("rand"), p_test)
+    if m.stability is not None:
+        add("stability: half A's set vs base (test)", (m.stability.result.intervals or {}).get("a"), p_test)
+    chosen = {c.key for c in sw.chosen.values()}
+    for row in sw.rows:
+        if row.key in chosen:
+            add(f"sweep: chosen {row.edit.upper()} vs base (validate)", row.delta, p_val)
+    for e, run in fin.edits().items():
+        iv = run.intervals or {}
+        add(f"final: {EDIT_LABELS[e]} success rate (test)", iv.get("success_rate"), fin.base.stereo.get("success_rate"))
+        add(f"final: {EDIT_LABELS[e]} acc_disambig (test)", iv.get("acc_disambig"),
+            fin.base.stereo.get("acc_disambig"))
+        add(f"final: {EDIT_LABELS[e]} retention (documents)", iv.get("retention"), fin.base.retention.acc_mean)
+        add(f"final: {EDIT_LABELS[e]} jailbreak, one family (test)", iv.get(f"jailbreak:{JAILBREAK_FAMILIES[0]}"),
+            fin.base.jailbreak.get("success_rate", JAILBREAK_FAMILIES[0]))
+    if not rows:
+        return []
+    return [f"### Sample sizes ({m.name})", "",
+            "The ± of each comparison's 95 % interval as measured, the ± a planning formula expects at that n "
+            "(z·sqrt(2p(1-p)/n) at the base rate p: conservative, it ignores the pairing), and the n that a ±0.05 "
+            "would take.", "", md_table(["comparison", "n", "± measured", "± expected", "n for ±0.05"], rows), ""]
 
 
 def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:

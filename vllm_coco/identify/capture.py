@@ -100,6 +100,8 @@ class _Recorder:
         def hook(module, args, out):
             # index_select with device-side indices: no boolean mask (its nonzero() would wait
             # for the device) and nothing read back, so the forward stays queued ahead of the GPU.
+            if out.device != self.buf.device:  # a layer placed elsewhere by a device map
+                out = out.to(self.buf.device)
             h = out.reshape(-1, size).index_select(0, self.span_idx).float()  # [n_span, size]
             a = h.abs()  # [n_span, size]
             self.buf[:, off:off + size] = self.weights @ a  # [batch, size]: mean over each row's span

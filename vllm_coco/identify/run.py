@@ -41,6 +41,7 @@ class IdentifyOptions:
     batch_size: int = N.BATCH_SIZE
     dtype: str = N.DTYPES[0]
     device: str = "cpu"
+    device_map: str | None = None  # names.DEVICE_MAPS: the model spread over devices (scoring stays on `device`)
     chat: bool = True  # render prompts with the model's chat template (when it has one)
     contrast: str = N.CONTRASTS[0]  # response (teacher-forced pairs) | behavior (the model's own answers)
     scoring: str = N.SCORINGS[0]  # behavior mode: how the model's answer is chosen (sum | per-byte)
@@ -75,6 +76,8 @@ class IdentifyOptions:
         from vllm_coco.core.models import check_device
 
         check_device(self.device)
+        if self.device_map is not None and self.device_map not in N.DEVICE_MAPS:
+            raise CocoError(f"--device-map {self.device_map} is not one of {', '.join(N.DEVICE_MAPS)}")
         if self.null_rounds < 0:
             raise CocoError(f"--null-rounds {self.null_rounds} must be >= 0")
 
@@ -346,7 +349,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
         from vllm_coco.data.contrast import load_items
 
         items, data_info = load_items(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
-        hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device)
+        hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device, opts.device_map)
         spans, row_cat, row_label, categories, data_info = _behavior_rows(hf_model, tokenizer, items, data_info,
                                                                           opts, progress)
     else:
@@ -355,7 +358,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
 
         pairs, data_info = load_contrast(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
         categories = list(dict.fromkeys(p.category for p in pairs))
-        hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device)
+        hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device, opts.device_map)
         spans = response_spans(tokenizer, pairs, chat=opts.chat)
         cat_index = {c: i for i, c in enumerate(categories)}
         row_cat = np.repeat([cat_index[p.category] for p in pairs], 2).astype(np.int32)  # [2 * pairs]

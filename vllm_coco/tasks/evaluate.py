@@ -29,7 +29,15 @@ from vllm_coco.core.json_file import read_json
 
 RESULTS_FILE = "results.json"
 # passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
-from vllm_coco.core.names import BATCH_SIZE, EVAL_BACKENDS, EVAL_SPLITS, MAX_MODEL_LEN, SCORINGS  # noqa: E402,F401 (re-exported)
+from vllm_coco.core.names import (  # noqa: E402,F401 (re-exported)
+    BATCH_SIZE,
+    EVAL_BACKENDS,
+    EVAL_SPLITS,
+    EXECUTOR_BACKENDS,
+    MAX_MODEL_LEN,
+    PARALLEL_OPTIONS,
+    SCORINGS,
+)
 
 # --------------------------------------------------------------------------- the task folder
 # evals_dir(): $COCO_EVALS_DIR, else the folder shipped with the package (vllm_coco/tasks/task_folder.py)
@@ -115,6 +123,18 @@ class EvalOptions:
     log_samples: bool = False
     split: str = "test"  # BBQ split the stereo_coco* tasks read: test (held out) or validate (for sweeps)
     metadata: dict | None = None  # extra task metadata (e.g. {"categories": [...]} for the jailbreak tasks)
+    # --backend vllm: names.PARALLEL_OPTIONS (sizes, 1 = none) and the executor (None: vLLM's choice)
+    tensor_parallel_size: int = 1
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1
+    distributed_executor_backend: str | None = None
+
+    def parallel(self) -> dict:
+        """The vLLM engine's parallelism arguments this evaluation sets (the ones not at their default)."""
+        out = {k: getattr(self, k) for k in PARALLEL_OPTIONS if getattr(self, k) != 1}
+        if self.distributed_executor_backend is not None:
+            out["distributed_executor_backend"] = self.distributed_executor_backend
+        return out
 
 
 def _is_url(backend: str) -> bool:
@@ -176,6 +196,16 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
     if opts.backend not in EVAL_BACKENDS and not _is_url(opts.backend):
         raise CocoError(f"--backend {opts.backend} is not {', '.join(EVAL_BACKENDS)} or an http(s):// URL of "
                         "`vllm serve`")
+    for key in PARALLEL_OPTIONS:
+        if not isinstance(getattr(opts, key), int) or getattr(opts, key) < 1:
+            raise CocoError(f"--{key.replace('_', '-')} {getattr(opts, key)!r} must be an integer >= 1")
+    if opts.distributed_executor_backend not in (None, *EXECUTOR_BACKENDS):
+        raise CocoError(f"--distributed-executor-backend {opts.distributed_executor_backend} is not one of "
+                        f"{', '.join(EXECUTOR_BACKENDS)}")
+    if opts.parallel() and opts.backend != "vllm":
+        flag = "--" + next(iter(opts.parallel())).replace("_", "-")
+        raise CocoError(f"{flag} applies to --backend vllm only (the hf backends run on one device: --device; a "
+                        "server URL has its own parallelism: set it on `vllm serve`)")
     if opts.dtype != "float32" and opts.backend != "hf":
         raise CocoError(f"--dtype {opts.dtype} applies to --backend hf only; the others evaluate float32")
     if not opts.tasks:
@@ -251,7 +281,8 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
     if opts.backend == "vllm":
         # CPU builds of vLLM reserve a KV cache that does not fit the NUMA node they see; GPU builds ignore it.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
-        args = {"pretrained": str(model_dir), "dtype": "float32", "max_model_len": opts.max_model_len}
+        args = {"pretrained": str(model_dir), "dtype": "float32", "max_model_len": opts.max_model_len,
+                **opts.parallel()}  # lm-eval's vllm model passes these to vllm.LLM (data parallel: Ray replicas)
         return "vllm", args, opts.batch_size or "auto", None
     name = opts.served_model_name or served_model(opts.backend)
     args = {"base_url": _api_base(opts.backend) + "/completions", "model": name, "tokenizer": str(model_dir),
