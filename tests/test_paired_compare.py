@@ -22,13 +22,14 @@ def _write_run(d: Path, unknown_ll: list[float]):
     d.mkdir()
     with open(d / "samples_stereo_coco_Age.jsonl", "w") as fh:
         for i, u in enumerate(unknown_ll):
-            for order in [(0, 1, 2), (1, 2, 0), (2, 0, 1)]:
+            for k, order in enumerate([(0, 1, 2), (1, 2, 0), (2, 0, 1)]):
                 lls = {0: -20.0, 1: -20.0, 2: u}
                 pos = {orig: shown for shown, orig in enumerate(order)}
                 doc = {"id": f"Age:{i}", "condition": "ambig", "order": list(order),
                        "choices": [["The grandfather", "The boy", "Unknown"][o] for o in order],
                        "label": pos[2], "unknown": pos[2], "biased": pos[0]}
-                fh.write(json.dumps({"doc": doc, "resps": [[[lls[o], False]] for o in order]}) + "\n")
+                fh.write(json.dumps({"doc_id": 3 * i + k, "doc": doc,
+                                     "resps": [[[lls[o], False]] for o in order]}) + "\n")
 
 
 def test_paired_difference_and_scoring(tmp_path, capsys):

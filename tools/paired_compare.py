@@ -17,12 +17,12 @@ from __future__ import annotations
 
 import argparse
 import glob
-import json
 import random
 import sys
 from pathlib import Path
 
 from vllm_coco.core.names import SCORINGS
+from vllm_coco.experiment.stats import option_logliks
 from vllm_coco.tasks.metrics import agg_acc_disambig, agg_success_rate, process_mc
 
 
@@ -34,11 +34,8 @@ def records(run_dir: Path, scoring: str) -> list[dict]:
                  "--tasks stereo_coco --log-samples` first")
     out = []
     for f in files:
-        for line in open(f, encoding="utf-8"):
-            row = json.loads(line)
-            doc = {**row["doc"], "scoring": scoring}
-            lls = [(float(r[0][0] if isinstance(r[0], list) else r[0]), False) for r in row["resps"]]  # [options]
-            out.append(process_mc(doc, lls)["success_rate"])
+        for doc, lls in option_logliks(f).values():
+            out.append(process_mc({**doc, "scoring": scoring}, [(ll, False) for ll in lls])["success_rate"])
     return out
 
 

@@ -688,14 +688,11 @@ def _max_loglik_diff(a: Path, b: Path, tasks) -> tuple[float, int]:
     """Max |Δ| over every option log-likelihood of the documents two evaluations logged; the count."""
     worst, docs = 0.0, 0
     for t in tasks:
-        rows = [{r["doc_id"]: r for r in map(json.loads, (d / f"samples_{t}.jsonl").read_text().splitlines())}
-                for d in (a, b)]
-        if rows[0].keys() != rows[1].keys():
+        da, db = (stats.option_logliks(d / stats.SAMPLES.format(task=t)) for d in (a, b))
+        if da.keys() != db.keys():
             return float("inf"), docs
-        for k, ra in rows[0].items():
-            la = [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in ra["resps"]]
-            lb = [float(r[0][0] if isinstance(r[0], list) else r[0]) for r in rows[1][k]["resps"]]
-            worst = max([worst] + [abs(x - y) for x, y in zip(la, lb)])
+        for k, (_, la) in da.items():
+            worst = max([worst] + [abs(x - y) for x, y in zip(la, db[k][1])])
             docs += 1
     return worst, docs
 

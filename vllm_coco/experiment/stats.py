@@ -93,6 +93,23 @@ def bbq_records(eval_dir: str | Path, prefix: str = "stereo_coco_") -> list[dict
     return out
 
 
+def option_logliks(path: str | Path) -> dict[int, tuple[dict, list[float]]]:
+    """doc_id -> (the document, its options' log-likelihoods in option order) of one samples file of a
+    loglikelihood task (lm-eval logs each response as [loglik, is_greedy], older versions as [[...]])."""
+    path = Path(path)
+    if not path.is_file():
+        raise _missing(path.parent, path.name)
+    out = {}
+    for i, row in _rows(path):
+        try:
+            out[row["doc_id"]] = (row["doc"], [float(r[0][0] if isinstance(r[0], list) else r[0])
+                                               for r in row["resps"]])  # [options]
+        except (KeyError, TypeError, IndexError, ValueError):
+            raise CocoError(f"{path} line {i}: not a loglikelihood document (doc_id, doc, resps); "
+                            "re-run the evaluation") from None
+    return out
+
+
 def doc_values(eval_dir: str | Path, task: str, metric: str) -> dict[str, float]:
     """metric per document of `task` (e.g. retention "acc": 1.0 / 0.0), keyed "<task>:<doc_id>" so
     that documents of several tasks can be pooled into one dict."""
