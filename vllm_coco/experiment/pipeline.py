@@ -368,30 +368,35 @@ def score_ablated(run: Run, m: dict, steps: Steps, name: str, neurons: Path, mod
     return out
 
 
+def score_test(run: Run, m: dict, steps: Steps, key: str, model_dir: Path, limit, where: dict[str, Path],
+               label: str, condition: str | None = None, prefetch=()) -> StereoSummary:
+    """stereo_coco on the test split for one model or in-memory condition of the ablation kind: the
+    evaluation directory goes to where[key], one log line says its success rate."""
+    t0, dirs, cats = time.time(), {}, run.cfg["data"]["categories"]
+    res = eval_groups(run, model_dir, [("stereo", [f"stereo_coco_{c}" for c in cats], limit)], "test", steps,
+                      f"evals/{key}", {"model": key, "mode": run.cfg["ablation"]["mode"]}, condition=condition,
+                      prefetch=prefetch, dirs=dirs)["stereo"]
+    where[key] = dirs["stereo"]
+    out = StereoSummary.from_lm(res, cats)
+    run.log(f"  [{m['name']}] {label}: success_rate {fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
+    return out
+
+
 BASE_EVAL = Path("evals/base/eval")  # the ablation stage's base evaluation (eval_groups, one group)
 
 
 def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases: Stage[BaselinesResult],
               data_spec: dict) -> Stage[AblationResult]:
     ac = run.cfg["ablation"]
-    cats = run.cfg["data"]["categories"]
-    tasks = [f"stereo_coco_{c}" for c in cats]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
             "baselines": bases.hash, "ablation": ac, "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
     where: dict[str, Path] = {}  # set name -> its evaluation directory
 
-    def score(name: str, model_dir: Path, steps: Steps, t0: float, condition=None, prefetch=()) -> StereoSummary:
-        dirs: dict[str, Path] = {}
-        res = eval_groups(run, model_dir, [("stereo", tasks, ac["limit"])], "test", steps, f"evals/{name}",
-                          {"model": name, "mode": ac["mode"]}, condition=condition, prefetch=prefetch,
-                          dirs=dirs)["stereo"]
-        where[name] = dirs["stereo"]
-        out = StereoSummary.from_lm(res, cats)
-        run.log(f"  [{m['name']}] ablation {LABELS.get(name, name)}: success_rate "
-                f"{fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
-        return out
+    def score(name: str, model_dir: Path, steps: Steps, condition=None, prefetch=()) -> StereoSummary:
+        return score_test(run, m, steps, name, model_dir, ac["limit"], where, f"ablation {LABELS.get(name, name)}",
+                          condition, prefetch)
 
     def body(partial: Path, steps: Steps) -> AblationResult:
         sets = _neuron_sets(ident, bases)
@@ -402,12 +407,11 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
             for name, neurons in sets.items():
                 lm.add_condition(f"ablate-{name}", linear_edit(neurons, ac["mode"], model_dir=m["dir"]))
         conds = [f"ablate-{name}" for name in sets] if run.in_memory else []
-        base = score("base", m["dir"], steps, time.time(), prefetch=conds)
+        base = score("base", m["dir"], steps, prefetch=conds)
         scored = {}
         for name, neurons in sets.items():
-            t0 = time.time()
             scored[name] = score_ablated(run, m, steps, name, neurons, ac["mode"],
-                                         lambda d, c, name=name, t0=t0: score(name, d, steps, t0, condition=c))
+                                         lambda d, c, name=name: score(name, d, steps, condition=c))
         recs = {name: stats.bbq_records(d) for name, d in where.items()}
         intervals = {name: {k: stats.compare(recs["base"], recs[name], k) for k in stats.METRIC_STATS}
                      for name in scored}
@@ -427,8 +431,6 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
     sc, ac = run.cfg["stability"], run.cfg["ablation"]
     if not sc["fractions"]:
         return None
-    cats = run.cfg["data"]["categories"]
-    tasks = [f"stereo_coco_{c}" for c in cats]
     limit = ac["limit"] if sc["limit"] is None else sc["limit"]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
             "ablation": abl.hash, "stability": sc, "limit": limit, "mode": ac["mode"], "seed": run.cfg["seed"],
@@ -480,16 +482,9 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
         where: dict[str, Path] = {}
 
         def score(name: str, model_dir: Path, condition: str | None) -> StereoSummary:
-            t0, dirs = time.time(), {}
             others = [f"ablate-{n}" for n in sides if n != name] if run.in_memory else []
-            res = eval_groups(run, model_dir, [("stereo", tasks, limit)], "test", steps, f"evals/{name}",
-                              {"model": name, "mode": ac["mode"]}, condition=condition, prefetch=others,
-                              dirs=dirs)["stereo"]
-            where[name] = dirs["stereo"]
-            out = StereoSummary.from_lm(res, cats)
-            run.log(f"  [{m['name']}] stability: {name} ablated: success_rate {fmt(out.get('success_rate'))} "
-                    f"({time.time() - t0:.0f} s)")
-            return out
+            return score_test(run, m, steps, name, model_dir, limit, where, f"stability: {name} ablated", condition,
+                              others)
 
         ablated = {name[-1]: score_ablated(run, m, steps, name, neurons, ac["mode"],
                                            lambda d, c, name=name: score(name, d, c))
