@@ -57,8 +57,12 @@ def test_config_parallel_keys(tmp_path, tiny_model):
         config.validate({**base, "eval": {"backend": "vllm", "distributed_executor_backend": "slurm"}})
     with pytest.raises(CocoError, match=r"^identify\.device_map: 'everywhere' is not one of auto"):
         config.validate({**base, "identify": {"device_map": "everywhere"}})
-    # the pipeline's evaluations carry them with backend vllm
-    from vllm_coco.experiment.pipeline import Run, eval_options
+    with pytest.raises(CocoError, match=r"^identify\.backend: 'sglang' is not one of hf, vllm"):
+        config.validate({**base, "identify": {"backend": "sglang"}})
+    # the pipeline's evaluations carry them with backend vllm, and so does identify inside vLLM
+    from vllm_coco.experiment.pipeline import Run, _engine_parallel, eval_options
+
+    assert _engine_parallel(cfg["eval"]) == {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
 
     run = Run(cfg, tmp_path, echo=lambda _: None)
     run.backend = "vllm"
@@ -94,6 +98,17 @@ def test_identify_device_map_gives_the_same_artifact(planted, tmp_path):
         np.testing.assert_allclose(i1[key], i2[key], atol=1e-6)
     code, _, err = run_cli("identify", model, "--out", tmp_path / "bad", "--data", pairs, "--device-map", "all")
     assert code == 2 and "--device-map" in err
+
+
+@pytest.mark.parametrize("args, words", [
+    (["--tensor-parallel-size", "2"], "need --backend vllm"),
+    (["--backend", "vllm", "--device-map", "auto"], "--device-map is for --backend hf"),
+    (["--backend", "vllm", "--data-parallel-size", "2"], "--data-parallel-size"),
+])
+def test_identify_refuses_engine_options_that_cannot_apply(tiny_model, tmp_path, args, words):
+    code, _, err = run_cli("identify", tiny_model, "--out", tmp_path / "x", *args)
+    assert code == 2 and words in err, err
+    assert not (tmp_path / "x").exists()
 
 
 def test_readme_has_the_multi_node_recipe():

@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 import torch
 
+from vllm_coco.core.sharding import HeadLayout, rank_channels, shard_plan
 from vllm_coco.edit.gate import ne_gain
-from vllm_coco.serve.sharding import HeadLayout, shard_plan
 
 
 def rank_outputs(packed: np.ndarray, heads: HeadLayout, tp: int):
@@ -80,3 +80,19 @@ def test_sharded_gain_equals_the_single_device_gain(heads, tp):
         got = ne_gain(o[:, p.local], mu[p.rows], sigma[p.rows], w[p.rows],
                       torch.from_numpy(p.w_hat_rows(w_hat)), 0.8, 2.0, 0.5, gather=lambda e: gathered)
         torch.testing.assert_close(got, want[:, p.rows].float() if got.dtype == torch.float32 else want[:, p.rows])
+
+
+@pytest.mark.parametrize("heads,tp", CASES)
+def test_rank_channels_lay_each_rank_output_into_the_global_order(heads, tp):
+    """identify --backend vllm: every rank's recorded columns, placed at rank_channels, rebuild the
+    unsharded packed output (replicated KV columns agree)."""
+    width = heads.q_size + 2 * heads.kv_size
+    packed = np.random.default_rng(tp).standard_normal((3, width))  # [tokens, width]
+    rebuilt = np.full_like(packed, np.nan)
+    for r, out in enumerate(rank_outputs(packed, heads, tp)):
+        g = rank_channels(heads, tp, r)  # [rank width]
+        assert len(g) == out.shape[1]
+        held = ~np.isnan(rebuilt[:, g])
+        np.testing.assert_array_equal(rebuilt[:, g][held], out[held])  # a replica equals its first copy
+        rebuilt[:, g] = out
+    np.testing.assert_array_equal(rebuilt, packed)

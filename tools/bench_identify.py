@@ -8,8 +8,16 @@ Each is timed `--repeats` times (best taken: these machines are noisy); the rati
 is `capture_ratio`. Peak memory (max RSS) is measured in a fresh process for each of two data
 sizes: with the on-disk matrix it must stay flat as the data grows.
 
-    .venv/bin/python tools/bench_identify.py --model models/smollm2
-Last line: a JSON object with capture_ratio and the peak memory at each size.
+With --vllm, one vLLM engine (the capture engine of `identify --backend vllm`: eager, no prefix
+caching) runs the larger size's sequences three ways, interleaved:
+  vllm plain    each sequence as a prompt, one output token (the forward alone)
+  vllm logprob  the same with prompt log-probabilities (the LM head on every token)
+  vllm capture  `EngineCapture.capture`: the recorder pooling |h| in the forward, rows to disk
+`vllm_capture_ratio` = capture / plain tokens/s (target >= 0.9), `vllm_vs_hf` = vLLM capture /
+HF capture tokens/s.
+
+    .venv/bin/python tools/bench_identify.py --model models/smollm2 [--vllm]
+Last line: a JSON object with capture_ratio and the peak memory at each size (and the vLLM figures).
 """
 
 from __future__ import annotations
@@ -72,6 +80,37 @@ def worker(model_dir: str, pairs: int, batch_size: int, repeats: int, dtype: str
     return out
 
 
+def vllm_worker(model_dir: str, pairs: int, repeats: int, dtype: str) -> dict:
+    from contextlib import closing
+
+    from vllm import SamplingParams
+
+    from vllm_coco.core.models import load_tokenizer
+    from vllm_coco.data.contrast import load_contrast
+    from vllm_coco.identify.capture import response_spans
+    from vllm_coco.identify.engine_capture import EngineCapture
+
+    data, _ = load_contrast("bbq", None, "identify", max(2, pairs // 6))
+    spans = response_spans(load_tokenizer(Path(model_dir)), data)
+    tokens = sum(len(s.ids) for s in spans)
+    with closing(EngineCapture(Path(model_dir), dtype)) as eng, tempfile.TemporaryDirectory() as d:
+        prompts = eng.prompts(spans)
+        runs = {
+            "plain": lambda: eng.llm.generate(prompts, SamplingParams(max_tokens=1), use_tqdm=False),
+            "logprob": lambda: eng.llm.generate(prompts, SamplingParams(max_tokens=1, prompt_logprobs=0),
+                                                use_tqdm=False),
+            "capture": lambda: eng.capture(spans, Path(d) / "m.safetensors", progress=False),
+        }
+        runs["plain"]()  # warm-up
+        times = {k: [] for k in runs}
+        for _ in range(repeats):  # interleaved, so drift hits all alike
+            for k, f in runs.items():
+                t0 = time.perf_counter()
+                f()
+                times[k].append(time.perf_counter() - t0)
+    return {"sequences": len(spans), "tokens": tokens, **{f"{k}_tok_s": tokens / min(t) for k, t in times.items()}}
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="model directory (e.g. from `coco-tools demo-model`)")
@@ -80,19 +119,27 @@ def main():
     ap.add_argument("--repeats", type=int, default=2)
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--vllm", action="store_true", help="also time capture inside a vLLM engine (--backend vllm)")
     ap.add_argument("--worker", type=int, help=argparse.SUPPRESS)
+    ap.add_argument("--vllm-worker", type=int, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(args.model, args.worker, args.batch_size, args.repeats, args.dtype, args.device)))
         return
-    results = []
-    for size in [int(s) for s in args.sizes.split(",")]:
-        cmd = [sys.executable, __file__, "--model", args.model, "--worker", str(size), "--batch-size",
+    if args.vllm_worker:
+        print(json.dumps(vllm_worker(args.model, args.vllm_worker, args.repeats, args.dtype)))
+        return
+    def run(flag, size, env=()):
+        cmd = [sys.executable, __file__, "--model", args.model, flag, str(size), "--batch-size",
                str(args.batch_size), "--repeats", str(args.repeats), "--dtype", args.dtype, "--device", args.device]
-        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+        proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", **dict(env)})
         if proc.returncode:
             sys.exit(f"worker failed:\n{proc.stderr[-3000:]}")
-        results.append(json.loads(proc.stdout.strip().splitlines()[-1]))
+        return json.loads(proc.stdout.strip().splitlines()[-1])
+
+    sizes = [int(s) for s in args.sizes.split(",")]
+    results = [run("--worker", size) for size in sizes]
+    engine = run("--vllm-worker", sizes[-1], {"VLLM_CPU_KVCACHE_SPACE": "1"}) if args.vllm else None
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus, python {platform.python_version()}, "
           f"device {args.device}, dtype {args.dtype}, batch {args.batch_size}")
     print(f"{'pairs':>6} {'seqs':>6} {'tokens':>8} {'plain tok/s':>12} {'capture tok/s':>14} {'ratio':>6} "
@@ -106,6 +153,13 @@ def main():
                "peak_rss_mb": {str(r["pairs"]): round(r["peak_rss_mb"], 1) for r in results}}
     if "peak_cuda_mb" in big:
         summary["peak_cuda_mb"] = {str(r["pairs"]): round(r["peak_cuda_mb"], 1) for r in results}
+    if engine:
+        print(f"vLLM engine (eager), {engine['sequences']} sequences, {engine['tokens']} tokens:")
+        for k in ("plain", "logprob", "capture"):
+            print(f"{'vllm ' + k:>14} {engine[k + '_tok_s']:>10.0f} tok/s")
+        summary.update({"vllm_capture_ratio": round(engine["capture_tok_s"] / engine["plain_tok_s"], 4),
+                        "vllm_vs_hf": round(engine["capture_tok_s"] / big["capture_tok_s"], 4),
+                        **{f"vllm_{k}_tok_s": round(engine[f"{k}_tok_s"], 1) for k in ("plain", "logprob", "capture")}})
     print(json.dumps(summary))
 
 

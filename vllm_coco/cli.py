@@ -120,10 +120,16 @@ def demo_model(out, arch, dtype, force):
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Render prompts with the model's chat template, when it has one (evaluate the same way: "
                    "`coco-tools eval --chat/--no-chat`).")
+@click.option("--backend", type=click.Choice(N.IDENTIFY_BACKENDS), default=N.IDENTIFY_BACKENDS[0], show_default=True,
+              help="Where the intensities are recorded: a transformers forward (hf), or inside a vLLM engine "
+                   "(vllm: the plugin's attention layers record them, on every tensor / pipeline rank; eager). "
+                   "Same artifact either way.")
+@parallel_options
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def identify(model, out, data, categories, split, limit, ratio, threshold, baseline, weighting, tau,
-             null_rounds, seed, batch_size, dtype, device, device_map, chat, contrast, scoring, force, quiet):
+             null_rounds, seed, batch_size, dtype, device, device_map, chat, contrast, scoring, backend, force, quiet,
+             **parallel):
     """Score every q/k/v neuron of MODEL (a Hugging Face directory) with the COCO contrastive
     score on biased vs unbiased responses (or, with --contrast behavior, on the items the model
     itself answers with the biased option vs "unknown"), and write the selected ~1% to an artifact:
@@ -139,6 +145,8 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
       coco-tools identify meta-llama/Meta-Llama-3-8B-Instruct --out runs/l3 --dtype bfloat16 --device cuda
       coco-tools identify meta-llama/Meta-Llama-3-70B-Instruct --out runs/l70 --dtype bfloat16 --device-map auto \\
           --device cuda        # the 70B spread over every visible GPU; scoring on cuda:0
+      coco-tools identify meta-llama/Meta-Llama-3-70B-Instruct --out runs/l70v --dtype bfloat16 --backend vllm \\
+          --tensor-parallel-size 4 --device cuda   # recorded inside vLLM on 4 GPUs
     """
     from vllm_coco.identify.run import IdentifyOptions
     from vllm_coco.identify.run import identify as run
@@ -146,7 +154,8 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
     opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
                            threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
                            null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device,
-                           device_map=device_map, chat=chat, contrast=contrast, scoring=scoring)
+                           device_map=device_map, chat=chat, contrast=contrast, scoring=scoring, backend=backend,
+                           **parallel)
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
     d = meta["data"]

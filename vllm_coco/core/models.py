@@ -229,25 +229,40 @@ def torch_dtype(name: str):
     return getattr(torch, name)
 
 
-def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
-    """Load a causal LM and its tokenizer from a local directory with plain transformers. device_map
-    (names.DEVICE_MAPS, accelerate): spread the layers over every visible device (and the CPU) instead
-    of putting the model on `device`, for a model larger than one device."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    from transformers.utils import logging as hf_logging
+def load_tokenizer(model_dir: Path):
+    """The tokenizer of a model directory (a pad token set: the eos token when it has none)."""
+    from transformers import AutoTokenizer
 
-    hf_logging.disable_progress_bar()  # our own bars say what is happening
-    config = read_config(model_dir)
-    ne_format.refuse_ne(config, model_dir)
-    check_weights(model_dir)
-    check_architecture(auto_config(model_dir))
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_dir, trust_remote_code=False)
     except Exception as exc:
         first = (str(exc).strip().splitlines() or [""])[0][:160]
         raise CocoError(f"cannot load a tokenizer from {model_dir} ({type(exc).__name__}: {first}); "
                         "the model directory needs tokenizer files") from None
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def check_base_model(model_dir: Path) -> None:
+    """Refuse, before any weight is read, what no identify or edit can take: an NE directory,
+    missing or damaged weights, an architecture without separate q/k/v projections."""
+    ne_format.refuse_ne(read_config(model_dir), model_dir)
+    check_weights(model_dir)
+    check_architecture(auto_config(model_dir))
+
+
+def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
+    """Load a causal LM and its tokenizer from a local directory with plain transformers. device_map
+    (names.DEVICE_MAPS, accelerate): spread the layers over every visible device (and the CPU) instead
+    of putting the model on `device`, for a model larger than one device."""
+    import torch
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own bars say what is happening
+    check_base_model(model_dir)
+    tokenizer = load_tokenizer(model_dir)
     try:
         placement = {} if device_map is None else {"device_map": device_map}
         model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), trust_remote_code=False,
@@ -261,6 +276,4 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", dev
     except (RuntimeError, AssertionError) as exc:
         raise CocoError(f"device {device} is not usable here ({exc}); pass --device cpu") from None
     model.eval()
-    if tokenizer.pad_token_id is None:
-        tokenizer.pad_token = tokenizer.eos_token
     return model, tokenizer

@@ -56,6 +56,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 SCORINGS = ("sum", "per-byte")  # how a loglikelihood task picks an option (§8)
 EVAL_BACKENDS = ("hf", "hf-stock", "vllm")  # coco-tools eval; hf is prefix_lm.CocoHFLM, hf-stock lm-eval's HFLM
 EVAL_DTYPES = ("float32", "bfloat16")  # --backend hf only
+IDENTIFY_BACKENDS = ("hf", "vllm")  # coco-tools identify: a transformers forward, or inside a vLLM engine
 BACKENDS = ("auto", "hf", "vllm")  # the pipeline's; `coco-tools eval` also takes a server URL
 BATCH_SIZE = 8
 # vLLM's parallelism and executor options (engine keyword -> what it is) that `coco-tools eval --backend vllm`

@@ -34,7 +34,7 @@ DEFAULTS: dict = {
     "models": None,  # required
     "identify": {"contrast": N.CONTRASTS[0], "limit": 60, "ratio": N.RATIO, "weighting": N.WEIGHTINGS[0],
                  "tau": N.TAU, "null_rounds": 1, "batch_size": N.BATCH_SIZE, "dtype": N.DTYPES[0],
-                 "device": "cpu", "device_map": None},
+                 "device": "cpu", "device_map": None, "backend": N.IDENTIFY_BACKENDS[0]},
     "baselines": list(N.CONTROL_BASELINES),
     "ablation": {"mode": N.ABLATIONS[0], "limit": 120},
     "sweep": {"le_alpha": [0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
@@ -230,6 +230,7 @@ def validate(raw) -> dict:
     check_device(ident["device"], "identify.device:", here=False)  # run_pipeline checks it exists here
     if ident["device_map"] is not None:
         _choice(ident["device_map"], "identify.device_map", N.DEVICE_MAPS)
+    _choice(ident["backend"], "identify.backend", N.IDENTIFY_BACKENDS)
 
     bl = cfg["baselines"]
     if not isinstance(bl, list):

@@ -301,6 +301,12 @@ def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]]
 
 # --------------------------------------------------------------------------- the stages
 
+def _engine_parallel(ev: dict) -> dict:
+    """The eval section's vLLM parallelism that one identify engine takes (not data parallelism)."""
+    keys = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")
+    return {k: ev[k] for k in keys if ev.get(k) not in (None, 1)}
+
+
 def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> Stage[IdentifyResult]:
     from vllm_coco.identify.run import IdentifyOptions, identify
 
@@ -317,7 +323,9 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> Stage[IdentifyR
                                batch_size=ic["batch_size"], dtype=ic["dtype"], device=ic["device"],
                                device_map=ic["device_map"], chat=run.cfg["data"]["chat_template"],
                                contrast=ic["contrast"],
-                               scoring=run.cfg["eval"]["scoring"])
+                               scoring=run.cfg["eval"]["scoring"], backend=ic["backend"],
+                               # inside vLLM, the engine spreads as the evaluation's does
+                               **(_engine_parallel(run.cfg["eval"]) if ic["backend"] == "vllm" else {}))
         d = steps.do("neurons", {}, lambda d: identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty()))
         gc.collect()
         return IdentifyResult.from_meta(json.loads((d / "neurons.json").read_text(encoding="utf-8")), "neurons")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from contextlib import closing
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -45,6 +46,18 @@ class IdentifyOptions:
     chat: bool = True  # render prompts with the model's chat template (when it has one)
     contrast: str = N.CONTRASTS[0]  # response (teacher-forced pairs) | behavior (the model's own answers)
     scoring: str = N.SCORINGS[0]  # behavior mode: how the model's answer is chosen (sum | per-byte)
+    backend: str = N.IDENTIFY_BACKENDS[0]  # hf (a transformers forward) | vllm (inside a vLLM engine)
+    tensor_parallel_size: int = 1  # backend vllm: vLLM's parallelism (names.PARALLEL_OPTIONS)
+    pipeline_parallel_size: int = 1
+    data_parallel_size: int = 1  # refused above 1: identify runs one engine
+    distributed_executor_backend: str | None = None  # backend vllm: names.EXECUTOR_BACKENDS
+
+    def engine(self) -> dict:
+        """vLLM engine arguments for --backend vllm (what the user set)."""
+        out = {k: getattr(self, k) for k in ("tensor_parallel_size", "pipeline_parallel_size") if getattr(self, k) > 1}
+        if self.distributed_executor_backend:
+            out["distributed_executor_backend"] = self.distributed_executor_backend
+        return out
 
     def validate(self) -> None:
         finite(self.ratio, "--ratio")
@@ -80,6 +93,17 @@ class IdentifyOptions:
             raise CocoError(f"--device-map {self.device_map} is not one of {', '.join(N.DEVICE_MAPS)}")
         if self.null_rounds < 0:
             raise CocoError(f"--null-rounds {self.null_rounds} must be >= 0")
+        if self.backend not in N.IDENTIFY_BACKENDS:
+            raise CocoError(f"unknown --backend {self.backend}; choose {' or '.join(N.IDENTIFY_BACKENDS)}")
+        if self.backend != "vllm" and self.engine():
+            raise CocoError("--tensor-parallel-size, --pipeline-parallel-size and --distributed-executor-backend "
+                            "need --backend vllm (the hf backend spreads a model with --device-map)")
+        if self.data_parallel_size != 1:
+            raise CocoError("identify runs one engine: --data-parallel-size is not taken; spread the model with "
+                            "--tensor-parallel-size / --pipeline-parallel-size")
+        if self.backend == "vllm" and self.device_map is not None:
+            raise CocoError("--device-map is for --backend hf; with --backend vllm use --tensor-parallel-size / "
+                            "--pipeline-parallel-size")
 
 
 def _weight_norms(model, layout) -> np.ndarray:
@@ -309,7 +333,7 @@ def rescore(neurons_dir: str, out: str, rows: np.ndarray, note: str, force: bool
     return new
 
 
-def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOptions, progress: bool):
+def _behavior_rows(runner, tokenizer, items, data_info: dict, opts: IdentifyOptions, progress: bool):
     """Behavior mode: the model answers the ambiguous items; (decision-point spans, row_cat,
     row_label, categories, data info). Refuses (CocoError) before anything is written when a
     category has too few biased or "unknown" answers."""
@@ -320,8 +344,7 @@ def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOp
     xs, ys, counts = [], [], {}
     for cat in categories:  # one category at a time, so a category with too few answers fails early
         cat_items = [it for it in items if it.category == cat]
-        logliks = behavior.option_logliks(hf_model, behavior.option_spans(tokenizer, cat_items, chat=opts.chat),
-                                          opts.batch_size, pad_id=tokenizer.pad_token_id, progress=progress)
+        logliks = runner.option_logliks(behavior.option_spans(tokenizer, cat_items, chat=opts.chat), progress)
         x, y, c = behavior.contrast_sets(cat_items, behavior.choose(cat_items, logliks, opts.scoring))
         behavior.check_sets(c, opts.split, chat=chat, scoring=opts.scoring)
         xs, ys, counts = xs + x, ys + y, {**counts, **c}
@@ -334,9 +357,51 @@ def _behavior_rows(hf_model, tokenizer, items, data_info: dict, opts: IdentifyOp
     return spans, row_cat, row_label, categories, data_info
 
 
+class _HFRunner:
+    """identify's model on a transformers forward (capture.py's hooks); `engine_capture.EngineCapture`
+    is the same interface inside a vLLM engine (--backend vllm)."""
+
+    def __init__(self, model_dir: Path, opts: IdentifyOptions):
+        self.model, self.tokenizer = load_model(model_dir, opts.dtype, opts.device, opts.device_map)
+        self.opts = opts
+
+    def close(self) -> None:
+        self.model = None
+
+    def option_logliks(self, spans, progress: bool = False) -> np.ndarray:
+        from vllm_coco.identify import behavior
+
+        return behavior.option_logliks(self.model, spans, self.opts.batch_size, pad_id=self.tokenizer.pad_token_id,
+                                       progress=progress)
+
+    def capture(self, spans, matrix_path: Path, progress: bool = True):
+        from vllm_coco.identify.capture import capture
+
+        return capture(self.model, spans, matrix_path, self.opts.batch_size, pad_id=self.tokenizer.pad_token_id,
+                       progress=progress)
+
+    def weight_norms(self) -> np.ndarray:
+        from vllm_coco.core.models import layout_of
+
+        return _weight_norms(self.model, layout_of(self.model))
+
+
+def _runner(model_dir: Path, opts: IdentifyOptions):
+    """(tokenizer, the model runner of opts.backend)."""
+    if opts.backend == "vllm":
+        from vllm_coco.core.models import check_base_model, load_tokenizer
+        from vllm_coco.identify.engine_capture import EngineCapture
+
+        check_base_model(model_dir)
+        tokenizer = load_tokenizer(model_dir)
+        return tokenizer, EngineCapture(model_dir, opts.dtype, opts.engine())
+    runner = _HFRunner(model_dir, opts)
+    return runner.tokenizer, runner
+
+
 def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, progress: bool = True) -> dict:
     """Run the whole identify job; returns the written neurons.json content."""
-    from vllm_coco.identify.capture import capture, open_matrix
+    from vllm_coco.identify.capture import open_matrix
 
     t0 = time.time()
     opts.validate()
@@ -349,64 +414,67 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
         from vllm_coco.data.contrast import load_items
 
         items, data_info = load_items(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
-        hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device, opts.device_map)
-        spans, row_cat, row_label, categories, data_info = _behavior_rows(hf_model, tokenizer, items, data_info,
-                                                                          opts, progress)
     else:
         from vllm_coco.data.contrast import load_contrast
-        from vllm_coco.identify.capture import response_spans
 
         pairs, data_info = load_contrast(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
-        categories = list(dict.fromkeys(p.category for p in pairs))
-        hf_model, tokenizer = load_model(model_dir, opts.dtype, opts.device, opts.device_map)
-        spans = response_spans(tokenizer, pairs, chat=opts.chat)
-        cat_index = {c: i for i, c in enumerate(categories)}
-        row_cat = np.repeat([cat_index[p.category] for p in pairs], 2).astype(np.int32)  # [2 * pairs]
-        row_label = np.tile([0, 1], len(pairs)).astype(np.int32)  # biased, unbiased, ...
-        data_info["pairs"] = len(pairs)
-    chat_template = bool(opts.chat and getattr(tokenizer, "chat_template", None))
-    fp = fingerprint(model_dir)
+    tokenizer, runner = _runner(model_dir, opts)
+    with closing(runner):
+        if opts.contrast == "behavior":
+            spans, row_cat, row_label, categories, data_info = _behavior_rows(runner, tokenizer, items, data_info,
+                                                                              opts, progress)
+        else:
+            from vllm_coco.identify.capture import response_spans
 
-    with atomic_output_dir(out, force, sources) as tmp:
-        cap = capture(hf_model, spans, tmp / artifact.MATRIX_FILE, opts.batch_size,
-                      pad_id=tokenizer.pad_token_id, progress=progress)
-        layout = cap.layout
-        t_capture = time.time() - t0
-        weight_norm = _weight_norms(hf_model, layout)
-        del hf_model
-        res = score_matrix(open_matrix(tmp / artifact.MATRIX_FILE), row_cat, row_label, categories, opts, progress)
+            categories = list(dict.fromkeys(p.category for p in pairs))
+            spans = response_spans(tokenizer, pairs, chat=opts.chat)
+            cat_index = {c: i for i, c in enumerate(categories)}
+            row_cat = np.repeat([cat_index[p.category] for p in pairs], 2).astype(np.int32)  # [2 * pairs]
+            row_label = np.tile([0, 1], len(pairs)).astype(np.int32)  # biased, unbiased, ...
+            data_info["pairs"] = len(pairs)
+        chat_template = bool(opts.chat and getattr(tokenizer, "chat_template", None))
+        fp = fingerprint(model_dir)
+        with atomic_output_dir(out, force, sources) as tmp:
+            cap = runner.capture(spans, tmp / artifact.MATRIX_FILE, progress=progress)
+            t_capture = time.time() - t0
+            weight_norm = runner.weight_norms()
+            layout = cap.layout
+            runner.close()  # scoring needs the memory
+            res = score_matrix(open_matrix(tmp / artifact.MATRIX_FILE), row_cat, row_label, categories, opts,
+                               progress)
 
-        la = layout.arrays()
-        arrays = {
-            "layer": la["layer"].astype(np.int32), "proj": la["proj"].astype(np.int32),
-            "index": la["index"].astype(np.int32),
-            "loss": np.mean([res[c]["loss"] for c in categories], axis=0),
-            "score": np.mean([res[c]["score"] for c in categories], axis=0),
-            "direction": np.mean([res[c]["direction"] for c in categories], axis=0).astype(np.float32),
-            "calib_mean": cap.calib_mean.astype(np.float32), "calib_std": cap.calib_std.astype(np.float32),
-            "act_mean": cap.act_mean.astype(np.float32),
-            "mean_intensity": cap.mean_intensity.astype(np.float32), "weight_norm": weight_norm.astype(np.float32),
-            "row_category": row_cat, "row_label": row_label,
-        }
-        for cat in categories:
-            for key in ("loss", "score"):
-                arrays[f"{key}.{cat}"] = res[cat][key]
-            for key in ("direction", "mean_intensity"):
-                arrays[f"{key}.{cat}"] = res[cat][key].astype(np.float32)
-        nulls = {"combined": float(np.mean([res[c]["null_score"] for c in categories], axis=0).max())
-                 if opts.null_rounds else None}
-        nulls.update({c: float(res[c]["null_score"].max()) if opts.null_rounds else None for c in categories})
-        sizes = {c: res[c]["sizes"] for c in categories}
-        meta = {
-            "method": METHOD_VERSION,
-            "tool": f"vllm-coco {__version__}",
-            "model": {"path": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
-                      **layout.to_json(), "num_neurons": layout.total, "fingerprint": fp, "dtype": opts.dtype},
-            "data": {**data_info, "contrast": opts.contrast, "chat_template": chat_template, "rows": cap.rows,
-                     "tokens": cap.tokens, "calibration_tokens": cap.span_tokens},
-            "categories": categories,
-            **select_from_arrays(arrays, categories, nulls, sizes, opts),
-            "timing_s": {"capture": round(t_capture, 2), "total": round(time.time() - t0, 2)},
-        }
-        artifact.save(tmp, meta, arrays)
+            la = layout.arrays()
+            arrays = {
+                "layer": la["layer"].astype(np.int32), "proj": la["proj"].astype(np.int32),
+                "index": la["index"].astype(np.int32),
+                "loss": np.mean([res[c]["loss"] for c in categories], axis=0),
+                "score": np.mean([res[c]["score"] for c in categories], axis=0),
+                "direction": np.mean([res[c]["direction"] for c in categories], axis=0).astype(np.float32),
+                "calib_mean": cap.calib_mean.astype(np.float32), "calib_std": cap.calib_std.astype(np.float32),
+                "act_mean": cap.act_mean.astype(np.float32),
+                "mean_intensity": cap.mean_intensity.astype(np.float32), "weight_norm": weight_norm.astype(np.float32),
+                "row_category": row_cat, "row_label": row_label,
+            }
+            for cat in categories:
+                for key in ("loss", "score"):
+                    arrays[f"{key}.{cat}"] = res[cat][key]
+                for key in ("direction", "mean_intensity"):
+                    arrays[f"{key}.{cat}"] = res[cat][key].astype(np.float32)
+            nulls = {"combined": float(np.mean([res[c]["null_score"] for c in categories], axis=0).max())
+                     if opts.null_rounds else None}
+            nulls.update({c: float(res[c]["null_score"].max()) if opts.null_rounds else None for c in categories})
+            sizes = {c: res[c]["sizes"] for c in categories}
+            meta = {
+                "method": METHOD_VERSION,
+                "tool": f"vllm-coco {__version__}",
+                "model": {"path": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
+                          **layout.to_json(), "num_neurons": layout.total, "fingerprint": fp, "dtype": opts.dtype},
+                "data": {**data_info, "contrast": opts.contrast, "chat_template": chat_template, "rows": cap.rows,
+                         "tokens": cap.tokens, "calibration_tokens": cap.span_tokens},
+                "categories": categories,
+                "capture": {"backend": opts.backend, **opts.engine()},
+                **select_from_arrays(arrays, categories, nulls, sizes, opts),
+                "timing_s": {"capture": round(t_capture, 2), "total": round(time.time() - t0, 2)},
+            }
+            artifact.save(tmp, meta, arrays)
     return meta

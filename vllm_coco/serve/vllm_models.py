@@ -23,8 +23,9 @@ from vllm.model_executor.models.mistral import MistralAttention, MistralDecoderL
 from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
+from vllm_coco.core.sharding import HeadLayout, shard_plan
 from vllm_coco.edit.gate import apply_gate
-from vllm_coco.serve.sharding import HeadLayout, shard_plan
+from vllm_coco.identify.engine_capture import RECORDER
 
 
 class CocoGate(nn.Module):
@@ -75,6 +76,8 @@ class CocoGate(nn.Module):
 
 
 def _make_gate(attn: LlamaAttention, config, prefix: str) -> CocoGate | None:
+    if getattr(config, "coco", None) is None:  # a base model run under this class (identify --backend vllm)
+        return None
     channels = config.coco["channels"][extract_layer_index(prefix)]
     if not channels:
         return None
@@ -83,12 +86,16 @@ def _make_gate(attn: LlamaAttention, config, prefix: str) -> CocoGate | None:
 
 
 class _GatedQKV:
-    """Mixin for vLLM attention classes: the packed projection with the NE gate applied."""
+    """Mixin for vLLM attention classes: the packed projection with the NE gate applied (and,
+    while identification runs inside the engine, its output recorded first)."""
 
     coco_gate: CocoGate | None
+    coco_layer: int
 
     def gated_qkv(self, hidden_states: torch.Tensor):
         qkv, _ = self.qkv_proj(hidden_states)  # [tokens, q_size + 2 * kv_size]
+        if RECORDER.active:  # identify --backend vllm runs eager: never true inside a compiled graph
+            RECORDER.record(self.coco_layer, qkv)
         if self.coco_gate is not None:
             qkv = self.coco_gate(qkv)
         return qkv.split([self.q_size, self.kv_size, self.kv_size], dim=-1)
@@ -97,6 +104,7 @@ class _GatedQKV:
 class CocoLlamaAttention(_GatedQKV, LlamaAttention):
     def __init__(self, config, *args, prefix: str = "", **kwargs):
         super().__init__(config, *args, prefix=prefix, **kwargs)
+        self.coco_layer = extract_layer_index(prefix)
         self.coco_gate = _make_gate(self, config, prefix)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -109,6 +117,7 @@ class CocoLlamaAttention(_GatedQKV, LlamaAttention):
 class CocoMistralAttention(_GatedQKV, MistralAttention):
     def __init__(self, config, *args, prefix: str = "", **kwargs):
         super().__init__(config, *args, prefix=prefix, **kwargs)
+        self.coco_layer = extract_layer_index(prefix)
         self.coco_gate = _make_gate(self, config, prefix)
 
     def forward(self, positions: torch.Tensor, hidden_states: torch.Tensor) -> torch.Tensor:
@@ -140,11 +149,21 @@ class CocoMistralDecoderLayer(MistralDecoderLayer):
         self.ada_rms_norm_t_cond = None
 
 
-class CocoLlamaForCausalLM(LlamaForCausalLM):
+class _StepInputs:
+    """Mixin for the CausalLM classes: hands each step's input ids and positions to the recorder
+    while identification runs inside the engine (the attention layers see neither)."""
+
+    def forward(self, input_ids, positions, *args, **kwargs):
+        if RECORDER.active:
+            RECORDER.begin_step(input_ids, positions)
+        return super().forward(input_ids, positions, *args, **kwargs)
+
+
+class CocoLlamaForCausalLM(_StepInputs, LlamaForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=CocoLlamaDecoderLayer):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)
 
 
-class CocoMistralForCausalLM(MistralForCausalLM):
+class CocoMistralForCausalLM(_StepInputs, MistralForCausalLM):
     def __init__(self, *, vllm_config: VllmConfig, prefix: str = "", layer_type=CocoMistralDecoderLayer):
         super().__init__(vllm_config=vllm_config, prefix=prefix, layer_type=layer_type)

@@ -84,3 +84,18 @@ def shard_plan(channels, heads: HeadLayout, tp: int, rank: int) -> ShardPlan:
     return ShardPlan(rows=np.array([i for i, _ in mine], dtype=np.int64),
                      local=np.array([li for _, li in mine], dtype=np.int64), pad=pad, gather_cols=gather_cols,
                      tp=tp)
+
+
+def rank_channels(heads: HeadLayout, tp: int, rank: int) -> np.ndarray:
+    """The global packed [q|k|v] channel of each of rank's packed output columns, in the rank's
+    order: [local width]. Inverse of `local_index`: what identification inside the engine uses to
+    lay a rank's recorded columns into the global neuron numbering (a replicated KV channel is
+    held, with the same values, by every rank of its block)."""
+    width = heads.q_size + 2 * heads.kv_size
+    local = [local_index(c, heads, tp, rank) for c in range(width)]
+    out = np.full(sum(li is not None for li in local), -1, dtype=np.int64)
+    for c, li in enumerate(local):
+        if li is not None:
+            out[li] = c
+    assert np.all(out >= 0), "a rank's columns are contiguous"
+    return out
