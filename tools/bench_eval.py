@@ -272,6 +272,8 @@ def speed(args, work: Path) -> dict:
           f"{new5['load_s']:.1f} s, conditions + prefetch {new5['setup_s'] - new5['load_s']:.1f} s, evaluations "
           f"{' / '.join(f'{t:.1f}' for t in new5['eval_s'])} s)")
     print(f"{'speedup':>10} {stock_1 / new_1:>14.2f} {stock_5 / new_5:>15.2f}")
+    print(f"{'new tok/s':>10} {new1['stats']['tokens'] / new1['eval_s'][0]:>14.0f} "
+          f"{new5['stats']['tokens'] / new5['eval_s'][0]:>15.0f}   (model tokens / scoring evaluation)")
     ok = args.dtype != "float32" or max_diff <= TOLERANCE and agree == n_picks
     worst = max(per.values(), key=lambda p: p["max_abs_diff"])
     max_rel = max(p["max_rel_diff"] for p in per.values())
@@ -295,7 +297,12 @@ def speed(args, work: Path) -> dict:
             "dtype_stock": "float32", "batch_size": args.batch_size, "max_abs_diff": float(f"{max_diff:.3g}"),
             "max_abs_diff_per_condition": {n: float(f"{p['max_abs_diff']:.3g}") for n, p in per.items()},
             "max_rel_diff": float(f"{max_rel:.3g}"), "largest_diff": worst["worst"],
-            "pick_agreement": round(agree / n_picks, 4), "parity_ok": ok, "new_stats_5": new5["stats"],
+            "pick_agreement": round(agree / n_picks, 4), "parity_ok": ok, "new_stats_1": new1["stats"],
+            "new_stats_5": new5["stats"],
+            # model tokens per second of the new path's scoring evaluation (the first; it includes
+            # lm-eval's task building and request construction)
+            "new_tok_s": {"1": round(new1["stats"]["tokens"] / new1["eval_s"][0]),
+                          "5": round(new5["stats"]["tokens"] / new5["eval_s"][0])},
             "machine": info}
 
 
