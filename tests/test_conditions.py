@@ -166,7 +166,9 @@ def test_ne_directory_gate_as_a_condition(case):
     lm = CocoHFLM(str(case.model_dir), batch_size=8)
     lm.add_condition("ne-dir", cond.ne_dir_edit(case.dirs["ne"], model_dir=case.model_dir))
     lm.use("ne-dir")
-    assert _maxdiff(_ll(lm, case.args), _alone(case, "ne")) <= MIX_TOL
+    # the directory stores the gate's tensors in float32 (the in-memory gate computes them in float64):
+    # an on-disk counterpart, so TOL (measured on the demo model: 1.5e-5)
+    assert _maxdiff(_ll(lm, case.args), _alone(case, "ne")) <= TOL
 
 
 def test_switching_back_to_base_is_bit_for_bit(case):
