@@ -206,7 +206,11 @@ def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, fo
 @click.option("--ratio", type=float, help="Share of q and v neurons to gate, by |direction| "
               "(default: the artifact's ratio).")
 @click.option("--force", is_flag=True, help="Replace --out; or edit a model whose fingerprint differs.")
-def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force):
+@click.option("--with", "with_edits", multiple=True, type=click.Choice(N.NAMED_EDIT_MODES),
+              help="Also carry this constant edit of the same neurons, named by its mode, for requests "
+                   "that pick it (coco_edit); repeatable.")
+@click.option("--le-alpha", type=float, help=f"Strength of the named edit 'le' [default: {N.LE_ALPHA}].")
+def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force, with_edits, le_alpha):
     """Export an NE-COCO directory: MODEL's weights unchanged plus a runtime nonlinear gate on
     the selected q/v channels (coco_gate.safetensors; config names CocoLlamaForCausalLM or
     CocoMistralForCausalLM). Serve it with vLLM and the vllm-coco plugin, or load it in Python
@@ -216,12 +220,18 @@ def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force):
     Examples:
       coco-tools ne models/smollm2 runs/neurons --out runs/smollm2-ne
       coco-tools ne models/smollm2 runs/neurons --out runs/ne-strong --alpha 2 --beta 4 --lam 0.2
+      coco-tools ne models/smollm2 runs/neurons --out runs/ne-multi --with le --with ablate-zero
+
+    A request served by `coco-tools serve` picks a strength or a named edit per request
+    (vllm_xargs coco_alpha / coco_beta / coco_lam / coco_edit; see `coco-tools serve --help`).
     """
     from vllm_coco.edit.ne import write_ne
 
-    coco = write_ne(model, neurons_dir, out, alpha, beta, lam, ratio, force)
+    coco = write_ne(model, neurons_dir, out, alpha, beta, lam, ratio, force, with_edits, le_alpha)
+    named = f"; named edits: {', '.join(e['name'] for e in coco['edits'])}" if coco["edits"] else ""
     click.echo(f"wrote NE-COCO model ({coco['count']} gated channels in "
-               f"{sum(1 for c in coco['channels'] if c)} layers, alpha={alpha}, beta={beta}, lam={lam}) to {out}")
+               f"{sum(1 for c in coco['channels'] if c)} layers, alpha={alpha}, beta={beta}, lam={lam}{named}) "
+               f"to {out}")
 
 
 @cli.command(epilog=EXIT_CODES)

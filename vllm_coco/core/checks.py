@@ -28,6 +28,22 @@ def finite(value, what: str, lo: float | None = None, hi: float | None = None, l
     return v
 
 
+def ne_hyper(alpha: float, beta: float, lam: float, w_min: float,
+             names: tuple[str, str, str] = ("--alpha", "--beta", "--lam")) -> None:
+    """The NE gate's hyperparameters are usable: finite, lam in [0, 1], beta > 0, and no gate factor
+    1 + alpha*w*logistic(.) can turn negative (w_min: the smallest gate weight). CocoError naming
+    the offending setting by `names` (CLI flags, or a request's keys) if not."""
+    for name, v in zip(names, (alpha, beta, lam)):
+        finite(v, name)
+    if not 0 <= lam <= 1:
+        raise CocoError(f"{names[2]} {lam} is outside [0, 1]")
+    if beta <= 0:
+        raise CocoError(f"{names[1]} {beta} must be positive")
+    if 1 + min(0.0, alpha * w_min) < 0 or 1 + alpha < 0:
+        raise CocoError(f"{names[0]} {alpha} can make a gate factor 1 + alpha*w*logistic(.) negative; "
+                        "choose an alpha with 1 + alpha*w >= 0 for every weight")
+
+
 def finite_array(arr: np.ndarray, what: str, fix: str, allow: str = "") -> None:
     """Every element of `arr` is a real number, finite unless `allow` names an infinity that the
     array may carry ("+inf": the loss of a constant neuron, "-inf": its score)."""

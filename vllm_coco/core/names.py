@@ -49,6 +49,17 @@ EDIT_MODES = ("le", "ablate-zero", "ablate-mean")
 ABLATIONS = EDIT_MODES[1:]
 LE_ALPHA = 1.0
 NE_ALPHA, NE_BETA, NE_LAM = 1.0, 2.0, 0.5
+# Named edits an NE directory may carry besides its gate (`coco-tools ne --with MODE`): constant
+# per-channel gains/offsets, served per request. "ne" names the gate itself, "base" no edit at all.
+NE_EDIT, BASE_EDIT = "ne", "base"
+NAMED_EDIT_MODES = EDIT_MODES
+
+# --- per-request settings (vLLM `SamplingParams.extra_args`, the server's `vllm_xargs`): flat keys,
+# because vllm_xargs holds scalars only. A request without them gets the directory's settings.
+XARG_EDIT, XARG_ALPHA, XARG_BETA, XARG_LAM = "coco_edit", "coco_alpha", "coco_beta", "coco_lam"
+XARGS = (XARG_EDIT, XARG_ALPHA, XARG_BETA, XARG_LAM)
+SALT_PREFIX = "coco:"  # namespaces the prefix-cache salt derived from a setting (never a LoRA name)
+PER_REQUEST_ENV = "VLLM_COCO_PER_REQUEST"  # the NE directory whose per-request settings the engine accepts
 
 # --- models and evaluation
 DEMO_ARCHS = ("llama", "mistral")  # the demo model as LlamaForCausalLM or its MistralForCausalLM twin

@@ -30,6 +30,7 @@ from vllm_coco.core.errors import CocoError
 
 GATE_FILE = "coco_gate.safetensors"
 GATE_KEYS = ("channels", "mu", "sigma", "w", "w_hat")
+EDIT_KEYS = ("channels", "gain", "offset")
 SECTION = "coco"  # the config.json key holding the gate's hyperparameters
 BASE_TO_NE_ARCH = {"LlamaForCausalLM": "CocoLlamaForCausalLM", "MistralForCausalLM": "CocoMistralForCausalLM"}
 NE_TO_BASE_TYPE = {"coco_llama": "llama", "coco_mistral": "mistral"}
@@ -40,6 +41,10 @@ _FIX = "re-export the directory with `coco-tools ne`"
 
 def gate_prefix(layer: int) -> str:
     return f"model.layers.{layer}.self_attn.coco_gate"
+
+
+def edit_prefix(layer: int, name: str) -> str:
+    return f"model.layers.{layer}.self_attn.coco_edits.{name}"
 
 
 def is_ne(config: dict) -> bool:
@@ -74,6 +79,14 @@ def check_section(config: dict, path: Path) -> dict:
     if (not isinstance(channels, list) or len(channels) != config.get("num_hidden_layers")
             or not all(isinstance(c, list) and all(isinstance(i, int) and i >= 0 for i in c) for c in channels)):
         raise CocoError(f"{path}: coco.channels is not one list of channel indices per layer; {_FIX}")
+    from vllm_coco.core.names import BASE_EDIT, NAMED_EDIT_MODES, NE_EDIT
+
+    for e in coco.get("edits", []):
+        ch = e.get("channels") if isinstance(e, dict) else None
+        if (e.get("name") in (NE_EDIT, BASE_EDIT) or e.get("mode") not in NAMED_EDIT_MODES
+                or not isinstance(ch, list) or len(ch) != len(channels)):
+            raise CocoError(f"{path}: coco.edits holds an entry that is not a named edit "
+                            f"(mode one of {', '.join(NAMED_EDIT_MODES)}, channels per layer); {_FIX}")
     return coco
 
 
@@ -99,13 +112,12 @@ class NEDirectory:
     def coco(self) -> dict:
         return self.config[SECTION]
 
-    def base_config(self) -> tuple[str, dict]:
-        """(base model_type, config kwargs) of the model under the gate."""
-        kwargs = {k: v for k, v in self.config.items() if k not in (SECTION, "architectures", "model_type")}
-        return NE_TO_BASE_TYPE[self.config["model_type"]], kwargs
+    @property
+    def edit_names(self) -> list[str]:
+        """The named constant edits the directory carries (beside "ne" and "base")."""
+        return [e["name"] for e in self.coco.get("edits", [])]
 
-    def gates(self) -> dict[int, dict]:
-        """Per gated layer, its tensors (torch, CPU) by GATE_KEYS name; every one finite."""
+    def _tensors(self) -> dict:
         from safetensors.torch import load_file
 
         from vllm_coco.core.checks import tensors_finite
@@ -116,6 +128,38 @@ class NEDirectory:
             raise CocoError(f"{self.path / GATE_FILE} is not a readable safetensors file ({type(exc).__name__}); "
                             f"{_FIX}") from None
         tensors_finite(tensors, str(self.path / GATE_FILE), _FIX)
+        return tensors
+
+    def w_min(self) -> float:
+        """The smallest gate weight (config.json's w_min; read from the tensors for older directories)."""
+        if "w_min" in self.coco:
+            return float(self.coco["w_min"])
+        return min(float(g["w"].min()) for g in self.gates().values())
+
+    def named_edits(self) -> dict[str, dict[int, dict]]:
+        """Per named edit, per layer with channels, its tensors (torch, CPU) by EDIT_KEYS name."""
+        tensors = self._tensors() if self.edit_names else {}
+        out = {}
+        for e in self.coco.get("edits", []):
+            out[e["name"]] = {}
+            for layer, channels in enumerate(e["channels"]):
+                if not channels:
+                    continue
+                names = [f"{edit_prefix(layer, e['name'])}.{k}" for k in EDIT_KEYS]
+                if not all(n in tensors for n in names) or tensors[names[0]].tolist() != channels:
+                    raise CocoError(f"{self.path / GATE_FILE} lacks or disagrees on edit {e['name']!r} of "
+                                    f"layer {layer}; {_FIX}")
+                out[e["name"]][layer] = {k: tensors[n] for k, n in zip(EDIT_KEYS, names)}
+        return out
+
+    def base_config(self) -> tuple[str, dict]:
+        """(base model_type, config kwargs) of the model under the gate."""
+        kwargs = {k: v for k, v in self.config.items() if k not in (SECTION, "architectures", "model_type")}
+        return NE_TO_BASE_TYPE[self.config["model_type"]], kwargs
+
+    def gates(self) -> dict[int, dict]:
+        """Per gated layer, its tensors (torch, CPU) by GATE_KEYS name; every one finite."""
+        tensors = self._tensors()
         out = {}
         for layer, channels in enumerate(self.coco["channels"]):
             if channels:
@@ -133,15 +177,20 @@ class NEDirectory:
         return out
 
 
-def write(tmp: Path, base_config: dict, coco: dict, gate: dict[int, dict]) -> None:
+def write(tmp: Path, base_config: dict, coco: dict, gate: dict[int, dict],
+          edits: dict[str, dict[int, dict]] | None = None) -> None:
     """Write the NE parts into `tmp`, which already holds the base model's files: the gate
-    tensors, the sharded index entries (if the base is sharded) and the NE config.json."""
+    tensors (and the named edits' tables, per name and layer), the sharded index entries (if the
+    base is sharded) and the NE config.json."""
     import numpy as np
     from safetensors.numpy import save_file
 
     from vllm_coco import METHOD_VERSION
 
     tensors = {f"{gate_prefix(l)}.{k}": np.ascontiguousarray(g[k]) for l, g in gate.items() for k in GATE_KEYS}
+    for name, layers in (edits or {}).items():
+        tensors.update({f"{edit_prefix(l, name)}.{k}": np.ascontiguousarray(t[k])
+                        for l, t in layers.items() for k in EDIT_KEYS})
     save_file(tensors, str(tmp / GATE_FILE), metadata={"format": "pt", "method": METHOD_VERSION})
     index = tmp / INDEX_JSON
     if index.exists():  # sharded base: the index must list the gate tensors too

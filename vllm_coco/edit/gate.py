@@ -8,8 +8,8 @@ reference and the vLLM model.
     h_S <- h_S * g
 
 Pure torch, shape-static (index_select / index_copy, no boolean masks), no host synchronisation,
-so it traces under torch.compile and is safe inside CUDA graphs. `alpha` may be a per-token
-tensor [tokens, 1], so per-request strength needs no rewrite.
+so it traces under torch.compile and is safe inside CUDA graphs. `alpha`, `beta` and `lam` may be
+per-token tensors [tokens, 1] (per-request settings in a mixed batch) or floats.
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import torch
 
 
 def ne_gain(h_sel: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, w: torch.Tensor,
-            w_hat: torch.Tensor, alpha, beta: float, lam: float,
+            w_hat: torch.Tensor, alpha, beta, lam,
             gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """Gain g for the selected channels. h_sel: [tokens, S]; mu, sigma, w: [S]; w_hat: [S, S];
-    alpha: float or [tokens, 1]. Returns [tokens, S] (float32 or wider).
+    alpha, beta, lam: floats or [tokens, 1]. Returns [tokens, S] (float32 or wider).
 
     Under tensor parallelism a rank holds S_r of the channels: `gather` maps its engagement
     [tokens, S_r] to every rank's [tokens, C] (an all-gather, see sharding.py) and w_hat is then
@@ -37,7 +37,7 @@ def ne_gain(h_sel: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor, w: torch
 
 
 def apply_gate(x: torch.Tensor, channels: torch.Tensor, mu: torch.Tensor, sigma: torch.Tensor,
-               w: torch.Tensor, w_hat: torch.Tensor, alpha, beta: float, lam: float,
+               w: torch.Tensor, w_hat: torch.Tensor, alpha, beta, lam,
                gather: Callable[[torch.Tensor], torch.Tensor] | None = None) -> torch.Tensor:
     """x: [..., width] (the packed [q | k | v] projection output); channels: [S] int64 indices into
     the last dim. Returns x with the selected channels scaled by the gain (out of place)."""

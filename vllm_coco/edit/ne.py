@@ -88,23 +88,39 @@ def build_gate(meta: dict, arrays: dict, neurons_dir: Path, ratio: float) -> dic
 
 
 def check_hyper(alpha: float, beta: float, lam: float, w_min: float) -> None:
-    for name, v in (("--alpha", alpha), ("--beta", beta), ("--lam", lam)):
-        finite(v, name)
-    if not 0 <= lam <= 1:
-        raise CocoError(f"--lam {lam} is outside [0, 1]")
-    if beta <= 0:
-        raise CocoError(f"--beta {beta} must be positive")
-    if 1 + min(0.0, alpha * w_min) < 0 or 1 + alpha < 0:
-        raise CocoError(f"--alpha {alpha} can make a gate factor 1 + alpha*w*logistic(.) negative; "
-                        "choose an alpha with 1 + alpha*w >= 0 for every weight")
+    from vllm_coco.core.checks import ne_hyper
+
+    ne_hyper(alpha, beta, lam, w_min)
+
+
+def named_edits(neurons_dir, modes, le_alpha: float | None) -> tuple[list[dict], dict]:
+    """The constant edits `--with MODE` adds to an NE directory, named by their mode: their
+    config entries and their tables per layer (the same factors `coco-tools bake` writes)."""
+    from vllm_coco.core.names import LE_ALPHA
+    from vllm_coco.edit.conditions import linear_edit
+
+    entries, tables = [], {}
+    for mode in dict.fromkeys(modes):  # once each, in the order given
+        a = (LE_ALPHA if le_alpha is None else le_alpha) if mode == "le" else None
+        e = linear_edit(neurons_dir, mode, a)  # the artifact was checked against the model by the caller
+        layers = max(e.channels, default=-1) + 1
+        tables[mode] = {l: {"channels": e.channels[l].astype(np.int64), "gain": e.gain[l].astype(np.float32),
+                            "offset": e.offset[l].astype(np.float32)} for l in e.channels}
+        entries.append({"name": mode, "mode": mode, "alpha": a,
+                        "channels": [e.channels[l].tolist() if l in e.channels else [] for l in range(layers)]})
+    return entries, tables
 
 
 def write_ne(model: str, neurons_dir: str, out: str, alpha: float = NE_ALPHA, beta: float = NE_BETA,
-             lam: float = NE_LAM, ratio: float | None = None, force: bool = False) -> dict:
-    """Write an NE-COCO directory; returns its `coco` config section."""
+             lam: float = NE_LAM, ratio: float | None = None, force: bool = False,
+             with_edits: tuple[str, ...] = (), le_alpha: float | None = None) -> dict:
+    """Write an NE-COCO directory; returns its `coco` config section. `with_edits` adds named
+    constant edits (modes of `coco-tools bake`) that a request can pick instead of the gate."""
     from vllm_coco.identify.selection import count_for
 
     alpha, beta, lam = finite(alpha, "--alpha"), finite(beta, "--beta"), finite(lam, "--lam")
+    if le_alpha is not None and "le" not in with_edits:
+        raise CocoError("--le-alpha sets the strength of the named edit 'le'; add --with le or drop it")
 
     inputs = EditInputs.open(model, neurons_dir, out, force)
     model_dir, config, sources = inputs.model_dir, inputs.config, inputs.sources
@@ -125,13 +141,17 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = NE_ALPHA, be
             "weighting": meta["selection"]["weighting"], "base_architecture": base_arch,
             "channels": [gate[l]["channels"].tolist() if l in gate else []
                          for l in range(meta["model"]["num_layers"])],
-            "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp}
+            "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp, "w_min": w_min}
     coco["count"] = sum(len(c) for c in coco["channels"])
+    entries, tables = named_edits(neurons_dir, with_edits, le_alpha)
+    for entry in entries:  # pad to every layer
+        entry["channels"] += [[] for _ in range(meta["model"]["num_layers"] - len(entry["channels"]))]
+    coco["edits"] = entries
     tensors_finite({f"layer {l} {k}": g[k] for l, g in gate.items() for k in ne_format.GATE_KEYS}, "the NE gate",
                    f"the artifact {neurons_dir} holds non-finite statistics: re-run identify")
     with atomic_output_dir(out, force, sources) as tmp:
         for f in model_dir.iterdir():
             if f.is_file() and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)  # base weights and tokenizer: byte-identical
-        ne_format.write(tmp, config, coco, gate)
+        ne_format.write(tmp, config, coco, gate, tables)
     return coco

@@ -1,0 +1,151 @@
+"""Per-request NE-COCO settings in a vLLM engine: which request gets which edit, token by token.
+
+Three pieces, each at an official vLLM injection point (nothing of vLLM is patched):
+
+* `CocoWorker` (`--worker-cls`) gives its model runner `_CocoRunner`, which after vLLM has laid
+  out a step (`_prepare_inputs`: requests in batch order, contiguous token runs) writes every
+  token's setting into the model's `CocoStep` buffers in place. The model reads them as tensors,
+  so compiled graphs and CUDA graphs need no Python inside them (the pattern of vLLM's per-token
+  LoRA index mapping).
+* `CocoScheduler` (`--scheduler-cls`) salts the prefix-cache hashes of every request whose setting
+  is not the directory's default with a namespaced key ("coco:" + hash), before the scheduler
+  looks them up: the KV of a prompt depends on the setting (v channels are gated), so requests
+  with different settings never share blocks, while equal settings still do.
+* `serve/validator.py` refuses a bad setting at admission (HTTP 400 on the server).
+
+`engine_kwargs(DIR)` gives the offline `LLM(...)` arguments; `coco-tools serve DIR` the server's.
+Settings are parsed and named in serve/request_settings.py.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import lru_cache
+
+import numpy as np
+import torch
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.worker.gpu_model_runner import GPUModelRunner
+
+from vllm_coco.core.names import PER_REQUEST_ENV
+from vllm_coco.serve.request_settings import Setting
+from vllm_coco.serve.request_settings import menu_of as _menu
+
+_MODULE = __name__
+
+
+def engine_kwargs(ne_dir) -> dict:
+    """`LLM(**engine_kwargs(DIR), ...)`: an offline engine that takes per-request settings
+    (`SamplingParams(extra_args={"coco_alpha": 0.5})`). Sets VLLM_COCO_PER_REQUEST for the
+    validator, which runs in this process."""
+    from vllm.platforms import current_platform
+
+    ne_dir = str(ne_dir)
+    _menu(ne_dir)  # refuses a directory that is not an NE directory, before any engine starts
+    os.environ[PER_REQUEST_ENV] = os.path.abspath(ne_dir)
+    if current_platform.is_cuda_alike():  # only the V1 runner is hooked; V2 would ignore the settings
+        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
+    return {"model": ne_dir, "worker_cls": f"{_MODULE}.CocoWorker", "scheduler_cls": scheduler_cls()}
+
+
+def scheduler_cls() -> str:
+    """The scheduler class name matching vLLM's default for this platform (async on GPUs)."""
+    from vllm.platforms import current_platform
+
+    return f"{_MODULE}.{'CocoScheduler' if current_platform.is_cpu() else 'CocoAsyncScheduler'}"
+
+
+# --------------------------------------------------------------------------- prefix-cache salt
+class _Salted:
+    """Scheduler mixin: a request whose setting differs from the default gets a namespaced salt
+    folded into its cache salt, and its block hashes recomputed, before the scheduler uses them."""
+
+    def add_request(self, request) -> None:
+        menu = _menu(self.vllm_config.model_config.model)
+        key = menu.salt(menu.parse(request.sampling_params.extra_args if request.sampling_params else None))
+        if key and request.request_id not in self.requests:
+            request.cache_salt = f"{request.cache_salt}|{key}" if request.cache_salt else key
+            request.block_hashes.clear()
+            request.update_block_hashes()
+        super().add_request(request)
+
+
+class CocoScheduler(_Salted, Scheduler):
+    pass
+
+
+class CocoAsyncScheduler(_Salted, AsyncScheduler):
+    pass
+
+
+# --------------------------------------------------------------------------- per-token buffers
+class _CocoRunner:
+    """Model-runner mixin (V1 runner: CPU, and GPU with VLLM_USE_V2_MODEL_RUNNER=0): after vLLM
+    lays out a step, write each token's setting into the model's CocoStep."""
+
+    def _prepare_inputs(self, scheduler_output, num_scheduled_tokens: np.ndarray):
+        out = super()._prepare_inputs(scheduler_output, num_scheduled_tokens)
+        self._coco_fill(scheduler_output, num_scheduled_tokens)
+        return out
+
+    def _coco_fill(self, scheduler_output, num_scheduled_tokens: np.ndarray) -> None:
+        state = self.__dict__.setdefault("_coco", {"settings": {}, "dirty": False})
+        step = getattr(self.get_model(), "coco_step", None)
+        if step is None:
+            raise RuntimeError("CocoWorker serves NE-COCO directories only; serve a plain model with `vllm serve`")
+        menu = _menu(self.model_config.model)
+        settings: dict[str, Setting] = state["settings"]
+        for req_id in scheduler_output.finished_req_ids:
+            settings.pop(req_id, None)
+        req_ids = self.input_batch.req_ids[: len(num_scheduled_tokens)]  # [reqs], the step's order
+        rows = []
+        for r in req_ids:
+            if r not in settings:
+                settings[r] = menu.parse(self.requests[r].sampling_params.extra_args)
+            rows.append(settings[r])
+        if all(s == menu.default for s in rows):
+            if state["dirty"]:  # a default-only step after a mixed one: restore the defaults once
+                step.reset()
+                state["dirty"] = False
+            return
+        cols = np.array([menu.columns(s) for s in rows], dtype=np.float64)  # [reqs, 4]
+        per_token = np.repeat(cols, num_scheduled_tokens, axis=0)  # [tokens, 4]
+        on = np.zeros((len(per_token), len(menu.edits)), dtype=np.float32)  # [tokens, K]
+        named = per_token[:, 3] >= 0
+        on[named, per_token[named, 3].astype(np.int64)] = 1.0
+        f32 = per_token[:, :3].astype(np.float32)
+        step.fill(*(torch.from_numpy(f32[:, i:i + 1].copy()) for i in range(3)), torch.from_numpy(on))
+        state["dirty"] = True
+
+
+@lru_cache(maxsize=None)
+def _runner_class(base: type) -> type:
+    return type(f"Coco{base.__name__}", (_CocoRunner, base), {})
+
+
+def _worker_base() -> type:
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.worker.cpu_worker import CPUWorker
+
+        return CPUWorker
+    from vllm.v1.worker.gpu_worker import Worker
+
+    return Worker
+
+
+class CocoWorker(_worker_base()):
+    """The platform's worker whose model runner fills the per-token settings (`--worker-cls`)."""
+
+    def init_device(self):
+        super().init_device()
+        runner = self.model_runner
+        if not isinstance(runner, GPUModelRunner):
+            raise RuntimeError(f"per-request NE-COCO settings need vLLM's V1 model runner, and this engine built "
+                               f"{type(runner).__name__}: set VLLM_USE_V2_MODEL_RUNNER=0")
+        if not isinstance(runner, _CocoRunner):
+            # The platform worker builds its runner inline; this instance becomes the same class plus the mixin
+            # (which holds no state of its own until its first step).
+            runner.__class__ = _runner_class(type(runner))
