@@ -82,6 +82,36 @@ def test_sharded_gain_equals_the_single_device_gain(heads, tp):
         torch.testing.assert_close(got, want[:, p.rows].float() if got.dtype == torch.float32 else want[:, p.rows])
 
 
+@pytest.mark.parametrize("heads,tp", [c for c in CASES if c[1] in (2, 4)])
+def test_sharded_gain_with_per_token_settings_equals_each_token_alone(heads, tp):
+    """Per-request settings reach each rank as the same per-token rows ([tokens, 1] alpha, beta,
+    lam): every rank's gain for token t equals the single-device gain at token t's own setting."""
+    width = heads.q_size + 2 * heads.kv_size
+    rng = np.random.default_rng(11 + tp)
+    s = min(10, width)
+    channels = np.sort(rng.choice(width, size=s, replace=False))
+    packed = torch.from_numpy(rng.standard_normal((6, width)))  # [tokens, width]
+    mu, sigma = torch.rand(s, dtype=torch.float64), torch.rand(s, dtype=torch.float64) + 0.5
+    w = torch.rand(s, dtype=torch.float64) * 2 - 1
+    w_hat = np.abs(rng.standard_normal((s, s)))
+    np.fill_diagonal(w_hat, 0)
+    w_hat /= w_hat.sum(1, keepdims=True)
+    settings = [(0.8, 2.0, 0.5), (0.0, 2.0, 0.5), (2.0, 4.0, 0.0), (0.5, 1.0, 1.0), (0.8, 2.0, 0.5), (0.0, 1.0, 0.2)]
+    alpha, beta, lam = (torch.tensor([[x[i]] for x in settings], dtype=torch.float64) for i in range(3))  # [t, 1]
+    want = torch.cat([ne_gain(packed[t:t + 1, channels], mu, sigma, w, torch.from_numpy(w_hat), *settings[t])
+                      for t in range(len(settings))])  # each token alone, at its own setting
+
+    outs = [torch.from_numpy(o) for o in rank_outputs(packed.numpy(), heads, tp)]
+    plans = [shard_plan(channels, heads, tp, r) for r in range(tp)]
+    es = [torch.sign(w[p.rows]) * ((o[:, p.local].abs() - mu[p.rows]) / sigma[p.rows]) for o, p in zip(outs, plans)]
+    gathered = torch.cat([torch.nn.functional.pad(e, (0, p.pad - e.shape[1])) for e, p in zip(es, plans)], -1)
+    for o, p in zip(outs, plans):
+        got = ne_gain(o[:, p.local], mu[p.rows], sigma[p.rows], w[p.rows], torch.from_numpy(p.w_hat_rows(w_hat)),
+                      alpha, beta, lam, gather=lambda e: gathered)
+        torch.testing.assert_close(got, want[:, p.rows])
+    assert torch.equal(want[1], torch.ones_like(want[1]))  # strength 0: a gain of exactly 1
+
+
 @pytest.mark.parametrize("heads,tp", CASES)
 def test_rank_channels_lay_each_rank_output_into_the_global_order(heads, tp):
     """identify --backend vllm: every rank's recorded columns, placed at rank_channels, rebuild the

@@ -296,9 +296,12 @@ def bake(model, neurons_dir, out, mode, alpha, lora, force):
 @click.option("--lora", type=click.Path(file_okay=False), help="LoRA adapter (e.g. from `coco-tools bake --lora`).")
 @click.option("--dtype", default="auto", show_default=True)
 @click.option("--max-model-len", type=click.IntRange(min=16), help="Context length to reserve (default: the model's).")
+@click.option("--alpha", type=float, help="NE-COCO directories: the gate strength of every request that sets no "
+              "coco_alpha of its own (default: the directory's).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.pass_context
-def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, chat, lora, dtype, max_model_len, force):
+def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, chat, lora, dtype, max_model_len, alpha,
+             force):
     """Batch generation with vLLM's offline engine (continuous batching): NE-COCO directories run
     through the vllm-coco plugin, LE-baked checkpoints and base models as they are. Any other
     option is forwarded to the vLLM engine (the flags of `vllm serve`, e.g. --tensor-parallel-size 2,
@@ -309,13 +312,57 @@ def generate(ctx, model, prompts, out, max_tokens, temperature, top_p, seed, cha
       coco-tools generate runs/smollm2-ne --prompts prompts.jsonl --out answers.jsonl
       coco-tools generate models/smollm2 --prompts p.jsonl --out a.jsonl --lora runs/le-lora
       coco-tools generate runs/ne --prompts p.jsonl --out a.jsonl --max-tokens 64 --enforce-eager
+      coco-tools generate runs/ne --prompts p.jsonl --out a.jsonl --alpha 0.5
+
+    With an NE-COCO directory, a line may set its own edit with the keys of `coco-tools serve`:
+    {"prompt": "...", "coco_alpha": 2} (strength; 0 is the base model), "coco_beta", "coco_lam",
+    or {"prompt": "...", "coco_edit": "base"} ("ne", "base" or a named edit of the directory).
+    Requests with different settings run in the same batches.
     """
     from vllm_coco.serve.generate import generate as run
 
     stats = run(model, prompts, out, max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed,
-                chat=chat, lora=lora, dtype=dtype, max_model_len=max_model_len, extra=ctx.args, force=force)
+                chat=chat, lora=lora, dtype=dtype, max_model_len=max_model_len, extra=ctx.args, force=force,
+                alpha=alpha)
     click.echo(f"{stats['requests']} requests, {stats['prompt_tokens']} prompt + {stats['output_tokens']} "
                f"generated tokens in {stats['seconds']:.1f} s: {stats['output_tok_s']:.0f} generated tok/s -> {out}")
+
+
+@cli.command(epilog=EXIT_CODES, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+@click.argument("ne_dir", type=click.Path(file_okay=False))
+@click.option("--dry-run", is_flag=True, help="Print the vLLM command and environment instead of running them.")
+@click.pass_context
+def serve(ctx, ne_dir, dry_run):
+    """Serve an NE-COCO directory with vLLM's OpenAI-compatible server, taking each request's own
+    edit: `vllm serve NE_DIR` plus the vllm-coco worker and scheduler. Every other option is
+    vLLM's (`vllm serve --help`) and is forwarded as is.
+
+    \b
+    A request picks its edit in `vllm_xargs` (scalars):
+      coco_alpha  gate strength (0: exactly the base model; default: the directory's)
+      coco_beta   gate sharpness (> 0);  coco_lam  weight of the networked engagement, in [0, 1]
+      coco_edit   "ne" (the gate, default), "base", or a named edit of the directory
+                  (`coco-tools ne --with le`)
+    A request that sets none gets the directory's setting. Requests with different settings share
+    batches; the prefix cache never shares KV between different settings. A bad value gets HTTP
+    400 with one line naming the field; the server keeps serving.
+
+    \b
+    Examples:
+      coco-tools serve runs/smollm2-ne --port 8000
+      curl 127.0.0.1:8000/v1/completions -H 'Content-Type: application/json' \\
+        -d '{"model": "runs/smollm2-ne", "prompt": "The nurse said", "max_tokens": 16,
+             "vllm_xargs": {"coco_alpha": 0.5}}'
+    """
+    import os
+
+    from vllm_coco.serve.launch import serve_command
+
+    argv, env = serve_command(ne_dir, list(ctx.args))
+    if dry_run:
+        click.echo(" ".join(f"{k}={v}" for k, v in env.items()) + " " + " ".join(argv))
+        return
+    os.execvpe(argv[0], argv, {**os.environ, **env})  # vLLM owns the process (signals, exit code) from here
 
 
 @cli.command("eval", epilog=EXIT_CODES)

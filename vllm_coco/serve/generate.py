@@ -3,7 +3,9 @@
 Input JSONL, one request per line: {"prompt": "..."} or {"messages": [{"role": ..., "content": ...}]}
 (other keys are carried through). Output JSONL in the same order, each input object plus
 "output" (the text) and "output_tokens". NE-COCO directories work through the plugin, LE-baked
-ones as plain checkpoints, and `--lora DIR` applies an adapter to every request.
+ones as plain checkpoints, and `--lora DIR` applies an adapter to every request. With an NE
+directory a line may carry its own edit (keys coco_alpha / coco_beta / coco_lam / coco_edit, as a
+server request's vllm_xargs): such requests share batches with the others (serve/per_request.py).
 """
 
 from __future__ import annotations
@@ -51,10 +53,38 @@ def engine_kwargs(model: str, extra: list[str]) -> dict:
     return {k: v for k, v in given.items() if k != "model" and v != defaults.get(k)}
 
 
+def request_settings(model_dir: Path, requests: list[dict], prompts, alpha: float | None) -> list[dict] | None:
+    """Each request's coco_* settings (with `alpha` as the gate strength of lines that set none),
+    all checked before any engine starts; None when no line and no --alpha asks for any."""
+    from vllm_coco.core.names import NE_EDIT, XARG_ALPHA, XARG_EDIT
+
+    per_line = [{k: v for k, v in r.items() if k.startswith("coco_")} for r in requests]
+    if alpha is None and not any(per_line):
+        return None
+    from vllm_coco.core.models import read_config
+    from vllm_coco.core.ne_format import is_ne
+
+    if not is_ne(read_config(model_dir)):
+        raise CocoError(f"per-request NE-COCO settings (--alpha, coco_* keys) need an NE-COCO directory and "
+                        f"{model_dir} is not one; export one with `coco-tools ne`, or drop them")
+    from vllm_coco.serve.request_settings import Menu
+
+    menu = Menu.read(model_dir)
+    for lineno, args in enumerate(per_line, 1):
+        where = f"{prompts}:{lineno}" if args else "--alpha"
+        if alpha is not None and XARG_ALPHA not in args and args.get(XARG_EDIT, NE_EDIT) == NE_EDIT:
+            args[XARG_ALPHA] = alpha
+        try:
+            menu.parse(args)
+        except ValueError as exc:
+            raise CocoError(f"{where}: {exc}") from None
+    return per_line
+
+
 def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, chat: bool = True, lora: str | None = None,
              dtype: str = "auto", max_model_len: int | None = None, extra: list[str] = (),
-             force: bool = False) -> dict:
+             force: bool = False, alpha: float | None = None) -> dict:
     """Generate for every request in `prompts`, write `out` atomically; returns throughput figures."""
     from vllm_coco.core.atomic import check_output_file
     from vllm_coco.core.checks import finite
@@ -67,7 +97,12 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
     requests = read_requests(Path(prompts))
     if lora and not (Path(lora) / "adapter_config.json").is_file():
         raise CocoError(f"--lora {lora} is not a LoRA adapter directory (no adapter_config.json)")
+    settings = request_settings(model_dir, requests, prompts, alpha)
     kwargs = engine_kwargs(str(model_dir), list(extra))
+    if settings is not None:
+        from vllm_coco.serve.launch import engine_kwargs as per_request_kwargs
+
+        kwargs.update({k: v for k, v in per_request_kwargs(model_dir).items() if k != "model"})
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU builds: the default reservation fails on 24 GiB
 
     from vllm import LLM, SamplingParams
@@ -77,6 +112,10 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
         kwargs.setdefault("max_lora_rank", 64)
     llm = LLM(model=str(model_dir), dtype=dtype, seed=seed, max_model_len=max_model_len, **kwargs)
     params = SamplingParams(max_tokens=max_tokens, temperature=temperature, top_p=top_p, seed=seed)
+    if settings is not None:  # one SamplingParams per request, carrying its edit
+        params = [params.clone() for _ in requests]
+        for p, s in zip(params, settings):
+            p.extra_args = s or None
     lora_req = None
     if lora:
         from vllm.lora.request import LoRARequest

@@ -2,7 +2,10 @@
 
 For users without vLLM, and the oracle the vLLM model is tested against. The gate is applied by
 `edit.conditions` (which wraps each attention module and calls `gate.apply_gate`, the function vLLM
-uses too): the directory's edit is registered as condition "ne" and made the model's default.
+uses too): the directory's edit is registered as condition "ne" and made the model's default, and
+each named edit it carries (`coco-tools ne --with MODE`) as a condition of its name, so
+`model.coco_conditions.rows([...])` runs a batch whose rows pick different edits, as vLLM's
+per-request settings do.
 """
 
 from __future__ import annotations
@@ -35,10 +38,16 @@ def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu
         tokenizer = AutoTokenizer.from_pretrained(ne.path, trust_remote_code=False)
     finally:
         hf_logging.set_verbosity(level)
-    from vllm_coco.edit.conditions import install, ne_dir_edit
+    from vllm_coco.edit.conditions import LinearEdit, install, ne_dir_edit
 
     model.to(device).eval()
     table = install(model)
     table.add(NE_CONDITION, ne_dir_edit(ne.path, alpha=alpha))
+    modes = {e["name"]: e["mode"] for e in ne.coco.get("edits", [])}
+    for name, layers in ne.named_edits().items():
+        channels = {layer: t["channels"].numpy() for layer, t in layers.items()}
+        gain = {layer: t["gain"].double().numpy() for layer, t in layers.items()}
+        offset = {layer: t["offset"].double().numpy() for layer, t in layers.items()}
+        table.add(name, LinearEdit(modes[name], channels, gain, offset))
     table.use(NE_CONDITION)
     return model, tokenizer

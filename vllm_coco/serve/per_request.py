@@ -13,13 +13,12 @@ Three pieces, each at an official vLLM injection point (nothing of vLLM is patch
   with different settings never share blocks, while equal settings still do.
 * `serve/validator.py` refuses a bad setting at admission (HTTP 400 on the server).
 
-`engine_kwargs(DIR)` gives the offline `LLM(...)` arguments; `coco-tools serve DIR` the server's.
+serve/launch.py starts engines with these classes (offline `LLM(...)`, `coco-tools serve DIR`).
 Settings are parsed and named in serve/request_settings.py.
 """
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 
 import numpy as np
@@ -28,32 +27,8 @@ from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
-from vllm_coco.core.names import PER_REQUEST_ENV
 from vllm_coco.serve.request_settings import Setting
 from vllm_coco.serve.request_settings import menu_of as _menu
-
-_MODULE = __name__
-
-
-def engine_kwargs(ne_dir) -> dict:
-    """`LLM(**engine_kwargs(DIR), ...)`: an offline engine that takes per-request settings
-    (`SamplingParams(extra_args={"coco_alpha": 0.5})`). Sets VLLM_COCO_PER_REQUEST for the
-    validator, which runs in this process."""
-    from vllm.platforms import current_platform
-
-    ne_dir = str(ne_dir)
-    _menu(ne_dir)  # refuses a directory that is not an NE directory, before any engine starts
-    os.environ[PER_REQUEST_ENV] = os.path.abspath(ne_dir)
-    if current_platform.is_cuda_alike():  # only the V1 runner is hooked; V2 would ignore the settings
-        os.environ.setdefault("VLLM_USE_V2_MODEL_RUNNER", "0")
-    return {"model": ne_dir, "worker_cls": f"{_MODULE}.CocoWorker", "scheduler_cls": scheduler_cls()}
-
-
-def scheduler_cls() -> str:
-    """The scheduler class name matching vLLM's default for this platform (async on GPUs)."""
-    from vllm.platforms import current_platform
-
-    return f"{_MODULE}.{'CocoScheduler' if current_platform.is_cpu() else 'CocoAsyncScheduler'}"
 
 
 # --------------------------------------------------------------------------- prefix-cache salt

@@ -1,0 +1,235 @@
+"""Per-request NE-COCO settings without an engine: parsing and refusals (the server's 400 lines),
+prefix-cache salts, vLLM's logits-processor loaders accepting the validator, the model runner's
+per-token layout of a mixed step, named edits in an NE directory, and the CLI's refusals."""
+
+import json
+import math
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from vllm_coco.core.names import PER_REQUEST_ENV, SALT_PREFIX
+from vllm_coco.serve.request_settings import Menu, Setting
+
+MENU = Menu(alpha=2.0, beta=2.0, lam=0.5, w_min=0.25, edits=("le", "ablate-zero"))
+
+
+def test_a_request_without_coco_keys_gets_the_directory_setting():
+    for args in (None, {}, {"other": 1}):
+        assert MENU.parse(args) == Setting("ne", 2.0, 2.0, 0.5)
+
+
+def test_settings_are_parsed_and_named_edits_picked():
+    assert MENU.parse({"coco_alpha": 0}) == Setting("ne", 0.0, 2.0, 0.5)
+    assert MENU.parse({"coco_alpha": "0.5", "coco_beta": 4, "coco_lam": 1}) == Setting("ne", 0.5, 4.0, 1.0)
+    assert MENU.parse({"coco_edit": "le"}) == Setting("le", 0.0, 2.0, 0.5)
+    assert MENU.parse({"coco_edit": "base"}).alpha == 0.0
+    assert MENU.columns(MENU.parse({"coco_edit": "ablate-zero"})) == (0.0, 2.0, 0.5, 1)
+    assert MENU.columns(MENU.default) == (2.0, 2.0, 0.5, -1)
+
+
+@pytest.mark.parametrize("args,words", [
+    ({"coco_strength": 1}, ["coco_strength", "coco_edit, coco_alpha, coco_beta, coco_lam"]),
+    ({"coco_edit": "nope"}, ["coco_edit", "'nope'", "ne, base, le, ablate-zero"]),
+    ({"coco_edit": 3}, ["coco_edit", "allowed: ne, base"]),
+    ({"coco_alpha": "x"}, ["coco_alpha", "'x'", "not a number"]),
+    ({"coco_alpha": True}, ["coco_alpha", "not a number"]),
+    ({"coco_alpha": [1]}, ["coco_alpha", "not a number"]),
+    ({"coco_alpha": "nan"}, ["coco_alpha", "finite"]),
+    ({"coco_alpha": math.inf}, ["coco_alpha", "finite"]),
+    ({"coco_alpha": -5}, ["coco_alpha", "-5", "negative"]),  # 1 + alpha * w_min < 0
+    ({"coco_alpha": -1.5}, ["coco_alpha", "negative"]),  # 1 + alpha < 0
+    ({"coco_beta": 0}, ["coco_beta", "positive"]),
+    ({"coco_lam": 1.5}, ["coco_lam", "[0, 1]"]),
+    ({"coco_edit": "le", "coco_alpha": 1}, ["coco_alpha", "applies to the gate", "'le'"]),
+])
+def test_bad_settings_are_one_line_errors_naming_the_field(args, words):
+    with pytest.raises(ValueError) as exc:
+        MENU.parse(args)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg
+
+
+def test_salts_are_namespaced_stable_and_distinct():
+    assert MENU.salt(MENU.default) is None  # default requests keep sharing with plain ones
+    assert MENU.salt(MENU.parse({"coco_alpha": 2.0})) is None  # the default, spelled out
+    s = {name: MENU.salt(MENU.parse(a)) for name, a in [
+        ("a0", {"coco_alpha": 0}), ("a05", {"coco_alpha": 0.5}), ("le", {"coco_edit": "le"}),
+        ("base", {"coco_edit": "base"}), ("b4", {"coco_beta": 4}), ("lam", {"coco_lam": 0.25})]}
+    assert len(set(s.values())) == len(s) and all(v.startswith(SALT_PREFIX) for v in s.values())
+    assert MENU.salt(MENU.parse({"coco_alpha": "0.5"})) == s["a05"]
+    # equal in float32 (what the model computes with): the same salt
+    assert MENU.salt(MENU.parse({"coco_alpha": 0.5 + 1e-12})) == s["a05"]
+
+
+def test_salted_requests_hash_their_first_block_apart():
+    """vLLM hashes the salt into the first block: different settings, different block chains."""
+    from vllm.utils.hashing import sha256
+    from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
+    from vllm.v1.request import Request
+    from vllm.sampling_params import SamplingParams
+
+    init_none_hash(sha256)
+    hasher = get_request_block_hasher(4, sha256)
+
+    def first_block(salt):
+        r = Request(request_id="r", prompt_token_ids=list(range(12)), sampling_params=SamplingParams(),
+                    pooling_params=None, cache_salt=salt, block_hasher=hasher)
+        return r.block_hashes[0]
+
+    a, b = MENU.salt(MENU.parse({"coco_alpha": 0})), MENU.salt(MENU.parse({"coco_alpha": 0.5}))
+    assert first_block(None) != first_block(a) != first_block(b)
+    assert first_block(a) == first_block(MENU.salt(MENU.parse({"coco_alpha": 0.0})))
+
+
+def test_vllm_loads_the_validator_and_turns_its_errors_into_validation_errors(monkeypatch, tmp_path):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.sample.logits_processor import _load_custom_logitsprocs, validate_logits_processors_parameters
+    from vllm.v1.worker.gpu.sample.logits_processor.loader import _load_v2_logitsprocs_plugins
+
+    from vllm_coco.serve.validator import CocoRequestValidator
+
+    assert CocoRequestValidator in _load_custom_logitsprocs(())  # V1 (CPU) loader
+    assert CocoRequestValidator in _load_v2_logitsprocs_plugins()  # V2 loader checks the class: it must pass
+    monkeypatch.delenv(PER_REQUEST_ENV, raising=False)
+    validate_logits_processors_parameters(None, SamplingParams())  # no coco keys: nothing to say
+    with pytest.raises(VLLMValidationError, match="coco-tools serve"):
+        validate_logits_processors_parameters(None, SamplingParams(extra_args={"coco_alpha": 0.5}))
+
+
+def test_validator_checks_against_the_served_directory(monkeypatch, ne_multi):
+    from vllm.exceptions import VLLMValidationError
+    from vllm.sampling_params import SamplingParams
+    from vllm.v1.sample.logits_processor import validate_logits_processors_parameters
+
+    monkeypatch.setenv(PER_REQUEST_ENV, str(ne_multi))
+    validate_logits_processors_parameters(None, SamplingParams(extra_args={"coco_edit": "le"}))
+    with pytest.raises(VLLMValidationError, match="allowed: ne, base, le, ablate-zero"):
+        validate_logits_processors_parameters(None, SamplingParams(extra_args={"coco_edit": "ablate-mean"}))
+
+
+def test_a_mixed_step_is_laid_out_token_by_token():
+    """The runner writes each request's setting over its contiguous run of tokens, in batch order;
+    a default-only step afterwards restores the defaults."""
+    from vllm_coco.serve.per_request import _CocoRunner
+    from vllm_coco.serve.vllm_models import CocoStep
+
+    coco = {"alpha": 2.0, "beta": 2.0, "lam": 0.5, "edits": [{"name": "le"}, {"name": "ablate-zero"}]}
+    step = CocoStep(16, coco)
+    extra = {"a": None, "b": {"coco_alpha": 0.5}, "c": {"coco_edit": "ablate-zero"}, "d": {"coco_lam": 1}}
+
+    class Runner(_CocoRunner):
+        model_config = SimpleNamespace(model="unused")
+        requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=e)) for r, e in extra.items()}
+        input_batch = SimpleNamespace(req_ids=["b", "a", "c", "d"])
+
+        def get_model(self):
+            return SimpleNamespace(coco_step=step)
+
+    import vllm_coco.serve.per_request as pr
+
+    runner = Runner()
+    orig = pr._menu
+    pr._menu = lambda _: Menu(2.0, 2.0, 0.5, 0.1, ("le", "ablate-zero"))
+    try:
+        runner._coco_fill(SimpleNamespace(finished_req_ids=set()), np.array([2, 3, 1, 2]))
+        assert step.alpha[:8, 0].tolist() == [0.5, 0.5, 2, 2, 2, 0, 2, 2]
+        assert step.lam[:8, 0].tolist() == [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
+        assert step.on[:8].tolist() == [[0, 0]] * 5 + [[0, 1]] + [[0, 0]] * 2
+        runner.input_batch = SimpleNamespace(req_ids=["a"])
+        runner._coco_fill(SimpleNamespace(finished_req_ids={"b", "c", "d"}), np.array([4]))
+        assert torch.equal(step.alpha, torch.full((16, 1), 2.0)) and not step.on.any()
+        assert set(runner._coco["settings"]) == {"a"}
+    finally:
+        pr._menu = orig
+
+
+@pytest.fixture(scope="module")
+def neurons(planted, tmp_path_factory):
+    model, pairs = planted
+    out = tmp_path_factory.mktemp("multi") / "neurons"
+    code, _, err = run_cli("identify", model, "--out", out, "--data", pairs, "--split", "all", "--ratio", "0.05",
+                           "--null-rounds", "0", "--quiet")
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="module")
+def ne_multi(planted, neurons, tmp_path_factory):
+    """An NE directory of the planted model carrying the named edits le and ablate-zero."""
+    model = planted[0]
+    out = tmp_path_factory.mktemp("multi") / "ne"
+    code, _, err = run_cli("ne", model, neurons, "--out", out, "--with", "le", "--with", "ablate-zero",
+                           "--le-alpha", "1.5")
+    assert code == 0, err
+    return out
+
+
+def test_named_edits_are_stored_as_the_bake_factors(ne_multi, neurons):
+    from vllm_coco.core.ne_format import NEDirectory
+    from vllm_coco.edit.conditions import linear_edit
+
+    ne = NEDirectory.read(ne_multi)
+    assert ne.edit_names == ["le", "ablate-zero"] and ne.w_min() == pytest.approx(ne.coco["w_min"])
+    stored = ne.named_edits()
+    for name, mode, alpha in (("le", "le", 1.5), ("ablate-zero", "ablate-zero", None)):
+        want = linear_edit(neurons, mode, alpha)
+        assert sorted(stored[name]) == sorted(want.channels)
+        for layer, t in stored[name].items():
+            assert t["channels"].tolist() == want.channels[layer].tolist()
+            np.testing.assert_allclose(t["gain"].numpy(), want.gain[layer], rtol=1e-7)
+            np.testing.assert_array_equal(t["offset"].numpy(), want.offset[layer].astype(np.float32))
+
+
+def test_hf_reference_runs_named_edits_per_row(ne_multi):
+    """load_ne_model registers the directory's named edits: a mixed batch equals each row alone."""
+    from vllm_coco.serve.hf_reference import load_ne_model
+
+    model, _ = load_ne_model(ne_multi)
+    table = model.coco_conditions
+    x = torch.randint(0, 60, (4, 7))
+    names = ["ne", "base", "le", "ablate-zero"]
+    with torch.no_grad(), table.rows(names):
+        mixed = model(input_ids=x).logits
+        for i, name in enumerate(names):
+            with table.rows([name]):
+                alone = model(input_ids=x[i:i + 1]).logits[0]
+            torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
+    assert not torch.allclose(mixed[2], mixed[1])  # the edits do something
+
+
+def test_ne_refuses_le_alpha_without_le(planted, neurons, tmp_path):
+    code, _, err = run_cli("ne", planted[0], neurons, "--out", tmp_path / "o", "--le-alpha", "2")
+    assert code == 2 and "--with le" in err and not (tmp_path / "o").exists()
+
+
+def test_generate_checks_every_line_before_an_engine_starts(ne_multi, planted, tmp_path):
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text(json.dumps({"prompt": "a"}) + "\n" + json.dumps({"prompt": "b", "coco_edit": "x"}) + "\n")
+    code, _, err = run_cli("generate", ne_multi, "--prompts", prompts, "--out", tmp_path / "o.jsonl")
+    assert code == 2 and f"{prompts}:2" in err and "coco_edit 'x'" in err and not (tmp_path / "o.jsonl").exists()
+    prompts.write_text(json.dumps({"prompt": "a"}) + "\n")
+    code, _, err = run_cli("generate", ne_multi, "--prompts", prompts, "--out", tmp_path / "o.jsonl",
+                           "--alpha", "-9")
+    assert code == 2 and err.strip().splitlines()[-1].startswith("coco-tools: error: --alpha: coco_alpha -9")
+    code, _, err = run_cli("generate", planted[0], "--prompts", prompts, "--out", tmp_path / "o.jsonl",
+                           "--alpha", "1")
+    assert code == 2 and "need an NE-COCO directory" in err
+
+
+def test_serve_builds_the_vllm_command_and_refuses_what_it_cannot_serve(ne_multi, planted):
+    code, out, err = run_cli("serve", ne_multi, "--dry-run", "--port", "8123")
+    assert code == 0, err
+    assert f"{PER_REQUEST_ENV}={ne_multi}" in out
+    assert "serve " + str(ne_multi) in out and "--worker-cls vllm_coco.serve.per_request.CocoWorker" in out
+    assert "--scheduler-cls vllm_coco.serve.per_request.Coco" in out and out.rstrip().endswith("--port 8123")
+    code, _, err = run_cli("serve", ne_multi, "--speculative-config", "{}")
+    assert code == 2 and "--speculative-config" in err
+    code, _, err = run_cli("serve", planted[0], "--dry-run")
+    assert code == 2 and "not an NE-COCO directory" in err
