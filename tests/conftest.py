@@ -82,3 +82,29 @@ def expect_bad(parent, *args, match, unchanged=()):
     assert match.lower() in lines[0].lower(), lines[0]
     assert sorted(os.listdir(parent)) == before
     assert [digests(d) for d in unchanged] == kept
+
+
+# Prompts of the vLLM serving tests (test_vllm_slow, test_per_request_slow).
+PROMPTS = [
+    "The old man and the young woman were both waiting at the bus stop when",
+    "Who is more likely to be bad with technology: the grandfather or the grandson? The answer is",
+    "In a quiet village by the sea, the fishermen woke up early every morning to",
+    "Write a short poem about the moon, the stars and the silent night sky:",
+    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
+    "Two friends, a Muslim and a Christian, met for coffee to talk about",
+    "The doctor and the nurse discussed the patient's chart, and then",
+]
+N_TOKENS = 16
+
+
+@pytest.fixture(scope="session")
+def prompt_ids(demo_model):
+    """PROMPTS as token ids of the demo model, N_TOKENS each (equal lengths: one batch in transformers)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    ids = [tok(p + " Continue in detail, please, with a few more sentences.")["input_ids"][:N_TOKENS]
+           for p in PROMPTS]
+    assert all(len(i) == N_TOKENS for i in ids)
+    return ids

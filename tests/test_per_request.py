@@ -69,10 +69,10 @@ def test_salts_are_namespaced_stable_and_distinct():
 
 def test_salted_requests_hash_their_first_block_apart():
     """vLLM hashes the salt into the first block: different settings, different block chains."""
+    from vllm.sampling_params import SamplingParams
     from vllm.utils.hashing import sha256
     from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash
     from vllm.v1.request import Request
-    from vllm.sampling_params import SamplingParams
 
     init_none_hash(sha256)
     hasher = get_request_block_hasher(4, sha256)

@@ -2,6 +2,7 @@
 checkpoints and LoRA against transformers, and `vllm serve` end to end. Slow: each engine start
 costs 30-90 s on this machine, so engines share subprocesses."""
 
+import contextlib
 import json
 import os
 import signal
@@ -9,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -16,35 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import run_cli
+from conftest import PROMPTS, run_cli
 
 pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm")
 
-PROMPTS = [
-    "The old man and the young woman were both waiting at the bus stop when",
-    "Who is more likely to be bad with technology: the grandfather or the grandson? The answer is",
-    "In a quiet village by the sea, the fishermen woke up early every morning to",
-    "Write a short poem about the moon, the stars and the silent night sky:",
-    "The capital of France is Paris. The capital of Germany is Berlin. The capital of Italy is",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return",
-    "Two friends, a Muslim and a Christian, met for coffee to talk about",
-    "The doctor and the nurse discussed the patient's chart, and then",
-]
-N_TOKENS = 16
 MAX_TOKENS = 16
 WORKER = Path(__file__).with_name("vllm_worker.py")
-
-
-@pytest.fixture(scope="module")
-def prompt_ids(demo_model):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    ids = [tok(p + " Continue in detail, please, with a few more sentences.")["input_ids"][:N_TOKENS]
-           for p in PROMPTS]
-    assert all(len(i) == N_TOKENS for i in ids)
-    return ids
 
 
 def _identify(model, out):
@@ -211,21 +191,21 @@ def _post(url, body, timeout=300):
         return json.loads(r.read())
 
 
-@pytest.fixture(scope="module")
-def server(dirs, vllm_env, tmp_path_factory):
+@contextlib.contextmanager
+def serving(argv, env, log_dir):
+    """Run a server command (`vllm serve DIR ...`) on 127.0.0.1 and a free port; yields its base
+    URL once /health answers, and stops the whole process group afterwards."""
     port = _free_port()
-    log = open(tmp_path_factory.mktemp("serve-log") / "server.log", "w+")
-    vllm_bin = Path(sys.executable).with_name("vllm")
-    proc = subprocess.Popen([str(vllm_bin), "serve", str(dirs["ne"]), "--host", "127.0.0.1", "--port", str(port),
-                             "--dtype", "float32", "--max-model-len", "512", "--seed", "0"],
-                            env=vllm_env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    log = open(Path(log_dir) / "server.log", "w+")
+    proc = subprocess.Popen([*map(str, argv), "--host", "127.0.0.1", "--port", str(port)],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:
         deadline = time.time() + 600
         while True:
             if proc.poll() is not None:
                 log.seek(0)
-                pytest.fail(f"vllm serve exited with {proc.returncode}:\n{log.read()[-4000:]}")
+                pytest.fail(f"{argv[0]} exited with {proc.returncode}:\n{log.read()[-4000:]}")
             try:
                 with urllib.request.urlopen(base + "/health", timeout=5) as r:
                     if r.status == 200:
@@ -233,7 +213,7 @@ def server(dirs, vllm_env, tmp_path_factory):
             except OSError:
                 pass
             if time.time() > deadline:
-                pytest.fail("vllm serve was not ready within 600 s")
+                pytest.fail("the server was not ready within 600 s")
             time.sleep(2)
         yield base
     finally:
@@ -244,6 +224,25 @@ def server(dirs, vllm_env, tmp_path_factory):
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
         log.close()
+
+
+@pytest.fixture(scope="module")
+def server(dirs, vllm_env, tmp_path_factory):
+    vllm_bin = Path(sys.executable).with_name("vllm")
+    argv = [vllm_bin, "serve", dirs["ne"], "--dtype", "float32", "--max-model-len", "512", "--seed", "0"]
+    with serving(argv, vllm_env, tmp_path_factory.mktemp("serve-log")) as base:
+        yield base
+
+
+def test_plain_vllm_serve_refuses_per_request_settings_with_400(server, dirs):
+    """Plain `vllm serve DIR` serves the directory's setting: a request asking for its own gets a
+    400 naming `coco-tools serve`, never the default silently; the next plain request is served."""
+    body = {"model": str(dirs["ne"]), "prompt": "Hello", "max_tokens": 2, "vllm_xargs": {"coco_alpha": 0.5}}
+    with pytest.raises(urllib.error.HTTPError) as exc:
+        _post(server + "/v1/completions", body)
+    assert exc.value.code == 400 and "coco-tools serve" in json.loads(exc.value.read())["error"]["message"]
+    del body["vllm_xargs"]
+    assert _post(server + "/v1/completions", body)["choices"][0]["text"] is not None
 
 
 def test_vllm_serve_continuous_batching_does_not_change_results(server, dirs):

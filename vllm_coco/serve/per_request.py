@@ -19,7 +19,7 @@ Settings are parsed and named in serve/request_settings.py.
 
 from __future__ import annotations
 
-from functools import lru_cache
+from functools import cache
 
 import numpy as np
 import torch
@@ -94,7 +94,7 @@ class _CocoRunner:
         state["dirty"] = True
 
 
-@lru_cache(maxsize=None)
+@cache
 def _runner_class(base: type) -> type:
     return type(f"Coco{base.__name__}", (_CocoRunner, base), {})
 

@@ -23,8 +23,7 @@ from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
-from vllm_coco.core.names import (BASE_EDIT, NE_EDIT, SALT_PREFIX, XARG_ALPHA, XARG_BETA, XARG_EDIT, XARG_LAM,
-                                  XARGS)
+from vllm_coco.core.names import BASE_EDIT, NE_EDIT, SALT_PREFIX, XARG_ALPHA, XARG_BETA, XARG_EDIT, XARG_LAM, XARGS
 
 
 @dataclass(frozen=True)
@@ -95,7 +94,8 @@ class Menu:
 
     def salt(self, setting: Setting) -> str | None:
         """The prefix-cache salt of a setting: None for the directory's default, else "coco:" + a
-        hash of the canonical setting (namespaced: it cannot equal a LoRA name or a plain salt). The KV of a prompt depends on the setting (v channels are gated), so
+        hash of the canonical setting (namespaced: it cannot equal a LoRA name or a plain salt).
+        The KV of a prompt depends on the setting (v channels are gated), so
         requests with different settings must not share blocks; equal settings hash equal."""
         if setting == self.default:
             return None
