@@ -109,10 +109,11 @@ def test_mixed_batch_equals_each_setting_on_its_own_engine(mixed, single, prompt
         want = _alone(single, setting, i)
         one = {k: [got[k]] for k in ("prompt_logprobs", "generated")}
         assert_match(one, want, atol=1e-4)
-    # the settings do differ: a strong edit moves the logprobs of the same prompt
-    by = {s: g for (ids, s), g in zip(reqs, mixed["mixed"]) if ids == prompt_ids[0]}
-    d = max(abs(a - b) for a, b in zip(by["ablate"]["prompt_logprobs"][1:], by["base"]["prompt_logprobs"][1:]))
-    assert d > 1e-2
+    # the settings do differ: each non-base setting moves the logprobs of its prompt away from the base model's
+    for (ids, setting), got in zip(reqs, mixed["mixed"]):
+        base = single["base"]["prompt_logprobs"][prompt_ids.index(ids)]
+        d = max(abs(a - b) for a, b in zip(got["prompt_logprobs"][1:], base[1:]))
+        assert d < 1e-4 if setting in ("a0", "base") else d > 1e-3, (setting, d)
 
 
 def test_mixed_batch_agrees_with_the_hf_reference_per_row(mixed, dirs, prompts, prompt_ids):
@@ -208,3 +209,24 @@ def test_server_refuses_bad_settings_with_400_and_keeps_serving(server, dirs, en
         assert code == 400, (xargs, code, msg)
         assert all(w in msg for w in words) and "\n" not in msg.strip(), msg
     assert _status(server, dirs, {"coco_alpha": 0.5}, endpoint) == (200, "")
+
+
+def test_generate_takes_per_line_settings_like_the_server(server, dirs, vllm_env, tmp_path):
+    """`coco-tools generate` with coco_* keys per JSONL line (and --alpha for lines without) gives the
+    texts the per-request server gives the same prompts and settings."""
+    lines = [({"coco_alpha": 0}, "The nurse and the doctor"), ({"coco_edit": "le"}, "The nurse and the doctor"),
+             ({}, "An old man and a young woman"), ({"coco_edit": "ablate-zero"}, "An old man and a young woman")]
+    prompts = tmp_path / "p.jsonl"
+    prompts.write_text("".join(json.dumps({"prompt": p, **x}) + "\n" for x, p in lines))
+    out = tmp_path / "o.jsonl"
+    cmd = [str(Path(sys.executable).with_name("coco-tools")), "generate", str(dirs["multi"]), "--prompts", str(prompts),
+           "--out", str(out), "--no-chat", "--max-tokens", "8", "--dtype", "float32", "--alpha", "0.5",
+           "--max-model-len", "512", "--enforce-eager"]
+    proc = subprocess.run(cmd, env=vllm_env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    got = [json.loads(line)["output"] for line in out.read_text().splitlines()]
+    for (x, p), text in zip(lines, got):
+        xargs = x if x else {"coco_alpha": 0.5}  # --alpha is the default of lines that set nothing
+        body = {"model": str(dirs["multi"]), "prompt": p, "max_tokens": 8, "temperature": 0, "vllm_xargs": xargs}
+        assert _post(server + "/v1/completions", body)["choices"][0]["text"] == text
+    assert got[0] != got[1]

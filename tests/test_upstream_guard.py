@@ -52,6 +52,27 @@ GUARDED = [
          ("CocoMistralDecoderLayer.__init__",)),
 ]
 
+# vLLM methods that vllm_coco/serve/per_request.py hooks without copying (per-request settings):
+# what each must still do for the hook to be right. A changed hash means: re-read it and re-check.
+HOOKED = {
+    "vllm.v1.worker.gpu_model_runner:GPUModelRunner._prepare_inputs":
+        ("3fc170f920f69afbbb8ab127a0c8ad6997b3d0aec2236cce4d4779e2029d9857",
+         "_CocoRunner._prepare_inputs: runs once per step before the forward; tokens are contiguous runs per "
+         "request in input_batch.req_ids order (np.repeat over num_scheduled_tokens)"),
+    "vllm.v1.worker.cpu_worker:CPUWorker.init_device":
+        ("6ee534a42cb3fb3e991a05324ce538211031e0f11f774eeb029e6aba4f7a4843",
+         "CocoWorker.init_device: builds self.model_runner inline (V1 CPUModelRunner when Triton-CPU is absent)"),
+    "vllm.v1.worker.gpu_worker:Worker.init_device":
+        ("ff71452c33d71a7756aae79e9f5549d18367667ee10c99f79b13d16b2fe62c22",
+         "CocoWorker.init_device: self.model_runner exists after it"),
+    "vllm.v1.core.sched.scheduler:Scheduler.add_request":
+        ("d44c6de45d62abfaa090b8464ca4a33e75af5fea2c1ee71d555c82fca0594110",
+         "_Salted.add_request: block hashes are first used inside it (so re-salting before super() is in time)"),
+    "vllm.v1.request:Request.update_block_hashes":
+        ("eb9b965a74e8541a394259fb011004d7cd54dc192f0aec325fcbb5ae2af82586",
+         "_Salted.add_request: appends hashes for new full blocks (the cleared list is rebuilt whole)"),
+}
+
 
 def normalize(source: str) -> str:
     """Dedented, trailing whitespace stripped per line, no leading/trailing blank lines."""
@@ -89,7 +110,7 @@ with open(sys.argv[1], "w") as f:
 def upstream(tmp_path_factory):
     """{"version": ..., "sources": {name: source}, "errors": {name: why}} from the installed vLLM."""
     result = tmp_path_factory.mktemp("upstream") / "upstream.json"
-    names = [c.upstream for c in GUARDED]
+    names = [c.upstream for c in GUARDED] + list(HOOKED)
     env = dict(os.environ, VLLM_LOGGING_LEVEL="ERROR", VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1")
     proc = subprocess.run([sys.executable, "-c", PROBE, str(result), *names], check=False, capture_output=True,
                           text=True, env=env, timeout=600)
@@ -171,6 +192,19 @@ def test_mistral_layer_sets_what_upstream_sets(upstream):
     assert not missing, (f"vLLM's MistralDecoderLayer.__init__ (installed vllm {upstream['version']}) sets "
                          f"self.{', self.'.join(missing)}, which {OURS}:CocoMistralDecoderLayer.__init__ does "
                          f"not: re-read it and port it, then update the hash in {THIS}.")
+
+
+@pytest.mark.parametrize("name", HOOKED, ids=lambda n: n.partition(":")[2])
+def test_hooked_upstream_methods_unchanged(upstream, name):
+    want, relies = HOOKED[name]
+    if name in upstream["errors"]:
+        pytest.fail(f"vLLM's {name} is gone ({upstream['errors'][name]}): vllm_coco/serve/per_request.py hooks it "
+                    f"({relies}); find where vLLM moved it and re-check.", pytrace=False)
+    got = sha256(upstream["sources"][name])
+    if got != want:
+        pytest.fail(f"vLLM's {name} changed (installed vllm {upstream['version']}): vllm_coco/serve/per_request.py "
+                    f"relies on it ({relies}); re-read it, re-run tests/test_per_request_slow.py, then update the "
+                    f"hash in {THIS} (now {got}).", pytrace=False)
 
 
 def _pinned() -> dict[str, list[tuple[str, Requirement]]]:

@@ -7,8 +7,13 @@ three engines alive at once and timed round-robin (--rounds; best round per mode
 noise hits the three alike; at batch 1 (requests one at a time) and batch 32 (all at once,
 continuous batching). Every request generates exactly --max-tokens tokens (ignore_eos).
 
+Per-request settings: a fourth engine serves the same NE directory with per-request settings
+(serve/launch.engine_kwargs) and runs the batch with 1, 8 and 32 distinct strengths (coco_alpha
+spread over [0.25, 2]; requests assigned round-robin), timed in the same rounds as vanilla.
+
     .venv/bin/python tools/bench_serving.py --base models/smollm2 --neurons runs/default/neurons
-Last line: a JSON object with vanilla_tok_s, le_tok_s, ne_tok_s (batch 32) and ne_ratio.
+Last line: a JSON object with vanilla_tok_s, le_tok_s, ne_tok_s (batch 32), ne_ratio and
+ne_ratio_distinct_{1,8,32} (per-request engine with that many distinct strengths / vanilla).
 """
 
 from __future__ import annotations
@@ -32,6 +37,13 @@ def timed(llm, prompts, sp) -> float:
     return sum(len(r.outputs[0].token_ids) for r in res) / (time.perf_counter() - t0)
 
 
+def sp_with(sp, alpha: float):
+    """`sp` carrying a per-request gate strength."""
+    out = sp.clone()
+    out.extra_args = {"coco_alpha": round(alpha, 6)}
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--base", required=True, help="base model directory")
@@ -41,7 +53,9 @@ def main():
     ap.add_argument("--max-tokens", type=int, default=128)
     ap.add_argument("--eager", action="store_true", help="enforce_eager (default: vLLM's compiled mode)")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--distinct", default="1,8,32", help="numbers of distinct strengths in the batch")
     args = ap.parse_args()
+    distinct = [int(d) for d in args.distinct.split(",")]
 
     from vllm import LLM, SamplingParams
 
@@ -59,16 +73,26 @@ def main():
         coco = write_ne(args.base, args.neurons, str(ne))
         engines = {name: LLM(model=str(m), dtype="float32", max_model_len=512, seed=0, enforce_eager=args.eager)
                    for name, m in (("vanilla", args.base), ("le", le), ("ne", ne))}
+        from vllm_coco.serve.launch import engine_kwargs
+
+        per_request = LLM(**engine_kwargs(ne), dtype="float32", max_model_len=512, seed=0, enforce_eager=args.eager)
+        batch = prompts[:args.batch]
+        mixes = {d: [sp_with(sp, 0.25 + 1.75 * (i % d) / max(d - 1, 1)) for i in range(len(batch))] for d in distinct}
         for llm in engines.values():
             llm.generate(prompts[:4], sp, use_tqdm=False)  # warm-up
+        per_request.generate(batch[:4], mixes[max(distinct)][:4], use_tqdm=False)
         rounds = {name: {"batch1": [], "batch32": []} for name in engines}
+        mixed = {d: [] for d in distinct}
         for _ in range(args.rounds):
             for name, llm in engines.items():
                 one = [timed(llm, [p], sp) for p in prompts[:args.batch1_requests]]
                 rounds[name]["batch1"].append(sum(one) / len(one))
-                rounds[name]["batch32"].append(timed(llm, prompts[:args.batch], sp))
+                rounds[name]["batch32"].append(timed(llm, batch, sp))
+            for d in distinct:
+                mixed[d].append(timed(per_request, batch, mixes[d]))
         results = {n: {"batch1_tok_s": max(r["batch1"]), "batch32_tok_s": max(r["batch32"])}
                    for n, r in rounds.items()}
+        mixed = {d: max(v) for d, v in mixed.items()}
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; vLLM offline engine, "
           f"{'eager' if args.eager else 'compiled'} mode, fp32, {args.max_tokens} tokens/request; "
           f"NE gate: {coco['count']} channels in {sum(1 for c in coco['channels'] if c)} layers")
@@ -77,9 +101,14 @@ def main():
     base32 = results["vanilla"]["batch32_tok_s"]
     for name, r in results.items():
         print(f"{name:>8} {r['batch1_tok_s']:>14.1f} {r['batch32_tok_s']:>15.1f} {r['batch32_tok_s'] / base32:>9.3f}")
+    print(f"\nper-request NE engine, batch {args.batch}, distinct strengths in the batch:")
+    print(f"{'distinct':>8} {'tok/s':>10} {'ratio':>7}")
+    for d, v in mixed.items():
+        print(f"{d:>8} {v:>10.1f} {v / base32:>7.3f}")
     print(json.dumps({"vanilla_tok_s": round(base32, 1), "le_tok_s": round(results["le"]["batch32_tok_s"], 1),
                       "ne_tok_s": round(results["ne"]["batch32_tok_s"], 1),
                       "ne_ratio": round(results["ne"]["batch32_tok_s"] / base32, 4),
+                      **{f"ne_ratio_distinct_{d}": round(v / base32, 4) for d, v in mixed.items()},
                       "batch1": {k: round(v["batch1_tok_s"], 1) for k, v in results.items()}}))
 
 
