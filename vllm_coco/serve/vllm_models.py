@@ -71,37 +71,48 @@ class CocoStep(nn.Module):
             module.register_buffer("step_" + name, getattr(self, name), persistent=False)
 
 
-class CocoGate(nn.Module):
-    """This rank's share of one layer's NE gate. Parameters are named like the checkpoint's
-    `model.layers.{l}.self_attn.coco_gate.{channels,mu,sigma,w,w_hat}`, which hold the whole
-    layer; each weight_loader keeps this rank's part."""
+class _ShardedChannels(nn.Module):
+    """This rank's share of a per-layer channel table whose checkpoint tensors hold the whole layer:
+    `channels` (this rank's local indices) and per-channel rows, each kept by its weight_loader.
+    `source` names the checkpoint tensors and config key in the error a mismatch raises."""
 
-    def __init__(self, channels: list[int], heads: HeadLayout):
+    source: str
+
+    def __init__(self, channels: list[int], heads: HeadLayout, rows: dict[str, float]):
         super().__init__()
         self.tp = get_tensor_model_parallel_world_size()
         self.plan = shard_plan(channels, heads, self.tp, get_tensor_model_parallel_rank())
         self.global_channels = np.asarray(channels, dtype=np.int64)
         s_r = len(self.plan.rows)
-        f32 = dict(dtype=torch.float32, requires_grad=False)
         self.channels = nn.Parameter(torch.tensor(self.plan.local, dtype=torch.int64), requires_grad=False)
-        self.mu = nn.Parameter(torch.zeros(s_r, **f32), requires_grad=False)
-        self.sigma = nn.Parameter(torch.ones(s_r, **f32), requires_grad=False)
-        self.w = nn.Parameter(torch.zeros(s_r, **f32), requires_grad=False)
-        self.w_hat = nn.Parameter(torch.zeros(s_r, self.tp * self.plan.pad, **f32), requires_grad=False)
         set_weight_attrs(self.channels, {"weight_loader": self._load_channels})
-        for p in (self.mu, self.sigma, self.w):
+        for name, init in rows.items():  # [S_r] float32 each
+            p = nn.Parameter(torch.full((s_r,), init, dtype=torch.float32), requires_grad=False)
             set_weight_attrs(p, {"weight_loader": self._load_rows})
-        set_weight_attrs(self.w_hat, {"weight_loader": self._load_w_hat})
+            self.register_parameter(name, p)
 
-    # The checkpoint holds the whole layer: keep this rank's rows (and lay W_hat over the gather).
     def _load_channels(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         if not np.array_equal(loaded.cpu().numpy(), self.global_channels):
-            raise ValueError("coco_gate.channels in the checkpoint disagree with config.json coco.channels; "
+            raise ValueError(f"{self.source} in the checkpoint disagree with config.json; "
                              "re-export the directory with `coco-tools ne`")
         param.data.copy_(torch.as_tensor(self.plan.local))
 
     def _load_rows(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         param.data.copy_(loaded.float()[torch.as_tensor(self.plan.rows)])
+
+
+class CocoGate(_ShardedChannels):
+    """This rank's share of one layer's NE gate. Parameters are named like the checkpoint's
+    `model.layers.{l}.self_attn.coco_gate.{channels,mu,sigma,w,w_hat}`, which hold the whole
+    layer; each weight_loader keeps this rank's part (W_hat laid over the all-gather)."""
+
+    source = "coco_gate.channels (config.json coco.channels)"
+
+    def __init__(self, channels: list[int], heads: HeadLayout):
+        super().__init__(channels, heads, {"mu": 0.0, "sigma": 1.0, "w": 0.0})
+        self.w_hat = nn.Parameter(torch.zeros(len(self.plan.rows), self.tp * self.plan.pad, dtype=torch.float32),
+                                  requires_grad=False)
+        set_weight_attrs(self.w_hat, {"weight_loader": self._load_w_hat})
 
     def _load_w_hat(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
         param.data.copy_(torch.from_numpy(self.plan.w_hat_rows(loaded.float().cpu().numpy())))
@@ -119,33 +130,16 @@ class CocoGate(nn.Module):
                           self.step_beta[:n], self.step_lam[:n], gather=self._gather if self.tp > 1 else None)
 
 
-class CocoNamedEdit(nn.Module):
+class CocoNamedEdit(_ShardedChannels):
     """This rank's share of one layer's named constant edit (h <- gain * h + offset on its
     channels), applied to the tokens whose row of the step has it on. Parameters are named like
     the checkpoint's `model.layers.{l}.self_attn.coco_edits.{name}.{channels,gain,offset}`."""
 
+    source = "coco_edits channels (config.json coco.edits)"
+
     def __init__(self, channels: list[int], heads: HeadLayout, column: int):
-        super().__init__()
-        self.plan = shard_plan(channels, heads, get_tensor_model_parallel_world_size(),
-                               get_tensor_model_parallel_rank())
-        self.global_channels = np.asarray(channels, dtype=np.int64)
+        super().__init__(channels, heads, {"gain": 1.0, "offset": 0.0})
         self.column = column
-        s_r = len(self.plan.rows)
-        self.channels = nn.Parameter(torch.tensor(self.plan.local, dtype=torch.int64), requires_grad=False)
-        self.gain = nn.Parameter(torch.ones(s_r, dtype=torch.float32), requires_grad=False)
-        self.offset = nn.Parameter(torch.zeros(s_r, dtype=torch.float32), requires_grad=False)
-        set_weight_attrs(self.channels, {"weight_loader": self._load_channels})
-        for p in (self.gain, self.offset):
-            set_weight_attrs(p, {"weight_loader": self._load_rows})
-
-    def _load_channels(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
-        if not np.array_equal(loaded.cpu().numpy(), self.global_channels):
-            raise ValueError("coco_edits channels in the checkpoint disagree with config.json coco.edits; "
-                             "re-export the directory with `coco-tools ne`")
-        param.data.copy_(torch.as_tensor(self.plan.local))
-
-    def _load_rows(self, param: torch.Tensor, loaded: torch.Tensor) -> None:
-        param.data.copy_(loaded.float()[torch.as_tensor(self.plan.rows)])
 
     def forward(self, qkv: torch.Tensor) -> torch.Tensor:
         """qkv: [tokens, width] -> the edit on the tokens that have it on; exactly qkv elsewhere
