@@ -233,3 +233,16 @@ def test_serve_builds_the_vllm_command_and_refuses_what_it_cannot_serve(ne_multi
     assert code == 2 and "--speculative-config" in err
     code, _, err = run_cli("serve", planted[0], "--dry-run")
     assert code == 2 and "not an NE-COCO directory" in err
+
+
+def test_serve_refuses_a_truncated_gate_file_and_ne_a_non_finite_le_alpha(ne_multi, planted, neurons, tmp_path):
+    import shutil
+
+    broken = tmp_path / "broken"
+    shutil.copytree(ne_multi, broken)
+    gate = broken / "coco_gate.safetensors"
+    gate.write_bytes(gate.read_bytes()[:200])
+    code, _, err = run_cli("serve", broken, "--dry-run")
+    assert code == 2 and "coco_gate.safetensors is not a readable safetensors file" in err
+    code, _, err = run_cli("ne", planted[0], neurons, "--out", tmp_path / "o", "--with", "le", "--le-alpha", "nan")
+    assert code == 2 and "--le-alpha nan" in err and not (tmp_path / "o").exists()

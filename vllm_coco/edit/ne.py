@@ -121,6 +121,8 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = NE_ALPHA, be
     alpha, beta, lam = finite(alpha, "--alpha"), finite(beta, "--beta"), finite(lam, "--lam")
     if le_alpha is not None and "le" not in with_edits:
         raise CocoError("--le-alpha sets the strength of the named edit 'le'; add --with le or drop it")
+    if le_alpha is not None:
+        le_alpha = finite(le_alpha, "--le-alpha")
 
     inputs = EditInputs.open(model, neurons_dir, out, force)
     model_dir, config, sources = inputs.model_dir, inputs.config, inputs.sources

@@ -33,10 +33,14 @@ def scheduler_cls() -> str:
 
 
 def _check(ne_dir) -> str:
+    from vllm_coco.core.ne_format import NEDirectory
     from vllm_coco.serve.request_settings import menu_of
 
     path = os.path.abspath(ne_dir)
-    menu_of(path)  # CocoError unless it is a readable NE directory
+    ne = NEDirectory.read(path)  # CocoError unless it is an NE directory whose tensors read back whole
+    ne.gates()
+    ne.named_edits()
+    menu_of(path)
     return path
 
 
