@@ -215,9 +215,13 @@ def test_strong_model_depends_on_the_context(plain):
     assert abs(moved - _full(plain, ctx, cont)[0]) > 100 * TOL
 
 
+@pytest.mark.parametrize("row_tokens", [0, 8, prefix_lm.ROW_TOKENS])
 @pytest.mark.parametrize("batch_size", [1, 3, 16])
-def test_scorer_equals_full_forwards(strong_model, plain, batch_size):
+def test_scorer_equals_full_forwards(strong_model, plain, batch_size, row_tokens):
+    """row_tokens 0: every radix node is its own row on its parent's KV; 8: small subtrees run as
+    packed rows under a tree mask, the rest node by node; the default: whole roots packed."""
     lm = prefix_lm.CocoHFLM(str(strong_model), batch_size=batch_size)
+    lm.row_tokens = row_tokens
     reqs = _requests(plain)
     want = _reference(plain, reqs, lm.max_length)
     assert any(g for _, g in want) and not all(g for _, g in want)
@@ -230,6 +234,48 @@ def test_scorer_equals_full_forwards(strong_model, plain, batch_size):
     forwards = lm.stats["forwards"]
     assert lm._loglikelihood_tokens(list(reversed(reqs)), disable_tqdm=True) == list(reversed(got))
     assert lm.stats["forwards"] == forwards
+
+
+def test_packed_rows_run_fewer_forwards_for_the_same_tokens(strong_model, plain):
+    """Packing a subtree into one row changes how the work is batched, not what is computed."""
+    reqs = _requests(plain)
+    stats = {}
+    for row_tokens in (0, prefix_lm.ROW_TOKENS):
+        lm = prefix_lm.CocoHFLM(str(strong_model), batch_size=1)
+        lm.row_tokens = row_tokens
+        lm._loglikelihood_tokens(reqs, disable_tqdm=True)
+        stats[row_tokens] = lm.stats
+    assert stats[0]["tokens"] == stats[prefix_lm.ROW_TOKENS]["tokens"]
+    assert 2 * stats[prefix_lm.ROW_TOKENS]["forwards"] < stats[0]["forwards"]
+
+
+@pytest.mark.parametrize("row_tokens", [0, prefix_lm.ROW_TOKENS])
+def test_sliding_window_model_equals_full_forwards(tmp_path, row_tokens):
+    """A Mistral with a 6-token sliding window: the tree mask drops keys outside the window as HF's
+    own mask does (the requests are longer than the window, so a missing window would show)."""
+    import tiny
+    from transformers import AutoModelForCausalLM, MistralForCausalLM
+
+    torch.manual_seed(2)
+    tok = tiny.word_tokenizer(tiny.NEUTRAL + tiny.BIASED + tiny.UNBIASED)
+    config = tiny.tiny_config("mistral", vocab_size=len(tok), layers=2)
+    config.sliding_window = 6
+    model = MistralForCausalLM(config)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() == 2:
+                p.normal_(0, 1.0 if "embed" in name else 0.3)
+    path = tiny.save_model(model, tok, tmp_path / "windowed")
+    plain_model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    lm = prefix_lm.CocoHFLM(str(path), batch_size=4)
+    lm.row_tokens = row_tokens
+    reqs = _requests(plain_model)
+    _assert_same(lm._loglikelihood_tokens(reqs, disable_tqdm=True), _reference(plain_model, reqs, lm.max_length))
+    config.sliding_window = None
+    unwindowed = MistralForCausalLM(config).eval()
+    unwindowed.load_state_dict(plain_model.state_dict())
+    ctx, cont = reqs[0][1], reqs[0][2]
+    assert abs(_full(unwindowed, ctx, cont)[0] - _full(plain_model, ctx, cont)[0]) > 100 * TOL  # the window matters
 
 
 def test_scorer_equals_stock_hflm(strong_model, plain):

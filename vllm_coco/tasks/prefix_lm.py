@@ -10,7 +10,11 @@ turn). `CocoHFLM` subclasses lm-eval's `HFLM` and replaces only `_loglikelihood_
    request below it;
 2. nodes are run depth first in batches: a node's tokens are one forward on top of its parent's
    KV cache, which is kept only until the node's children have run;
-3. the log-probabilities are read at the continuation positions only (the LM head runs there).
+3. a subtree of at most `ROW_TOKENS` tokens (typically one BBQ item: its context and question,
+   its three orders, their options) runs as one packed row instead: its nodes laid out depth
+   first, each token attending to its parent's KV and to its own ancestors inside the row (a tree
+   attention mask), so the many few-token leaves cost no forwards and no KV copies of their own;
+4. the log-probabilities are read at the continuation positions only (the LM head runs there).
 
 Tokenization, chat templates, truncation, request caching and the tasks (evals/) are HFLM's and
 lm-eval's, so `lm_eval --model hf` stays the reference this class is tested against
@@ -41,6 +45,7 @@ from vllm_coco.tasks.prefix_tree import Node, build_tree
 
 MODEL_NAME = "coco-hf"  # the lm-eval registry name
 TOKEN_BUDGET = 4096  # query tokens per forward (rows x longest segment), bounds activation memory
+ROW_TOKENS = 512  # a subtree with at most this many tokens runs as one packed row (tree attention)
 HEAD_ROWS = 512  # positions per LM-head call
 
 
@@ -111,6 +116,7 @@ class CocoHFLM(HFLM):
         self._memo: dict[tuple[int, tuple, tuple], tuple[float, bool]] = {}
         self.stats = {"forwards": 0, "tokens": 0, "padded_tokens": 0}  # what score() ran, for benchmarks
         self.rows_per_forward = int(batch_size) if str(batch_size).isdigit() else 16
+        self.row_tokens = ROW_TOKENS  # 0: every node its own row (no packing)
 
     # --------------------------------------------------------------- conditions
     def add_condition(self, name: str, edit: cond.Edit) -> None:
@@ -193,6 +199,28 @@ class CocoHFLM(HFLM):
             heads.clear()
             owners.clear()
 
+        size: dict[tuple[int, int], int] = {}  # (cond, node id) -> tokens of its subtree needed for cond
+        for n in reversed(tree.nodes):  # children come after their parent in tree.nodes
+            for c in conds:
+                if n.seqs & need[c]:
+                    size[(c, n.id)] = len(n.tokens) + sum(size.get((c, ch.id), 0) for ch in n.children)
+
+        def row_len(item) -> int:
+            """Tokens in the row of item (cond, node): its whole subtree when that is small, else its own."""
+            c, node = item
+            return s if (s := size[(c, node.id)]) <= self.row_tokens else len(node.tokens)
+
+        def row_of(c: int, node: Node) -> list[Node]:
+            """The row's nodes, depth first: the node alone, or its whole needed subtree (packed)."""
+            if size[(c, node.id)] > self.row_tokens:
+                return [node]
+            out, todo = [], [node]
+            while todo:
+                n = todo.pop()
+                out.append(n)
+                todo.extend(reversed([ch for ch in n.children if ch.seqs & need[c]]))
+            return out
+
         items = [(c, n) for c in conds for n in reversed(tree.roots) if n.seqs & need[c]]
         kv: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # (cond, node id) -> per layer
         pending: dict[tuple[int, int], int] = {}  # parent's children still to run
@@ -200,16 +228,20 @@ class CocoHFLM(HFLM):
         bar = tqdm(total=total, disable=disable_tqdm, desc="Scoring (shared prefixes)", unit="tok")
         stack = items
         while stack:
-            batch = self._next_batch(stack)
-            hidden, new_kv = self._forward(batch, kv)
+            batch = self._next_batch(stack, row_len)
+            segments = [row_of(c, n) for c, n in batch]
+            hidden, new_kv = self._forward(batch, segments, kv)
             self.stats["forwards"] += 1
-            self.stats["tokens"] += sum(len(n.tokens) for _, n in batch)
+            self.stats["tokens"] += sum(map(row_len, batch))
             self.stats["padded_tokens"] += hidden.shape[0] * hidden.shape[1]
-            for r, (c, node) in enumerate(batch):
-                for p in sorted(node.wanted):
-                    heads.append(hidden[r, p - node.start])
-                    owners.append((c, node, p))
-                kids = [ch for ch in node.children if ch.seqs & need[c]]
+            for r, ((c, node), seg) in enumerate(zip(batch, segments)):
+                offset = 0
+                for n in seg:
+                    for p in sorted(n.wanted):
+                        heads.append(hidden[r, offset + p - n.start])
+                        owners.append((c, n, p))
+                    offset += len(n.tokens)
+                kids = [ch for ch in node.children if ch.seqs & need[c]] if len(seg) == 1 else []
                 if kids:
                     kv[(c, node.id)] = new_kv[r]
                     pending[(c, node.id)] = len(kids)
@@ -219,22 +251,24 @@ class CocoHFLM(HFLM):
                     pending[key] -= 1
                     if pending[key] == 0:
                         del kv[key], pending[key]
-                bar.update(len(node.tokens))
+                bar.update(row_len((c, node)))
             if len(heads) >= HEAD_ROWS:
                 flush()
         flush()
         bar.close()
         return [(sum(lp), all(g)) for lp, g in zip(logprob, greedy)]
 
-    def _next_batch(self, stack: list) -> list:
+    def _next_batch(self, stack: list, length) -> list:
         """Pop the next batch off the ready stack: the top item (depth first, so cached KV is freed
-        soon) and the ready items nearest the top whose segments are about as long (little padding)."""
-        bucket = _length_bucket(len(stack[-1][1].tokens))
-        longest = max(len(n.tokens) for _, n in stack if _length_bucket(len(n.tokens)) == bucket)
-        rows = min(4 * self.rows_per_forward, max(self.rows_per_forward, TOKEN_BUDGET // longest))
+        soon) and the ready items nearest the top whose rows are about as long (little padding);
+        `length(item)` is the row's token count."""
+        lengths = [length(item) for item in stack]
+        bucket = _length_bucket(lengths[-1])
+        longest = max(n for n in lengths if _length_bucket(n) == bucket)
+        rows = max(1, min(4 * self.rows_per_forward, TOKEN_BUDGET // longest))
         picked = []
         for k in range(len(stack) - 1, -1, -1):
-            if _length_bucket(len(stack[k][1].tokens)) == bucket:
+            if _length_bucket(lengths[k]) == bucket:
                 picked.append(k)
                 if len(picked) == rows:
                     break
@@ -243,24 +277,45 @@ class CocoHFLM(HFLM):
             del stack[k]
         return batch
 
-    def _forward(self, batch, kv):
-        """One forward of the batch's node segments on top of their parents' KV.
-        Returns (hidden [rows, L, hidden], per row: per layer (k, v) over the whole path, [kvh, P+L, d])."""
+    def _forward(self, batch, segments, kv):
+        """One forward of the batch's rows on top of their parents' KV. A row is its node alone, or
+        the node's subtree laid out depth first (`segments[r]`), each token seeing the row's past,
+        its own node's earlier tokens and its ancestors' inside the row (a tree mask).
+        Returns (hidden [rows, L, hidden], per single-node row: per layer (k, v) over the whole
+        path, [kvh, P+L, d]; None for packed rows, whose subtree is done)."""
         from transformers import DynamicCache
 
         dev = self.device
         nodes = [n for _, n in batch]
         past = [kv[(c, n.parent.id)] if n.parent is not None else None for c, n in batch]
         p_len = [n.start for n in nodes]
-        p_max, l_max = max(p_len), max(len(n.tokens) for n in nodes)
+        lens = [sum(len(n.tokens) for n in seg) for seg in segments]
+        p_max, l_max = max(p_len), max(lens)
         b = len(batch)
         ids = torch.zeros(b, l_max, dtype=torch.long)  # [rows, L]
-        mask = torch.zeros(b, p_max + l_max, dtype=torch.long)  # [rows, P + L]: 1 = a real token
-        for r, n in enumerate(nodes):
-            ids[r, : len(n.tokens)] = torch.tensor(n.tokens)
-            mask[r, : p_len[r]] = 1
-            mask[r, p_max: p_max + len(n.tokens)] = 1
-        pos = torch.tensor(p_len)[:, None] + torch.arange(l_max)[None]  # [rows, L]
+        pos = torch.zeros(b, l_max, dtype=torch.long)  # [rows, L]
+        see = torch.zeros(b, l_max, p_max + l_max, dtype=torch.bool)  # [rows, L, P + L]: query may attend key
+        diag = torch.arange(l_max)
+        see[:, diag, p_max + diag] = True  # every query sees itself (padding rows too: no empty softmax)
+        for r, seg in enumerate(segments):
+            see[r, : lens[r], : p_len[r]] = True
+            ids[r, : lens[r]] = torch.tensor([t for n in seg for t in n.tokens])
+            pos[r, : lens[r]] = torch.tensor([n.start + i for n in seg for i in range(len(n.tokens))])
+            # which row segment each token is in, and which segments are ancestors-or-self of which
+            index = {n.id: k for k, n in enumerate(seg)}
+            anc = torch.eye(len(seg), dtype=torch.bool)  # [S, S]: anc[k, j] = segment j is k's ancestor or k
+            for k, n in enumerate(seg[1:], 1):
+                anc[k] = anc[index[n.parent.id]]
+                anc[k, k] = True
+            which = torch.repeat_interleave(torch.arange(len(seg)), torch.tensor([len(n.tokens) for n in seg]))
+            causal = torch.ones(lens[r], lens[r], dtype=torch.bool).tril_()  # [L_r, L_r]
+            see[r, : lens[r], p_max: p_max + lens[r]] = anc[which[:, None], which[None, :]] & causal
+        window = getattr(self.model.config, "sliding_window", None)
+        if window is not None and p_max + l_max > window:  # Mistral-style: a key more than `window` back is out
+            keys = torch.cat([torch.arange(p_max).expand(b, p_max), pos], 1)  # [rows, P + L] sequence positions
+            see &= keys[:, None, :] > pos[:, :, None] - window
+            see[:, diag, p_max + diag] = True
+        mask = torch.zeros(see.shape, dtype=self.model.dtype).masked_fill_(~see, torch.finfo(self.model.dtype).min)
         cache = DynamicCache()
         if p_max > 0:
             layers = []
@@ -274,11 +329,11 @@ class CocoHFLM(HFLM):
                 layers.append((k, v))
             cache = DynamicCache(ddp_cache_data=layers)
         with self.conditions.rows([c for c, _ in batch]):
-            out = self.model.model(input_ids=ids.to(dev), attention_mask=mask.to(dev), position_ids=pos.to(dev),
-                                   past_key_values=cache, use_cache=True)
+            out = self.model.model(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev),
+                                   position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
         new_kv = []
         for r, n in enumerate(nodes):
-            if not n.children:
+            if not n.children or len(segments[r]) > 1:
                 new_kv.append(None)
                 continue
             per_layer = []
