@@ -6,6 +6,7 @@ Each equality runs on the planted tiny model (fast) and on the SmolLM2 demo mode
 requests (stereo_coco_Age, 6 documents; slow: identify on the demo model takes ~1 min).
 """
 
+import re
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -240,6 +241,34 @@ def test_replacing_a_condition(case):
     lm.add_condition("x", case.edits["ablate-zero"])
     assert _maxdiff(_ll(lm, case.args), _alone(case, "ablate-zero")) <= MIX_TOL
     assert lm.conditions.names == ["base", "x"]
+
+
+def test_fused_projection_follows_the_model_weights(planted):
+    """install() runs q/k/v as one matmul on a fused weight whose rows the three projections view:
+    the wrapped model equals the plain one bit for bit, a load_state_dict into it (which copies into
+    the views) changes both alike, and a projection given a new tensor is fused again."""
+    from transformers import AutoModelForCausalLM
+
+    plain = AutoModelForCausalLM.from_pretrained(planted[0], dtype=torch.float32).eval()
+    wrapped = AutoModelForCausalLM.from_pretrained(planted[0], dtype=torch.float32).eval()
+    cond.install(wrapped)
+    ids = torch.arange(1, 9)[None]  # [1, 8]
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, wrapped(ids).logits)
+        for p in plain.parameters():
+            p.mul_(1.01)
+        sd = plain.state_dict()
+        def wrapped_key(key):  # the wrapper's names: self_attn.inner.*, and q_proj.linear.* for q/k/v
+            key = key.replace("self_attn.", "self_attn.inner.")
+            return re.sub(r"([qkv]_proj)\.", r"\1.linear.", key)
+
+        wrapped.load_state_dict({wrapped_key(k): v for k, v in sd.items()}, strict=True)
+        assert torch.equal(plain(ids).logits, wrapped(ids).logits)
+        attn = wrapped.model.layers[0].self_attn
+        attn.inner.v_proj.linear.weight = torch.nn.Parameter(attn.inner.v_proj.linear.weight * 0.5)
+        plain.model.layers[0].self_attn.v_proj.weight.mul_(0.5)
+        assert torch.equal(plain(ids).logits, wrapped(ids).logits)
+    assert len(wrapped.state_dict()) == len(sd)  # the fused weight is no extra state
 
 
 # --------------------------------------------------------------------------- bad input
