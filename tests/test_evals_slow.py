@@ -1,6 +1,7 @@
 """stereo_coco on the real SmolLM2 demo model: the hf and vllm backends give the same numbers.
 
-One vLLM engine start (60-140 s on 2 CPU cores), in a subprocess (vLLM spawns processes).
+One vLLM engine start, in a subprocess (vLLM spawns processes), eager: compiled serving is checked
+against the HF reference in test_vllm_slow / test_per_request_slow, and a compile costs minutes here.
 """
 
 import json
@@ -36,7 +37,7 @@ def test_stereo_coco_hf_equals_vllm(demo_model, vllm_env, tmp_path):
 
     t0 = time.perf_counter()
     cmd = [str(Path(sys.executable).parent / "coco-tools"), "eval", str(demo_model), "--tasks", "stereo_coco",
-           "--limit", LIMIT, "--backend", "vllm", "--out", str(tmp_path / "vllm")]
+           "--limit", LIMIT, "--backend", "vllm", "--enforce-eager", "--out", str(tmp_path / "vllm")]
     proc = subprocess.run(cmd, env=vllm_env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     t_vllm = time.perf_counter() - t0

@@ -26,7 +26,9 @@ def test_eval_forwards_parallel_options_to_lm_evals_vllm_model(tiny_model):
         == {"tensor_parallel_size": 2, "pipeline_parallel_size": 2, "distributed_executor_backend": "ray"}
     assert "data_parallel_size" not in args  # at its default: not passed, lm-eval's own default holds
     _, plain, _, _ = _lm_for(tiny_model, EvalOptions(backend="vllm"))
-    assert not {"tensor_parallel_size", "pipeline_parallel_size"} & set(plain)
+    assert not {"tensor_parallel_size", "pipeline_parallel_size", "enforce_eager"} & set(plain)
+    _, eager, _, _ = _lm_for(tiny_model, EvalOptions(backend="vllm", enforce_eager=True))
+    assert eager["enforce_eager"] is True
 
 
 @pytest.mark.parametrize("args, match", [
@@ -35,6 +37,7 @@ def test_eval_forwards_parallel_options_to_lm_evals_vllm_model(tiny_model):
      "--distributed-executor-backend applies to --backend vllm only"),
     (["--backend", "vllm", "--pipeline-parallel-size", "0"], "--pipeline-parallel-size"),
     (["--backend", "vllm", "--distributed-executor-backend", "slurm"], "--distributed-executor-backend"),
+    (["--backend", "hf", "--enforce-eager"], "--enforce-eager applies to --backend vllm only"),
 ])
 def test_eval_refuses_parallel_options_that_cannot_apply(tiny_model, tmp_path, args, match):
     code, _, err = run_cli("eval", tiny_model, "--tasks", "stereo_coco_Age", "--limit", "3", "--out",

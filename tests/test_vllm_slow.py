@@ -229,7 +229,10 @@ def serving(argv, env, log_dir):
 @pytest.fixture(scope="module")
 def server(dirs, vllm_env, tmp_path_factory):
     vllm_bin = Path(sys.executable).with_name("vllm")
-    argv = [vllm_bin, "serve", dirs["ne"], "--dtype", "float32", "--max-model-len", "512", "--seed", "0"]
+    # eager: the compiled NE path is checked in test_ne_*_compiled_mode and by `coco-tools serve` in
+    # test_per_request_slow; a second compile here would cost ~2 min of CI for no new check
+    argv = [vllm_bin, "serve", dirs["ne"], "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
+            "--enforce-eager"]
     with serving(argv, vllm_env, tmp_path_factory.mktemp("serve-log")) as base:
         yield base
 

@@ -395,11 +395,14 @@ def serve(ctx, ne_dir, dry_run):
               help="How the BBQ loglikelihood tasks pick an option: the largest summed log-likelihood "
                    "(lm-eval's acc rule) or the largest per byte of the option's text.")
 @parallel_options
+@click.option("--enforce-eager", is_flag=True,
+              help="--backend vllm: run the engine without torch.compile (vLLM --enforce-eager): starts minutes "
+                   "sooner on a CPU, computes slower; the same numbers within float32 rounding.")
 @click.option("--log-samples", is_flag=True, help="Also write each document's prompt, answer and metrics "
                                                   "(OUT/samples_<task>.jsonl).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 def eval_cmd(model, tasks, backend, dtype, limit, max_items, out, batch_size, device, max_model_len, served_model_name,
-             chat, scoring, log_samples, force, **parallel):
+             chat, scoring, enforce_eager, log_samples, force, **parallel):
     """Evaluate MODEL (a Hugging Face, LE-baked or NE-COCO directory) with the vllm-coco lm-eval tasks
     in evals/ through lm-eval's Python API, float32, zero-shot, with the chat template unless
     --no-chat, options picked by --scoring. Writes
@@ -411,6 +414,7 @@ def eval_cmd(model, tasks, backend, dtype, limit, max_items, out, batch_size, de
       coco-tools eval models/smollm2 --limit 60
       coco-tools eval models/smollm2 --limit 60 --no-chat --scoring per-byte --log-samples   # the default run's format
       coco-tools eval runs/ne --tasks stereo_coco,stereo_coco_jailbreak --backend vllm --out runs/eval-ne
+      coco-tools eval runs/ne --backend vllm --enforce-eager --limit 6 --out runs/eval-ne-quick   # CPU: no compile
       coco-tools eval runs/l3-ne --backend vllm --tensor-parallel-size 4 --out runs/eval-l3   # 4 GPUs
       coco-tools eval runs/l3-ne --backend vllm --tensor-parallel-size 8 --pipeline-parallel-size 2 \\
           --distributed-executor-backend ray --out runs/eval-l3          # 2 nodes x 8 GPUs (README: Ray)
@@ -423,7 +427,7 @@ def eval_cmd(model, tasks, backend, dtype, limit, max_items, out, batch_size, de
     opts = EvalOptions(tasks=tasks or (), backend=backend, dtype=dtype, limit=limit, max_items=max_items,
                        batch_size=batch_size, device=device, max_model_len=max_model_len,
                        served_model_name=served_model_name, chat=chat,
-                       scoring=scoring, log_samples=log_samples, **parallel)
+                       scoring=scoring, enforce_eager=enforce_eager, log_samples=log_samples, **parallel)
     results, out_path = run_eval(model, opts, out=out, force=force)
     click.echo(summary(results))
     click.echo(f"wrote {out_path / 'results.json'}")

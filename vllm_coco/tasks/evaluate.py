@@ -128,6 +128,7 @@ class EvalOptions:
     pipeline_parallel_size: int = 1
     data_parallel_size: int = 1
     distributed_executor_backend: str | None = None
+    enforce_eager: bool = False  # --backend vllm: no torch.compile (vLLM's enforce_eager)
 
     def parallel(self) -> dict:
         """The vLLM engine's parallelism arguments this evaluation sets (the ones not at their default)."""
@@ -206,6 +207,9 @@ def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
         flag = "--" + next(iter(opts.parallel())).replace("_", "-")
         raise CocoError(f"{flag} applies to --backend vllm only (the hf backends run on one device: --device; a "
                         "server URL has its own parallelism: set it on `vllm serve`)")
+    if opts.enforce_eager and opts.backend != "vllm":
+        raise CocoError("--enforce-eager applies to --backend vllm only (a server URL compiles or not as `vllm serve` "
+                        "was started; the hf backends never compile)")
     if opts.dtype != "float32" and opts.backend != "hf":
         raise CocoError(f"--dtype {opts.dtype} applies to --backend hf only; the others evaluate float32")
     if not opts.tasks:
@@ -283,6 +287,8 @@ def _lm_for(model_dir: Path, opts: EvalOptions):
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
         args = {"pretrained": str(model_dir), "dtype": "float32", "max_model_len": opts.max_model_len,
                 **opts.parallel()}  # lm-eval's vllm model passes these to vllm.LLM (data parallel: Ray replicas)
+        if opts.enforce_eager:
+            args["enforce_eager"] = True
         return "vllm", args, opts.batch_size or "auto", None
     name = opts.served_model_name or served_model(opts.backend)
     args = {"base_url": _api_base(opts.backend) + "/completions", "model": name, "tokenizer": str(model_dir),
