@@ -295,7 +295,7 @@ class EditedAttention(nn.Module):
 
     The three projections run as one matmul on a fused [q+2kv, hidden] weight; q_proj / k_proj /
     v_proj keep their parameters as row views of it, so memory is unchanged and a load_state_dict
-    that copies into them updates the fused weight too (one GEMM instead of three and a cat: ~10 %
+    that copies into them updates the fused weight too (one GEMM instead of three and a cat: 3-9 %
     of the projections' time on a 2-core CPU, the same numbers to the bit there)."""
 
     def __init__(self, attn: nn.Module, layer: int, table: Conditions):
