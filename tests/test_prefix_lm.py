@@ -249,18 +249,37 @@ def test_packed_rows_run_fewer_forwards_for_the_same_tokens(strong_model, plain)
     assert 2 * stats[prefix_lm.ROW_TOKENS]["forwards"] < stats[0]["forwards"]
 
 
-@pytest.mark.parametrize("row_tokens", [0, prefix_lm.ROW_TOKENS])
-def test_sliding_window_model_equals_full_forwards(tmp_path, row_tokens):
-    """A Mistral with a 6-token sliding window: the tree mask drops keys outside the window as HF's
-    own mask does (the requests are longer than the window, so a missing window would show)."""
+def _windowed_model(arch: str, vocab_size: int, window: int | None):
+    """A tiny 2-layer model with a `window`-token sliding window: "mistral" (every layer windowed) or
+    "qwen2-mixed" (layer 0 full attention, layer 1 windowed: HF takes a mask per layer type)."""
     import tiny
-    from transformers import AutoModelForCausalLM, MistralForCausalLM
+    from transformers import MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    config = tiny.tiny_config("mistral", vocab_size=vocab_size, layers=2)
+    if arch == "mistral":
+        config.sliding_window = window
+        return MistralForCausalLM(config)
+    keys = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+            "num_key_value_heads", "max_position_embeddings", "tie_word_embeddings", "pad_token_id",
+            "bos_token_id", "eos_token_id")
+    qwen = Qwen2Config(**{k: getattr(config, k) for k in keys}, use_sliding_window=window is not None,
+                       sliding_window=window, max_window_layers=1)
+    assert window is None or qwen.layer_types == ["full_attention", "sliding_attention"]
+    return Qwen2ForCausalLM(qwen)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen2-mixed"])
+@pytest.mark.parametrize("row_tokens", [0, prefix_lm.ROW_TOKENS])
+def test_sliding_window_model_equals_full_forwards(tmp_path, row_tokens, arch):
+    """A 6-token sliding window: the tree mask drops keys outside the window as HF's own mask does,
+    on window layers only (the requests are longer than the window, so a missing or misplaced
+    window would show)."""
+    import tiny
+    from transformers import AutoModelForCausalLM
 
     torch.manual_seed(2)
     tok = tiny.word_tokenizer(tiny.NEUTRAL + tiny.BIASED + tiny.UNBIASED)
-    config = tiny.tiny_config("mistral", vocab_size=len(tok), layers=2)
-    config.sliding_window = 6
-    model = MistralForCausalLM(config)
+    model = _windowed_model(arch, len(tok), 6)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() == 2:
@@ -271,11 +290,19 @@ def test_sliding_window_model_equals_full_forwards(tmp_path, row_tokens):
     lm.row_tokens = row_tokens
     reqs = _requests(plain_model)
     _assert_same(lm._loglikelihood_tokens(reqs, disable_tqdm=True), _reference(plain_model, reqs, lm.max_length))
-    config.sliding_window = None
-    unwindowed = MistralForCausalLM(config).eval()
+    unwindowed = _windowed_model(arch, len(tok), None).eval()
     unwindowed.load_state_dict(plain_model.state_dict())
     ctx, cont = reqs[0][1], reqs[0][2]
     assert abs(_full(unwindowed, ctx, cont)[0] - _full(plain_model, ctx, cont)[0]) > 100 * TOL  # the window matters
+
+
+def test_unsupported_attention_kinds_are_refused():
+    from types import SimpleNamespace
+
+    assert prefix_lm._layer_kinds(SimpleNamespace(sliding_window=None)) == {"full_attention"}
+    assert prefix_lm._layer_kinds(SimpleNamespace(sliding_window=8)) == {"sliding_attention"}
+    with pytest.raises(CocoError, match="chunked_attention layers; evaluate it with --backend hf-stock"):
+        prefix_lm._layer_kinds(SimpleNamespace(sliding_window=8, layer_types=["full_attention", "chunked_attention"]))
 
 
 def test_scorer_equals_stock_hflm(strong_model, plain):

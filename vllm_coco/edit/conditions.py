@@ -296,7 +296,8 @@ class EditedAttention(nn.Module):
     The three projections run as one matmul on a fused [q+2kv, hidden] weight; q_proj / k_proj /
     v_proj keep their parameters as row views of it, so memory is unchanged and a load_state_dict
     that copies into them updates the fused weight too (one GEMM instead of three and a cat: 3-9 %
-    of the projections' time on a 2-core CPU, the same numbers to the bit there)."""
+    of the projections' time on a 2-core CPU, the same numbers to the bit there). For inference: the
+    fused weight is not a leaf autograd tracks, so no gradient reaches q/k/v through it."""
 
     def __init__(self, attn: nn.Module, layer: int, table: Conditions):
         super().__init__()
@@ -309,7 +310,11 @@ class EditedAttention(nn.Module):
         # unregistered (no state_dict key): the [q+2kv, hidden] weight and [q+2kv] bias (or None)
         self._fused: tuple[torch.Tensor, torch.Tensor | None] = (torch.empty(0), None)
         self._views: tuple[int, ...] = ()
-        self._fuse()
+        # weights that accelerate loads on call (offload hooks, meta placeholders) must go through the
+        # Linear modules themselves: those run unfused
+        self._fusable = not any(hasattr(lin, "_hf_hook") or lin.weight.device.type == "meta" for lin in self._linears())
+        if self._fusable:
+            self._fuse()
 
     def _linears(self) -> list[nn.Linear]:
         return [self.inner.q_proj.linear, self.inner.k_proj.linear, self.inner.v_proj.linear]
@@ -338,9 +343,12 @@ class EditedAttention(nn.Module):
     def forward(self, *args, **kwargs):
         x = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         a = self.inner
-        if self._pointers() != self._views:  # a projection was moved, re-cast or replaced since: fuse again
-            self._fuse()
-        qkv = F.linear(x, *self._fused)  # [b, t, q+2kv]
+        if not self._fusable:
+            qkv = torch.cat([lin(x) for lin in self._linears()], dim=-1)  # [b, t, q+2kv]
+        else:
+            if self._pointers() != self._views:  # a projection was moved, re-cast or replaced since: fuse again
+                self._fuse()
+            qkv = F.linear(x, *self._fused)  # [b, t, q+2kv]
         qkv = self.table.apply(self.layer, qkv)
         a.q_proj.out, a.k_proj.out, a.v_proj.out = qkv.split(self.sizes, dim=-1)
         return a(*args, **kwargs)

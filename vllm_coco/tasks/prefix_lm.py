@@ -54,6 +54,20 @@ def _length_bucket(n: int) -> int:
     return 0 if n <= 2 else int(math.log(n) / math.log(1.5))
 
 
+def _layer_kinds(config) -> set[str]:
+    """The attention kinds of the model's layers: "full_attention" and/or "sliding_attention" (every
+    layer windowed when the config has a window and no per-layer types, as Mistral's)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    kinds = set(types) if types else {"sliding_attention" if window is not None else "full_attention"}
+    unknown = kinds - {"full_attention", "sliding_attention"}
+    if unknown or ("sliding_attention" in kinds and window is None):
+        what = ", ".join(sorted(unknown)) or "sliding_attention without a sliding_window"
+        raise CocoError(f"the coco-hf scorer builds full and sliding-window attention masks only, and this model has "
+                        f"{what} layers; evaluate it with --backend hf-stock (lm-eval's own hf model)")
+    return kinds
+
+
 def bf16_supported(device: str) -> bool:
     """Whether `device` runs bfloat16 matmuls natively (CUDA with bf16, or a CPU with AVX-512 BF16 / AMX)."""
     if device.startswith("cuda"):
@@ -111,6 +125,7 @@ class CocoHFLM(HFLM):
             quiet.setLevel(level)
         if self.backend != "causal":
             raise CocoError(f"{MODEL_NAME} scores causal language models only")
+        _layer_kinds(self.model.config)  # refuse attention kinds the tree mask cannot express, before any work
         self.conditions = cond.install(self.model)
         self._prefetch: list[int] = []
         self._memo: dict[tuple[int, tuple, tuple], tuple[float, bool]] = {}
@@ -310,12 +325,22 @@ class CocoHFLM(HFLM):
             which = torch.repeat_interleave(torch.arange(len(seg)), torch.tensor([len(n.tokens) for n in seg]))
             causal = torch.ones(lens[r], lens[r], dtype=torch.bool).tril_()  # [L_r, L_r]
             see[r, : lens[r], p_max: p_max + lens[r]] = anc[which[:, None], which[None, :]] & causal
+        kinds = _layer_kinds(self.model.config)
         window = getattr(self.model.config, "sliding_window", None)
-        if window is not None and p_max + l_max > window:  # Mistral-style: a key more than `window` back is out
-            keys = torch.cat([torch.arange(p_max).expand(b, p_max), pos], 1)  # [rows, P + L] sequence positions
-            see &= keys[:, None, :] > pos[:, :, None] - window
-            see[:, diag, p_max + diag] = True
-        mask = torch.zeros(see.shape, dtype=self.model.dtype).masked_fill_(~see, torch.finfo(self.model.dtype).min)
+        masks = {"full_attention": see}
+        if "sliding_attention" in kinds:  # a key more than `window` positions back is out of a window layer
+            windowed = see
+            if p_max + l_max > window:
+                keys = torch.cat([torch.arange(p_max).expand(b, p_max), pos], 1)  # [rows, P + L] sequence positions
+                windowed = see & (keys[:, None, :] > pos[:, :, None] - window)
+                windowed[:, diag, p_max + diag] = True
+            masks["sliding_attention"] = windowed
+        low = torch.finfo(self.model.dtype).min
+        masks = {k: torch.zeros(m.shape, dtype=self.model.dtype).masked_fill_(~m, low)[:, None].to(dev)
+                 for k, m in masks.items() if k in kinds}  # [rows, 1, L, P + L] each
+        # one kind: the tensor itself; full and window layers mixed (Qwen2 max_window_layers, Gemma2): HF's
+        # per-layer-type mapping, which it uses as given
+        mask = next(iter(masks.values())) if len(masks) == 1 else masks
         cache = DynamicCache()
         if p_max > 0:
             layers = []
@@ -329,7 +354,7 @@ class CocoHFLM(HFLM):
                 layers.append((k, v))
             cache = DynamicCache(ddp_cache_data=layers)
         with self.conditions.rows([c for c, _ in batch]):
-            out = self.model.model(input_ids=ids.to(dev), attention_mask=mask[:, None].to(dev),
+            out = self.model.model(input_ids=ids.to(dev), attention_mask=mask,
                                    position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
         new_kv = []
         for r, n in enumerate(nodes):
