@@ -47,6 +47,9 @@ def main():
                                  "generated_logprobs": [d[t].logprob for d, t in
                                                         zip(o.outputs[0].logprobs, o.outputs[0].token_ids)]})
     json.dump(result, open(out_path, "w"))
+    from vllm_coco.core.engine import shutdown
+
+    shutdown(llm)  # before exit, not in the interpreter's teardown (core/engine.py)
 
 
 if __name__ == "__main__":

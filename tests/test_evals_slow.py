@@ -36,11 +36,17 @@ def test_stereo_coco_hf_equals_vllm(demo_model, vllm_env, tmp_path):
     t_hf = time.perf_counter() - t0
 
     t0 = time.perf_counter()
-    cmd = [str(Path(sys.executable).parent / "coco-tools"), "eval", str(demo_model), "--tasks", "stereo_coco",
-           "--limit", LIMIT, "--backend", "vllm", "--enforce-eager", "--out", str(tmp_path / "vllm")]
+    # coco-tools eval, run under tests/exit_probe.py: what is still alive when the command returns
+    cmd = [sys.executable, str(Path(__file__).with_name("exit_probe.py")), "eval", str(demo_model), "--tasks",
+           "stereo_coco", "--limit", LIMIT, "--backend", "vllm", "--enforce-eager", "--out", str(tmp_path / "vllm")]
     proc = subprocess.run(cmd, env=vllm_env, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-4000:]
     t_vllm = time.perf_counter() - t0
+    # issue 27: the engine is stopped before the command returns: no vLLM client thread and no
+    # engine-core process is left for the interpreter's teardown to race with (SIGABRT at exit)
+    probe = json.loads(proc.stderr.split("EXIT_PROBE ")[-1].splitlines()[0])
+    assert probe["children"] == [], probe
+    assert {name for name, _ in probe["threads"]} <= {"tqdm_monitor"}, probe  # tqdm's is pure Python
 
     hf = json.loads((tmp_path / "hf" / "results.json").read_text())
     vl = json.loads((tmp_path / "vllm" / "results.json").read_text())

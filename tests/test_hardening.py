@@ -690,9 +690,9 @@ def test_outputs_get_the_users_umask(tmp_path, planted, art, ne_dir, umask_022):
 
 @pytest.mark.parametrize("replace", [False, True], ids=["new-output", "replacing-with-force"])
 def test_sigterm_leaves_nothing_half_written(replace, tmp_path, planted):
-    """SIGTERM while identify writes: the process exits 143 (128 + SIGTERM; 130 is accepted too),
-    the temporary directory is gone, no .tmp-*/.old-* is left beside --out, and --out is as before
-    (absent, or with --force the previous output intact)."""
+    """SIGTERM while identify writes: the process exits 143 (128 + SIGTERM; not 130, Ctrl-C's) with one
+    stderr line saying "terminated", the temporary directory is gone, no .tmp-*/.old-* is left beside
+    --out, and --out is as before (absent, or with --force the previous output intact)."""
     import tiny
 
     pairs = tiny.planted_pairs(tmp_path / "big.jsonl", n=300)  # ~600 pairs at batch 1: a few seconds
@@ -724,7 +724,8 @@ def test_sigterm_leaves_nothing_half_written(replace, tmp_path, planted):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
-    assert proc.returncode in (143, 130), (proc.returncode, stderr[-3000:])
+    assert proc.returncode == 143, (proc.returncode, stderr[-3000:])
+    assert one_line(stderr).startswith("coco-tools: terminated"), stderr
     assert listing(parent) == before, listing(parent)
     assert not any(".tmp-" in n or ".old-" in n for n in os.listdir(parent))
     if replace:

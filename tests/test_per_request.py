@@ -38,8 +38,21 @@ def test_settings_are_parsed_and_named_edits_picked():
     ({"coco_alpha": "x"}, ["coco_alpha", "'x'", "not a number"]),
     ({"coco_alpha": True}, ["coco_alpha", "not a number"]),
     ({"coco_alpha": [1]}, ["coco_alpha", "not a number"]),
-    ({"coco_alpha": "nan"}, ["coco_alpha", "finite"]),
+    ({"coco_alpha": "nan"}, ["coco_alpha", "not a number"]),
     ({"coco_alpha": math.inf}, ["coco_alpha", "finite"]),
+    # issue 22: everything the scheduler or runner could not take is refused at admission
+    ({"coco_alpha": 1e39}, ["coco_alpha", "float32"]),  # overflows float32 (it stopped the engine)
+    ({"coco_alpha": 1e308}, ["coco_alpha", "float32"]),
+    ({"coco_alpha": "1e308"}, ["coco_alpha", "float32"]),
+    ({"coco_alpha": 10 ** 400}, ["coco_alpha", "float32"]),  # an integer no float holds
+    ({"coco_alpha": "1_0"}, ["coco_alpha", "'1_0'", "not a number"]),  # Python's float() reads 10
+    ({"coco_alpha": "0x10"}, ["coco_alpha", "not a number"]),
+    ({"coco_beta": False}, ["coco_beta", "not a number"]),
+    ({"coco_alpha": {}}, ["coco_alpha", "{}", "not a number"]),
+    ({"COCO_ALPHA": 0.5}, ["'COCO_ALPHA'", "exact spelling", "coco_alpha"]),  # was silently ignored
+    ({"coco-alpha": 0.5}, ["'coco-alpha'", "coco_alpha"]),
+    ({"Coco_edit": "le"}, ["'Coco_edit'", "coco_edit"]),
+    ({"coco_edit": "x" * 5000}, ["coco_edit", "...", "allowed"]),  # the 400 names it in one short line
     ({"coco_alpha": -5}, ["coco_alpha", "-5", "negative"]),  # 1 + alpha * w_min < 0
     ({"coco_alpha": -1.5}, ["coco_alpha", "negative"]),  # 1 + alpha < 0
     ({"coco_beta": 0}, ["coco_beta", "positive"]),
@@ -65,6 +78,57 @@ def test_salts_are_namespaced_stable_and_distinct():
     assert MENU.salt(MENU.parse({"coco_alpha": "0.5"})) == s["a05"]
     # equal in float32 (what the model computes with): the same salt
     assert MENU.salt(MENU.parse({"coco_alpha": 0.5 + 1e-12})) == s["a05"]
+
+
+def test_a_client_salt_cannot_reach_another_settings_namespace():
+    """Issue 22: a default request that sends the salt of alpha 2 (or of any setting, with or without
+    its own salt) never lands in that setting's blocks; equal (client salt, setting) pairs still share."""
+    settings = [MENU.default, MENU.parse({"coco_alpha": 0.5}), MENU.parse({"coco_edit": "le"})]
+    clients = [None, "", "user-a", SALT_PREFIX]
+    salts = {(i, c): MENU.salt(s, c) for i, s in enumerate(settings) for c in clients}
+    assert salts[0, None] is None  # a plain request stays unsalted (shares with requests that say nothing)
+    named = {k: v for k, v in salts.items() if v is not None}
+    assert len(set(named.values())) == len(named)  # every (setting, client salt) pair apart
+    for forged in named.values():  # a client sending a namespace it saw, at any setting
+        for s in settings:
+            assert MENU.salt(s, forged) not in named.values()
+    assert MENU.salt(settings[1], "user-a") == MENU.salt(MENU.parse({"coco_alpha": "0.5"}), "user-a")
+
+
+def test_the_scheduler_fails_a_request_it_cannot_parse_and_keeps_the_rest(monkeypatch):
+    """Issue 22: a setting that slips past admission (an engine without the validator) fails that
+    request through vLLM's error path instead of raising inside the engine core."""
+    from vllm_coco.serve import per_request
+
+    class Base:
+        def __init__(self):
+            self.requests, self.grammar_compile_error_reqs, self.added = {}, set(), []
+            self.vllm_config = SimpleNamespace(model_config=SimpleNamespace(model="nedir"))
+
+        def add_request(self, request):
+            self.added.append(request.request_id)
+            self.requests[request.request_id] = request
+
+    class Sched(per_request._Salted, Base):
+        pass
+
+    monkeypatch.setattr(per_request, "_menu", lambda _: MENU)
+
+    def request(rid, extra, salt=None):
+        r = SimpleNamespace(request_id=rid, sampling_params=SimpleNamespace(extra_args=extra), cache_salt=salt,
+                            block_hashes=["stale"], rehashed=0)
+        r.update_block_hashes = lambda: setattr(r, "rehashed", r.rehashed + 1)
+        return r
+
+    sched = Sched()
+    bad, good, plain = request("bad", {"coco_alpha": 1e39}), request("ok", {"coco_alpha": 0.5}), request("p", None)
+    for r in (bad, good, plain):
+        sched.add_request(r)
+    assert sched.added == ["bad", "ok", "p"] and sched.grammar_compile_error_reqs == {"bad"}
+    assert bad.cache_salt == f"{SALT_PREFIX}invalid:bad" and bad.rehashed == 1 and bad.block_hashes == []
+    assert good.cache_salt == MENU.salt(MENU.parse({"coco_alpha": 0.5})) and good.rehashed == 1
+    assert plain.cache_salt is None and plain.rehashed == 0 and plain.block_hashes == ["stale"]
+    assert per_request._parse_or_default(MENU, {"coco_alpha": 1e39}) == MENU.default
 
 
 def test_salted_requests_hash_their_first_block_apart():
@@ -229,6 +293,7 @@ def test_serve_builds_the_vllm_command_and_refuses_what_it_cannot_serve(ne_multi
     assert f"{PER_REQUEST_ENV}={ne_multi}" in out
     assert "serve " + str(ne_multi) in out and "--worker-cls vllm_coco.serve.per_request.CocoWorker" in out
     assert "--scheduler-cls vllm_coco.serve.per_request.Coco" in out and out.rstrip().endswith("--port 8123")
+    assert "--middleware vllm_coco.serve.strict_settings.StrictSettings" in out
     code, _, err = run_cli("serve", ne_multi, "--speculative-config", "{}")
     assert code == 2 and "--speculative-config" in err
     code, _, err = run_cli("serve", planted[0], "--dry-run")
@@ -246,3 +311,49 @@ def test_serve_refuses_a_truncated_gate_file_and_ne_a_non_finite_le_alpha(ne_mul
     assert code == 2 and "coco_gate.safetensors is not a readable safetensors file" in err
     code, _, err = run_cli("ne", planted[0], neurons, "--out", tmp_path / "o", "--with", "le", "--le-alpha", "nan")
     assert code == 2 and "--le-alpha nan" in err and not (tmp_path / "o").exists()
+
+
+def test_the_server_middleware_sees_raw_values_before_the_schema_coerces_them(monkeypatch):
+    """Issue 22: vLLM's OpenAI schema turns `true` into 1 and answers `{}` in 12 lines; the middleware
+    `coco-tools serve` adds reads the body as sent: one-line 400s, and every other request reaches the
+    app with its body intact (chunked or not)."""
+    import asyncio
+
+    from vllm_coco.serve import request_settings, strict_settings
+
+    monkeypatch.setenv(PER_REQUEST_ENV, "nedir")
+    monkeypatch.setattr(request_settings, "menu_of", lambda _: MENU)
+    seen = []
+
+    async def app(scope, receive, send):
+        body, more = b"", True
+        while more:
+            m = await receive()
+            body, more = body + m.get("body", b""), m.get("more_body", False)
+        seen.append(body)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+
+    def call(body: bytes, method="POST", chunks=1):
+        parts = [body[i::chunks] for i in range(chunks)] if chunks == 1 else [body[:5], body[5:]]
+        msgs = [{"type": "http.request", "body": b, "more_body": i < len(parts) - 1} for i, b in enumerate(parts)]
+        sent = []
+
+        async def receive():
+            return msgs.pop(0)
+
+        async def send(m):
+            sent.append(m)
+
+        asyncio.run(strict_settings.StrictSettings(app)({"type": "http", "method": method}, receive, send))
+        return sent[0]["status"], (json.loads(sent[1]["body"])["error"]["message"] if len(sent) > 1 else "")
+
+    for xargs, words in [({"coco_alpha": True}, ["coco_alpha", "not a number"]),
+                         ({"coco_alpha": {}}, ["coco_alpha", "{}", "not a number"]),
+                         ({"coco_alpha": 1e39}, ["float32"]), ({"COCO_ALPHA": 1}, ["COCO_ALPHA"])]:
+        status, msg = call(json.dumps({"prompt": "x", "vllm_xargs": xargs}).encode())
+        assert status == 400 and "\n" not in msg and all(w in msg for w in words), (xargs, msg)
+    assert seen == []
+    good = json.dumps({"prompt": "x", "vllm_xargs": {"coco_alpha": 0.5}}).encode()
+    for body, chunks in [(good, 1), (good, 2), (b"not json", 1), (b'{"prompt": "coco"}', 1)]:
+        assert call(body, chunks=chunks) == (200, "")
+    assert seen == [good, good, b"not json", b'{"prompt": "coco"}']

@@ -204,11 +204,42 @@ def test_server_refuses_bad_settings_with_400_and_keeps_serving(server, dirs, en
                          ({"coco_alpha": -50}, ["coco_alpha", "negative"]),
                          ({"coco_alpha": "strong"}, ["coco_alpha", "not a number"]),
                          ({"coco_lam": 3}, ["coco_lam", "[0, 1]"]),
-                         ({"coco_edit": "le", "coco_alpha": 1}, ["coco_alpha", "applies to the gate"])]:
+                         ({"coco_edit": "le", "coco_alpha": 1}, ["coco_alpha", "applies to the gate"]),
+                         # issue 22: each of these stopped the server (1e39) or was served as another setting
+                         ({"coco_alpha": 1e39}, ["coco_alpha", "float32"]),
+                         ({"coco_alpha": "1e308"}, ["coco_alpha", "float32"]),
+                         ({"coco_alpha": True}, ["coco_alpha", "not a number"]),  # the schema made it 1
+                         ({"coco_alpha": {}}, ["coco_alpha", "not a number"]),  # the schema's error was 12 lines
+                         ({"coco_alpha": "1_0"}, ["coco_alpha", "not a number"]),
+                         ({"COCO_ALPHA": 0.5}, ["COCO_ALPHA", "coco_alpha"])]:
         code, msg = _status(server, dirs, xargs, endpoint)
         assert code == 400, (xargs, code, msg)
         assert all(w in msg for w in words) and "\n" not in msg.strip(), msg
     assert _status(server, dirs, {"coco_alpha": 0.5}, endpoint) == (200, "")
+
+
+def test_server_a_forged_salt_gets_no_kv_of_another_setting(server, dirs, prompts):
+    """Issue 22: a default request carrying the salt another setting runs under (today's or the old,
+    guessable one) answers as a default request, not from that setting's cached blocks."""
+    import hashlib
+
+    from vllm_coco.serve.request_settings import menu_of
+
+    _, long = prompts
+    menu = menu_of(str(dirs["multi"]))
+    other = menu.parse({"coco_alpha": 0.5})
+    old = "coco:" + hashlib.sha256(b"ne|0000003f|00000040|0000003f").hexdigest()[:16]  # the pre-fix salt
+    body = {"model": str(dirs["multi"]), "prompt": long, "max_tokens": MAX_TOKENS, "temperature": 0, "logprobs": 1}
+
+    def logprobs(**extra):
+        return _post(server + "/v1/completions", {**body, **extra})["choices"][0]["logprobs"]["token_logprobs"]
+
+    plain = logprobs(cache_salt="fresh-namespace")  # the default, computed from scratch
+    at_other = logprobs(vllm_xargs={"coco_alpha": 0.5})  # fills that setting's blocks
+    assert max(abs(a - b) for a, b in zip(plain, at_other)) > 1e-3  # the settings do differ here
+    for forged in (menu.salt(other), old, menu.salt(other, None)):
+        got = logprobs(cache_salt=forged)
+        assert max(abs(a - b) for a, b in zip(got, plain)) < 1e-4, forged
 
 
 def test_generate_takes_per_line_settings_like_the_server(server, dirs, vllm_env, tmp_path):

@@ -68,6 +68,10 @@ HOOKED = {
     "vllm.v1.core.sched.scheduler:Scheduler.add_request":
         ("d44c6de45d62abfaa090b8464ca4a33e75af5fea2c1ee71d555c82fca0594110",
          "_Salted.add_request: block hashes are first used inside it (so re-salting before super() is in time)"),
+    "vllm.v1.core.sched.scheduler:Scheduler.update_from_output":
+        ("3c9751a0424f8f2f0e281e516c7d4d655ec44e57b33859b9808baa4f0f37e80e",
+         "_Salted._coco_salt: ids in grammar_compile_error_reqs are finished with FINISHED_ERROR at the next update "
+         "(the request alone fails, the engine keeps serving)"),
     "vllm.v1.request:Request.update_block_hashes":
         ("eb9b965a74e8541a394259fb011004d7cd54dc192f0aec325fcbb5ae2af82586",
          "_Salted.add_request: appends hashes for new full blocks (the cleared list is rebuilt whole)"),

@@ -45,6 +45,9 @@ def run(model: str, prompts: list[list[int]], max_tokens: int, eager: bool) -> d
         gen = list(o.outputs[0].token_ids)
         result["generated"].append(gen)
         result["generated_logprobs"].append([d[t].logprob for d, t in zip(o.outputs[0].logprobs, gen)])
+    from vllm_coco.core.engine import shutdown
+
+    shutdown(llm)  # the next model's engine starts on free memory; none is left to interpreter exit
     del llm
     gc.collect()
     return result

@@ -111,6 +111,10 @@ def main():
                        "batch_tok_s": max(r["batch"])} for n, r in rounds.items()}
         best = {d: max(v) for d, v in mixed.items()}
         ratio = {d: statistics.median(v) for d, v in paired.items()}
+        from vllm_coco.core.engine import shutdown
+
+        for llm in (*engines.values(), per_request):  # before exit, not in the interpreter's teardown
+            shutdown(llm)
     print(f"machine: {platform.machine()}, {os.cpu_count()} cpus; vLLM offline engine, "
           f"{'eager' if args.eager else 'compiled'} mode, fp32, {args.max_tokens} tokens/request; "
           f"NE gate: {coco['count']} channels in {sum(1 for c in coco['channels'] if c)} layers")

@@ -3,6 +3,7 @@ so `coco-tools --help` is instant."""
 
 from __future__ import annotations
 
+import os
 import sys
 
 import click
@@ -15,6 +16,10 @@ Exit codes:
   1  unexpected failure (a bug: please report it with the traceback)
   2  bad input: one line on stderr says what and how to fix it; nothing was written
   130 interrupted (Ctrl-C), 143 terminated (SIGTERM): nothing half-written is left behind"""
+
+# vLLM's --dtype values (vllm.config.model.ModelDType; tests/test_hardening_cli.py keeps the two equal):
+# `generate --dtype` checks them as a usage error instead of failing inside the engine.
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 
 CATEGORY_HELP = ("Comma-separated categories (default for BBQ: Age,Gender_identity,Race_ethnicity,"
                  "Religion,Nationality,SES; for a JSONL file: all categories in it).")
@@ -294,7 +299,8 @@ def bake(model, neurons_dir, out, mode, alpha, lora, force):
 @click.option("--seed", type=click.IntRange(min=0), default=N.SEED, show_default=True)
 @click.option("--chat/--no-chat", default=True, show_default=True, help="Apply the model's chat template.")
 @click.option("--lora", type=click.Path(file_okay=False), help="LoRA adapter (e.g. from `coco-tools bake --lora`).")
-@click.option("--dtype", default="auto", show_default=True)
+@click.option("--dtype", type=click.Choice(VLLM_DTYPES), default=VLLM_DTYPES[0], show_default=True,
+              help="vLLM's --dtype.")
 @click.option("--max-model-len", type=click.IntRange(min=16), help="Context length to reserve (default: the model's).")
 @click.option("--alpha", type=float, help="NE-COCO directories: the gate strength of every request that sets no "
               "coco_alpha of its own (default: the directory's).")
@@ -474,8 +480,9 @@ def run_cmd(config, out, check):
     its config hash; a finished stage with an unchanged hash is reused, so running again after a
     change recomputes only what it affects. An interrupted stage keeps its finished steps (each
     edited model or evaluation is complete) in OUT/<model>/.<stage>.partial/ and resumes from
-    them. The config is validated before any work (unknown or bad keys: exit 2). Schema and
-    every key: configs/default.yaml, whose values are exactly the built-in defaults: a key left out
+    them. The config is validated before any work (unknown or bad keys: exit 2; so are a key given
+    twice, a file over 1 MiB, nesting over 32 levels, and aliases expanding past 100,000 values). Schema
+    and every key: configs/default.yaml, whose values are exactly the built-in defaults: a key left out
     takes that file's value. Relative paths are relative to the current directory.
 
     \b
@@ -492,15 +499,17 @@ def run_cmd(config, out, check):
         click.echo(f"report: {res['report']}")
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the process is, so every cleanup that runs on Ctrl-C runs on it too."""
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is. A BaseException like KeyboardInterrupt, so every cleanup
+    that runs on Ctrl-C (`except BaseException` / `finally`) runs on it too; but not a KeyboardInterrupt,
+    which click turns into Abort (losing the signal: exit 130, and a blank line on stderr)."""
 
 
 def _on_sigterm(signum, frame):
     raise Terminated()
 
 
-def _interrupted(exc: KeyboardInterrupt) -> None:
+def _interrupted(exc: BaseException) -> None:
     from vllm_coco.core.atomic import COMMITTED
 
     what = "terminated" if isinstance(exc, Terminated) else "interrupted"
@@ -524,6 +533,12 @@ def main(argv=None):
     if signal.getsignal(signal.SIGTERM) is signal.SIG_DFL:
         signal.signal(signal.SIGTERM, _on_sigterm)
     try:
+        os.getcwd()  # before any library import, which may fail on a vanished directory with its own words
+    except FileNotFoundError:
+        click.echo("coco-tools: error: the current directory was deleted; cd into an existing directory "
+                   "and run again", err=True)
+        sys.exit(2)
+    try:
         cli.main(args=argv, prog_name="coco-tools", standalone_mode=False)
     except CocoError as exc:
         click.echo(f"coco-tools: error: {_one_line(exc)}", err=True)
@@ -539,7 +554,7 @@ def main(argv=None):
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
-    except KeyboardInterrupt as exc:
+    except (KeyboardInterrupt, Terminated) as exc:
         _interrupted(exc)
     sys.exit(0)
 

@@ -28,6 +28,7 @@ from vllm_coco import METHOD_VERSION
 from vllm_coco.core.checks import finite_array
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.json_file import read_json
+from vllm_coco.core.names import WEIGHTINGS
 
 JSON_NAME = "neurons.json"
 ARRAYS_NAME = "neurons.safetensors"
@@ -47,6 +48,14 @@ PER_NEURON = ("layer", "proj", "index", "loss", "score", "direction", "calib_mea
 PER_NEURON_OPTIONAL = ("act_mean", "mean_intensity", "weight_norm")
 # Infinity a per-neuron array may carry: a constant neuron has loss +inf and score -inf (docs/METHOD.md §9.2 D2).
 MAY_BE_INF = {"loss": "+inf", "score": "-inf"}
+# The dtype of every array identify writes (per-category arrays: that of their prefix). A float32
+# array read as float16 (or float64 as float32) would be silently rounded: any other dtype is refused.
+ARRAY_DTYPES = {"layer": "int32", "proj": "int32", "index": "int32", "loss": "float64", "score": "float64",
+                "direction": "float32", "calib_mean": "float32", "calib_std": "float32", "act_mean": "float32",
+                "mean_intensity": "float32", "weight_norm": "float32", "selected": "int64", "weight": "float32",
+                "row_category": "int32", "row_label": "int32", "rows": "int64"}
+# The range of the edit weights identify makes (selection.edit_weights: d/max|d| or |d|/max|d|).
+WEIGHT_RANGE = {"magnitude": (0.0, 1.0), "signed": (-1.0, 1.0)}
 _JSON_SCHEMA = {"model": dict, "selection": dict, "categories": list, "neurons": list, "per_category": dict,
                 "significance": dict, "data": dict}
 _MODEL_INTS = ("num_layers", "q_size", "kv_size")
@@ -73,6 +82,9 @@ def _read_json(d: Path) -> dict:
     for key in ("weighting", "baseline"):
         if not isinstance(meta["selection"].get(key), str):
             _fail(d, JSON_NAME, f"lacks selection.{key}")
+    if meta["selection"]["weighting"] not in WEIGHTINGS:
+        _fail(d, JSON_NAME, f"selection.weighting {meta['selection']['weighting'][:40]!r} is not one of "
+              f"{', '.join(WEIGHTINGS)}")
     ratio = meta["selection"].get("ratio")
     if ratio is not None and (not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0 < ratio <= 1):
         _fail(d, JSON_NAME, f"selection.ratio {ratio!r} is not in (0, 1]")
@@ -126,6 +138,10 @@ def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     for key in names + ["selected", "weight"]:
         if key not in arrays:
             _fail(d, ARRAYS_NAME, f"lacks the array `{key}`")
+    for key, a in arrays.items():
+        want = ARRAY_DTYPES.get(key.split(".")[0])
+        if want is not None and a.dtype != np.dtype(want):
+            _fail(d, ARRAYS_NAME, f"array `{key}` is {a.dtype}, not {want} (it would be misread)")
     for key in names:
         a = arrays[key]
         if a.shape != (n,):
@@ -146,9 +162,43 @@ def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     if weight.shape != sel.shape:
         _fail(d, ARRAYS_NAME, f"array `weight` has length {weight.shape}, but {len(sel)} neurons are selected")
     finite_array(weight, f"{d / ARRAYS_NAME} array `weight`", fix)
+    lo, hi = WEIGHT_RANGE[meta["selection"]["weighting"]]
+    if weight.size and (weight.min() < lo or weight.max() > hi):
+        _fail(d, ARRAYS_NAME, f"array `weight` spans {weight.min():.4g}..{weight.max():.4g}, outside [{lo:g}, {hi:g}] "
+              f"where {meta['selection']['weighting']} weights lie")
     finite_array(arrays["calib_std"], f"{d / ARRAYS_NAME} array `calib_std`", fix)
     if (arrays["calib_std"] < 0).any() or ("weight_norm" in arrays and (arrays["weight_norm"] < 0).any()):
         _fail(d, ARRAYS_NAME, "a standard deviation or norm is negative")
+    _check_rows(d, meta, arrays)
+    _check_json_matches(d, meta, layout, sel, weight)
+
+
+def _check_rows(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
+    """row_category / row_label (when present): one entry per matrix row, a category index and 0 or 1."""
+    if "row_category" not in arrays and "row_label" not in arrays:
+        return
+    cat, label = arrays.get("row_category"), arrays.get("row_label")
+    if cat is None or label is None or cat.ndim != 1 or cat.shape != label.shape:
+        _fail(d, ARRAYS_NAME, "arrays `row_category` and `row_label` are not one entry per row each")
+    if cat.size and (cat.min() < 0 or cat.max() >= len(meta["categories"])):
+        _fail(d, ARRAYS_NAME, f"array `row_category` holds values outside 0..{len(meta['categories']) - 1}")
+    if not np.isin(label, (0, 1)).all():
+        _fail(d, ARRAYS_NAME, "array `row_label` holds values other than 0 (biased) and 1 (unbiased)")
+
+
+def _check_json_matches(d: Path, meta: dict, layout, sel: np.ndarray, weight: np.ndarray) -> None:
+    """neurons.json lists exactly the neurons `selected` holds, in order, with their weights: `report`
+    (which reads the JSON) shows the set bake and ne (which read the arrays) edit."""
+    listed = meta["neurons"]
+    if len(listed) != len(sel):
+        _fail(d, JSON_NAME, f"lists {len(listed)} neurons, but {ARRAYS_NAME} selects {len(sel)}")
+    for i, (n, flat) in enumerate(zip(listed, sel.tolist())):
+        layer, proj, index = layout.address(flat)
+        w = n.get("weight")
+        if (n["layer"], n["proj"], n["index"]) != (layer, proj, index) or (
+                w is not None and not (isinstance(w, (int, float)) and np.isclose(w, weight[i], rtol=1e-6, atol=1e-7))):
+            _fail(d, JSON_NAME, f"neurons[{i}] is layer {n['layer']} {n['proj']} {n['index']} (weight {w}), but "
+                  f"{ARRAYS_NAME} selects layer {layer} {proj} {index} (weight {float(weight[i]):.6g})")
 
 
 def is_artifact(d) -> bool:
@@ -168,8 +218,9 @@ class Artifact:
     @classmethod
     def read(cls, neurons_dir) -> Artifact:
         """Read and validate (JSON + safetensors only: nothing is unpickled). Any problem (missing or
-        unreadable files, bad JSON, missing keys, arrays of the wrong shape, non-finite numbers,
-        neurons outside the layout) is a CocoError naming the file."""
+        unreadable files, bad JSON, missing keys, arrays of the wrong shape or dtype, non-finite
+        numbers, weights outside their weighting's range, neurons outside the layout, a neurons.json
+        that lists other neurons than `selected`) is a CocoError naming the file."""
         d = Path(neurons_dir)
         if not is_artifact(d):
             raise CocoError(f"{d} is not a neuron artifact (needs {JSON_NAME} and {ARRAYS_NAME}); "
@@ -221,11 +272,7 @@ def check_model_matches(meta: dict, model_dir, force: bool = False, layout=None)
     from vllm_coco.core.models import NeuronLayout, fingerprint, read_config
 
     if layout is None:
-        cfg = read_config(model_dir)
-        heads = cfg.get("num_attention_heads") or 0
-        head_dim = cfg.get("head_dim") or (cfg["hidden_size"] // heads if heads else 0)
-        kv_heads = cfg.get("num_key_value_heads") or heads
-        layout = NeuronLayout(cfg.get("num_hidden_layers", 0), heads * head_dim, kv_heads * head_dim)
+        layout = NeuronLayout.from_config(read_config(model_dir), Path(model_dir) / "config.json")
     m = meta.get("model", {})
     want = {k: m.get(k) for k in ("num_layers", "q_size", "kv_size")}
     if want != layout.to_json():

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from vllm_coco.core import ne_format
-from vllm_coco.core.errors import CocoError
+from vllm_coco.core.errors import CocoError, held_stderr
 from vllm_coco.core.json_file import read_json
 from vllm_coco.core.names import DTYPES, PROJS  # noqa: F401 (re-exported)
 
@@ -59,7 +59,8 @@ def read_config(model_dir: Path) -> dict:
 
 
 def weight_files(model_dir: Path) -> list[Path]:
-    files = sorted({p for g in _WEIGHT_GLOBS for p in Path(model_dir).glob(g)})
+    """The weight files vllm-coco loads: *.safetensors only (other formats, pickles, are never read)."""
+    files = sorted(Path(model_dir).glob("*.safetensors"))
     if not files:
         raise CocoError(f"{model_dir} has no weight files (*.safetensors); pass a complete model directory")
     return files
@@ -83,19 +84,82 @@ def check_weights(model_dir: Path) -> list[Path]:
         idx = read_json(index, "re-download or regenerate the model")
         if not isinstance(idx, dict) or not isinstance(idx.get("weight_map"), dict):
             raise CocoError(f"{index} has no weight_map; re-download or regenerate the model")
+    headers = {}  # tensor name -> (shape, safetensors dtype)
     for f in files:
         try:
             with safe_open(str(f), framework="np") as fh:
                 for k in fh.keys():
-                    fh.get_slice(k)  # reads each tensor's header entry: a truncated file fails here
+                    sl = fh.get_slice(k)  # reads each tensor's header entry: a truncated file fails here
+                    headers[k] = (tuple(sl.get_shape()), sl.get_dtype())
         except Exception as exc:  # truncated, garbage, or not safetensors at all
             raise CocoError(f"{f} is not a readable safetensors file ({type(exc).__name__}: {str(exc)[:80]}); "
                             "re-download or regenerate the model") from None
+    check_config_shapes(model_dir, headers)
     return files
 
 
+_LAYER = re.compile(r"^model\.layers\.(\d+)\.")
+_FLOAT_DTYPES = ("F64", "F32", "F16", "BF16")
+
+
+def _config_int(cfg: dict, key: str) -> int | None:
+    v = cfg.get(key)
+    return v if isinstance(v, int) and not isinstance(v, bool) and v > 0 else None
+
+
+def check_config_shapes(model_dir: Path, headers: dict[str, tuple]) -> None:
+    """config.json agrees with the weights' shapes (safetensors headers: name -> (shape, dtype)), so
+    transformers never fills a layer the weights lack with random numbers, nor drops one they hold:
+    num_hidden_layers against the decoder layers present, hidden_size, num_attention_heads,
+    num_key_value_heads and head_dim against the embedding and q/k/v projections. Checks only what
+    the config states and the (unquantized) weights show; CocoError naming config.json if not."""
+    path = Path(model_dir) / "config.json"
+    cfg = read_config(model_dir)
+    layers = {int(m[1]) for name in headers if (m := _LAYER.match(name))}
+    n = _config_int(cfg, "num_hidden_layers")
+    if n is not None and layers and n != max(layers) + 1:
+        raise CocoError(f"{path}: num_hidden_layers is {n}, but the weights hold {max(layers) + 1} layers "
+                        f"(model.layers.0 to model.layers.{max(layers)}); make config.json match the weights")
+    hidden, heads = _config_int(cfg, "hidden_size"), _config_int(cfg, "num_attention_heads")
+    if hidden is None or heads is None:
+        return
+    head_dim = _config_int(cfg, "head_dim") or hidden // heads
+    kv = _config_int(cfg, "num_key_value_heads") or heads
+    want = {"model.embed_tokens.weight": (_config_int(cfg, "vocab_size"), hidden)}
+    for layer in sorted(layers):
+        pre = f"model.layers.{layer}.self_attn"
+        want.update({f"{pre}.q_proj.weight": (heads * head_dim, hidden),
+                     f"{pre}.k_proj.weight": (kv * head_dim, hidden), f"{pre}.v_proj.weight": (kv * head_dim, hidden)})
+    for name, shape in want.items():
+        got, dtype = headers.get(name, (None, None))
+        if got is None or dtype not in _FLOAT_DTYPES or len(got) != 2:
+            continue
+        if any(w is not None and w != g for w, g in zip(shape, got)):
+            expected = ", ".join("*" if w is None else str(w) for w in shape)
+            raise CocoError(f"{path}: vocab_size {cfg.get('vocab_size')}, hidden_size {hidden}, num_attention_heads "
+                            f"{heads}, num_key_value_heads {kv} and head_dim {head_dim} make {name} [{expected}], but "
+                            f"the weights hold [{', '.join(map(str, got))}]; make config.json match the weights")
+
+
+def check_finite_weights(model_dir: Path) -> None:
+    """Every floating weight of the model's safetensors files is finite, read one tensor at a time:
+    a NaN or inf weight is the base model's problem, named as such before anything runs."""
+    import torch
+    from safetensors import safe_open
+
+    for f in weight_files(model_dir):
+        with safe_open(str(f), framework="pt") as fh:
+            for name in fh.keys():
+                t = fh.get_tensor(name)
+                if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                    bad = int((~torch.isfinite(t)).sum())
+                    raise CocoError(f"{f}: the base model's weight {name} holds {bad} non-finite value(s) (NaN or "
+                                    "inf); the model is damaged: re-download or regenerate it")
+
+
 def fingerprint(model_dir: Path) -> str:
-    """sha256 over the weight files' names and bytes: identifies exactly these weights."""
+    """sha256 over the weight files' names and bytes: identifies exactly these weights. Only the
+    files that are loaded (*.safetensors) count: a stray *.bin or README beside them changes nothing."""
     h = hashlib.sha256()
     for f in weight_files(model_dir):
         h.update(f.name.encode() + b"\0")
@@ -154,6 +218,19 @@ class NeuronLayout:
 
     def to_json(self) -> dict:
         return {"num_layers": self.num_layers, "q_size": self.q_size, "kv_size": self.kv_size}
+
+    @classmethod
+    def from_config(cls, cfg: dict, path) -> NeuronLayout:
+        """The layout config.json states: layers, heads and a head size (head_dim, or hidden_size /
+        heads). CocoError naming the file when it does not state them as positive integers."""
+        layers, heads = _config_int(cfg, "num_hidden_layers"), _config_int(cfg, "num_attention_heads")
+        hidden = _config_int(cfg, "hidden_size")
+        head_dim = _config_int(cfg, "head_dim") or (hidden // heads if hidden and heads else None)
+        if layers is None or heads is None or not head_dim:
+            raise CocoError(f"{path}: config.json needs positive integers num_hidden_layers, num_attention_heads and "
+                            "hidden_size (or head_dim) to place q/k/v neurons; restore them from the model's source")
+        kv = _config_int(cfg, "num_key_value_heads") or heads
+        return cls(layers, heads * head_dim, kv * head_dim)
 
 
 def attention_layers(model) -> list:
@@ -245,11 +322,13 @@ def load_tokenizer(model_dir: Path):
 
 
 def check_base_model(model_dir: Path) -> None:
-    """Refuse, before any weight is read, what no identify or edit can take: an NE directory,
-    missing or damaged weights, an architecture without separate q/k/v projections."""
+    """Refuse, before the model is loaded, what no identify or edit can take: an NE directory,
+    missing or damaged weights, a config.json that disagrees with them, an architecture without
+    separate q/k/v projections, a NaN or inf weight."""
     ne_format.refuse_ne(read_config(model_dir), model_dir)
     check_weights(model_dir)
     check_architecture(auto_config(model_dir))
+    check_finite_weights(model_dir)
 
 
 def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", device_map: str | None = None):
@@ -263,13 +342,16 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", dev
     hf_logging.disable_progress_bar()  # our own bars say what is happening
     check_base_model(model_dir)
     tokenizer = load_tokenizer(model_dir)
-    try:
-        placement = {} if device_map is None else {"device_map": device_map}
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch_dtype(dtype), trust_remote_code=False,
-                                                     use_safetensors=True, **placement)
-    except (ValueError, OSError, KeyError, RuntimeError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise CocoError(f"cannot load {model_dir} as a causal LM: {first}") from None
+    placement = {} if device_map is None else {"device_map": device_map}
+    with held_stderr():  # transformers' load report (7+ lines) is dropped when the load is refused
+        try:
+            model, info = AutoModelForCausalLM.from_pretrained(
+                model_dir, dtype=torch_dtype(dtype), trust_remote_code=False, use_safetensors=True,
+                output_loading_info=True, ignore_mismatched_sizes=True, **placement)  # reported, then refused
+        except (ValueError, OSError, KeyError, RuntimeError) as exc:
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise CocoError(f"cannot load {model_dir} as a causal LM: {first}") from None
+        _check_loaded(model_dir, info)
     try:
         if device_map is None:  # with a device map accelerate has placed (and hooked) every layer
             model.to(torch.device(device))
@@ -277,3 +359,49 @@ def load_model(model_dir: Path, dtype: str = "float32", device: str = "cpu", dev
         raise CocoError(f"device {device} is not usable here ({exc}); pass --device cpu") from None
     model.eval()
     return model, tokenizer
+
+
+def _check_loaded(model_dir: Path, info: dict) -> None:
+    """Every weight the architecture expects came from the checkpoint at its shape: transformers would
+    otherwise initialise the rest at random and only log it."""
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        key, stored, expected = mismatched[0]
+        raise CocoError(f"{model_dir}: weight {key} has shape {tuple(stored)} but config.json implies "
+                        f"{tuple(expected)}; the weights do not belong to this config.json")
+    missing = sorted(info.get("missing_keys") or ())
+    if missing:
+        raise CocoError(f"{model_dir}: the weights lack {missing[0]} ({len(missing)} missing) that config.json's "
+                        "architecture needs; the checkpoint is incomplete or belongs to another model")
+
+
+def probe_model(model_dir: Path):
+    """(model, dtype): the base model for edit.bake.finite_forward, on the CPU: float32 when its
+    weights are stored in float32, else bfloat16 (float32's range at half the memory: a float16
+    checkpoint cannot overflow it)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    stored = set()
+    for f in weight_files(model_dir):
+        with safe_open(str(f), framework="np") as fh:
+            stored |= {fh.get_slice(k).get_dtype() for k in fh.keys()}
+    dtype = torch.float32 if stored & set(_FLOAT_DTYPES) <= {"F32", "F64"} else torch.bfloat16
+    hf_logging.disable_progress_bar()
+    level = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # the exit-2 contract: our one line, not transformers' load report
+    try:
+        with held_stderr():  # transformers' load report is dropped when the load fails: one line stays
+            try:
+                model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, trust_remote_code=False,
+                                                             use_safetensors=True)
+            except (ValueError, OSError, KeyError, RuntimeError) as exc:
+                first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+                if "ignore_mismatched_sizes" in first:  # its report, which names the weight, is not shown
+                    first = "a weight's shape differs from the one its config.json makes"
+                raise CocoError(f"cannot load {model_dir} as a causal LM: {first}") from None
+    finally:
+        hf_logging.set_verbosity(level)
+    return model.eval(), dtype

@@ -58,6 +58,7 @@ NAMED_EDIT_MODES = EDIT_MODES
 # because vllm_xargs holds scalars only. A request without them gets the directory's settings.
 XARG_EDIT, XARG_ALPHA, XARG_BETA, XARG_LAM = "coco_edit", "coco_alpha", "coco_beta", "coco_lam"
 XARGS = (XARG_EDIT, XARG_ALPHA, XARG_BETA, XARG_LAM)
+F32_MAX = 3.4028234663852886e38  # the largest finite float32: per-request numbers must fit the model's dtype
 SALT_PREFIX = "coco:"  # namespaces the prefix-cache salt derived from a setting (never a LoRA name)
 PER_REQUEST_ENV = "VLLM_COCO_PER_REQUEST"  # the NE directory whose per-request settings the engine accepts
 

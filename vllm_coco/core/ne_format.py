@@ -14,7 +14,11 @@ An NE directory is the base model's files, byte-identical, plus
                             `model_type: coco_llama` (or coco_mistral), and a `coco` section: method,
                             alpha, beta, lam, ratio, weighting, base_architecture, `channels` (per layer,
                             the gated indices, so a tensor-parallel rank can size its share before any
-                            weight loads), count, neurons (artifact hash), base_fingerprint.
+                            weight loads), count, neurons (artifact hash), base_fingerprint,
+                            w_min and w_max (the gate weights' range, which bounds per-request strengths).
+
+Reading validates it all (`NEDirectory.read`): the section, the gate tensors' dtypes, shapes and
+ranges (checks.ne_gate), and the gate factors the hyperparameters make with them (checks.ne_hyper).
 
 The tensor names avoid ".q_proj"/".v_proj", which vLLM's weight loader rewrites. The model types
 are unknown to plain transformers on purpose: the gate can never be silently dropped.
@@ -26,6 +30,9 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
+
+from vllm_coco.core.checks import ne_gate
 from vllm_coco.core.errors import CocoError
 
 GATE_FILE = "coco_gate.safetensors"
@@ -61,7 +68,7 @@ def refuse_ne(config: dict, model_dir) -> None:
 def check_section(config: dict, path: Path) -> dict:
     """The `coco` section of an NE config.json: finite hyperparameters in range and one list of
     channel indices per layer. Returns it (CocoError naming the file if not)."""
-    from vllm_coco.core.checks import finite
+    from vllm_coco.core.checks import finite, ne_hyper
 
     coco = config.get(SECTION)
     if not isinstance(coco, dict) or config.get("model_type") not in NE_TO_BASE_TYPE:
@@ -70,6 +77,10 @@ def check_section(config: dict, path: Path) -> dict:
         finite(coco.get("alpha"), f"{path}: coco.alpha")
         finite(coco.get("beta"), f"{path}: coco.beta", lo=0, lo_open=True)
         finite(coco.get("lam"), f"{path}: coco.lam", lo=0, hi=1)
+        ends = [finite(coco[k], f"{path}: coco.{k}", lo=-1, hi=1) if k in coco else None for k in ("w_min", "w_max")]
+        # the effective gate numbers (the tensors' own weights are checked against these in gates())
+        ne_hyper(coco["alpha"], coco["beta"], coco["lam"], 0.0 if ends[0] is None else ends[0],
+                 tuple(f"{path}: coco.{k}" for k in ("alpha", "beta", "lam")), w_max=ends[1])
     except CocoError as exc:
         raise CocoError(f"{exc}; {_FIX}") from None
     if coco.get("base_architecture") not in BASE_TO_NE_ARCH:
@@ -81,10 +92,13 @@ def check_section(config: dict, path: Path) -> dict:
         raise CocoError(f"{path}: coco.channels is not one list of channel indices per layer; {_FIX}")
     from vllm_coco.core.names import BASE_EDIT, NAMED_EDIT_MODES, NE_EDIT
 
-    for e in coco.get("edits", []):
+    edits = coco.get("edits", [])
+    if not isinstance(edits, list):
+        raise CocoError(f"{path}: coco.edits is a {type(edits).__name__}, not a list of named edits; {_FIX}")
+    for e in edits:
         ch = e.get("channels") if isinstance(e, dict) else None
-        if (e.get("name") in (NE_EDIT, BASE_EDIT) or e.get("mode") not in NAMED_EDIT_MODES
-                or not isinstance(ch, list) or len(ch) != len(channels)):
+        if (not isinstance(e, dict) or not isinstance(e.get("name"), str) or e.get("name") in (NE_EDIT, BASE_EDIT)
+                or e.get("mode") not in NAMED_EDIT_MODES or not isinstance(ch, list) or len(ch) != len(channels)):
             raise CocoError(f"{path}: coco.edits holds an entry that is not a named edit "
                             f"(mode one of {', '.join(NAMED_EDIT_MODES)}, channels per layer); {_FIX}")
     return coco
@@ -106,7 +120,9 @@ class NEDirectory:
             raise CocoError(f"{ne_dir} is not a model directory (no config.json)")
         config = read_config(path)
         check_section(config, path / "config.json")
-        return cls(path, config)
+        ne = cls(path, config)
+        ne.gates()  # the gate tensors and the numbers they make with the hyperparameters: every reader's check
+        return ne
 
     @property
     def coco(self) -> dict:
@@ -173,8 +189,29 @@ class NEDirectory:
                         or gate["channels"].tolist() != channels:
                     raise CocoError(f"{self.path / GATE_FILE}: layer {layer}'s gate tensors do not match the "
                                     f"{s} channels config.json names for it; {_FIX}")
+                ne_gate(gate, f"{self.path / GATE_FILE}: layer {layer}'s gate", _FIX)
                 out[layer] = gate
+        self._check_numbers(out)
         return out
+
+    def _check_numbers(self, gates: dict[int, dict]) -> None:
+        """config.json's w_min / w_max are the tensors' (requests are bounded by them), and the
+        hyperparameters with the tensors' weights keep every gate factor in range."""
+        from vllm_coco.core.checks import ne_hyper
+
+        if not gates:
+            return
+        w = np.concatenate([np.asarray(g["w"], dtype=np.float64) for g in gates.values()])
+        config = self.path / "config.json"
+        for key, value in (("w_min", w.min()), ("w_max", w.max())):
+            if key in self.coco and not np.isclose(float(self.coco[key]), value, rtol=1e-6, atol=1e-7):
+                raise CocoError(f"{config}: coco.{key} {self.coco[key]} disagrees with the gate tensors' "
+                                f"{value:.6g}; {_FIX}")
+        try:
+            ne_hyper(self.coco["alpha"], self.coco["beta"], self.coco["lam"], float(w.min()),
+                     tuple(f"{config}: coco.{k}" for k in ("alpha", "beta", "lam")), w_max=float(w.max()))
+        except CocoError as exc:
+            raise CocoError(f"{exc}; {_FIX}") from None
 
 
 def write(tmp: Path, base_config: dict, coco: dict, gate: dict[int, dict],
@@ -182,7 +219,6 @@ def write(tmp: Path, base_config: dict, coco: dict, gate: dict[int, dict],
     """Write the NE parts into `tmp`, which already holds the base model's files: the gate
     tensors (and the named edits' tables, per name and layer), the sharded index entries (if the
     base is sharded) and the NE config.json."""
-    import numpy as np
     from safetensors.numpy import save_file
 
     from vllm_coco import METHOD_VERSION

@@ -378,8 +378,13 @@ def encode_example(tokenizer, prompt: str, response: str, chat: bool = True) -> 
     separately so the response boundary is exact.
     """
     if chat and getattr(tokenizer, "chat_template", None):
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
+        try:
+            text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                                 add_generation_prompt=True)
+        except Exception as exc:  # noqa: BLE001 (a template is user code: any failure is bad input)
+            raise CocoError(f"the model's chat template fails to render a user turn ({type(exc).__name__}: "
+                            f"{str(exc)[:80]}); fix the template, or pass --no-chat (config: data.chat_template: "
+                            "false)") from None
         p_ids = tokenizer(text, add_special_tokens=False)["input_ids"]
         r_ids = tokenizer(response, add_special_tokens=False)["input_ids"]
     else:

@@ -1,10 +1,12 @@
 """The `coco-tools bake` job: write an edited copy of a model (LE-COCO or an ablation), or the
 LE-COCO edit as a PEFT LoRA adapter (docs/METHOD.md §6).
 
-Everything works on the safetensors files directly, one shard at a time; the model is never
-instantiated. Only the rows of the selected neurons in `...layers.{l}.self_attn.{q,k,v}_proj.weight`
-(and `.bias`) change; every other tensor, each file's safetensors metadata and the shard layout
-are kept, and the non-weight files (config, tokenizer, chat template, ...) are copied unchanged.
+Everything works on the safetensors files directly, one shard at a time; the model is
+instantiated only for the finite forward (`finite_forward`: a probe of 8 tokens on the CPU, base
+and edited, before anything is written). Only the rows of the selected neurons in
+`...layers.{l}.self_attn.{q,k,v}_proj.weight` (and `.bias`) change; every other tensor, each
+file's safetensors metadata and the shard layout are kept, and the non-weight files (config,
+tokenizer, chat template, ...) are copied unchanged.
 
     le           W[j,:] <- (1 + alpha * w_n) * W[j,:]   (bias likewise)
     ablate-zero  W[j,:] <- 0, b_j <- 0
@@ -28,7 +30,7 @@ import numpy as np
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core import artifact
 from vllm_coco.core.atomic import atomic_output_dir
-from vllm_coco.core.checks import finite, tensors_finite
+from vllm_coco.core.checks import GAIN_MAX, finite, tensors_finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import PROJS, NeuronLayout
 from vllm_coco.core.names import EDIT_MODES as MODES
@@ -119,23 +121,27 @@ def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, 
     return edits
 
 
-def le_factors(weights: np.ndarray, alpha: float) -> np.ndarray:
+def le_factors(weights: np.ndarray, alpha: float, option: str = "--alpha") -> np.ndarray:
     """The LE factors 1 + alpha * w; CocoError if alpha makes any of them negative
-    (a negative factor would flip the neuron's sign instead of scaling it)."""
+    (a negative factor would flip the neuron's sign instead of scaling it). `option`: the name
+    the user gave alpha by (`coco-tools ne --le-alpha`)."""
     weights = np.asarray(weights, dtype=np.float64)
     factors = 1.0 + alpha * weights
     with np.errstate(over="ignore"):
         in_range = np.isfinite(factors.astype(np.float32)).all()
     if not in_range:
-        raise CocoError(f"--alpha {alpha} makes the edit factor 1 + alpha*w overflow float32 (not finite); "
-                        "choose a smaller --alpha (the factor scales weights, e.g. 0.25 to 2)")
+        raise CocoError(f"{option} {alpha} makes the edit factor 1 + alpha*w overflow float32 (not finite); "
+                        f"choose a smaller {option} (the factor scales weights, e.g. 0.25 to 2)")
+    if np.any(factors > GAIN_MAX):
+        raise CocoError(f"{option} {alpha:g} makes the edit factor 1 + alpha*w exceed {GAIN_MAX:g} (weights up to "
+                        f"{weights.max():.3g}); choose a smaller {option} (the factor scales weights, e.g. 0.25 to 2)")
     if np.any(factors < 0):
         pos, neg = weights[weights > 0], weights[weights < 0]
         lo = -1.0 / pos.max() if len(pos) else -math.inf
         hi = 1.0 / -neg.min() if len(neg) else math.inf
-        raise CocoError(f"--alpha {alpha} makes the edit factor 1 + alpha*w negative for "
+        raise CocoError(f"{option} {alpha} makes the edit factor 1 + alpha*w negative for "
                         f"{int(np.sum(factors < 0))} neurons (weights range {weights.min():.3g}..{weights.max():.3g}); "
-                        f"choose --alpha in [{lo:.4g}, {hi:.4g}]")
+                        f"choose {option} in [{lo:.4g}, {hi:.4g}]")
     return factors
 
 
@@ -198,6 +204,7 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
         if biased:
             raise CocoError(f"{model_dir} has q/k/v biases ({biased[0]}.bias ...), which a LoRA adapter cannot "
                             "scale; bake a full checkpoint (drop --lora)")
+    probe_bake(model_dir, neurons_dir, mode, alpha)
 
     with atomic_output_dir(out, force, sources) as tmp:
         if lora:
@@ -209,6 +216,54 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
                                   {"added_attention_bias": True} if add_bias else None)
         (tmp / EDIT_JSON).write_text(json.dumps(record, indent=1) + "\n")
     return record
+
+
+PROBE_TOKENS = 8  # the finite forward's probe: a handful of token ids spread over the vocabulary
+
+
+def finite_forward(model_dir: Path, edits: dict) -> None:
+    """The finite forward an edit passes before it is written: PROBE_TOKENS tokens through the base
+    model and through each edit (`edits`: label -> (conditions.LinearEdit or NEEdit, fix)), one batch
+    row per condition. CocoError naming the base model's weight when one is NaN or inf, the base
+    model when its own logits are not finite, or else the first edit whose logits are not, with its fix."""
+    import torch
+
+    from vllm_coco.core.models import check_finite_weights, probe_model
+    from vllm_coco.edit.conditions import BASE, install
+
+    check_finite_weights(model_dir)
+    model, dtype = probe_model(model_dir)
+    table = install(model)
+    for label, (edit, _) in edits.items():
+        table.add(label, edit)
+    rows = [BASE, *edits]
+    vocab = int(model.get_input_embeddings().weight.shape[0])
+    ids = torch.linspace(0, vocab - 1, PROBE_TOKENS).long().repeat(len(rows), 1)  # [conditions, tokens]
+    with torch.no_grad(), table.rows(rows):
+        logits = model(input_ids=ids).logits  # [conditions, tokens, vocab]
+    finite = torch.isfinite(logits).flatten(1).all(1).tolist()  # [conditions]
+    what = f"on a probe of {PROBE_TOKENS} tokens"
+    if not finite[0]:
+        raise CocoError(f"the base model {model_dir} gives non-finite logits {what} although its weights are finite "
+                        f"(they overflow {str(dtype).removeprefix('torch.')}); the base model is broken: fix or "
+                        "regenerate it")
+    for ok, (label, (_, fix)) in zip(finite[1:], edits.items()):
+        if not ok:
+            raise CocoError(f"{label} gives non-finite logits {what} of {model_dir} (the base model's are finite); "
+                            f"{fix}")
+
+
+def probe_bake(model_dir: Path, neurons_dir, mode: str, alpha: float) -> None:
+    """The finite forward before baked weights are committed: the base model and the same edit
+    applied to its q/k/v outputs (conditions.linear_edit, equal to the baked checkpoint and to the
+    LoRA adapter) on a probe batch (finite_forward). CocoError naming the base model's weight
+    or the edit if a logit is not finite."""
+    from vllm_coco.edit.conditions import linear_edit
+
+    edit = linear_edit(neurons_dir, mode, alpha if mode == "le" else None)
+    label = f"--mode {mode}" + (f" --alpha {alpha:g}" if mode == "le" else "")
+    fix = "choose a smaller --alpha" if mode == "le" else "re-run `coco-tools identify` on this model"
+    finite_forward(model_dir, {label: (edit, fix)})
 
 
 def _edit_rows(t, rows, e: ModuleEdit, mode: str, alpha: float, bias: bool) -> None:

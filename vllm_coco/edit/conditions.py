@@ -74,10 +74,11 @@ def _artifact_for(neurons_dir, model_dir: Path | None, layout) -> tuple[dict, di
 
 
 def linear_edit(neurons_dir, mode: str, alpha: float | None = None, model_dir: Path | None = None,
-                layout=None) -> LinearEdit:
+                layout=None, option: str = "--alpha") -> LinearEdit:
     """The ablation or LE edit of an identify artifact as per-channel gains and offsets; equals
     `coco-tools bake MODEL NEURONS --mode MODE [--alpha A]` on the q/k/v outputs. `model_dir`
-    (the loaded base) is checked against the artifact's fingerprint and layout."""
+    (the loaded base) is checked against the artifact's fingerprint and layout; `option` names
+    alpha in errors as the user gave it."""
     from vllm_coco.core.checks import finite
     from vllm_coco.core.names import LE_ALPHA
     from vllm_coco.edit.bake import le_factors, planned_edits
@@ -86,7 +87,7 @@ def linear_edit(neurons_dir, mode: str, alpha: float | None = None, model_dir: P
         raise CocoError(f"unknown edit mode {mode}; choose one of {', '.join(LINEAR_MODES)}")
     if alpha is not None and mode != "le":
         raise CocoError(f"alpha applies to mode le only; drop it for mode {mode}")
-    alpha = LE_ALPHA if alpha is None else finite(alpha, "alpha")
+    alpha = LE_ALPHA if alpha is None else finite(alpha, option)
     meta, arrays = _artifact_for(neurons_dir, model_dir, layout)
     if mode == "ablate-mean" and "act_mean" not in arrays:
         raise CocoError(f"{neurons_dir} predates the signed activation means ablate-mean needs; "
@@ -97,7 +98,7 @@ def linear_edit(neurons_dir, mode: str, alpha: float | None = None, model_dir: P
     for (layer, proj), e in sorted(planned_edits(meta, arrays).items()):
         rows = np.asarray(e.rows, dtype=np.int64) + base_of[proj]
         if mode == "le":
-            g, o = le_factors(e.weights, alpha), np.zeros(len(rows))
+            g, o = le_factors(e.weights, alpha, option), np.zeros(len(rows))
         elif mode == "ablate-mean":
             g, o = np.zeros(len(rows)), np.asarray(e.act_means, dtype=np.float64)
         else:

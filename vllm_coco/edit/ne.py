@@ -17,7 +17,7 @@ import numpy as np
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core import artifact, ne_format
 from vllm_coco.core.atomic import atomic_output_dir
-from vllm_coco.core.checks import finite, tensors_finite
+from vllm_coco.core.checks import finite, finite_array, ne_gate
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import NeuronLayout
 from vllm_coco.core.names import NE_ALPHA, NE_BETA, NE_LAM, RATIO, Proj
@@ -62,8 +62,10 @@ def build_gate(meta: dict, arrays: dict, neurons_dir: Path, ratio: float) -> dic
         raise CocoError(f"{neurons_dir} lacks {artifact.MATRIX_FILE} (NE needs the calibration intensities); "
                         "re-run `coco-tools identify`")
     try:
-        matrix = open_matrix(matrix_path)
-    except Exception as exc:  # truncated, garbage, or not our layout
+        matrix = open_matrix(matrix_path)  # CocoError naming the file for a header that is not ours
+    except CocoError:
+        raise
+    except Exception as exc:  # unreadable
         raise CocoError(f"{matrix_path} is not a readable intensity matrix ({type(exc).__name__}); "
                         "re-run `coco-tools identify`") from None
     rows = len(arrays["row_label"]) if "row_label" in arrays else matrix.shape[0]
@@ -77,38 +79,51 @@ def build_gate(meta: dict, arrays: dict, neurons_dir: Path, ratio: float) -> dic
             continue
         ids = sel[mine][np.argsort(sel[mine])]  # ascending channel order
         w = w_all[mine][np.argsort(sel[mine])]
+        x = np.asarray(matrix[:, ids], dtype=np.float32)  # [rows, S]
+        # a NaN or inf here would silently make W_hat zero (nan_to_num): refuse it
+        finite_array(x, f"{matrix_path}: the column block of layer {layer}'s NE channels",
+                     "the matrix is damaged: re-run `coco-tools identify`")
         gate[layer] = {
             "channels": (ids - layer * layout.per_layer).astype(np.int64),
             "mu": arrays["calib_mean"][ids].astype(np.float32),
             "sigma": np.maximum(arrays["calib_std"][ids], SIGMA_FLOOR).astype(np.float32),
             "w": w.astype(np.float32),
-            "w_hat": w_hat_of(np.asarray(matrix[:, ids], dtype=np.float32)).astype(np.float32),
+            "w_hat": w_hat_of(x).astype(np.float32),
         }
     return gate
 
 
-def check_hyper(alpha: float, beta: float, lam: float, w_min: float) -> None:
+def check_hyper(alpha: float, beta: float, lam: float, w_min: float, w_max: float | None = None) -> None:
     from vllm_coco.core.checks import ne_hyper
 
-    ne_hyper(alpha, beta, lam, w_min)
+    ne_hyper(alpha, beta, lam, w_min, w_max=w_max)
 
 
-def named_edits(neurons_dir, modes, le_alpha: float | None) -> tuple[list[dict], dict]:
+def check_gate(gate: dict[int, dict], neurons_dir) -> None:
+    """The gate built from an artifact holds numbers the gate can compute with (checks.ne_gate)."""
+    for layer, g in gate.items():
+        ne_gate(g, f"the NE gate of layer {layer}",
+                f"the artifact {neurons_dir} holds calibration statistics out of range: re-run `coco-tools identify`")
+
+
+def named_edits(neurons_dir, modes, le_alpha: float | None) -> tuple[list[dict], dict, dict]:
     """The constant edits `--with MODE` adds to an NE directory, named by their mode: their
-    config entries and their tables per layer (the same factors `coco-tools bake` writes)."""
+    config entries, their tables per layer (the same factors `coco-tools bake` writes) and the
+    edits themselves (conditions.LinearEdit, by name: what the export's probe runs)."""
     from vllm_coco.core.names import LE_ALPHA
     from vllm_coco.edit.conditions import linear_edit
 
-    entries, tables = [], {}
+    entries, tables, edits = [], {}, {}
     for mode in dict.fromkeys(modes):  # once each, in the order given
         a = (LE_ALPHA if le_alpha is None else le_alpha) if mode == "le" else None
-        e = linear_edit(neurons_dir, mode, a)  # the artifact was checked against the model by the caller
+        # the artifact was checked against the model by the caller
+        e = edits[mode] = linear_edit(neurons_dir, mode, a, option="--le-alpha")
         layers = max(e.channels, default=-1) + 1
         tables[mode] = {l: {"channels": e.channels[l].astype(np.int64), "gain": e.gain[l].astype(np.float32),
                             "offset": e.offset[l].astype(np.float32)} for l in e.channels}
         entries.append({"name": mode, "mode": mode, "alpha": a,
                         "channels": [e.channels[l].tolist() if l in e.channels else [] for l in range(layers)]})
-    return entries, tables
+    return entries, tables, edits
 
 
 def write_ne(model: str, neurons_dir: str, out: str, alpha: float = NE_ALPHA, beta: float = NE_BETA,
@@ -135,25 +150,42 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = NE_ALPHA, be
     count_for(1000, finite(ratio, "--ratio"))
     fp = artifact.check_model_matches(meta, model_dir, force)
     gate = build_gate(meta, arrays, Path(neurons_dir), ratio)
+    check_gate(gate, neurons_dir)
     w_min = min(float(g["w"].min()) for g in gate.values())
-    check_hyper(alpha, beta, lam, w_min)
+    w_max = max(float(g["w"].max()) for g in gate.values())
+    check_hyper(alpha, beta, lam, w_min, w_max)
 
     coco = {"method": METHOD_VERSION, "edit": "ne", "tool": f"vllm-coco {__version__}",
             "alpha": alpha, "beta": beta, "lam": lam, "ratio": ratio,
             "weighting": meta["selection"]["weighting"], "base_architecture": base_arch,
             "channels": [gate[l]["channels"].tolist() if l in gate else []
                          for l in range(meta["model"]["num_layers"])],
-            "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp, "w_min": w_min}
+            "neurons": artifact.artifact_hash(neurons_dir), "base_fingerprint": fp, "w_min": w_min,
+            "w_max": w_max}
     coco["count"] = sum(len(c) for c in coco["channels"])
-    entries, tables = named_edits(neurons_dir, with_edits, le_alpha)
+    entries, tables, edits = named_edits(neurons_dir, with_edits, le_alpha)
     for entry in entries:  # pad to every layer
         entry["channels"] += [[] for _ in range(meta["model"]["num_layers"] - len(entry["channels"]))]
     coco["edits"] = entries
-    tensors_finite({f"layer {l} {k}": g[k] for l, g in gate.items() for k in ne_format.GATE_KEYS}, "the NE gate",
-                   f"the artifact {neurons_dir} holds non-finite statistics: re-run identify")
+    probe_export(model_dir, gate, alpha, beta, lam, edits)
     with atomic_output_dir(out, force, sources) as tmp:
         for f in model_dir.iterdir():
             if f.is_file() and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)  # base weights and tokenizer: byte-identical
         ne_format.write(tmp, config, coco, gate, tables)
     return coco
+
+
+def probe_export(model_dir: Path, gate: dict, alpha: float, beta: float, lam: float, edits: dict) -> None:
+    """The finite forward before an NE directory is committed: the base model, the gate and every
+    named edit on a probe batch (finite_forward); CocoError naming what gave a non-finite logit."""
+    from vllm_coco.edit.bake import finite_forward
+    from vllm_coco.edit.conditions import NEEdit
+
+    probe = {"the NE gate": (NEEdit(gate, alpha, beta, lam),
+                             f"--alpha {alpha:g} --beta {beta:g} --lam {lam:g} overflows this model: choose a smaller "
+                             "--alpha")}
+    for mode, e in edits.items():
+        fix = "choose a smaller --le-alpha" if mode == "le" else "re-run `coco-tools identify` on this model"
+        probe[f"the named edit {mode} (--with {mode})"] = (e, fix)
+    finite_forward(model_dir, probe)

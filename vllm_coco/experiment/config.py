@@ -12,6 +12,7 @@ current directory, as for every other coco-tools command.
 from __future__ import annotations
 
 import copy
+import os
 import re
 from pathlib import Path
 
@@ -141,7 +142,7 @@ def _models(value) -> list[dict]:
         path = m["path"]
         if not isinstance(path, str) or not path:
             _fail(f"{where}.path", "missing: the model directory or hub id (org/name)")
-        p = Path(path).expanduser()
+        p = Path(os.path.expanduser(path))  # a config has no shell: ~ is expanded here (never raises)
         if p.exists():
             if not (p / "config.json").is_file():
                 _fail(f"{where}.path", f"{path} is not a Hugging Face model directory (no config.json)")
@@ -181,7 +182,7 @@ def validate(raw) -> dict:
     cfg = _merge(DEFAULTS, raw, "")
     if not isinstance(cfg["out"], str) or not cfg["out"]:
         _fail("out", f"{cfg['out']!r} is not a directory path")
-    out = Path(cfg["out"]).expanduser()
+    out = Path(os.path.expanduser(cfg["out"]))
     if out.exists() and not out.is_dir():
         _fail("out", f"{cfg['out']} exists and is not a directory")
     _int(cfg, "", "seed", lo=0)
@@ -192,7 +193,7 @@ def validate(raw) -> dict:
     src = data["source"]
     if not isinstance(src, str) or not src:
         _fail("data.source", f"{src!r} is not bbq, a BBQ directory or hf:DATASET_ID")
-    if src != "bbq" and not src.startswith("hf:") and not Path(src).expanduser().is_dir():
+    if src != "bbq" and not src.startswith("hf:") and not Path(os.path.expanduser(src)).is_dir():
         _fail("data.source", f"{src} is neither 'bbq', an existing BBQ directory, nor hf:DATASET_ID")
     cats = data["categories"]
     if not isinstance(cats, list) or not cats:
@@ -295,22 +296,106 @@ def validate(raw) -> dict:
     return cfg
 
 
+# Limits of a config file: far above any real config (configs/full.yaml: ~3 KB, 3 levels, no aliases),
+# far below what would exhaust the parser's recursion or the memory of everything that walks the result.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 32  # nested collections
+MAX_VALUES = 100_000  # scalars and collections, counting every use of an alias (YAML's "billion laughs")
+
+
+class _Refused(yaml.YAMLError):
+    """A limit or rule of _ConfigLoader, at a place in the file."""
+
+    def __init__(self, problem: str, mark):
+        super().__init__(problem)
+        self.problem, self.problem_mark = problem, mark
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """yaml.SafeLoader with limits: nesting depth and the size of the value once every alias is
+    expanded are bounded while composing (before anything recurses or expands), an alias may not
+    refer to the collection holding it, and a key given twice in one mapping is refused instead of
+    the last one silently winning (`<<` merge keys may still be overridden)."""
+
+    def __init__(self, stream):
+        super().__init__(stream)
+        self._depth = 0
+        self._sizes: dict[int, int] = {}  # id(node) -> values it expands to; every node stays alive in the tree
+
+    def compose_node(self, parent, index):
+        event = self.peek_event()
+        if isinstance(event, yaml.AliasEvent):
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self._sizes:
+                raise _Refused(f"alias *{event.anchor} refers to the collection that holds it; remove the cycle",
+                               event.start_mark)
+            return super().compose_node(parent, index)  # an unknown anchor: the composer's own error
+        if self._depth >= MAX_DEPTH:
+            raise _Refused(f"nested deeper than {MAX_DEPTH} levels; a config is a few levels deep",
+                           event.start_mark)
+        self._depth += 1
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self._depth -= 1
+        children = (node.value if isinstance(node, yaml.SequenceNode) else
+                    [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else [])
+        size = 1 + sum(self._sizes[id(c)] for c in children)
+        if size > MAX_VALUES:
+            raise _Refused(f"expands to more than {MAX_VALUES} values through aliases; write the values out",
+                           event.start_mark)
+        self._sizes[id(node)] = size
+        return node
+
+    def construct_mapping(self, node, deep=False):
+        if isinstance(node, yaml.MappingNode):
+            seen = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":
+                    continue
+                key = self.construct_object(key_node, deep=True)  # cached: constructed once
+                try:
+                    first = seen.get(key)
+                    seen[key] = key_node.start_mark
+                except TypeError:  # an unhashable key: the constructor's own error follows
+                    break
+                if first is not None:
+                    raise _Refused(f"key {key!r} is given twice (first at line {first.line + 1}); keep one",
+                                   key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
+def read_yaml(path: Path):
+    """The YAML value in `path`, read with _ConfigLoader's limits; CocoError naming the file (and the line)."""
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_CONFIG_BYTES + 1)
+        if len(data) > MAX_CONFIG_BYTES:
+            raise CocoError(f"config {path} is larger than {MAX_CONFIG_BYTES >> 20} MiB; a config is a few KB "
+                            "(start from configs/default.yaml)")
+        return yaml.load(data.decode("utf-8"), Loader=_ConfigLoader)  # a SafeLoader: no Python objects
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CocoError(f"cannot read config {path} ({type(exc).__name__})") from None
+    except ValueError as exc:  # e.g. an integer over Python's digit limit (yaml.YAMLError is not one)
+        raise CocoError(f"config {path} holds an unreadable value ({str(exc)[:60]})") from None
+    except RecursionError:  # a backstop: MAX_DEPTH stops nesting long before
+        raise CocoError(f"config {path} is nested too deeply; a config is a few levels deep") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1}" if mark is not None else ""
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        if isinstance(exc, _Refused):  # valid YAML, but not a config
+            raise CocoError(f"config {path}{where}: {problem}") from None
+        raise CocoError(f"config {path} is not valid YAML{where}: {problem}") from None
+
+
 def load(path: str, overrides: dict | None = None) -> dict:
     """Read and validate CONFIG.yaml (CocoError naming the file or the key on any problem);
     `overrides` replace top-level keys before validation (e.g. {"out": ...} from the command line)."""
     p = Path(path)
     if not p.is_file():
         raise CocoError(f"config {path} does not exist; pass a YAML file such as configs/default.yaml")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CocoError(f"cannot read config {path} ({type(exc).__name__})") from None
-    except ValueError as exc:  # e.g. an integer over Python's digit limit (yaml.YAMLError is not one)
-        raise CocoError(f"config {path} holds an unreadable value ({str(exc)[:60]})") from None
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}" if mark is not None else ""
-        raise CocoError(f"config {path} is not valid YAML{where}: {getattr(exc, 'problem', None) or exc}") from None
+    raw = read_yaml(p)
     if raw is None:
         raise CocoError(f"config {path} is empty; start from configs/default.yaml")
     if isinstance(raw, dict) and overrides:

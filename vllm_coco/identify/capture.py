@@ -36,13 +36,31 @@ def create_matrix(path: Path, rows: int, cols: int) -> np.memmap:
 
 
 def open_matrix(path: Path) -> np.memmap:
-    """Read-only memmap of a matrix written by `create_matrix` (or any 2-D F16 safetensors)."""
-    with open(path, "rb") as fh:
-        (n,) = struct.unpack("<Q", fh.read(8))
-        header = json.loads(fh.read(n))
-    meta = header[MATRIX_NAME]
-    return np.memmap(path, dtype=np.float16, mode="r", offset=8 + n + meta["data_offsets"][0],
-                     shape=tuple(meta["shape"]))
+    """Read-only memmap of a matrix written by `create_matrix` (or any 2-D F16 safetensors).
+    CocoError naming the file when its header is not that: another dtype (a float32 matrix read
+    as float16 would be silently misread), another rank, or data the file does not hold."""
+    from vllm_coco.core.errors import CocoError
+
+    def bad(problem: str):
+        return CocoError(f"{path}: {problem}; re-run `coco-tools identify` to rewrite it")
+
+    size = Path(path).stat().st_size
+    try:
+        with open(path, "rb") as fh:
+            (n,) = struct.unpack("<Q", fh.read(8))
+            if n > min(size, 1 << 20):
+                raise ValueError("header length")
+            meta = json.loads(fh.read(n))[MATRIX_NAME]
+        rows, cols = (int(x) for x in meta["shape"])
+        start, end = (int(x) for x in meta["data_offsets"])
+        dtype = meta["dtype"]
+    except (struct.error, ValueError, KeyError, TypeError, RecursionError):  # truncated, garbage, not ours
+        raise bad(f"is not a readable {MATRIX_NAME} matrix (a safetensors header with one 2-D F16 tensor)") from None
+    if dtype != "F16":
+        raise bad(f"holds {dtype} intensities, not F16 (float16)")
+    if rows < 0 or cols < 0 or end - start != rows * cols * 2 or start < 0 or 8 + n + end > size:
+        raise bad(f"its header ([{rows}, {cols}] at bytes {start}..{end}) does not match the {size}-byte file")
+    return np.memmap(path, dtype=np.float16, mode="r", offset=8 + n + start, shape=(rows, cols))
 
 
 # --------------------------------------------------------------------------- capture

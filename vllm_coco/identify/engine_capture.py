@@ -219,12 +219,11 @@ class EngineCapture:
 
     def close(self) -> None:
         """Stop the engine (its workers and their memory); idempotent."""
-        import gc
+        from vllm_coco.core.engine import shutdown
 
         if self.llm is not None:
-            self.llm.llm_engine.engine_core.shutdown()  # the engine process and its workers, now
+            shutdown(self.llm)  # the engine process, its workers and client threads, now
             self.llm = None
-            gc.collect()
 
     def prompts(self, spans: list[Span]):
         """The spans' token ids as vLLM prompts."""

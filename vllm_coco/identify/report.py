@@ -17,7 +17,7 @@ def counts(meta: dict, category: str | None = None) -> np.ndarray:
     if category is None:
         neurons = meta["neurons"]
     elif category in meta["per_category"]:
-        neurons = meta["per_category"][category]["neurons"]
+        neurons = meta["per_category"][category].get("neurons", [])  # the artifact check reads it so too
     else:
         raise CocoError(f"unknown category {category}; this artifact has {', '.join(meta['categories'])}")
     grid = np.zeros((meta["model"]["num_layers"], 3), dtype=np.int64)
@@ -54,19 +54,49 @@ def heatmap(grid: np.ndarray, title: str, path: Path) -> None:
     save_figure(fig, path)
 
 
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _check_fields(d: Path, meta: dict) -> None:
+    """The neurons.json fields the report prints, beyond what artifact.load checks: a damaged one is a
+    CocoError naming it, raised before the heatmap is written (never a traceback after it)."""
+    m, sel, sig = meta["model"], meta["selection"], meta["significance"]
+    problems = [(f"model.{k}", m.get(k), "a string") for k in ("path", "architecture") if not isinstance(m.get(k), str)]
+    rule = sel.get("rule")
+    if rule not in ("ratio", "threshold"):
+        problems.append(("selection.rule", rule, "ratio or threshold"))
+    elif not _is_num(sel.get(rule)):
+        problems.append((f"selection.{rule}", sel.get(rule), "a number"))
+    best = sig.get("null_best_score")
+    if best is not None and not _is_num(best):
+        problems.append(("significance.null_best_score", best, "a number or null"))
+    elif best is not None:  # the significance line also prints these two
+        problems += [(k, v, "an integer") for k, v in (("significance.beat_null", sig.get("beat_null")),
+                                                        ("selection.count", sel.get("count")))
+                     if not isinstance(v, int) or isinstance(v, bool)]
+    if problems:
+        key, value, want = problems[0]
+        found = "missing" if value is None else repr(value)
+        raise CocoError(f"{d / artifact.JSON_NAME}: {key} is {found}, not {want}; "
+                        "re-run `coco-tools identify` (or `coco-tools select`) to rewrite it")
+
+
 def report(neurons_dir, png=None, category=None) -> str:
+    """The report text; writes the heatmap last, once everything it prints has been checked."""
     meta, _ = artifact.load(neurons_dir)
+    _check_fields(Path(neurons_dir), meta)
     grid = counts(meta, category)
     png = check_figure_path(Path(png) if png else Path(neurons_dir) / "heatmap.png")
     sel = meta["selection"]
     what = category or "combined"
     title = f"COCO neurons ({sel['baseline']}, {what})\n{Path(meta['model']['path']).name}: {grid.sum()} selected"
-    heatmap(grid, title, png)
     sig = meta["significance"]
     head = [f"{meta['model']['architecture']} {meta['model']['path']}",
-            f"selection: {sel['baseline']} {sel['rule']} "
-            f"{sel['ratio'] if sel['rule'] == 'ratio' else sel['threshold']}, {grid.sum()} neurons ({what})"]
+            f"selection: {sel['baseline']} {sel['rule']} {sel[sel['rule']]}, {grid.sum()} neurons ({what})"]
     if sig.get("null_best_score") is not None and category is None:
         head.append(f"significance: {sig['beat_null']}/{sel['count']} beat the null's best score "
                     f"{sig['null_best_score']:.4f}")
-    return "\n".join(head + [table(grid, meta), f"heatmap: {png}"])
+    text = "\n".join(head + [table(grid, meta), f"heatmap: {png}"])
+    heatmap(grid, title, png)
+    return text

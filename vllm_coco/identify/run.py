@@ -21,6 +21,10 @@ from vllm_coco.identify import scoring, selection
 
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
+# The temperatures identify takes. Similarities are standardized distances over tau (docs/METHOD.md §3):
+# at tau 1e3 they span ~1e-3 and the softmax is nearly flat; far above, every score ties (tau 1e300 did,
+# and identify reported success); below 1e-3 exp(-d/tau) underflows to 0 and the top neurons tie at loss 0.
+TAU_RANGE = (1e-3, 1e3)
 NULLS = {"response": "labels swapped at random within each pair",  # docs/METHOD.md §4
          "behavior": "the two sets' union shuffled and re-split at the same sizes"}
 
@@ -66,6 +70,10 @@ class IdentifyOptions:
         else:
             finite(self.threshold, "--threshold")
         finite(self.tau, "--tau", lo=0, lo_open=True)
+        if not TAU_RANGE[0] <= self.tau <= TAU_RANGE[1]:
+            raise CocoError(f"--tau {self.tau:g} is outside [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}]: that far from the "
+                            f"default {N.TAU:g} the InfoNCE softmax is flat (every score ties) or one-hot; "
+                            f"pass e.g. --tau {N.TAU:g}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:
             raise CocoError(f"--seed {self.seed!r} must be an integer >= 0")
         if self.limit is not None and self.limit < 1:
@@ -104,6 +112,15 @@ class IdentifyOptions:
         if self.backend == "vllm" and self.device_map is not None:
             raise CocoError("--device-map is for --backend hf; with --backend vllm use --tensor-parallel-size / "
                             "--pipeline-parallel-size")
+
+
+def check_scores_rank(loss: np.ndarray, tau: float) -> None:
+    """The combined COCO losses can rank neurons: some are finite and not all equal (a temperature
+    far from the default, or data without contrast, ties them all). CocoError before anything is written."""
+    real = loss[np.isfinite(loss)]
+    if real.size == 0 or real.min() == real.max():
+        raise CocoError(f"every neuron got the same COCO loss at --tau {tau:g}, so no neuron ranks above another; "
+                        f"pass a --tau near the default {N.TAU:g}, or contrast data whose two responses differ")
 
 
 def _weight_norms(model, layout) -> np.ndarray:
@@ -442,6 +459,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
             runner.close()  # scoring needs the memory
             res = score_matrix(open_matrix(tmp / artifact.MATRIX_FILE), row_cat, row_label, categories, opts,
                                progress)
+            check_scores_rank(np.mean([res[c]["loss"] for c in categories], axis=0), opts.tau)
 
             la = layout.arrays()
             arrays = {

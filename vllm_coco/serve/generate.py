@@ -10,31 +10,44 @@ server request's vllm_xargs): such requests share batches with the others (serve
 
 from __future__ import annotations
 
+import contextlib
+import io
 import json
 import os
 import time
 from pathlib import Path
 
-from vllm_coco.core.errors import CocoError
+from vllm_coco.core.errors import CocoError, held_stderr
 
 
-def read_requests(path: Path) -> list[dict]:
-    """Validate the whole prompts file before any engine starts (line numbers in errors)."""
+def _is_request(obj) -> bool:
+    """{"prompt": str} or {"messages": [{"content": str, ...}, ...]} (at least one message)."""
+    if not isinstance(obj, dict):
+        return False
+    if "messages" not in obj:
+        return isinstance(obj.get("prompt"), str)
+    msgs = obj["messages"]
+    return isinstance(msgs, list) and bool(msgs) and all(isinstance(m, dict) and isinstance(m.get("content"), str)
+                                                         for m in msgs)
+
+
+def read_requests(path: Path) -> tuple[list[dict], list[int]]:
+    """The requests and their line numbers in the file (blank lines are skipped), the whole file
+    validated before any engine starts."""
     if not Path(path).is_file():
         raise CocoError(f"prompts file {path} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
     from vllm_coco.data.contrast import read_jsonl
 
-    requests = []
+    requests, lines = [], []
     for lineno, obj in read_jsonl(path):
-        ok = isinstance(obj, dict) and (isinstance(obj.get("prompt"), str) or (
-            isinstance(obj.get("messages"), list) and all(isinstance(m, dict) and "content" in m
-                                                          for m in obj["messages"])))
-        if not ok:
-            raise CocoError(f'{path}:{lineno}: expected {{"prompt": "..."}} or {{"messages": [...]}}')
+        if not _is_request(obj):
+            raise CocoError(f'{path}:{lineno}: expected {{"prompt": "..."}} or {{"messages": [{{"role": ..., '
+                            f'"content": "..."}}, ...]}} (text content, at least one message)')
         requests.append(obj)
+        lines.append(lineno)
     if not requests:
         raise CocoError(f"{path} holds no requests")
-    return requests
+    return requests, lines
 
 
 def engine_kwargs(model: str, extra: list[str]) -> dict:
@@ -46,14 +59,19 @@ def engine_kwargs(model: str, extra: list[str]) -> dict:
 
     parser = EngineArgs.add_cli_args(FlexibleArgumentParser(prog="coco-tools generate"))
     defaults = vars(parser.parse_args(["--model", model]))
+    usage = io.StringIO()
     try:
-        given = vars(parser.parse_args(["--model", model, *extra]))
+        with contextlib.redirect_stderr(usage):  # argparse prints its whole usage (250 lines), then exits
+            given = vars(parser.parse_args(["--model", model, *extra]))
     except SystemExit:
-        raise CocoError(f"unrecognised engine arguments {' '.join(extra)}; see `vllm serve --help`") from None
+        why = [line.split("error:", 1)[1].strip() for line in usage.getvalue().splitlines() if "error:" in line]
+        raise CocoError(f"engine arguments {' '.join(extra)}: {why[-1] if why else 'not understood'}; "
+                        "see `vllm serve --help`") from None
     return {k: v for k, v in given.items() if k != "model" and v != defaults.get(k)}
 
 
-def request_settings(model_dir: Path, requests: list[dict], prompts, alpha: float | None) -> list[dict] | None:
+def request_settings(model_dir: Path, requests: list[dict], prompts, alpha: float | None,
+                     lines: list[int] | None = None) -> list[dict] | None:
     """Each request's coco_* settings (with `alpha` as the gate strength of lines that set none),
     all checked before any engine starts; None when no line and no --alpha asks for any."""
     from vllm_coco.core.names import NE_EDIT, XARG_ALPHA, XARG_EDIT
@@ -70,7 +88,7 @@ def request_settings(model_dir: Path, requests: list[dict], prompts, alpha: floa
     from vllm_coco.serve.request_settings import Menu
 
     menu = Menu.read(model_dir)
-    for lineno, args in enumerate(per_line, 1):
+    for lineno, args in zip(lines or range(1, len(per_line) + 1), per_line):
         where = f"{prompts}:{lineno}" if args else "--alpha"
         if alpha is not None and XARG_ALPHA not in args and args.get(XARG_EDIT, NE_EDIT) == NE_EDIT:
             args[XARG_ALPHA] = alpha
@@ -79,6 +97,98 @@ def request_settings(model_dir: Path, requests: list[dict], prompts, alpha: floa
         except ValueError as exc:
             raise CocoError(f"{where}: {exc}") from None
     return per_line
+
+
+def _messages(request: dict) -> list[dict]:
+    """The conversation of a request (read_requests has checked it): its messages, or its prompt as one user turn."""
+    return request["messages"] if "messages" in request else [{"role": "user", "content": request["prompt"]}]
+
+
+def prompt_of(tokenizer, request: dict, chat: bool, where: str) -> tuple[list[int] | str, int]:
+    """(what the engine gets, its length in tokens). With the model's chat template (and `chat`): the
+    token ids of the rendered conversation, which already holds any special tokens; otherwise the
+    plain text, which the engine tokenizes as here (with the tokenizer's special tokens)."""
+    if chat and getattr(tokenizer, "chat_template", None):
+        try:
+            text = tokenizer.apply_chat_template(_messages(request), tokenize=False, add_generation_prompt=True)
+        except Exception as exc:  # the model's own template: a jinja syntax error, raise_exception(), bad types
+            why = (str(exc).strip().splitlines() or [""])[0][:160]
+            raise CocoError(f"{where}: the model's chat template fails ({type(exc).__name__}: {why}); fix its "
+                            "chat_template (chat_template.jinja or tokenizer_config.json), or pass --no-chat") from None
+        ids = list(tokenizer(text, add_special_tokens=False)["input_ids"])
+        return ids, len(ids)
+    text = request["prompt"] if isinstance(request.get("prompt"), str) else "\n".join(
+        m["content"] for m in request["messages"])
+    return text, len(tokenizer(text)["input_ids"])
+
+
+def check_length(count: int, limit: tuple[int, str] | None, where: str) -> None:
+    """A prompt the engine takes: at least one token, and room for at least one generated token
+    within `limit` = (context length in tokens, where that number comes from)."""
+    if count == 0:
+        raise CocoError(f"{where}: the prompt is empty (no tokens); give it some text, or drop the line")
+    if limit is not None and count >= limit[0]:
+        raise CocoError(f"{where}: the prompt is {count} tokens, and the model's context is {limit[0]} "
+                        f"({limit[1]}), which leaves no room to generate; shorten the prompt")
+
+
+# config.json keys vLLM derives the context length from (the smallest wins; model_max_length overrides)
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "max_target_positions",
+                 "max_sequence_length", "max_seq_length", "seq_len")
+
+
+def _rope_factor(cfg: dict) -> float:
+    """The largest RoPE scaling factor in config.json (1 if none): vLLM stretches the context by it."""
+    found = []
+
+    def walk(v):
+        if isinstance(v, dict):
+            f = v.get("factor")
+            found.append(f if isinstance(f, (int, float)) and not isinstance(f, bool) and f > 1 else 1)
+            for x in v.values():
+                walk(x)
+
+    walk(cfg.get("rope_parameters"))
+    walk(cfg.get("rope_scaling"))
+    return max(found, default=1)
+
+
+def _config_context(model_dir: Path) -> tuple[int, str] | None:
+    """(tokens, where from) of the context vLLM derives from config.json, or an upper bound of it
+    (vLLM may lower it further, e.g. by the tokenizer's model_max_length); None: config.json names none."""
+    from vllm_coco.core.models import read_config
+
+    cfg = read_config(model_dir)
+    given = {k: cfg[k] for k in (*_CONTEXT_KEYS, "model_max_length")
+             if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) and cfg[k] > 0}
+    if not given:
+        return None
+    key = "model_max_length" if "model_max_length" in given else min(given, key=given.get)
+    return int(given[key] * _rope_factor(cfg)), f"{key} in {model_dir}/config.json"
+
+
+def context_limit(model_dir: Path, max_model_len: int | None) -> tuple[int, str] | None:
+    """(tokens, where from) of the context the engine will have, or an upper bound of it, so that the
+    checks before the engine starts refuse only what the engine would refuse. None: not known here."""
+    derived = _config_context(model_dir)
+    if max_model_len is None:
+        return derived
+    allow_long = os.environ.get("VLLM_ALLOW_LONG_MAX_MODEL_LEN", "0").strip().lower() in ("1", "true")  # as vLLM
+    if derived is not None and max_model_len > derived[0] and not allow_long:
+        raise CocoError(f"--max-model-len {max_model_len} is more than the model's context of {derived[0]} tokens "
+                        f"({derived[1]}); pass at most {derived[0]}")
+    return max_model_len, "--max-model-len"
+
+
+def check_prompts(tokenizer_dir: Path, requests: list[dict], where: list[str], chat: bool,
+                  limit: tuple[int, str] | None) -> None:
+    """Render and count every prompt as the engine will, before it starts: a broken chat template,
+    an empty prompt or one longer than the context is a CocoError naming its line."""
+    from vllm_coco.core.models import load_tokenizer
+
+    tokenizer = load_tokenizer(tokenizer_dir)
+    for request, w in zip(requests, where):
+        check_length(prompt_of(tokenizer, request, chat, w)[1], limit, w)
 
 
 def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, temperature: float = 0.0,
@@ -90,19 +200,23 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
     from vllm_coco.core.checks import finite
     from vllm_coco.core.models import resolve_model_dir
 
-    model_dir = resolve_model_dir(model)
-    out_path = check_output_file(out, force, sources=(model_dir, prompts) + ((lora,) if lora else ()))
-    finite(temperature, "--temperature", lo=0)
-    finite(top_p, "--top-p", lo=0, hi=1, lo_open=True)
-    requests = read_requests(Path(prompts))
-    if lora and not (Path(lora) / "adapter_config.json").is_file():
-        raise CocoError(f"--lora {lora} is not a LoRA adapter directory (no adapter_config.json)")
-    settings = request_settings(model_dir, requests, prompts, alpha)
-    kwargs = engine_kwargs(str(model_dir), list(extra))
-    if settings is not None:
-        from vllm_coco.serve.launch import engine_kwargs as per_request_kwargs
+    with held_stderr():  # so a CocoError here is one line, whatever vLLM or transformers printed first
+        model_dir = resolve_model_dir(model)
+        out_path = check_output_file(out, force, sources=(model_dir, prompts) + ((lora,) if lora else ()))
+        finite(temperature, "--temperature", lo=0)
+        finite(top_p, "--top-p", lo=0, hi=1, lo_open=True)
+        requests, lines = read_requests(Path(prompts))
+        if lora and not (Path(lora) / "adapter_config.json").is_file():
+            raise CocoError(f"--lora {lora} is not a LoRA adapter directory (no adapter_config.json)")
+        settings = request_settings(model_dir, requests, prompts, alpha, lines)
+        kwargs = engine_kwargs(str(model_dir), list(extra))
+        if settings is not None:
+            from vllm_coco.serve.launch import engine_kwargs as per_request_kwargs
 
-        kwargs.update({k: v for k, v in per_request_kwargs(model_dir).items() if k != "model"})
+            kwargs.update({k: v for k, v in per_request_kwargs(model_dir).items() if k != "model"})
+        if kwargs.get("tokenizer_mode", "auto") in ("auto", "hf", "slow"):  # a tokenizer transformers loads
+            check_prompts(Path(kwargs.get("tokenizer") or model_dir), requests, [f"{prompts}:{n}" for n in lines],
+                          chat, context_limit(model_dir, max_model_len))
     os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # CPU builds: the default reservation fails on 24 GiB
 
     from vllm import LLM, SamplingParams
@@ -123,18 +237,21 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
         lora_req = LoRARequest("coco", 1, str(Path(lora).absolute()))
     from vllm.inputs import TokensPrompt
 
-    tokenizer = llm.get_tokenizer()
-    inputs = []
-    for r in requests:
-        messages = r.get("messages") or [{"role": "user", "content": r["prompt"]}]
-        if chat and getattr(tokenizer, "chat_template", None):
-            # the template already holds any special tokens: tokenize it as is
-            text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            inputs.append(TokensPrompt(prompt_token_ids=tokenizer(text, add_special_tokens=False)["input_ids"]))
-        else:
-            inputs.append(r["prompt"] if "prompt" in r else "\n".join(m["content"] for m in messages))
-    t0 = time.perf_counter()
-    results = llm.generate(inputs, params, use_tqdm=True, lora_request=lora_req)  # order preserved
+    try:
+        # the engine's own tokenizer and context length have the last word (the checks above are theirs
+        # as transformers and config.json give them, before minutes of engine start-up)
+        tokenizer, limit = llm.get_tokenizer(), (llm.model_config.max_model_len, "the engine's max_model_len")
+        inputs = []
+        for r, n in zip(requests, lines):
+            prompt, count = prompt_of(tokenizer, r, chat, f"{prompts}:{n}")
+            check_length(count, limit, f"{prompts}:{n}")
+            inputs.append(TokensPrompt(prompt_token_ids=prompt) if isinstance(prompt, list) else prompt)
+        t0 = time.perf_counter()
+        results = llm.generate(inputs, params, use_tqdm=True, lora_request=lora_req)  # order preserved
+    finally:
+        from vllm_coco.core.engine import shutdown
+
+        shutdown(llm)  # now, not in the interpreter's teardown (core/engine.py)
     wall = time.perf_counter() - t0
     n_out = sum(len(r.outputs[0].token_ids) for r in results)
     n_in = sum(len(r.prompt_token_ids) for r in results)
@@ -143,6 +260,6 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
     with made_parents(out_path):
         write_text(out_path, "".join(json.dumps({**req, "output": res.outputs[0].text,
                                                  "output_tokens": len(res.outputs[0].token_ids)}) + "\n"
-                                     for req, res in zip(requests, results)))
+                                     for req, res in zip(requests, results)), force=force)
     return {"requests": len(requests), "prompt_tokens": n_in, "output_tokens": n_out, "seconds": wall,
             "output_tok_s": n_out / wall if wall else 0.0}

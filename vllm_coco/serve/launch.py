@@ -14,6 +14,8 @@ from vllm_coco.core.names import PER_REQUEST_ENV
 
 _CLASSES = "vllm_coco.serve.per_request"
 WORKER_CLS = f"{_CLASSES}.CocoWorker"
+# Reads settings as the client sent them, before the OpenAI schema coerces them (serve/strict_settings.py).
+MIDDLEWARE = "vllm_coco.serve.strict_settings.StrictSettings"
 # Engine flags that per-request settings cannot work with (the hooked model runner does not see them).
 REFUSED_FLAGS = ("--speculative-config", "--worker-cls", "--scheduler-cls")
 
@@ -65,5 +67,6 @@ def serve_command(ne_dir, extra: list[str]) -> tuple[list[str], dict[str, str]]:
     vllm = Path(sys.executable).with_name("vllm")
     if not vllm.exists():
         raise CocoError(f"no vllm executable beside {sys.executable}; install vLLM into this environment")
-    argv = [str(vllm), "serve", str(ne_dir), "--worker-cls", WORKER_CLS, "--scheduler-cls", scheduler_cls(), *extra]
+    argv = [str(vllm), "serve", str(ne_dir), "--worker-cls", WORKER_CLS, "--scheduler-cls", scheduler_cls(),
+            "--middleware", MIDDLEWARE, *extra]
     return argv, {PER_REQUEST_ENV: path, **_platform_env()}

@@ -23,27 +23,46 @@ from functools import cache
 
 import numpy as np
 import torch
+from vllm.logger import init_logger
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.worker.gpu_model_runner import GPUModelRunner
 
+from vllm_coco.core.names import SALT_PREFIX
 from vllm_coco.serve.request_settings import Setting
 from vllm_coco.serve.request_settings import menu_of as _menu
+
+logger = init_logger(__name__)
 
 
 # --------------------------------------------------------------------------- prefix-cache salt
 class _Salted:
-    """Scheduler mixin: a request whose setting differs from the default gets a namespaced salt
-    folded into its cache salt, and its block hashes recomputed, before the scheduler uses them."""
+    """Scheduler mixin: every request runs under the salt its setting and its client's salt give
+    (request_settings.Menu.salt), its block hashes recomputed before the scheduler uses them.
+
+    Admission (serve/validator.py) refuses every setting `Menu.parse` refuses, so a failure here is
+    a bug or an engine used without the validator: that request alone finishes with an error (at
+    the scheduler's next update, vLLM's own path for requests it cannot serve), and it runs
+    meanwhile under a salt of its own, so it shares no KV with anything."""
 
     def add_request(self, request) -> None:
-        menu = _menu(self.vllm_config.model_config.model)
-        key = menu.salt(menu.parse(request.sampling_params.extra_args if request.sampling_params else None))
-        if key and request.request_id not in self.requests:
-            request.cache_salt = f"{request.cache_salt}|{key}" if request.cache_salt else key
-            request.block_hashes.clear()
-            request.update_block_hashes()
+        if request.request_id not in self.requests:
+            salt = self._coco_salt(request)
+            if salt != request.cache_salt:
+                request.cache_salt = salt
+                request.block_hashes.clear()
+                request.update_block_hashes()
         super().add_request(request)
+
+    def _coco_salt(self, request) -> str | None:
+        menu = _menu(self.vllm_config.model_config.model)
+        try:
+            setting = menu.parse(request.sampling_params.extra_args if request.sampling_params else None)
+        except Exception as exc:  # noqa: BLE001 (whatever it is, it must not stop the engine)
+            logger.error("NE-COCO: request %s has an unusable setting (%s); failing it", request.request_id, exc)
+            self.grammar_compile_error_reqs.add(request.request_id)  # vLLM finishes these with FINISHED_ERROR
+            return f"{SALT_PREFIX}invalid:{request.request_id}"
+        return menu.salt(setting, request.cache_salt)
 
 
 class CocoScheduler(_Salted, Scheduler):
@@ -77,7 +96,7 @@ class _CocoRunner:
         rows = []
         for r in req_ids:
             if r not in settings:
-                settings[r] = menu.parse(self.requests[r].sampling_params.extra_args)
+                settings[r] = _parse_or_default(menu, self.requests[r].sampling_params.extra_args)
             rows.append(settings[r])
         if all(s == menu.default for s in rows):
             if state["dirty"]:  # a default-only step after a mixed one: restore the defaults once
@@ -92,6 +111,15 @@ class _CocoRunner:
         f32 = per_token[:, :3].astype(np.float32)
         step.fill(*(torch.from_numpy(f32[:, i:i + 1].copy()) for i in range(3)), torch.from_numpy(on))
         state["dirty"] = True
+
+
+def _parse_or_default(menu, extra_args) -> Setting:
+    """A request's setting; the default for one the scheduler is failing (see _Salted), so a step
+    that still carries it computes, and its output is discarded with the request."""
+    try:
+        return menu.parse(extra_args)
+    except Exception:  # noqa: BLE001 (the scheduler logs and fails that request)
+        return menu.default
 
 
 @cache

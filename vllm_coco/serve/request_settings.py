@@ -18,11 +18,14 @@ validate, the scheduler to salt, the model runner to fill its per-token buffers.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
+import re
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
+from vllm_coco.core import names as N
 from vllm_coco.core.names import BASE_EDIT, NE_EDIT, SALT_PREFIX, XARG_ALPHA, XARG_BETA, XARG_EDIT, XARG_LAM, XARGS
 
 
@@ -40,13 +43,15 @@ class Setting:
 @dataclass(frozen=True)
 class Menu:
     """What an NE directory offers a request: the gate's configured hyperparameters, its smallest
-    weight (bounding the strengths a request may ask for) and its named edits, in column order."""
+    and largest gate weights (bounding the strengths a request may ask for) and its named edits,
+    in column order."""
 
     alpha: float
     beta: float
     lam: float
     w_min: float
     edits: tuple[str, ...] = ()
+    w_max: float | None = None
 
     @classmethod
     def read(cls, ne_dir) -> Menu:
@@ -54,7 +59,8 @@ class Menu:
 
         ne = NEDirectory.read(Path(ne_dir))
         c = ne.coco
-        return cls(float(c["alpha"]), float(c["beta"]), float(c["lam"]), ne.w_min(), tuple(ne.edit_names))
+        w_max = max((float(g["w"].max()) for g in ne.gates().values()), default=0.0)
+        return cls(float(c["alpha"]), float(c["beta"]), float(c["lam"]), ne.w_min(), tuple(ne.edit_names), w_max)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -65,16 +71,23 @@ class Menu:
         return Setting(NE_EDIT, self.alpha, self.beta, self.lam)
 
     def parse(self, extra_args: dict | None) -> Setting:
-        """The setting a request's extra_args ask for (the default when they hold no coco_* key)."""
-        args = {k: v for k, v in (extra_args or {}).items() if isinstance(k, str) and k.startswith("coco_")}
+        """The setting a request's extra_args ask for (the default when they hold no coco_* key).
+
+        One strict schema, so admission refuses everything the scheduler and the runner could not
+        take: keys case-exact (any key that reads as coco* in another spelling is refused, never
+        ignored), numbers JSON numbers or plain decimal strings (no bools, no `1_0`), ranges
+        checked in the float32 the model computes with (core.checks.ne_hyper)."""
+        args = {k: v for k, v in (extra_args or {}).items() if _looks_coco(k)}
         if not args:
             return self.default
-        unknown = sorted(set(args) - set(XARGS))
+        unknown = sorted(set(args) - set(XARGS), key=str)
         if unknown:
-            raise ValueError(f"unknown NE-COCO setting {unknown[0]!r}; allowed keys: {', '.join(XARGS)}")
+            raise ValueError(f"unknown NE-COCO setting {_short(unknown[0])}; allowed keys (exact spelling): "
+                             f"{', '.join(XARGS)}")
         edit = args.get(XARG_EDIT, NE_EDIT)
         if not isinstance(edit, str) or edit not in self.names:
-            raise ValueError(f"{XARG_EDIT} {edit!r} is not an edit of this model; allowed: {', '.join(self.names)}")
+            raise ValueError(f"{XARG_EDIT} {_short(edit)} is not an edit of this model; allowed: "
+                             f"{', '.join(self.names)}")
         gate = [k for k in (XARG_ALPHA, XARG_BETA, XARG_LAM) if k in args]
         if edit != NE_EDIT:
             if gate:
@@ -87,20 +100,27 @@ class Menu:
         from vllm_coco.core.errors import CocoError
 
         try:
-            ne_hyper(alpha, beta, lam, self.w_min, (XARG_ALPHA, XARG_BETA, XARG_LAM))
+            ne_hyper(alpha, beta, lam, self.w_min, (XARG_ALPHA, XARG_BETA, XARG_LAM), w_max=self.w_max)
         except CocoError as exc:
             raise ValueError(str(exc)) from None
         return Setting(NE_EDIT, alpha, beta, lam)
 
-    def salt(self, setting: Setting) -> str | None:
-        """The prefix-cache salt of a setting: None for the directory's default, else "coco:" + a
-        hash of the canonical setting (namespaced: it cannot equal a LoRA name or a plain salt).
-        The KV of a prompt depends on the setting (v channels are gated), so
-        requests with different settings must not share blocks; equal settings hash equal."""
-        if setting == self.default:
+    def salt(self, setting: Setting, client: str | None = None) -> str | None:
+        """The prefix-cache salt a request runs under: its setting folded with the salt its client
+        sent (`cache_salt`). The KV of a prompt depends on the setting (v channels are gated), so
+        requests with different settings must never share blocks, whatever salt a client sends.
+
+        None when the request is at the directory's default and sent no salt: such requests keep
+        sharing KV blocks with requests that say nothing. Every other request gets "coco:" + a
+        hash of (client salt, canonical setting); since a client's own salt is always hashed too,
+        no salt a client can send equals the namespace of another setting (it would need a
+        sha256 preimage). Equal settings (in float32) with equal client salts hash equal."""
+        if setting == self.default and client is None:
             return None
-        canon = f"{setting.edit}|{_f32(setting.alpha)}|{_f32(setting.beta)}|{_f32(setting.lam)}"
-        return SALT_PREFIX + hashlib.sha256(canon.encode()).hexdigest()[:16]
+        canon = "" if setting == self.default else \
+            f"{setting.edit}|{_f32(setting.alpha)}|{_f32(setting.beta)}|{_f32(setting.lam)}"
+        key = json.dumps([client, canon])  # unambiguous: no separator a client salt could imitate
+        return SALT_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
 
     def columns(self, setting: Setting) -> tuple[float, float, float, int]:
         """(alpha, beta, lam, named-edit column or -1) for the model's per-token buffers."""
@@ -114,16 +134,34 @@ def menu_of(ne_dir: str) -> Menu:
     return Menu.read(ne_dir)
 
 
+# A number a request may spell as a string: plain decimal, optional exponent (no `1_0`, no "nan").
+_DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
+
+
+def _looks_coco(key) -> bool:
+    """Whether a key is meant for us: any spelling of coco* (COCO_ALPHA, coco-alpha) counts, so a
+    misspelt key is refused instead of silently serving the default."""
+    return isinstance(key, str) and key.lower().lstrip().startswith("coco")
+
+
+def _short(value) -> str:
+    """A request's value in a one-line message: repr, on one line, at most 40 characters."""
+    text = " ".join(repr(value).split())
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
 def _number(args: dict, key: str, default: float) -> float:
     v = args.get(key, default)
-    if isinstance(v, bool) or not isinstance(v, (int, float, str)):
-        raise ValueError(f"{key} {v!r} is not a number; pass a finite number")
+    if isinstance(v, str) and _DECIMAL.fullmatch(v.strip()):
+        v = v.strip()
+    elif isinstance(v, bool) or not isinstance(v, (int, float)):
+        raise ValueError(f"{key} {_short(v)} is not a number; pass a JSON number such as 0.5")
     try:
         f = float(v)
-    except ValueError:
-        raise ValueError(f"{key} {v!r} is not a number; pass a finite number") from None
-    if not math.isfinite(f):
-        raise ValueError(f"{key} {v!r} is not a finite number; pass a finite number")
+    except OverflowError:  # an integer of hundreds of digits
+        f = math.inf
+    if not math.isfinite(f) or abs(f) > N.F32_MAX:
+        raise ValueError(f"{key} {_short(v)} is not a finite float32 number; pass a number such as 0.5")
     return f
 
 

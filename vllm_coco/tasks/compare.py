@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import math
 import os
+import sys
+import warnings
 from pathlib import Path
 
 from vllm_coco.core.atomic import check_figure_path, save_figure
@@ -48,6 +50,10 @@ def load_results(path: Path) -> dict:
             raise CocoError(f"{path}: `{key}` is not a mapping; pass an lm-eval results file")
     if subtasks and not all(isinstance(v, list) for v in subtasks.values()):
         raise CocoError(f"{path}: `group_subtasks` does not map groups to lists; pass an lm-eval results file")
+    for entry in data["results"].values():  # an integer beyond float range reads as the infinity it is
+        for k, v in entry.items():
+            if isinstance(v, int) and not isinstance(v, bool) and abs(v) > sys.float_info.max:
+                entry[k] = math.inf if v > 0 else -math.inf
     return data
 
 
@@ -94,6 +100,27 @@ def _row_name(task: str, group: str) -> str:
     return task[len(group) + 1:] if task.startswith(group + "_") else task
 
 
+NOT_FINITE = "n/a: the results file holds no finite number there (inf, nan, or too large)"
+
+
+def _finite(v) -> bool:
+    return v is not None and math.isfinite(v)
+
+
+def _num(v: float, sign: str = "") -> str:
+    return f"{v:{sign}.4f}" if abs(v) < 1e6 else f"{v:{sign}.4g}"  # a metric is a rate or a score: no 300 digits
+
+
+def _cell(v, base) -> str:
+    """One run's value; with `base` (the first run's), its difference to it when both are numbers."""
+    if v is None:
+        return "-"
+    if not math.isfinite(v):
+        return "n/a"
+    delta = v - base if _finite(base) else None
+    return _num(v) if delta is None or not math.isfinite(delta) else f"{_num(v)} ({_num(delta, '+')})"
+
+
 def compare_table(runs: list[tuple[str, dict]], group: str = "stereo_coco", metric: str = "success_rate"):
     """(rows, table text): rows = [(row name, [value or None per run])], the group's own value last."""
     datas = [d for _, d in runs]
@@ -113,18 +140,14 @@ def compare_table(runs: list[tuple[str, dict]], group: str = "stereo_coco", metr
     width = max([len(label) for label in labels] + [17])
     lines = [f"{metric + ' (' + group + ')':<{first}}  " + "  ".join(f"{label:>{width}}" for label in labels)]
     for name, values in rows:
-        cells = []
-        for i, v in enumerate(values):
-            base = values[0]
-            if v is None or (isinstance(v, float) and math.isnan(v)):
-                cell = "-"
-            elif i == 0 or base is None or (isinstance(base, float) and math.isnan(base)):
-                cell = f"{v:.4f}"
-            else:
-                cell = f"{v:.4f} ({v - base:+.4f})"
-            cells.append(f"{cell:>{width}}")
-        lines.append(f"{name:<{first}}  " + "  ".join(cells))
-    lines.append(f"(deltas vs the first run, {labels[0]})" if len(labels) > 1 else "")
+        cells = [_cell(v, values[0] if i else None) for i, v in enumerate(values)]
+        lines.append(f"{name:<{first}}  " + "  ".join(f"{c:>{width}}" for c in cells))
+    values = [v for _, vs in rows for v in vs]
+    notes = (["-: the run has no value"] if None in values else []) + \
+        ([NOT_FINITE] if any(v is not None and not math.isfinite(v) for v in values) else [])
+    if len(labels) > 1:
+        notes.insert(0, f"deltas vs the first run, {labels[0]}")
+    lines.append(f"({'; '.join(notes)})" if notes else "")
     return rows, "\n".join(lines).rstrip() + "\n"
 
 
@@ -142,7 +165,7 @@ def bar_chart(rows, labels: list[str], png: Path, title: str) -> None:
     fig, ax = plt.subplots(figsize=(max(6.0, 1.2 * len(rows) * max(1, n / 2)), 4.2))
     finite = []
     for i, label in enumerate(labels):
-        vals = [r[1][i] if r[1][i] is not None else float("nan") for r in rows]
+        vals = [r[1][i] if _finite(r[1][i]) else float("nan") for r in rows]  # no bar for -, n/a
         bars = ax.bar(x + (i - (n - 1) / 2) * width, vals, width, label=label)
         ax.bar_label(bars, fmt="%.2f", fontsize=6, padding=1)
         finite += [v for v in vals if not math.isnan(v)]
@@ -178,5 +201,7 @@ def compare(paths, labels=None, png=None, group: str = "stereo_coco", metric: st
             labels[i] = f"{label}#{seen[label]}"
     png = check_figure_path(Path(png) if png else files[0].parent / f"compare-{group}-{metric}.png")
     rows, text = compare_table(list(zip(labels, datas)), group, metric)
-    bar_chart(rows, labels, png, f"{metric} ({group})")
+    with warnings.catch_warnings():  # values near float's limits overflow matplotlib's layout arithmetic, harmlessly
+        warnings.simplefilter("ignore", RuntimeWarning)
+        bar_chart(rows, labels, png, f"{metric} ({group})")
     return text, png

@@ -322,14 +322,29 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
     from lm_eval import simple_evaluate
     from lm_eval.utils import handle_non_serializable
 
+    owned = lm is None
     if lm is not None:
         model_args, bs, device = None, opts.batch_size or BATCH_SIZE, str(lm.device)
         lm.use(condition or "base")
     else:
         lm, model_args, bs, device = _lm_for(model_dir, opts)
-    results = simple_evaluate(model=lm, model_args=model_args, tasks=list(opts.tasks), limit=opts.limit,
-                              batch_size=bs, device=device, apply_chat_template=chat, task_manager=tm,
-                              log_samples=opts.log_samples, bootstrap_iters=1000)
+    if isinstance(lm, str) and lm == "vllm":
+        # built here, not by simple_evaluate, so its engine is stopped before exit (core/engine.py)
+        from lm_eval.api.registry import get_model
+
+        lm = get_model("vllm").create_from_arg_obj(model_args, {"batch_size": bs})
+    try:
+        results = simple_evaluate(model=lm, model_args=None if not isinstance(lm, str) else model_args,
+                                  tasks=list(opts.tasks), limit=opts.limit, batch_size=bs, device=device,
+                                  apply_chat_template=chat, task_manager=tm, log_samples=opts.log_samples,
+                                  bootstrap_iters=1000)
+    finally:
+        if owned and opts.backend == "vllm":
+            from vllm_coco.core.engine import shutdown
+
+            shutdown(getattr(lm, "model", None))  # before exit, not in the interpreter's teardown
+    if opts.backend == "vllm":  # as lm-eval records a model it builds from a name
+        results.get("config", {}).update(model="vllm", model_args=model_args)
     samples = results.pop("samples", None) or {}
     results["coco"] = {"model": str(model_dir), "name": model_dir.name, "backend": opts.backend,
                        "ne_coco": _is_ne_dir(model_dir), "tasks": list(opts.tasks), "limit": opts.limit,
