@@ -334,3 +334,22 @@ def test_identify_weights_of_the_wrong_shape_is_one_line(tmp_path, planted):
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "up_proj" in one_line(proc.stderr)
+
+
+def test_held_stderr_hands_back_handlers_made_inside_it(capfd):
+    """A library imported inside the block makes its handler on the held buffer: after the block it
+    must write to the real stderr, or every later warning of that library is lost."""
+    import logging
+    import sys
+
+    from vllm_coco.core.errors import held_stderr
+
+    log = logging.getLogger("coco-test-made-inside")
+    with held_stderr():
+        handler = logging.StreamHandler(sys.stderr)  # what a first `import transformers` does
+        log.addHandler(handler)
+    try:
+        log.warning("after the block")
+        assert "after the block" in capfd.readouterr().err
+    finally:
+        log.removeHandler(handler)

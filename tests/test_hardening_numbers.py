@@ -275,6 +275,14 @@ def _arr(key, fn):
     return edit
 
 
+def _json_weights(value):
+    """neurons.json's weights set like the arrays' (so only the weight range can refuse them)."""
+    def edit(m):
+        for n in m["neurons"]:
+            n["weight"] = value
+    return edit
+
+
 def _json_neuron0_index_shift(m):
     n = m["neurons"][0]
     size = m["model"]["q_size"] if n["proj"] == "q" else m["model"]["kv_size"]
@@ -288,9 +296,12 @@ def _json_weighting(m):
 # (id, arrays edit, meta edit, command, match). Before: exit 0 for all but `weighting` (exit 2 with
 # "unknown --weighting", no file named).
 ARTIFACT_CASES = [
-    ("weight-minus-0.9-bake", _arr("weight", lambda w: np.full_like(w, -0.9)), None, "bake", "neurons.safetensors"),
-    ("weight-1000-bake", _arr("weight", lambda w: np.full_like(w, 1000.0)), None, "bake", "neurons.safetensors"),
-    ("weight-1000-ne", _arr("weight", lambda w: np.full_like(w, 1000.0)), None, "ne", "neurons.safetensors"),
+    ("weight-minus-0.9-bake", _arr("weight", lambda w: np.full_like(w, -0.9)), _json_weights(-0.9), "bake",
+     "outside [0, 1]"),
+    ("weight-1000-bake", _arr("weight", lambda w: np.full_like(w, 1000.0)), _json_weights(1000.0), "bake",
+     "outside [0, 1]"),
+    ("weight-1000-ne", _arr("weight", lambda w: np.full_like(w, 1000.0)), _json_weights(1000.0), "ne",
+     "outside [0, 1]"),
     ("calib_mean-float16-ne", _arr("calib_mean", lambda a: a.astype(np.float16)), None, "ne", "float16"),
     ("loss-float32-select", _arr("loss", lambda a: a.astype(np.float32)), None, "select", "float32"),
     ("row_label-7-select", _arr("row_label", lambda a: np.full_like(a, 7)), None, "select", "row_label"),

@@ -9,6 +9,7 @@ import math
 import numpy as np
 
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.names import F32_MAX
 
 
 def finite(value, what: str, lo: float | None = None, hi: float | None = None, lo_open: bool = False) -> float:
@@ -29,7 +30,6 @@ def finite(value, what: str, lo: float | None = None, hi: float | None = None, l
 
 
 # Bounds of the NE gate's effective numbers (docs/METHOD.md §7.3), in the float32 the gate computes in.
-F32_MAX = float(np.finfo(np.float32).max)
 # The largest gain 1 + alpha*w a gate or LE factor may reach. A steering edit scales a neuron by a
 # small factor (the defaults give at most 2, the sweeps at most 3); 1e3 is far past any of them, yet
 # keeps a scaled activation of a float16 model (|h| up to ~65) inside float16, and a float32 one

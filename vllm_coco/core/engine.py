@@ -16,14 +16,20 @@ import contextlib
 import gc
 from collections.abc import Iterator
 
+JOIN_TIMEOUT_S = 10.0
+
 
 def shutdown(llm) -> None:
-    """Stop a `vllm.LLM`'s engine core now (its process, workers, sockets and client threads);
-    idempotent, and a no-op for anything without one (lm-eval's Ray data-parallel replicas are
-    stopped by Ray)."""
+    """Stop a `vllm.LLM`'s engine core now (its process, workers, sockets) and wait for its output
+    thread, which shutdown() only signals; idempotent, and a no-op for anything without one
+    (lm-eval's Ray data-parallel replicas are stopped by Ray). The client's monitor thread returns
+    by itself once the engine process it watches is gone, which shutdown() waits for."""
     core = getattr(getattr(llm, "llm_engine", None), "engine_core", None)
     if core is not None:
         core.shutdown()
+        thread = getattr(core, "output_queue_thread", None)  # SyncMPClient's socket reader
+        if thread is not None:
+            thread.join(JOIN_TIMEOUT_S)
     gc.collect()  # the engine's remaining finalizers run now, not at exit
 
 

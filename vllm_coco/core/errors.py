@@ -11,15 +11,22 @@ class CocoError(Exception):
     exit_code = 2
 
 
-def _stderr_handlers() -> list:
-    """logging StreamHandlers that write to this process's stderr (transformers installs its own)."""
+def _stream_handlers() -> list:
+    """Every logging.StreamHandler on any logger (transformers installs its own)."""
     import logging
-    import sys
 
     loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
                                        if isinstance(lg, logging.Logger)]
-    return [h for lg in loggers for h in lg.handlers
-            if type(h) is logging.StreamHandler and h.stream in (sys.stderr, sys.__stderr__)]
+    return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
+
+
+def _stderr_handlers() -> list:
+    """The stream handlers that write to this process's stderr (not files: FileHandler is a subclass)."""
+    import logging
+    import sys
+
+    return [h for h in _stream_handlers() if type(h) is logging.StreamHandler
+            and h.stream in (sys.stderr, sys.__stderr__)]
 
 
 @contextlib.contextmanager
@@ -30,7 +37,8 @@ def held_stderr():
     import io
     import sys
 
-    held, real = io.StringIO(), sys.stderr
+    held = buffer = io.StringIO()
+    real = sys.stderr
     handlers = _stderr_handlers()
     streams = [h.setStream(held) for h in handlers]  # setStream returns the stream it replaces
     try:
@@ -42,6 +50,9 @@ def held_stderr():
     finally:
         for h, s in zip(handlers, streams):
             h.setStream(s)
+        # handlers made inside the block (by a first import) hold the buffer: they write to stderr from now on
+        for h in (h for h in _stream_handlers() if h.stream is buffer):
+            h.setStream(real)
         if held is not None and held.getvalue():
             real.write(held.getvalue())
             real.flush()

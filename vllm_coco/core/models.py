@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
 from dataclasses import dataclass
@@ -117,7 +118,8 @@ def check_config_shapes(model_dir: Path, headers: dict[str, tuple]) -> None:
     cfg = read_config(model_dir)
     layers = {int(m[1]) for name in headers if (m := _LAYER.match(name))}
     n = _config_int(cfg, "num_hidden_layers")
-    if n is not None and layers and n != max(layers) + 1:
+    extra = _config_int(cfg, "num_nextn_predict_layers") or 0  # GLM/DeepSeek store their MTP layers after the rest
+    if n is not None and layers and max(layers) + 1 not in (n, n + extra):
         raise CocoError(f"{path}: num_hidden_layers is {n}, but the weights hold {max(layers) + 1} layers "
                         f"(model.layers.0 to model.layers.{max(layers)}); make config.json match the weights")
     hidden, heads = _config_int(cfg, "hidden_size"), _config_int(cfg, "num_attention_heads")
@@ -375,10 +377,25 @@ def _check_loaded(model_dir: Path, info: dict) -> None:
                         "architecture needs; the checkpoint is incomplete or belongs to another model")
 
 
+def probe_base(model_dir: Path):
+    """(model, dtype) of `probe_model`, its weights checked finite first, loaded once per process for
+    the same weights (files' names, sizes and mtimes): the pipeline's sweep bakes and exports many
+    candidates of one base, and each must pass the probe without loading it again."""
+    files = weight_files(model_dir)
+    stamp = tuple((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in files)
+    return _probe_base(str(Path(model_dir).resolve()), stamp)
+
+
+@functools.lru_cache(maxsize=1)
+def _probe_base(path: str, stamp: tuple):
+    check_finite_weights(Path(path))
+    return probe_model(Path(path))
+
+
 def probe_model(model_dir: Path):
-    """(model, dtype): the base model for edit.bake.finite_forward, on the CPU: float32 when its
-    weights are stored in float32, else bfloat16 (float32's range at half the memory: a float16
-    checkpoint cannot overflow it)."""
+    """(model, dtype): the base model for edit.bake.finite_forward, on the CPU, in the dtype its
+    weights are stored in (float32; float16 when any weight is float16, whose range is what an edit
+    must fit; else bfloat16)."""
     import torch
     from safetensors import safe_open
     from transformers import AutoModelForCausalLM
@@ -388,7 +405,8 @@ def probe_model(model_dir: Path):
     for f in weight_files(model_dir):
         with safe_open(str(f), framework="np") as fh:
             stored |= {fh.get_slice(k).get_dtype() for k in fh.keys()}
-    dtype = torch.float32 if stored & set(_FLOAT_DTYPES) <= {"F32", "F64"} else torch.bfloat16
+    floats = stored & set(_FLOAT_DTYPES)
+    dtype = torch.float32 if floats <= {"F32", "F64"} else torch.float16 if "F16" in floats else torch.bfloat16
     hf_logging.disable_progress_bar()
     level = hf_logging.get_verbosity()
     hf_logging.set_verbosity_error()  # the exit-2 contract: our one line, not transformers' load report

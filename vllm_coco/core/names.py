@@ -37,6 +37,10 @@ SPLIT_SEED = 0
 
 # --- score and selection (§3-§5)
 TAU = 0.1
+# The temperatures identify takes. Similarities are standardized distances over tau (docs/METHOD.md §3):
+# at tau 1e3 they span ~1e-3 and the softmax is nearly flat; far above, every score ties (tau 1e300 did,
+# and identify reported success); below 1e-3 exp(-d/tau) underflows to 0 and the top neurons tie at loss 0.
+TAU_RANGE = (1e-3, 1e3)
 K_NEGATIVES = 256
 NULL_ROUNDS = 3
 RATIO = 0.01

@@ -152,6 +152,12 @@ class NEDirectory:
             return float(self.coco["w_min"])
         return min(float(g["w"].min()) for g in self.gates().values())
 
+    def w_max(self) -> float:
+        """The largest gate weight (config.json's w_max; read from the tensors for older directories)."""
+        if "w_max" in self.coco:
+            return float(self.coco["w_max"])
+        return max(float(g["w"].max()) for g in self.gates().values())
+
     def named_edits(self) -> dict[str, dict[int, dict]]:
         """Per named edit, per layer with channels, its tensors (torch, CPU) by EDIT_KEYS name."""
         tensors = self._tensors() if self.edit_names else {}

@@ -228,11 +228,10 @@ def finite_forward(model_dir: Path, edits: dict) -> None:
     model when its own logits are not finite, or else the first edit whose logits are not, with its fix."""
     import torch
 
-    from vllm_coco.core.models import check_finite_weights, probe_model
+    from vllm_coco.core.models import probe_base
     from vllm_coco.edit.conditions import BASE, install
 
-    check_finite_weights(model_dir)
-    model, dtype = probe_model(model_dir)
+    model, dtype = probe_base(model_dir)  # weights checked finite, loaded once per process
     table = install(model)
     for label, (edit, _) in edits.items():
         table.add(label, edit)

@@ -16,7 +16,7 @@ so several conditions run in one batch and a row of the base condition is comput
 the unwrapped model computes it (x * 1 + 0 and a gate of strength 0 are exact).
 
 The factors come from the same functions `coco-tools bake` and `coco-tools ne` use
-(`bake.planned_edits`, `bake.le_factors`, `ne.build_gate`, `ne.check_hyper`); tests/test_conditions.py
+(`bake.planned_edits`, `bake.le_factors`, `ne.checked_gate`); tests/test_conditions.py
 checks each condition against the directory those commands write.
 """
 
@@ -114,13 +114,12 @@ def ne_edit(neurons_dir, alpha: float = NE_ALPHA, beta: float = NE_BETA, lam: fl
     """The NE-COCO gate of an identify artifact; equals `coco-tools ne MODEL NEURONS --alpha ...`."""
     from vllm_coco.core.checks import finite
     from vllm_coco.core.names import RATIO
-    from vllm_coco.edit.ne import build_gate, check_hyper
+    from vllm_coco.edit.ne import checked_gate
 
     alpha, beta, lam = finite(alpha, "alpha"), finite(beta, "beta"), finite(lam, "lam")
     meta, arrays = _artifact_for(neurons_dir, model_dir, layout)
     ratio = ratio if ratio is not None else (meta["selection"]["ratio"] or RATIO)
-    gates = build_gate(meta, arrays, Path(neurons_dir), finite(ratio, "ratio"))
-    check_hyper(alpha, beta, lam, min(float(g["w"].min()) for g in gates.values()))
+    gates = checked_gate(meta, arrays, neurons_dir, finite(ratio, "ratio"), alpha, beta, lam)
     return NEEdit(gates, alpha, beta, lam)
 
 

@@ -106,6 +106,21 @@ def check_gate(gate: dict[int, dict], neurons_dir) -> None:
                 f"the artifact {neurons_dir} holds calibration statistics out of range: re-run `coco-tools identify`")
 
 
+def checked_gate(meta: dict, arrays: dict, neurons_dir, ratio: float, alpha: float, beta: float,
+                 lam: float) -> dict[int, dict[str, np.ndarray]]:
+    """build_gate, its tensors checked (check_gate) and the hyperparameters bounded over its weights'
+    range (check_hyper): what `coco-tools ne` exports and the in-memory condition runs, checked alike."""
+    gate = build_gate(meta, arrays, Path(neurons_dir), ratio)
+    check_gate(gate, neurons_dir)
+    check_hyper(alpha, beta, lam, *gate_weight_range(gate))
+    return gate
+
+
+def gate_weight_range(gate: dict[int, dict]) -> tuple[float, float]:
+    """(w_min, w_max) over every layer's gate weights: what bounds the strengths it may take."""
+    return min(float(g["w"].min()) for g in gate.values()), max(float(g["w"].max()) for g in gate.values())
+
+
 def named_edits(neurons_dir, modes, le_alpha: float | None) -> tuple[list[dict], dict, dict]:
     """The constant edits `--with MODE` adds to an NE directory, named by their mode: their
     config entries, their tables per layer (the same factors `coco-tools bake` writes) and the
@@ -149,11 +164,8 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = NE_ALPHA, be
         ratio = meta["selection"]["ratio"] or RATIO
     count_for(1000, finite(ratio, "--ratio"))
     fp = artifact.check_model_matches(meta, model_dir, force)
-    gate = build_gate(meta, arrays, Path(neurons_dir), ratio)
-    check_gate(gate, neurons_dir)
-    w_min = min(float(g["w"].min()) for g in gate.values())
-    w_max = max(float(g["w"].max()) for g in gate.values())
-    check_hyper(alpha, beta, lam, w_min, w_max)
+    gate = checked_gate(meta, arrays, neurons_dir, ratio, alpha, beta, lam)
+    w_min, w_max = gate_weight_range(gate)
 
     coco = {"method": METHOD_VERSION, "edit": "ne", "tool": f"vllm-coco {__version__}",
             "alpha": alpha, "beta": beta, "lam": lam, "ratio": ratio,

@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from vllm_coco.core import names as N
-from vllm_coco.core.checks import finite
+from vllm_coco.core.checks import BETA_MAX, GAIN_MAX, finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import ABLATIONS, BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
 
@@ -220,7 +220,7 @@ def validate(raw) -> dict:
     _int(ident, "identify", "limit", lo=2 * MIN_PER_SET if ident["contrast"] == "behavior" else 2, nullable=True)
     ident["ratio"] = _num(ident["ratio"], "identify.ratio", lo=0, hi=1, lo_open=True)
     _choice(ident["weighting"], "identify.weighting", WEIGHTINGS)
-    ident["tau"] = _num(ident["tau"], "identify.tau", lo=0, lo_open=True)
+    ident["tau"] = _num(ident["tau"], "identify.tau", lo=N.TAU_RANGE[0], hi=N.TAU_RANGE[1])
     _int(ident, "identify", "null_rounds", lo=0)
     _int(ident, "identify", "batch_size", lo=1)
     _choice(ident["dtype"], "identify.dtype", DTYPES)
@@ -246,10 +246,11 @@ def validate(raw) -> dict:
 
     sw = cfg["sweep"]
     # edit factors must stay >= 0: 1 + alpha * w with w in [0, 1] (magnitude) or [-1, 1] (signed)
-    lo, hi = (-1.0, 1.0) if ident["weighting"] == "signed" else (-1.0, None)
+    # and at most GAIN_MAX (core/checks.py), as `coco-tools bake` / `ne` refuse: caught here, not hours in
+    lo, hi = (-1.0, 1.0) if ident["weighting"] == "signed" else (-1.0, GAIN_MAX - 1)
     sw["le_alpha"] = _num_list(sw["le_alpha"], "sweep.le_alpha", lo=lo, hi=hi)
     sw["ne_alpha"] = _num_list(sw["ne_alpha"], "sweep.ne_alpha", lo=lo, hi=hi)
-    sw["ne_beta"] = _num_list(sw["ne_beta"], "sweep.ne_beta", lo=0, lo_open=True)
+    sw["ne_beta"] = _num_list(sw["ne_beta"], "sweep.ne_beta", lo=0, hi=BETA_MAX, lo_open=True)
     sw["ne_lam"] = _num_list(sw["ne_lam"], "sweep.ne_lam", lo=0, hi=1)
     if sw["ratio"] is not None:
         sw["ratio"] = _num_list(sw["ratio"], "sweep.ratio", lo=0, hi=1, lo_open=True)
@@ -345,24 +346,23 @@ class _ConfigLoader(yaml.SafeLoader):
             raise _Refused(f"expands to more than {MAX_VALUES} values through aliases; write the values out",
                            event.start_mark)
         self._sizes[id(node)] = size
+        if isinstance(node, yaml.MappingNode):
+            _no_duplicate_keys(node)
         return node
 
-    def construct_mapping(self, node, deep=False):
-        if isinstance(node, yaml.MappingNode):
-            seen = {}
-            for key_node, _ in node.value:
-                if key_node.tag == "tag:yaml.org,2002:merge":
-                    continue
-                key = self.construct_object(key_node, deep=True)  # cached: constructed once
-                try:
-                    first = seen.get(key)
-                    seen[key] = key_node.start_mark
-                except TypeError:  # an unhashable key: the constructor's own error follows
-                    break
-                if first is not None:
-                    raise _Refused(f"key {key!r} is given twice (first at line {first.line + 1}); keep one",
-                                   key_node.start_mark)
-        return super().construct_mapping(node, deep)
+
+
+def _no_duplicate_keys(node: yaml.MappingNode) -> None:
+    """A mapping as written (before `<<` merges fold other mappings into it, which PyYAML does in
+    place) gives each plain key once; `<<` merge keys may still be overridden."""
+    seen = {}
+    for key_node, _ in node.value:
+        if not isinstance(key_node, yaml.ScalarNode) or key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        first = seen.setdefault((key_node.tag, key_node.value), key_node.start_mark)
+        if first is not key_node.start_mark:
+            raise _Refused(f"key {key_node.value!r} is given twice (first at line {first.line + 1}); keep one",
+                           key_node.start_mark)
 
 
 def read_yaml(path: Path):

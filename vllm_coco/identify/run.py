@@ -21,10 +21,6 @@ from vllm_coco.identify import scoring, selection
 
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
-# The temperatures identify takes. Similarities are standardized distances over tau (docs/METHOD.md §3):
-# at tau 1e3 they span ~1e-3 and the softmax is nearly flat; far above, every score ties (tau 1e300 did,
-# and identify reported success); below 1e-3 exp(-d/tau) underflows to 0 and the top neurons tie at loss 0.
-TAU_RANGE = (1e-3, 1e3)
 NULLS = {"response": "labels swapped at random within each pair",  # docs/METHOD.md §4
          "behavior": "the two sets' union shuffled and re-split at the same sizes"}
 
@@ -70,8 +66,9 @@ class IdentifyOptions:
         else:
             finite(self.threshold, "--threshold")
         finite(self.tau, "--tau", lo=0, lo_open=True)
-        if not TAU_RANGE[0] <= self.tau <= TAU_RANGE[1]:
-            raise CocoError(f"--tau {self.tau:g} is outside [{TAU_RANGE[0]:g}, {TAU_RANGE[1]:g}]: that far from the "
+        lo, hi = N.TAU_RANGE
+        if not lo <= self.tau <= hi:
+            raise CocoError(f"--tau {self.tau:g} is outside [{lo:g}, {hi:g}]: that far from the "
                             f"default {N.TAU:g} the InfoNCE softmax is flat (every score ties) or one-hot; "
                             f"pass e.g. --tau {N.TAU:g}")
         if not isinstance(self.seed, int) or isinstance(self.seed, bool) or self.seed < 0:

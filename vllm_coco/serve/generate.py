@@ -75,8 +75,9 @@ def request_settings(model_dir: Path, requests: list[dict], prompts, alpha: floa
     """Each request's coco_* settings (with `alpha` as the gate strength of lines that set none),
     all checked before any engine starts; None when no line and no --alpha asks for any."""
     from vllm_coco.core.names import NE_EDIT, XARG_ALPHA, XARG_EDIT
+    from vllm_coco.serve.request_settings import looks_coco
 
-    per_line = [{k: v for k, v in r.items() if k.startswith("coco_")} for r in requests]
+    per_line = [{k: v for k, v in r.items() if looks_coco(k)} for r in requests]  # COCO_ALPHA too: refused
     if alpha is None and not any(per_line):
         return None
     from vllm_coco.core.models import read_config

@@ -59,8 +59,7 @@ class Menu:
 
         ne = NEDirectory.read(Path(ne_dir))
         c = ne.coco
-        w_max = max((float(g["w"].max()) for g in ne.gates().values()), default=0.0)
-        return cls(float(c["alpha"]), float(c["beta"]), float(c["lam"]), ne.w_min(), tuple(ne.edit_names), w_max)
+        return cls(float(c["alpha"]), float(c["beta"]), float(c["lam"]), ne.w_min(), tuple(ne.edit_names), ne.w_max())
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -77,7 +76,7 @@ class Menu:
         take: keys case-exact (any key that reads as coco* in another spelling is refused, never
         ignored), numbers JSON numbers or plain decimal strings (no bools, no `1_0`), ranges
         checked in the float32 the model computes with (core.checks.ne_hyper)."""
-        args = {k: v for k, v in (extra_args or {}).items() if _looks_coco(k)}
+        args = {k: v for k, v in (extra_args or {}).items() if looks_coco(k)}
         if not args:
             return self.default
         unknown = sorted(set(args) - set(XARGS), key=str)
@@ -138,7 +137,7 @@ def menu_of(ne_dir: str) -> Menu:
 _DECIMAL = re.compile(r"[+-]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][+-]?\d+)?")
 
 
-def _looks_coco(key) -> bool:
+def looks_coco(key) -> bool:
     """Whether a key is meant for us: any spelling of coco* (COCO_ALPHA, coco-alpha) counts, so a
     misspelt key is refused instead of silently serving the default."""
     return isinstance(key, str) and key.lower().lstrip().startswith("coco")

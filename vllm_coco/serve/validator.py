@@ -13,7 +13,7 @@ from vllm.sampling_params import SamplingParams
 from vllm.v1.worker.gpu.sample.logits_processor import LogitsProcessor as _V2LogitsProcessor
 
 from vllm_coco.core.names import PER_REQUEST_ENV, XARGS
-from vllm_coco.serve.request_settings import menu_of
+from vllm_coco.serve.request_settings import looks_coco, menu_of
 
 
 class CocoRequestValidator(_V2LogitsProcessor):
@@ -26,7 +26,7 @@ class CocoRequestValidator(_V2LogitsProcessor):
     @classmethod
     def validate_params(cls, sampling_params: SamplingParams) -> None:
         args = sampling_params.extra_args or {}
-        if not any(isinstance(k, str) and k.startswith("coco_") for k in args):
+        if not any(looks_coco(k) for k in args):  # any spelling: refused, never silently ignored
             return
         ne_dir = os.environ.get(PER_REQUEST_ENV)
         if not ne_dir:

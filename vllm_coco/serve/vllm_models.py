@@ -243,6 +243,7 @@ class _StepInputs:
         self.coco_step = None
         if coco is None:
             return
+        _check_directory(vllm_config.model_config.model)
         self.coco_step = CocoStep(vllm_config.scheduler_config.max_num_batched_tokens, coco)
         for m in self.modules():
             if isinstance(m, (CocoGate, CocoNamedEdit)):
@@ -252,6 +253,23 @@ class _StepInputs:
         if RECORDER.active:
             RECORDER.begin_step(input_ids, positions)
         return super().forward(input_ids, positions, *args, **kwargs)
+
+
+def _check_directory(model: str) -> None:
+    """The NE directory passes the checks every other reader applies (core/ne_format.py: settings in
+    range, gate tensors finite float32 of the right shapes), so plain `vllm serve DIR` refuses a
+    damaged one at load, naming the problem, instead of serving NaN."""
+    import os
+
+    from vllm_coco.core.errors import CocoError
+    from vllm_coco.core.ne_format import NEDirectory
+
+    if not os.path.isdir(model):  # a hub id: its files are vLLM's to fetch and check
+        return
+    try:
+        NEDirectory.read(model)
+    except CocoError as exc:
+        raise ValueError(str(exc)) from None
 
 
 class CocoLlamaForCausalLM(_StepInputs, LlamaForCausalLM):
