@@ -64,17 +64,13 @@ def _worker(env, prompts, models, eager, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def compiled(dirs, prompt_ids, vllm_env, tmp_path_factory):
-    """The NE Llama model in vLLM's default (torch.compile) mode: the one NE test where compilation is
-    the subject (the gate must trace); the Mistral twin shares its gate code and runs eager (CI time)."""
-    return _worker(vllm_env, prompt_ids, [dirs["ne"]], False, tmp_path_factory.mktemp("w"))
-
-
-@pytest.fixture(scope="module")
 def eager(dirs, prompt_ids, vllm_env, tmp_path_factory):
-    """The NE Mistral twin, stock-architecture and alpha = 0 runs, eager mode (compiled is vLLM's own
-    path for the stock ones, and the Llama NE test's for the gate)."""
-    models = [dirs["ne_mistral"], dirs["ne0"], dirs["le"], lora_spec(dirs)]
+    """Every served model here in one eager subprocess: the NE Llama and Mistral directories, the
+    alpha = 0 one, the LE checkpoint and LoRA. Compiled mode is the subject elsewhere, against these
+    same references: the per-request mixed batch (test_per_request_slow: compiled NE gates and named
+    edits vs each setting's own engine, 1e-4, and vs the HF reference, 1e-3) and pp = 2 below
+    (compiled, vs the one-rank eager NE run, 1e-4)."""
+    models = [dirs["ne"], dirs["ne_mistral"], dirs["ne0"], dirs["le"], lora_spec(dirs)]
     return _worker(vllm_env, prompt_ids, models, True, tmp_path_factory.mktemp("w"))
 
 
@@ -113,11 +109,11 @@ def _load_hf(path):
     return load_model(Path(path))[0]
 
 
-def test_ne_llama_matches_hf_reference_in_compiled_mode(dirs, compiled, prompt_ids):
+def test_ne_llama_matches_hf_reference_in_eager_mode(dirs, eager, prompt_ids):
     from vllm_coco.serve.hf_reference import load_ne_model
 
     want = hf_reference(load_ne_model(dirs["ne"])[0], prompt_ids)
-    assert_match(compiled[str(dirs["ne"])], want)
+    assert_match(eager[str(dirs["ne"])], want)
 
 
 def test_ne_mistral_matches_hf_reference_in_eager_mode(dirs, eager, prompt_ids):
@@ -127,10 +123,10 @@ def test_ne_mistral_matches_hf_reference_in_eager_mode(dirs, eager, prompt_ids):
     assert_match(eager[str(dirs["ne_mistral"])], want)
 
 
-def test_ne_alpha_zero_is_the_base_model_and_alpha_changes_outputs(dirs, compiled, eager, prompt_ids):
+def test_ne_alpha_zero_is_the_base_model_and_alpha_changes_outputs(dirs, eager, prompt_ids):
     base = hf_reference(_load_hf(dirs["base"]), prompt_ids)
     assert_match(eager[str(dirs["ne0"])], base)
-    ne = compiled[str(dirs["ne"])]
+    ne = eager[str(dirs["ne"])]
     diff = max(abs(a - b) for g, w in zip(ne["prompt_logprobs"], base["prompt_logprobs"]) for a, b in zip(g[1:], w[1:]))
     assert diff > 1e-2, "alpha = 2 must change the model"
 
@@ -144,7 +140,7 @@ MULTI_RANK = [("tp=3", "0|1|0", True), ("pp=2", "0|1", False)]  # (shape, VLLM_C
 
 
 @pytest.mark.parametrize("shape, bind, eager_mode", MULTI_RANK, ids=[m[0] for m in MULTI_RANK])
-def test_ne_multi_rank_matches_one_rank(dirs, compiled, prompt_ids, vllm_env, tmp_path, shape, bind, eager_mode):
+def test_ne_multi_rank_matches_one_rank(dirs, eager, prompt_ids, vllm_env, tmp_path, shape, bind, eager_mode):
     """An NE directory under tensor / pipeline parallelism: each tp rank gates its own channels and
     all-gathers the engagements (core/sharding.py); pp stages gate their own layers. Same greedy tokens
     and prompt logprobs within 1e-4 as one rank, and as the HF reference."""
@@ -152,7 +148,7 @@ def test_ne_multi_rank_matches_one_rank(dirs, compiled, prompt_ids, vllm_env, tm
     if not torch.cuda.is_available():
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     got = _worker(env, prompt_ids, [f"{dirs['ne']},{shape}"], eager_mode, tmp_path)[f"{dirs['ne']},{shape}"]
-    one = compiled[str(dirs["ne"])]
+    one = eager[str(dirs["ne"])]
     assert got["generated"] == one["generated"]
     assert assert_match(got, one, atol=1e-4) <= 1e-4
 
@@ -231,8 +227,8 @@ def serving(argv, env, log_dir):
 @pytest.fixture(scope="module")
 def server(dirs, vllm_env, tmp_path_factory):
     vllm_bin = Path(sys.executable).with_name("vllm")
-    # eager: the compiled NE path is checked in test_ne_*_compiled_mode and by `coco-tools serve` in
-    # test_per_request_slow; a second compile here would cost ~2 min of CI for no new check
+    # eager: the compiled NE path is checked by the per-request mixed batch (test_per_request_slow) and
+    # pp = 2 above; a second compile here would cost ~2 min of CI for no new check
     argv = [vllm_bin, "serve", dirs["ne"], "--dtype", "float32", "--max-model-len", "512", "--seed", "0",
             "--enforce-eager"]
     with serving(argv, vllm_env, tmp_path_factory.mktemp("serve-log")) as base:
