@@ -287,7 +287,7 @@ def test_generate_checks_every_line_before_an_engine_starts(ne_multi, planted, t
     assert code == 2 and "need an NE-COCO directory" in err
     # issue 22: these lines ended in a traceback (400 digits) or a dead engine (1e39, EngineDeadError)
     for line in ['"coco_alpha": 1' + "0" * 400, '"coco_alpha": 1e39', '"coco_alpha": true', '"COCO_ALPHA": 1']:
-        prompts.write_text('{"prompt": "a", %s}\n' % line)
+        prompts.write_text('{"prompt": "a", ' + line + "}\n")
         code, _, err = run_cli("generate", ne_multi, "--prompts", prompts, "--out", tmp_path / "o.jsonl")
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and f"{prompts}:1" in lines[0] and "coco_alpha" in lines[0], err
