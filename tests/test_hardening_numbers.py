@@ -66,56 +66,41 @@ def ne_dir(planted, art, tmp_path_factory):
     return out
 
 
-def copy_artifact(src, dst, *, arrays=None, meta=None) -> Path:
-    """A copy of the artifact `src` at `dst`, with arrays(dict) / meta(dict) edited in place."""
-    from safetensors.numpy import load_file, save_file
+def _edited_copy(src, dst, tensors: str, edit_tensors, framework: str, metadata: dict, edit_json) -> Path:
+    """A copy of directory `src` at `dst`: its safetensors file `tensors` loaded with `framework`,
+    edited in place and saved with `metadata`; its JSON file (name, edit) likewise. The one copier
+    behind copy_artifact, copy_model and copy_ne."""
+    import importlib
 
+    st = importlib.import_module(f"safetensors.{framework}")
     dst = Path(dst)
     shutil.copytree(src, dst)
-    if arrays is not None:
-        a = load_file(str(dst / "neurons.safetensors"))
-        arrays(a)
-        save_file({k: np.ascontiguousarray(v) for k, v in a.items()}, str(dst / "neurons.safetensors"),
-                  metadata={"method": "coco-v1"})
-    if meta is not None:
-        m = json.loads((dst / "neurons.json").read_text())
-        meta(m)
-        (dst / "neurons.json").write_text(json.dumps(m, indent=1) + "\n")
+    if edit_tensors is not None:
+        t = st.load_file(str(dst / tensors))
+        edit_tensors(t)
+        contiguous = {k: np.ascontiguousarray(v) for k, v in t.items()} if framework == "numpy" else t
+        st.save_file(contiguous, str(dst / tensors), metadata=metadata)
+    name, edit = edit_json
+    if edit is not None:
+        m = json.loads((dst / name).read_text())
+        edit(m)
+        (dst / name).write_text(json.dumps(m, indent=1) + "\n")
     return dst
+
+
+def copy_artifact(src, dst, *, arrays=None, meta=None) -> Path:
+    """A copy of the artifact `src` at `dst`, with arrays(dict) / meta(dict) edited in place."""
+    return _edited_copy(src, dst, "neurons.safetensors", arrays, "numpy", {"method": "coco-v1"}, ("neurons.json", meta))
 
 
 def copy_model(src, dst, *, weights=None, config=None) -> Path:
     """A copy of the model `src` at `dst`, with weights(dict of torch tensors) / config(dict) edited."""
-    from safetensors.torch import load_file, save_file
-
-    dst = Path(dst)
-    shutil.copytree(src, dst)
-    if weights is not None:
-        w = load_file(str(dst / "model.safetensors"))
-        weights(w)
-        save_file(w, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    if config is not None:
-        c = json.loads((dst / "config.json").read_text())
-        config(c)
-        (dst / "config.json").write_text(json.dumps(c, indent=2))
-    return dst
+    return _edited_copy(src, dst, "model.safetensors", weights, "torch", {"format": "pt"}, ("config.json", config))
 
 
 def copy_ne(src, dst, *, gate=None, config=None) -> Path:
     """A copy of the NE directory `src` at `dst`, with its gate tensors (dict of numpy) / config edited."""
-    from safetensors.numpy import load_file, save_file
-
-    dst = Path(dst)
-    shutil.copytree(src, dst)
-    if gate is not None:
-        g = load_file(str(dst / "coco_gate.safetensors"))
-        gate(g)
-        save_file(g, str(dst / "coco_gate.safetensors"), metadata={"format": "pt"})
-    if config is not None:
-        c = json.loads((dst / "config.json").read_text())
-        config(c)
-        (dst / "config.json").write_text(json.dumps(c, indent=2))
-    return dst
+    return _edited_copy(src, dst, "coco_gate.safetensors", gate, "numpy", {"format": "pt"}, ("config.json", config))
 
 
 def first_gate_key(g: dict, name: str) -> str:
