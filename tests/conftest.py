@@ -96,6 +96,7 @@ PROMPTS = [
     "The doctor and the nurse discussed the patient's chart, and then",
 ]
 N_TOKENS = 16
+MAX_TOKENS = 16  # greedy tokens the serving tests generate per prompt
 
 
 @pytest.fixture(scope="session")
@@ -108,3 +109,87 @@ def prompt_ids(demo_model):
            for p in PROMPTS]
     assert all(len(i) == N_TOKENS for i in ids)
     return ids
+
+
+# --------------------------------------------------------------------------- shared demo artifacts
+# Built once per session and shared (issue 23): every test below needs *a* real neuron set on the
+# demo model, not its own. Read only: a test that edits one copies it first.
+DEMO_IDENTIFY = ("--limit", "4", "--categories", "Age,SES", "--null-rounds", "0", "--quiet")
+SERVED_ALPHA = 2.0  # the NE gate's alpha of the served NE directories (not the default 1.0)
+SERVED_LE_ALPHA = 2.0  # the LE strength of the baked checkpoint, its LoRA and the named "le" edit (default 1.0)
+
+
+@pytest.fixture(scope="session")
+def demo_neurons(demo_model, tmp_path_factory):
+    """`coco-tools identify` (HF capture) on the demo model with DEMO_IDENTIFY."""
+    out = tmp_path_factory.mktemp("demo-neurons") / "neurons"
+    code, _, err = run_cli("identify", demo_model, "--out", out, *DEMO_IDENTIFY)
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="session")
+def long_prompt(demo_model):
+    """A prompt of 320 demo-model tokens (several KV blocks: the prefix-cache tests)."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(demo_model)
+    return tok(" ".join(["The committee met again to weigh every proposal on its merits, and"] * 30))["input_ids"][:320]
+
+
+def _coco(*args):
+    code, _, err = run_cli(*args)
+    assert code == 0, err
+
+
+@pytest.fixture(scope="session")
+def served(demo_model, demo_mistral, demo_neurons, tmp_path_factory):
+    """Every directory the vLLM serving tests serve (test_vllm_slow, test_per_request_slow), by name:
+    base (the demo model), ne (gate, alpha 2), ne0 (alpha 0), ne_a05b4 (alpha 0.5, beta 4),
+    ne_mistral (the Mistral twin, its own neurons), multi (the ne gate + named edits le and
+    ablate-zero), le (baked, alpha 2), lora (its adapter), ablate (baked ablate-zero)."""
+    root = tmp_path_factory.mktemp("served")
+    n_mistral = root / "n-mistral"
+    _coco("identify", demo_mistral, "--out", n_mistral, *DEMO_IDENTIFY)
+    d = {"base": demo_model, "neurons": demo_neurons}
+    alpha, le = str(SERVED_ALPHA), str(SERVED_LE_ALPHA)
+    for name, model, neurons, extra in [
+            ("ne", demo_model, demo_neurons, ["--alpha", alpha]),
+            ("ne0", demo_model, demo_neurons, ["--alpha", "0"]),
+            ("ne_a05b4", demo_model, demo_neurons, ["--alpha", "0.5", "--beta", "4"]),
+            ("ne_mistral", demo_mistral, n_mistral, ["--alpha", alpha]),
+            ("multi", demo_model, demo_neurons, ["--alpha", alpha, "--with", "le", "--with", "ablate-zero",
+                                                 "--le-alpha", le])]:
+        _coco("ne", model, neurons, "--out", root / name, *extra)
+        d[name] = root / name
+    for name, extra in [("le", ["--alpha", le]), ("lora", ["--alpha", le, "--lora"]),
+                        ("ablate", ["--mode", "ablate-zero"])]:
+        _coco("bake", demo_model, demo_neurons, "--out", root / name, *extra)
+        d[name] = root / name
+    return d
+
+
+def lora_spec(served):
+    """tests/vllm_worker.py's spec of the base model served with the LE adapter."""
+    return f"{served['base']},lora={served['lora']}"
+
+
+@pytest.fixture(scope="session")
+def eager_refs(served, prompt_ids, long_prompt, vllm_env, tmp_path_factory):
+    """Each served directory on its own plain vLLM engine, eager, all in one worker subprocess:
+    prompt logprobs and greedy continuations of PROMPTS (prompt_ids) and, last, of long_prompt.
+    Keyed by the served name ("lora": the base model with the adapter). The references of the NE,
+    LE and LoRA serving tests and of the per-request mixed batch."""
+    import json
+    import subprocess
+
+    names = ["ne", "ne_mistral", "ne0", "ne_a05b4", "le", "ablate", "base"]
+    specs = {**{n: str(served[n]) for n in names}, "lora": lora_spec(served)}
+    tmp = tmp_path_factory.mktemp("eager-refs")
+    (tmp / "p.json").write_text(json.dumps({"prompts": prompt_ids + [long_prompt], "max_tokens": MAX_TOKENS}))
+    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_worker.py")), str(tmp / "o.json"),
+                           str(tmp / "p.json"), *specs.values(), "--eager"],
+                          env=vllm_env, capture_output=True, text=True, timeout=1800)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    out = json.loads((tmp / "o.json").read_text())
+    return {name: out[spec] for name, spec in specs.items()}

@@ -141,7 +141,7 @@ def test_le_scales_exactly_the_selected_rows(art, tmp_path):
     from vllm_coco.core.models import fingerprint
 
     rec = json.loads((out / "coco_edit.json").read_text())
-    assert rec["method"] == "coco-v1" and rec["mode"] == "le" and rec["alpha"] == 0.5
+    assert rec["method"] == "coco-v1" and rec["mode"] == "le" and rec["settings"] == {"alpha": 0.5}
     assert rec["neurons"] == artifact_hash(neurons) and rec["base_fingerprint"] == fingerprint(model)
     assert rec["count"] == 13 and rec["weighting"] == "magnitude" and rec["tool"].startswith("vllm-coco ")
 
@@ -178,7 +178,7 @@ def test_lora_merged_equals_baked_checkpoint(art, tmp_path):
     assert cfg["base_model_name_or_path"] == str(model.absolute()) and cfg["task_type"] == "CAUSAL_LM"
     assert cfg["r"] == cfg["lora_alpha"] == 4  # (layer 0, q) holds 4 of the 13 neurons: others zero-padded
     rec = json.loads((adapter / "coco_edit.json").read_text())
-    assert rec["format"] == "lora" and rec["rank"] == 4 and rec["alpha"] == 0.5
+    assert rec["format"] == "lora" and rec["rank"] == 4 and rec["settings"] == {"alpha": 0.5}
 
     merged = PeftModel.from_pretrained(_load(model), adapter).merge_and_unload()
     reference = _load(baked)
@@ -206,7 +206,7 @@ def test_ablate_zero_zeroes_rows_and_generates(art, tmp_path):
     assert set(dst) == set(src)  # no bias to zero on this model: nothing added
     for layer, proj, index, *_ in _selected(neurons):
         assert not dst[f"model.layers.{layer}.self_attn.{proj}_proj.weight"][index].any()
-    assert json.loads((out / "coco_edit.json").read_text())["alpha"] is None
+    assert json.loads((out / "coco_edit.json").read_text())["settings"] == {}
     tok = AutoTokenizer.from_pretrained(out)
     m = _load(out)
     with torch.no_grad():
@@ -396,8 +396,10 @@ def test_layout_mismatch(art, tmp_path):
 
 
 @pytest.mark.parametrize("args, match", [
-    (("--mode", "ablate-zero", "--lora"), "--lora writes the le edit only"),
-    (("--mode", "ablate-mean", "--alpha", "2"), "--alpha applies to --mode le only"),
+    (("--mode", "ablate-mean", "--lora"), "--lora holds gain-only edits"),
+    (("--mode", "ablate-mean", "--alpha", "2"), "--alpha does not apply to --mode ablate-mean"),
+    (("--mode", "le", "--param", "beta=2"), "--beta does not apply to --mode le (it takes alpha)"),
+    (("--mode", "scale"), "'scale' is not one of 'le', 'ablate-zero', 'ablate-mean'"),
 ])
 def test_option_conflicts(art, tmp_path, args, match):
     model, neurons, _ = art

@@ -3,7 +3,7 @@
 inputs made for another model.
 
 Each equality runs on the planted tiny model (fast) and on the SmolLM2 demo model with real BBQ
-requests (stereo_coco_Age, 6 documents; slow: identify on the demo model takes ~1 min).
+requests (stereo_coco_Age, 6 documents; slow: the demo model's edits and base numbers take ~1 min).
 """
 
 import re
@@ -123,7 +123,7 @@ def case(request, tmp_path_factory):
         args = _planted_args(pairs)
     else:
         model_dir = request.getfixturevalue("demo_model")
-        neurons = _identify(model_dir, root / "neurons", "--limit", "6", "--categories", "Age,SES")
+        neurons = request.getfixturevalue("demo_neurons")  # shared (conftest), not written to
         args = _bbq_args()
     dirs = _export(model_dir, neurons, root)
     edits = _edits(neurons, model_dir)
@@ -346,7 +346,7 @@ def test_artifact_of_another_model_is_refused(planted, planted_art, tmp_path):
             cond.linear_edit(planted_art, mode, model_dir=other)
     with pytest.raises(CocoError, match="does not hold the weights"):
         cond.ne_edit(planted_art, model_dir=other)
-    with pytest.raises(CocoError, match="alpha applies to mode le only"):
+    with pytest.raises(CocoError, match="--alpha does not apply to mode ablate-zero"):
         cond.linear_edit(planted_art, "ablate-zero", alpha=1.0)
     with pytest.raises(CocoError, match="unknown edit mode"):
         cond.linear_edit(planted_art, "scale")

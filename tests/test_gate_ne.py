@@ -104,7 +104,7 @@ def _ne(planted, artifact_dir, out, *extra):
 
 
 def test_ne_directory_layout(planted, artifact_dir, tmp_path):
-    from vllm_coco.edit import ne
+    from vllm_coco.edit import ne_gate as ne
 
     out = _ne(planted, artifact_dir, tmp_path / "ne")
     cfg = json.loads((out / "config.json").read_text())
@@ -134,7 +134,7 @@ def test_ne_directory_layout(planted, artifact_dir, tmp_path):
 
 
 def test_w_hat_matches_numpy_corrcoef():
-    from vllm_coco.edit.ne import w_hat_of
+    from vllm_coco.edit.ne_gate import w_hat_of
 
     x = np.random.default_rng(0).random((40, 5))
     r = np.abs(np.corrcoef(x.T))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tiny
-from conftest import run_cli
+from conftest import DEMO_IDENTIFY, run_cli
 from safetensors.numpy import load_file
 
 from vllm_coco.identify.capture import open_matrix
@@ -23,7 +23,6 @@ pytestmark = pytest.mark.slow
 pytest.importorskip("vllm")
 
 COCO = Path(sys.executable).parent / "coco-tools"
-DEMO_ARGS = ["--limit", "4", "--categories", "Age,SES", "--null-rounds", "0", "--quiet"]
 
 
 def _hf(model, out, *args):
@@ -67,9 +66,9 @@ def planted_vllm(tmp_path_factory):
     return tiny.planted_model(root / "model", heads=2, kv_heads=1), tiny.planted_pairs(root / "pairs.jsonl")
 
 
-def test_demo_model_response_contrast_equals_hf(demo_model, vllm_env, tmp_path):
-    hf = _hf(demo_model, tmp_path / "hf", *DEMO_ARGS)
-    assert_same_artifact(hf, _vllm(vllm_env, demo_model, tmp_path / "vllm", *DEMO_ARGS))
+def test_demo_model_response_contrast_equals_hf(demo_model, demo_neurons, vllm_env, tmp_path):
+    """The HF side is conftest's shared demo_neurons (identify with DEMO_IDENTIFY, the same arguments)."""
+    assert_same_artifact(demo_neurons, _vllm(vllm_env, demo_model, tmp_path / "vllm", *DEMO_IDENTIFY))
 
 
 def test_demo_model_behavior_contrast_equals_hf(demo_model, vllm_env, tmp_path):

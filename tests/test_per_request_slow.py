@@ -12,17 +12,17 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import run_cli
-from test_vllm_slow import MAX_TOKENS, WORKER, _post, assert_match, hf_reference, serving
+from conftest import MAX_TOKENS
+from test_vllm_slow import _post, assert_match, hf_reference, serving
 
 pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm")
 
 HERE = Path(__file__).parent
-LE_ALPHA = 1.5
-# setting name -> (extra_args, the directory built for that single setting)
+# setting name -> (extra_args, the served directory (conftest.served) built for that single setting):
+# "multi" serves them all; its default is the "ne" directory's gate (same neurons, alpha, beta, lam)
 SETTINGS = {
-    "default": ({}, "multi"),
+    "default": ({}, "ne"),
     "a0": ({"coco_alpha": 0}, "base"),
     "a05b4": ({"coco_alpha": 0.5, "coco_beta": 4}, "ne_a05b4"),
     "le": ({"coco_edit": "le"}, "le"),
@@ -32,37 +32,17 @@ SETTINGS = {
 
 
 @pytest.fixture(scope="module")
-def dirs(demo_model, tmp_path_factory):
-    root = tmp_path_factory.mktemp("per-request")
-    neurons = root / "neurons"
-    code, _, err = run_cli("identify", demo_model, "--out", neurons, "--limit", "4", "--categories", "Age,SES",
-                           "--null-rounds", "0", "--quiet")
-    assert code == 0, err
-    d = {"base": demo_model}
-    multi = ["--alpha", "2", "--with", "le", "--with", "ablate-zero", "--le-alpha", str(LE_ALPHA)]
-    for name, args in [("multi", multi),
-                       ("ne_a05b4", ["--alpha", "0.5", "--beta", "4"])]:
-        code, _, err = run_cli("ne", demo_model, neurons, "--out", root / name, *args)
-        assert code == 0, err
-        d[name] = root / name
-    for name, args in [("le", ["--mode", "le", "--alpha", str(LE_ALPHA)]), ("ablate", ["--mode", "ablate-zero"])]:
-        code, _, err = run_cli("bake", demo_model, neurons, "--out", root / name, *args)
-        assert code == 0, err
-        d[name] = root / name
-    return d
+def dirs(served):
+    return served
 
 
 @pytest.fixture(scope="module")
-def prompts(prompt_ids, demo_model):
+def prompts(prompt_ids, long_prompt):
     """16 requests (8 prompts x 2), settings interleaved so every step mixes them; and a long prompt
     (several KV blocks) for the prefix cache."""
-    from transformers import AutoTokenizer
-
     names = list(SETTINGS)
     reqs = [(ids, names[(i + k) % len(names)]) for k in range(2) for i, ids in enumerate(prompt_ids)]
-    tok = AutoTokenizer.from_pretrained(demo_model)
-    long = tok(" ".join(["The committee met again to weigh every proposal on its merits, and"] * 30))["input_ids"]
-    return reqs, long[:320]
+    return reqs, long_prompt
 
 
 @pytest.fixture(scope="module")
@@ -82,18 +62,10 @@ def mixed(dirs, prompts, vllm_env, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def single(dirs, prompts, prompt_ids, vllm_env, tmp_path_factory):
-    """Each setting's own engine (a plain `LLM` on the directory built for it), eager."""
-    _, long = prompts
-    tmp = tmp_path_factory.mktemp("single")
-    models = sorted({d for _, d in SETTINGS.values()})
-    (tmp / "p.json").write_text(json.dumps({"prompts": prompt_ids + [long], "max_tokens": MAX_TOKENS}))
-    cmd = [sys.executable, str(WORKER), str(tmp / "o.json"), str(tmp / "p.json"), *(str(dirs[m]) for m in models),
-           "--eager"]
-    proc = subprocess.run(cmd, env=vllm_env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads((tmp / "o.json").read_text())
-    return {m: out[str(dirs[m])] for m in models}
+def single(eager_refs):
+    """Each setting's own engine: a plain `LLM` on the directory built for it, eager (conftest.eager_refs,
+    shared with test_vllm_slow); PROMPTS, then the long prompt last."""
+    return eager_refs
 
 
 def _alone(single, setting, i):
@@ -153,7 +125,7 @@ def test_prefix_cache_never_shares_kv_across_settings(mixed, single):
     assert max(abs(a - b) for a, b in zip(other["generated_logprobs"], ref["generated_logprobs"][-1])) < 1e-4
     assert again["num_cached_tokens"] > 0 and again["generated"] == other["generated"]
     assert default["num_cached_tokens"] > 0 and default["generated"] == plain["generated"]
-    assert plain["generated"] == single["multi"]["generated"][-1]
+    assert plain["generated"] == single["ne"]["generated"][-1]
 
 
 # --------------------------------------------------------------------------- the server
@@ -242,22 +214,42 @@ def test_server_a_forged_salt_gets_no_kv_of_another_setting(server, dirs, prompt
         assert max(abs(a - b) for a, b in zip(got, plain)) < 1e-4, forged
 
 
-def test_generate_takes_per_line_settings_like_the_server(server, dirs, vllm_env, tmp_path):
-    """`coco-tools generate` with coco_* keys per JSONL line (and --alpha for lines without) gives the
-    texts the per-request server gives the same prompts and settings."""
-    lines = [({"coco_alpha": 0}, "The nurse and the doctor"), ({"coco_edit": "le"}, "The nurse and the doctor"),
-             ({}, "An old man and a young woman"), ({"coco_edit": "ablate-zero"}, "An old man and a young woman")]
-    prompts = tmp_path / "p.jsonl"
-    prompts.write_text("".join(json.dumps({"prompt": p, **x}) + "\n" for x, p in lines))
+def test_generate_keeps_order_and_per_line_settings_like_hf_and_the_server(server, dirs, vllm_env, tmp_path):
+    """`coco-tools generate` on the multi directory, chat template on (the default): output in input
+    order (ids kept), per-line coco_* keys, --alpha for lines that set nothing. Each line's greedy text
+    equals the HF reference run under that line's setting (the chat-templated prompt), and the
+    per-request server's answer to the same messages and settings."""
+    from vllm_coco.edit.conditions import ne_dir_edit
+    from vllm_coco.serve.hf_reference import load_ne_model
+
+    lines = [({}, "Name a fruit."), ({"coco_edit": "le"}, "What is 2 + 2?"), ({}, "Say hello in French."),
+             ({"coco_edit": "ablate-zero"}, "Name a color."), ({"coco_alpha": 0}, "Name a fruit."),
+             ({"coco_edit": "le"}, "Name a fruit.")]
+    src = tmp_path / "p.jsonl"
+    src.write_text("".join(json.dumps({"id": i, "prompt": p, **x}) + "\n" for i, (x, p) in enumerate(lines)))
     out = tmp_path / "o.jsonl"
-    cmd = [str(Path(sys.executable).with_name("coco-tools")), "generate", str(dirs["multi"]), "--prompts", str(prompts),
-           "--out", str(out), "--no-chat", "--max-tokens", "8", "--dtype", "float32", "--alpha", "0.5",
+    cmd = [str(Path(sys.executable).with_name("coco-tools")), "generate", str(dirs["multi"]), "--prompts", str(src),
+           "--out", str(out), "--max-tokens", "12", "--dtype", "float32", "--alpha", "0.5",
            "--max-model-len", "512", "--enforce-eager"]
     proc = subprocess.run(cmd, env=vllm_env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    got = [json.loads(line)["output"] for line in out.read_text().splitlines()]
-    for (x, p), text in zip(lines, got):
-        xargs = x if x else {"coco_alpha": 0.5}  # --alpha is the default of lines that set nothing
-        body = {"model": str(dirs["multi"]), "prompt": p, "max_tokens": 8, "temperature": 0, "vllm_xargs": xargs}
-        assert _post(server + "/v1/completions", body)["choices"][0]["text"] == text
-    assert got[0] != got[1]
+    assert "generated tok/s" in proc.stdout
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert [r["id"] for r in rows] == list(range(len(lines)))
+    model, tok = load_ne_model(dirs["multi"])
+    model.coco_conditions.add("a05", ne_dir_edit(dirs["multi"], alpha=0.5))  # --alpha 0.5: lines setting nothing
+    model.coco_conditions.add("a0", ne_dir_edit(dirs["multi"], alpha=0.0))
+    condition = {"coco_edit": lambda v: v, "coco_alpha": lambda v: "a0"}
+    for (x, p), r in zip(lines, rows):
+        name = "a05" if not x else condition[next(iter(x))](next(iter(x.values())))
+        text = tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
+        ids = tok(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        with torch.no_grad(), model.coco_conditions.rows([name]):
+            g = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=12, do_sample=False,
+                               pad_token_id=tok.pad_token_id)
+        assert r["output"].strip() == tok.decode(g[0, ids.shape[1]:], skip_special_tokens=True).strip(), (x, p)
+        body = {"model": str(dirs["multi"]), "messages": [{"role": "user", "content": p}], "max_tokens": 12,
+                "temperature": 0, "vllm_xargs": x or {"coco_alpha": 0.5}}
+        served = _post(server + "/v1/chat/completions", body)["choices"][0]["message"]["content"]
+        assert served.strip() == r["output"].strip(), (x, p)
+    assert len({rows[i]["output"] for i in (0, 4, 5)}) >= 2  # one prompt, three settings: they do differ

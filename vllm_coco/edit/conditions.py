@@ -4,19 +4,18 @@ Every edit this project makes acts on the packed q/k/v projection outputs of an 
 so a loaded base model can run any of them without a checkpoint copy:
 
     base         h <- h
-    ablate-zero  h_n <- 0                       (bake --mode ablate-zero)
-    ablate-mean  h_n <- act_mean_n              (bake --mode ablate-mean)
-    le           h_n <- (1 + alpha * w_n) h_n   (bake --mode le: W_n <- (1 + alpha w_n) W_n)
-    ne           h_S <- h_S * g(h_S)            (coco-tools ne; the one gate formula, edit/gate.py)
+    a linear     h_n <- gain_n * h_n + offset_n  (any kind of edit/registry.py: le, ablate-zero,
+      kind                                       ablate-mean, ...; bake --mode KIND writes the same)
+    ne           h_S <- h_S * g(h_S)             (coco-tools ne; the one gate formula, edit/gate.py)
 
-The linear three are `h <- gain * h + offset` with per-channel tables (base: gain 1, offset 0).
+A linear kind's tables come from its own module (edit/kinds/), base is gain 1, offset 0.
 `install(model)` wraps each attention module once and returns the `Conditions` table; edits are
 registered by name, and `Conditions.rows(index)` says which edit each row of the next forward uses,
 so several conditions run in one batch and a row of the base condition is computed bit for bit as
 the unwrapped model computes it (x * 1 + 0 and a gate of strength 0 are exact).
 
 The factors come from the same functions `coco-tools bake` and `coco-tools ne` use
-(`bake.planned_edits`, `bake.le_factors`, `ne.checked_gate`); tests/test_conditions.py
+(`plan.module_tables`, `ne_gate.checked_gate`); tests/test_conditions.py
 checks each condition against the directory those commands write.
 """
 
@@ -31,19 +30,24 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from vllm_coco.core import artifact
+from vllm_coco.core.checks import finite
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.names import NE_ALPHA, NE_BETA, NE_LAM
+from vllm_coco.core.models import fingerprint
+from vllm_coco.core.names import BASE_EDIT, NE_ALPHA, NE_BETA, NE_LAM, RATIO
+from vllm_coco.core.ne_format import NEDirectory
+from vllm_coco.edit import registry
 from vllm_coco.edit.gate import apply_gate
-
-BASE = "base"
-LINEAR_MODES = ("ablate-zero", "ablate-mean", "le")
+from vllm_coco.edit.kind import given
+from vllm_coco.edit.ne_gate import checked_gate
+from vllm_coco.edit.plan import check_inputs, module_tables, planned_edits
 
 
 @dataclass(frozen=True)
 class LinearEdit:
     """h <- gain * h + offset on the packed [q | k | v] output of each listed layer."""
 
-    mode: str
+    mode: str  # the edit kind's name (a label: the tables are the whole edit)
     channels: dict[int, np.ndarray]  # layer -> [r] packed channel indices
     gain: dict[int, np.ndarray]  # layer -> [r] float64
     offset: dict[int, np.ndarray]  # layer -> [r] float64
@@ -65,8 +69,6 @@ Edit = LinearEdit | NEEdit
 # --------------------------------------------------------------------------- building edits
 
 def _artifact_for(neurons_dir, model_dir: Path | None, layout) -> tuple[dict, dict]:
-    from vllm_coco.core import artifact
-
     meta, arrays = artifact.Artifact.read(neurons_dir)
     if model_dir is not None:
         artifact.check_model_matches(meta, Path(model_dir), force=False, layout=layout)
@@ -74,35 +76,23 @@ def _artifact_for(neurons_dir, model_dir: Path | None, layout) -> tuple[dict, di
 
 
 def linear_edit(neurons_dir, mode: str, alpha: float | None = None, model_dir: Path | None = None,
-                layout=None, option: str = "--alpha") -> LinearEdit:
-    """The ablation or LE edit of an identify artifact as per-channel gains and offsets; equals
-    `coco-tools bake MODEL NEURONS --mode MODE [--alpha A]` on the q/k/v outputs. `model_dir`
-    (the loaded base) is checked against the artifact's fingerprint and layout; `option` names
-    alpha in errors as the user gave it."""
-    from vllm_coco.core.checks import finite
-    from vllm_coco.core.names import LE_ALPHA
-    from vllm_coco.edit.bake import le_factors, planned_edits
-
-    if mode not in LINEAR_MODES:
-        raise CocoError(f"unknown edit mode {mode}; choose one of {', '.join(LINEAR_MODES)}")
-    if alpha is not None and mode != "le":
-        raise CocoError(f"alpha applies to mode le only; drop it for mode {mode}")
-    alpha = LE_ALPHA if alpha is None else finite(alpha, option)
+                layout=None, option: str = "--alpha", params: dict[str, float] | None = None) -> LinearEdit:
+    """A linear edit kind (edit/registry.py) of an identify artifact as per-channel gains and offsets;
+    equals `coco-tools bake MODEL NEURONS --mode MODE [--alpha A]` on the q/k/v outputs. `alpha` and
+    `params` are the kind's settings (defaults: its own); `model_dir` (the loaded base) is checked
+    against the artifact's fingerprint and layout; `option` names alpha in errors as the user gave it."""
+    kind = registry.get(mode)
+    settings = kind.settings(given(params, alpha), {"alpha": option})
     meta, arrays = _artifact_for(neurons_dir, model_dir, layout)
-    if mode == "ablate-mean" and "act_mean" not in arrays:
-        raise CocoError(f"{neurons_dir} predates the signed activation means ablate-mean needs; "
-                        "re-run `coco-tools identify`")
+    check_inputs(kind, arrays, neurons_dir)
     q, kv = meta["model"]["q_size"], meta["model"]["kv_size"]
     base_of = {"q": 0, "k": q, "v": q + kv}  # offsets of each projection in the packed output
+    edits = planned_edits(meta, arrays)
+    tables = module_tables(kind, settings, edits, {"alpha": option})
     channels, gain, offset = {}, {}, {}
-    for (layer, proj), e in sorted(planned_edits(meta, arrays).items()):
+    for (layer, proj), e in sorted(edits.items()):
         rows = np.asarray(e.rows, dtype=np.int64) + base_of[proj]
-        if mode == "le":
-            g, o = le_factors(e.weights, alpha, option), np.zeros(len(rows))
-        elif mode == "ablate-mean":
-            g, o = np.zeros(len(rows)), np.asarray(e.act_means, dtype=np.float64)
-        else:
-            g, o = np.zeros(len(rows)), np.zeros(len(rows))
+        g, o = tables[(layer, proj)]
         channels[layer] = np.concatenate([channels.get(layer, np.zeros(0, np.int64)), rows])
         gain[layer] = np.concatenate([gain.get(layer, np.zeros(0)), g])
         offset[layer] = np.concatenate([offset.get(layer, np.zeros(0)), o])
@@ -112,10 +102,6 @@ def linear_edit(neurons_dir, mode: str, alpha: float | None = None, model_dir: P
 def ne_edit(neurons_dir, alpha: float = NE_ALPHA, beta: float = NE_BETA, lam: float = NE_LAM,
             ratio: float | None = None, model_dir: Path | None = None, layout=None) -> NEEdit:
     """The NE-COCO gate of an identify artifact; equals `coco-tools ne MODEL NEURONS --alpha ...`."""
-    from vllm_coco.core.checks import finite
-    from vllm_coco.core.names import RATIO
-    from vllm_coco.edit.ne import checked_gate
-
     alpha, beta, lam = finite(alpha, "alpha"), finite(beta, "beta"), finite(lam, "lam")
     meta, arrays = _artifact_for(neurons_dir, model_dir, layout)
     ratio = ratio if ratio is not None else (meta["selection"]["ratio"] or RATIO)
@@ -126,9 +112,6 @@ def ne_edit(neurons_dir, alpha: float = NE_ALPHA, beta: float = NE_BETA, lam: fl
 def ne_dir_edit(ne_dir, model_dir: Path | None = None, alpha: float | None = None) -> NEEdit:
     """The gate of an NE-COCO directory (`alpha` overrides its strength). With `model_dir`, the
     directory must have been exported from that model (same weight fingerprint)."""
-    from vllm_coco.core.models import fingerprint
-    from vllm_coco.core.ne_format import NEDirectory
-
     ne = NEDirectory.read(ne_dir)
     if model_dir is not None and Path(model_dir).resolve() != ne.path.resolve():
         want = ne.coco.get("base_fingerprint")
@@ -155,7 +138,7 @@ class Conditions:
     """Named edit conditions on one loaded model (made by `install`). Condition 0 is the base model."""
 
     def __init__(self, widths: list[int], device: torch.device):
-        self.names: list[str] = [BASE]
+        self.names: list[str] = [BASE_EDIT]
         self.edits: list[Edit | None] = [None]
         self.layers = [_LayerTable() for _ in widths]
         self.widths = widths
@@ -173,8 +156,8 @@ class Conditions:
     def add(self, name: str, edit: Edit) -> int:
         """Register `edit` under `name` (replacing an edit of that name); returns its condition id.
         Every layer and channel is checked first: a refused edit changes nothing."""
-        if name == BASE:
-            raise CocoError(f"{BASE!r} names the unedited model; choose another condition name")
+        if name == BASE_EDIT:
+            raise CocoError(f"{BASE_EDIT!r} names the unedited model; choose another condition name")
         linear = isinstance(edit, LinearEdit)
         parts = edit.channels if linear else {layer: g["channels"] for layer, g in edit.gates.items()}
         for layer, ch in parts.items():

@@ -10,7 +10,8 @@ from pathlib import Path
 from vllm_coco.core import ne_format
 from vllm_coco.core.artifact import Artifact
 from vllm_coco.core.atomic import check_output_dir
-from vllm_coco.core.models import check_weights, read_config, resolve_model_dir
+from vllm_coco.core.json_file import read_config
+from vllm_coco.core.models import check_weights, resolve_model_dir
 
 
 @dataclass(frozen=True)

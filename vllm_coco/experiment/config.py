@@ -21,7 +21,8 @@ import yaml
 from vllm_coco.core import names as N
 from vllm_coco.core.checks import BETA_MAX, GAIN_MAX, finite
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.names import ABLATIONS, BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
+from vllm_coco.core.names import BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
+from vllm_coco.edit import registry
 
 # The schema: every key with its default. A dict is a section (its keys are the only ones
 # allowed); `models` is a list of MODEL_KEYS dicts.
@@ -37,7 +38,7 @@ DEFAULTS: dict = {
                  "tau": N.TAU, "null_rounds": 1, "batch_size": N.BATCH_SIZE, "dtype": N.DTYPES[0],
                  "device": "cpu", "device_map": None, "backend": N.IDENTIFY_BACKENDS[0]},
     "baselines": list(N.CONTROL_BASELINES),
-    "ablation": {"mode": N.ABLATIONS[0], "limit": 120},
+    "ablation": {"mode": "ablate-zero", "limit": 120},
     "sweep": {"le_alpha": [0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
               "ratio": [0.005, 0.01, 0.02], "limit": 60, "retention_limit": 50, "retention_floor": 0.02},
     "stability": {"fractions": [0.5, 0.25], "ablate": True, "limit": None},
@@ -177,9 +178,17 @@ def _eval_categories() -> list[str]:
 
 def validate(raw) -> dict:
     """The resolved config (defaults filled in) or CocoError naming the first bad key."""
-    from vllm_coco.data.contrast import BBQ_CATEGORIES
-
     cfg = _merge(DEFAULTS, raw, "")
+    _check_top(cfg)
+    _check_data(cfg["data"])
+    cfg["models"] = _models(cfg["models"])
+    for check in (_check_identify, _check_baselines, _check_ablation, _check_sweep, _check_stability,
+                  _check_final, _check_eval, _check_parity):
+        check(cfg)
+    return cfg
+
+
+def _check_top(cfg: dict) -> None:
     if not isinstance(cfg["out"], str) or not cfg["out"]:
         _fail("out", f"{cfg['out']!r} is not a directory path")
     out = Path(os.path.expanduser(cfg["out"]))
@@ -189,7 +198,10 @@ def validate(raw) -> dict:
     if not isinstance(cfg["keep_models"], bool):
         _fail("keep_models", f"{cfg['keep_models']!r} is not true or false")
 
-    data = cfg["data"]
+
+def _check_data(data: dict) -> None:
+    from vllm_coco.data.contrast import BBQ_CATEGORIES
+
     src = data["source"]
     if not isinstance(src, str) or not src:
         _fail("data.source", f"{src!r} is not bbq, a BBQ directory or hf:DATASET_ID")
@@ -206,16 +218,16 @@ def validate(raw) -> dict:
         if c not in evaluated:
             _fail(f"data.categories[{i}]", f"{c} has no stereo_coco_{c} evaluation task; choose from "
                   f"{', '.join(evaluated)}")
-
     if not isinstance(data["chat_template"], bool):
         _fail("data.chat_template", f"{data['chat_template']!r} is not true or false")
 
-    cfg["models"] = _models(cfg["models"])
+
+def _check_identify(cfg: dict) -> None:
+    from vllm_coco.core.models import check_device
+    from vllm_coco.identify.behavior import MIN_PER_SET
 
     ident = cfg["identify"]
     _choice(ident["contrast"], "identify.contrast", CONTRASTS)
-    from vllm_coco.identify.behavior import MIN_PER_SET
-
     # behavior mode: at least MIN_PER_SET biased and MIN_PER_SET "unknown" answers per category
     _int(ident, "identify", "limit", lo=2 * MIN_PER_SET if ident["contrast"] == "behavior" else 2, nullable=True)
     ident["ratio"] = _num(ident["ratio"], "identify.ratio", lo=0, hi=1, lo_open=True)
@@ -226,13 +238,13 @@ def validate(raw) -> dict:
     _choice(ident["dtype"], "identify.dtype", DTYPES)
     if not isinstance(ident["device"], str) or not ident["device"]:
         _fail("identify.device", f"{ident['device']!r} is not a torch device name (cpu, cuda, cuda:1)")
-    from vllm_coco.core.models import check_device
-
     check_device(ident["device"], "identify.device:", here=False)  # run_pipeline checks it exists here
     if ident["device_map"] is not None:
         _choice(ident["device_map"], "identify.device_map", N.DEVICE_MAPS)
     _choice(ident["backend"], "identify.backend", N.IDENTIFY_BACKENDS)
 
+
+def _check_baselines(cfg: dict) -> None:
     bl = cfg["baselines"]
     if not isinstance(bl, list):
         _fail("baselines", f"{bl!r} is not a list (of rand, norm, mact)")
@@ -241,13 +253,17 @@ def validate(raw) -> dict:
         if b in bl[:i]:
             _fail(f"baselines[{i}]", f"{b} is listed twice")
 
-    _choice(cfg["ablation"]["mode"], "ablation.mode", ABLATIONS)
+
+def _check_ablation(cfg: dict) -> None:
+    _choice(cfg["ablation"]["mode"], "ablation.mode", registry.ablations())
     _int(cfg["ablation"], "ablation", "limit", lo=1, nullable=True)
 
+
+def _check_sweep(cfg: dict) -> None:
     sw = cfg["sweep"]
     # edit factors must stay >= 0: 1 + alpha * w with w in [0, 1] (magnitude) or [-1, 1] (signed)
     # and at most GAIN_MAX (core/checks.py), as `coco-tools bake` / `ne` refuse: caught here, not hours in
-    lo, hi = (-1.0, 1.0) if ident["weighting"] == "signed" else (-1.0, GAIN_MAX - 1)
+    lo, hi = (-1.0, 1.0) if cfg["identify"]["weighting"] == "signed" else (-1.0, GAIN_MAX - 1)
     sw["le_alpha"] = _num_list(sw["le_alpha"], "sweep.le_alpha", lo=lo, hi=hi)
     sw["ne_alpha"] = _num_list(sw["ne_alpha"], "sweep.ne_alpha", lo=lo, hi=hi)
     sw["ne_beta"] = _num_list(sw["ne_beta"], "sweep.ne_beta", lo=0, hi=BETA_MAX, lo_open=True)
@@ -258,6 +274,8 @@ def validate(raw) -> dict:
     _int(sw, "sweep", "retention_limit", lo=1, nullable=True)
     sw["retention_floor"] = _num(sw["retention_floor"], "sweep.retention_floor", lo=0, hi=1)
 
+
+def _check_stability(cfg: dict) -> None:
     st = cfg["stability"]
     if st["fractions"] != []:
         st["fractions"] = _num_list(st["fractions"], "stability.fractions", lo=0, hi=0.5, lo_open=True)
@@ -265,8 +283,14 @@ def validate(raw) -> dict:
         _fail("stability.ablate", f"{st['ablate']!r} is not true or false")
     _int(st, "stability", "limit", lo=1, nullable=True)
 
+
+def _check_final(cfg: dict) -> None:
     for key in ("limit", "jailbreak_limit", "retention_limit"):
         _int(cfg["final"], "final", key, lo=1, nullable=True)
+
+
+def _check_eval(cfg: dict) -> None:
+    from vllm_coco.core.models import check_device
 
     ev = cfg["eval"]
     _choice(ev["backend"], "eval.backend", BACKENDS)
@@ -288,13 +312,14 @@ def validate(raw) -> dict:
         if ev["backend"] != "vllm":
             _fail("eval.distributed_executor_backend", "applies to backend vllm only")
 
+
+def _check_parity(cfg: dict) -> None:
     par = cfg["parity"]
     _int(par, "parity", "identify_limit", lo=2)
     _int(par, "parity", "limit", lo=1)
     par["tolerance"] = _num(par["tolerance"], "parity.tolerance", lo=0)
     if all(m["parity_of"] is not None for m in cfg["models"]):
         _fail("models", "every model is a parity twin; at least one must get the full run")
-    return cfg
 
 
 # Limits of a config file: far above any real config (configs/full.yaml: ~3 KB, 3 levels, no aliases),

@@ -15,7 +15,8 @@ from vllm_coco.core import names as N
 from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
 from vllm_coco.core.checks import finite
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.models import PROJS, fingerprint, load_model, read_config, resolve_model_dir
+from vllm_coco.core.json_file import read_config
+from vllm_coco.core.models import PROJS, fingerprint, load_model, resolve_model_dir
 from vllm_coco.core.names import CONTRASTS, SCORINGS  # noqa: F401 (CONTRASTS re-exported)
 from vllm_coco.identify import scoring, selection
 

@@ -80,7 +80,7 @@ def request_settings(model_dir: Path, requests: list[dict], prompts, alpha: floa
     per_line = [{k: v for k, v in r.items() if looks_coco(k)} for r in requests]  # COCO_ALPHA too: refused
     if alpha is None and not any(per_line):
         return None
-    from vllm_coco.core.models import read_config
+    from vllm_coco.core.json_file import read_config
     from vllm_coco.core.ne_format import is_ne
 
     if not is_ne(read_config(model_dir)):
@@ -157,7 +157,7 @@ def _rope_factor(cfg: dict) -> float:
 def _config_context(model_dir: Path) -> tuple[int, str] | None:
     """(tokens, where from) of the context vLLM derives from config.json, or an upper bound of it
     (vLLM may lower it further, e.g. by the tokenizer's model_max_length); None: config.json names none."""
-    from vllm_coco.core.models import read_config
+    from vllm_coco.core.json_file import read_config
 
     cfg = read_config(model_dir)
     given = {k: cfg[k] for k in (*_CONTEXT_KEYS, "model_max_length")

@@ -12,9 +12,8 @@ from __future__ import annotations
 
 import torch
 
+from vllm_coco.core.names import NE_EDIT
 from vllm_coco.core.ne_format import NEDirectory
-
-NE_CONDITION = "ne"
 
 
 def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu", alpha: float | None = None):
@@ -42,12 +41,12 @@ def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu
 
     model.to(device).eval()
     table = install(model)
-    table.add(NE_CONDITION, ne_dir_edit(ne.path, alpha=alpha))
+    table.add(NE_EDIT, ne_dir_edit(ne.path, alpha=alpha))
     modes = {e["name"]: e["mode"] for e in ne.coco.get("edits", [])}
     for name, layers in ne.named_edits().items():
         channels = {layer: t["channels"].numpy() for layer, t in layers.items()}
         gain = {layer: t["gain"].double().numpy() for layer, t in layers.items()}
         offset = {layer: t["offset"].double().numpy() for layer, t in layers.items()}
         table.add(name, LinearEdit(modes[name], channels, gain, offset))
-    table.use(NE_CONDITION)
+    table.use(NE_EDIT)
     return model, tokenizer

@@ -153,7 +153,7 @@ def _has_chat_template(model_dir: Path) -> bool:
 
 
 def _is_ne_dir(model_dir: Path) -> bool:
-    from vllm_coco.core.models import read_config
+    from vllm_coco.core.json_file import read_config
 
     return ne_format.is_ne(read_config(model_dir))
 

@@ -30,42 +30,21 @@ requests are answered without a forward.
 from __future__ import annotations
 
 import logging
-import math
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from vllm_coco.core.errors import CocoError
 from vllm_coco.edit import conditions as cond
-from vllm_coco.tasks.prefix_tree import Node, build_tree
+from vllm_coco.tasks.packed_forward import layer_kinds, packed_forward
+from vllm_coco.tasks.prefix_schedule import Schedule
 
 MODEL_NAME = "coco-hf"  # the lm-eval registry name
-TOKEN_BUDGET = 4096  # query tokens per forward (rows x longest segment), bounds activation memory
 ROW_TOKENS = 512  # a subtree with at most this many tokens runs as one packed row (tree attention)
 HEAD_ROWS = 512  # positions per LM-head call
-
-
-def _length_bucket(n: int) -> int:
-    """Segments in one bucket differ in length by at most ~1.5x (padding stays under a third)."""
-    return 0 if n <= 2 else int(math.log(n) / math.log(1.5))
-
-
-def _layer_kinds(config) -> set[str]:
-    """The attention kinds of the model's layers: "full_attention" and/or "sliding_attention" (every
-    layer windowed when the config has a window and no per-layer types, as Mistral's)."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    kinds = set(types) if types else {"sliding_attention" if window is not None else "full_attention"}
-    unknown = kinds - {"full_attention", "sliding_attention"}
-    if unknown or ("sliding_attention" in kinds and window is None):
-        what = ", ".join(sorted(unknown)) or "sliding_attention without a sliding_window"
-        raise CocoError(f"the coco-hf scorer builds full and sliding-window attention masks only, and this model has "
-                        f"{what} layers; evaluate it with --backend hf-stock (lm-eval's own hf model)")
-    return kinds
 
 
 def bf16_supported(device: str) -> bool:
@@ -104,7 +83,7 @@ class CocoHFLM(HFLM):
         self._ne_dir = None
         if isinstance(pretrained, (str, Path)):
             from vllm_coco.core import ne_format
-            from vllm_coco.core.models import read_config
+            from vllm_coco.core.json_file import read_config
 
             if ne_format.is_ne(read_config(Path(pretrained))):
                 from vllm_coco.serve.hf_reference import load_ne_model
@@ -125,7 +104,7 @@ class CocoHFLM(HFLM):
             quiet.setLevel(level)
         if self.backend != "causal":
             raise CocoError(f"{MODEL_NAME} scores causal language models only")
-        _layer_kinds(self.model.config)  # refuse attention kinds the tree mask cannot express, before any work
+        layer_kinds(self.model.config)  # refuse attention kinds the tree mask cannot express, before any work
         self.conditions = cond.install(self.model)
         self._prefetch: list[int] = []
         self._memo: dict[tuple[int, tuple, tuple], tuple[float, bool]] = {}
@@ -175,198 +154,23 @@ class CocoHFLM(HFLM):
     def score(self, keys: list[tuple[tuple, tuple]], work: list[tuple[int, int]],
               disable_tqdm: bool = True) -> list[tuple[float, bool]]:
         """keys: [(model input tokens, continuation tokens)]; work: [(condition id, key index)].
-        Returns (sum of continuation log-probs, all tokens greedy) per work item."""
-        seqs = sorted({keys[i][0] for _, i in work})
-        tree = build_tree(seqs)
-        seq_id = {s: n for n, s in enumerate(seqs)}
-        # per sequence, the continuation positions whose logits are needed
-        wants: dict[tuple[int, int], list[tuple[int, int]]] = {}  # (seq id, position) -> [(work index, j)]
-        for w, (_, i) in enumerate(work):
-            inp, cont = keys[i]
-            for j in range(len(cont)):
-                wants.setdefault((seq_id[inp], len(inp) - len(cont) + j), []).append((w, j))
-        for (s, pos) in wants:
-            tree.want(s, pos)
-        conds = sorted({c for c, _ in work})
-        need = {c: {seq_id[keys[i][0]] for cc, i in work if cc == c} for c in conds}
-
-        logprob = [[0.0] * len(keys[i][1]) for _, i in work]
-        greedy = [[False] * len(keys[i][1]) for _, i in work]
-
-        heads: list[torch.Tensor] = []  # hidden states [hidden] awaiting the LM head
-        owners: list[tuple[int, Node, int]] = []  # (condition, node, position) of each
-
-        def flush():  # the LM head on every pending position at once (its weight is read once per flush)
-            if not heads:
-                return
-            lp = F.log_softmax(self.model.lm_head(torch.stack(heads)).float(), dim=-1)  # [m, vocab]
-            best = lp.argmax(dim=-1).tolist()  # [m]
-            picks = []  # (row of lp, work index, j, target)
-            for m, (c, node, pos) in enumerate(owners):
-                for s in node.seqs_through(pos):
-                    for w, j in wants.get((s, pos), ()):
-                        if work[w][0] == c:
-                            picks.append((m, w, j, keys[work[w][1]][1][j]))
-            vals = lp[[p[0] for p in picks], [p[3] for p in picks]].tolist()
-            for (m, w, j, target), v in zip(picks, vals):
-                logprob[w][j] = v
-                greedy[w][j] = best[m] == target
-            heads.clear()
-            owners.clear()
-
-        size: dict[tuple[int, int], int] = {}  # (cond, node id) -> tokens of its subtree needed for cond
-        for n in reversed(tree.nodes):  # children come after their parent in tree.nodes
-            for c in conds:
-                if n.seqs & need[c]:
-                    size[(c, n.id)] = len(n.tokens) + sum(size.get((c, ch.id), 0) for ch in n.children)
-
-        def row_len(item) -> int:
-            """Tokens in the row of item (cond, node): its whole subtree when that is small, else its own."""
-            c, node = item
-            return s if (s := size[(c, node.id)]) <= self.row_tokens else len(node.tokens)
-
-        def row_of(c: int, node: Node) -> list[Node]:
-            """The row's nodes, depth first: the node alone, or its whole needed subtree (packed)."""
-            if size[(c, node.id)] > self.row_tokens:
-                return [node]
-            out, todo = [], [node]
-            while todo:
-                n = todo.pop()
-                out.append(n)
-                todo.extend(reversed([ch for ch in n.children if ch.seqs & need[c]]))
-            return out
-
-        items = [(c, n) for c in conds for n in reversed(tree.roots) if n.seqs & need[c]]
-        kv: dict[tuple[int, int], list[tuple[torch.Tensor, torch.Tensor]]] = {}  # (cond, node id) -> per layer
-        pending: dict[tuple[int, int], int] = {}  # parent's children still to run
-        total = sum(len(n.tokens) for c in conds for n in tree.nodes if n.seqs & need[c])
-        bar = tqdm(total=total, disable=disable_tqdm, desc="Scoring (shared prefixes)", unit="tok")
-        stack = items
+        Returns (sum of continuation log-probs, all tokens greedy) per work item (the schedule:
+        tasks/prefix_schedule.py; one forward: tasks/packed_forward.py)."""
+        plan = Schedule(keys, work, self.row_tokens)
+        bar = tqdm(total=plan.total_tokens(), disable=disable_tqdm, desc="Scoring (shared prefixes)", unit="tok")
+        stack = plan.roots()
         while stack:
-            batch = self._next_batch(stack, row_len)
-            segments = [row_of(c, n) for c, n in batch]
-            hidden, new_kv = self._forward(batch, segments, kv)
+            batch = plan.next_batch(stack, self.rows_per_forward)
+            segments = [plan.row_of(item) for item in batch]
+            hidden, kvs = packed_forward(self.model, self.conditions, batch, segments, plan.kv, self.device)
             self.stats["forwards"] += 1
-            self.stats["tokens"] += sum(map(row_len, batch))
+            self.stats["tokens"] += sum(map(plan.row_len, batch))
             self.stats["padded_tokens"] += hidden.shape[0] * hidden.shape[1]
-            for r, ((c, node), seg) in enumerate(zip(batch, segments)):
-                offset = 0
-                for n in seg:
-                    for p in sorted(n.wanted):
-                        heads.append(hidden[r, offset + p - n.start])
-                        owners.append((c, n, p))
-                    offset += len(n.tokens)
-                kids = [ch for ch in node.children if ch.seqs & need[c]] if len(seg) == 1 else []
-                if kids:
-                    kv[(c, node.id)] = new_kv[r]
-                    pending[(c, node.id)] = len(kids)
-                    stack.extend((c, ch) for ch in reversed(kids))
-                if node.parent is not None:
-                    key = (c, node.parent.id)
-                    pending[key] -= 1
-                    if pending[key] == 0:
-                        del kv[key], pending[key]
-                bar.update(row_len((c, node)))
-            if len(heads) >= HEAD_ROWS:
-                flush()
-        flush()
+            for r, (item, seg) in enumerate(zip(batch, segments)):
+                plan.done(item, seg, hidden[r], kvs[r], stack)
+                bar.update(plan.row_len(item))
+            if len(plan.heads) >= HEAD_ROWS:
+                plan.flush(self.model.lm_head)
+        plan.flush(self.model.lm_head)
         bar.close()
-        return [(sum(lp), all(g)) for lp, g in zip(logprob, greedy)]
-
-    def _next_batch(self, stack: list, length) -> list:
-        """Pop the next batch off the ready stack: the top item (depth first, so cached KV is freed
-        soon) and the ready items nearest the top whose rows are about as long (little padding);
-        `length(item)` is the row's token count."""
-        lengths = [length(item) for item in stack]
-        bucket = _length_bucket(lengths[-1])
-        longest = max(n for n in lengths if _length_bucket(n) == bucket)
-        rows = max(1, min(4 * self.rows_per_forward, TOKEN_BUDGET // longest))
-        picked = []
-        for k in range(len(stack) - 1, -1, -1):
-            if _length_bucket(lengths[k]) == bucket:
-                picked.append(k)
-                if len(picked) == rows:
-                    break
-        batch = [stack[k] for k in picked]
-        for k in picked:  # descending indices: deleting keeps the others valid
-            del stack[k]
-        return batch
-
-    def _forward(self, batch, segments, kv):
-        """One forward of the batch's rows on top of their parents' KV. A row is its node alone, or
-        the node's subtree laid out depth first (`segments[r]`), each token seeing the row's past,
-        its own node's earlier tokens and its ancestors' inside the row (a tree mask).
-        Returns (hidden [rows, L, hidden], per single-node row: per layer (k, v) over the whole
-        path, [kvh, P+L, d]; None for packed rows, whose subtree is done)."""
-        from transformers import DynamicCache
-
-        dev = self.device
-        nodes = [n for _, n in batch]
-        past = [kv[(c, n.parent.id)] if n.parent is not None else None for c, n in batch]
-        p_len = [n.start for n in nodes]
-        lens = [sum(len(n.tokens) for n in seg) for seg in segments]
-        p_max, l_max = max(p_len), max(lens)
-        b = len(batch)
-        ids = torch.zeros(b, l_max, dtype=torch.long)  # [rows, L]
-        pos = torch.zeros(b, l_max, dtype=torch.long)  # [rows, L]
-        see = torch.zeros(b, l_max, p_max + l_max, dtype=torch.bool)  # [rows, L, P + L]: query may attend key
-        diag = torch.arange(l_max)
-        see[:, diag, p_max + diag] = True  # every query sees itself (padding rows too: no empty softmax)
-        for r, seg in enumerate(segments):
-            see[r, : lens[r], : p_len[r]] = True
-            ids[r, : lens[r]] = torch.tensor([t for n in seg for t in n.tokens])
-            pos[r, : lens[r]] = torch.tensor([n.start + i for n in seg for i in range(len(n.tokens))])
-            # which row segment each token is in, and which segments are ancestors-or-self of which
-            index = {n.id: k for k, n in enumerate(seg)}
-            anc = torch.eye(len(seg), dtype=torch.bool)  # [S, S]: anc[k, j] = segment j is k's ancestor or k
-            for k, n in enumerate(seg[1:], 1):
-                anc[k] = anc[index[n.parent.id]]
-                anc[k, k] = True
-            which = torch.repeat_interleave(torch.arange(len(seg)), torch.tensor([len(n.tokens) for n in seg]))
-            causal = torch.ones(lens[r], lens[r], dtype=torch.bool).tril_()  # [L_r, L_r]
-            see[r, : lens[r], p_max: p_max + lens[r]] = anc[which[:, None], which[None, :]] & causal
-        kinds = _layer_kinds(self.model.config)
-        window = getattr(self.model.config, "sliding_window", None)
-        masks = {"full_attention": see}
-        if "sliding_attention" in kinds:  # a key more than `window` positions back is out of a window layer
-            windowed = see
-            if p_max + l_max > window:
-                keys = torch.cat([torch.arange(p_max).expand(b, p_max), pos], 1)  # [rows, P + L] sequence positions
-                windowed = see & (keys[:, None, :] > pos[:, :, None] - window)
-                windowed[:, diag, p_max + diag] = True
-            masks["sliding_attention"] = windowed
-        low = torch.finfo(self.model.dtype).min
-        masks = {k: torch.zeros(m.shape, dtype=self.model.dtype).masked_fill_(~m, low)[:, None].to(dev)
-                 for k, m in masks.items() if k in kinds}  # [rows, 1, L, P + L] each
-        # one kind: the tensor itself; full and window layers mixed (Qwen2 max_window_layers, Gemma2): HF's
-        # per-layer-type mapping, which it uses as given
-        mask = next(iter(masks.values())) if len(masks) == 1 else masks
-        cache = DynamicCache()
-        if p_max > 0:
-            layers = []
-            for layer in range(len(self.conditions.widths)):
-                k0 = next(p for p in past if p is not None)[layer][0]
-                k = k0.new_zeros(b, k0.shape[0], p_max, k0.shape[2])  # [rows, kvh, P, d]
-                v = k.clone()
-                for r, p in enumerate(past):
-                    if p is not None:
-                        k[r, :, : p_len[r]], v[r, :, : p_len[r]] = p[layer]
-                layers.append((k, v))
-            cache = DynamicCache(ddp_cache_data=layers)
-        with self.conditions.rows([c for c, _ in batch]):
-            out = self.model.model(input_ids=ids.to(dev), attention_mask=mask,
-                                   position_ids=pos.to(dev), past_key_values=cache, use_cache=True)
-        new_kv = []
-        for r, n in enumerate(nodes):
-            if not n.children or len(segments[r]) > 1:
-                new_kv.append(None)
-                continue
-            per_layer = []
-            for layer, cl in enumerate(cache.layers):
-                k = cl.keys[r, :, p_max: p_max + len(n.tokens)]  # [kvh, L_r, d]
-                v = cl.values[r, :, p_max: p_max + len(n.tokens)]
-                if past[r] is not None:
-                    k, v = torch.cat([past[r][layer][0], k], 1), torch.cat([past[r][layer][1], v], 1)
-                per_layer.append((k.clone(), v.clone()))
-            new_kv.append(per_layer)
-        return out.last_hidden_state, new_kv
+        return plan.results()

@@ -1,0 +1,1 @@
+"""The built-in edit kinds, one module each (edit/kind.py says what a kind is; edit/registry.py lists them)."""

@@ -1,0 +1,58 @@
+"""An identify artifact's selected neurons grouped by the module they live in, and the gain and
+offset tables an edit kind gives them (docs/METHOD.md §6): what every executor of a linear edit
+(bake, the in-memory conditions, an NE directory's named edits) starts from."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from vllm_coco.core.errors import CocoError
+from vllm_coco.core.models import NeuronLayout
+from vllm_coco.edit.kind import LinearKind, Neurons
+
+
+@dataclass
+class ModuleEdit:
+    """The selected rows of one (layer, projection) module."""
+
+    rows: list[int] = field(default_factory=list)  # output channels, best first
+    weights: list[float] = field(default_factory=list)  # w_n of each row
+    act_means: list[float] = field(default_factory=list)  # mean of h_n over calibration tokens
+
+    def neurons(self) -> Neurons:
+        return Neurons(np.asarray(self.weights, dtype=np.float64), np.asarray(self.act_means, dtype=np.float64))
+
+
+def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, str], ModuleEdit]:
+    """Group the artifact's selected neurons by (layer, projection)."""
+    m = meta["model"]
+    layout = NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
+    selected, weight = arrays["selected"], arrays["weight"]  # [k], [k]
+    act_mean = arrays.get("act_mean", np.full(layout.total, np.nan))  # [N]; older artifacts lack it
+    if len(selected) == 0:
+        raise CocoError("the neuron artifact selects no neurons; re-run `coco-tools identify`")
+    edits: dict[tuple[int, str], ModuleEdit] = {}
+    for flat, w in zip(selected.tolist(), weight.tolist()):
+        if not 0 <= flat < layout.total:
+            raise CocoError(f"the neuron artifact selects neuron {flat} outside its own layout; re-run identify")
+        layer, proj, index = layout.address(flat)
+        e = edits.setdefault((layer, proj), ModuleEdit())
+        e.rows.append(index)
+        e.weights.append(float(w))
+        e.act_means.append(float(act_mean[flat]))
+    return edits
+
+
+def check_inputs(kind: LinearKind, arrays: dict, neurons_dir) -> None:
+    """CocoError when the artifact lacks what `kind` reads."""
+    if kind.needs_act_mean and "act_mean" not in arrays:
+        raise CocoError(f"{neurons_dir} predates the signed activation means {kind.name} needs; "
+                        "re-run `coco-tools identify`")
+
+
+def module_tables(kind: LinearKind, settings: dict, edits: dict[tuple[int, str], ModuleEdit],
+                  spelling: dict | None = None) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+    """(gain, offset) [r] per edited module, rows in ModuleEdit.rows order."""
+    return {key: kind.tables(e.neurons(), settings, spelling) for key, e in edits.items()}

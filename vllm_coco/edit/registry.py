@@ -1,0 +1,55 @@
+"""The edit kinds this process knows, by name (docs/METHOD.md §6; docs/EXTENDING.md).
+
+The built-in kinds (edit/kinds/) come first, in the order below; `register` adds one (a plugin or
+a test). The CLI's choices (`bake --mode`, `ne --with`), the per-request menu, the config's ablation
+mode and the experiment read this list, so a registered kind is usable everywhere at once.
+"""
+
+from __future__ import annotations
+
+import re
+
+from vllm_coco.core.errors import CocoError
+from vllm_coco.core.names import BASE_EDIT, NE_EDIT
+from vllm_coco.edit.kind import LinearKind
+from vllm_coco.edit.kinds import ablate_mean, ablate_zero, le
+
+_KINDS: dict[str, LinearKind] = {k.name: k for k in (le.KIND, ablate_zero.KIND, ablate_mean.KIND)}
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")  # a CLI choice, a config value and a checkpoint key part
+
+
+def register(kind: LinearKind, replace: bool = False) -> LinearKind:
+    """Add `kind` to the registry (`replace`: over a kind of the same name). Returns it."""
+    if not isinstance(kind, LinearKind):
+        raise TypeError(f"an edit kind is an edit.kind.LinearKind, not {type(kind).__name__}")
+    if not _NAME.match(kind.name) or kind.name in (BASE_EDIT, NE_EDIT):
+        raise ValueError(f"edit kind name {kind.name!r}: lower-case letters, digits and '-', "
+                         f"not {BASE_EDIT!r} or {NE_EDIT!r}")
+    if kind.name in _KINDS and not replace:
+        raise ValueError(f"an edit kind named {kind.name!r} is registered already (pass replace=True)")
+    _KINDS[kind.name] = kind
+    return kind
+
+
+def unregister(name: str) -> None:
+    """Remove a kind registered with `register` (the built-in ones stay)."""
+    if name in (le.KIND.name, ablate_zero.KIND.name, ablate_mean.KIND.name):
+        raise ValueError(f"{name!r} is built in")
+    _KINDS.pop(name, None)
+
+
+def get(name: str, mode_word: str = "mode") -> LinearKind:
+    """The kind named `name`; CocoError listing the known ones otherwise."""
+    if name not in _KINDS:
+        raise CocoError(f"unknown edit {mode_word} {name}; choose one of {', '.join(_KINDS)}")
+    return _KINDS[name]
+
+
+def names() -> tuple[str, ...]:
+    """Every kind's name, built-in first."""
+    return tuple(_KINDS)
+
+
+def ablations() -> tuple[str, ...]:
+    """The kinds the experiment's causal check may run (`ablation: true`)."""
+    return tuple(name for name, k in _KINDS.items() if k.ablation)
