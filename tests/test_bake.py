@@ -191,6 +191,23 @@ def test_lora_merged_equals_baked_checkpoint(art, tmp_path):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=0)
 
 
+def test_lora_of_another_gain_only_kind_equals_its_checkpoint(art, tmp_path):
+    """--lora holds any kind without offsets: ablate-zero's B = -E_R (gain 0) merges to zeroed rows."""
+    pytest.importorskip("peft")
+    from peft import PeftModel
+
+    model, neurons, _ = art
+    _bake(model, neurons, "--out", tmp_path / "zero", "--mode", "ablate-zero")
+    _bake(model, neurons, "--out", tmp_path / "lora", "--mode", "ablate-zero", "--lora")
+    merged = PeftModel.from_pretrained(_load(model), tmp_path / "lora").merge_and_unload().state_dict()
+    ref = _load(tmp_path / "zero").state_dict()
+    for layer, proj, index, *_ in _selected(neurons):
+        name = f"model.layers.{layer}.self_attn.{proj}_proj.weight"
+        assert merged[name][index].abs().max().item() <= 1e-6, name
+    for name, tensor in merged.items():
+        assert (tensor - ref[name]).abs().max().item() <= 1e-6, name
+
+
 # ---------------------------------------------------------------------------------------
 # ablations
 

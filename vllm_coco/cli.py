@@ -54,7 +54,17 @@ class EditKind(click.Choice):
         pass
 
 
-KIND_HELP = "; ".join(f"{n}: {registry.get(n).summary}" for n in registry.names())
+class KindOption(click.Option):
+    """An option choosing an edit kind whose help lists every registered kind with its formula."""
+
+    def get_help_record(self, ctx):
+        kinds = "; ".join(f"{n}: {registry.get(n).summary}" for n in registry.names())
+        self.help = f"{self.coco_help} ({kinds})."
+        return super().get_help_record(ctx)
+
+    def __init__(self, *args, coco_help: str = "", **kwargs):
+        super().__init__(*args, type=EditKind(), **kwargs)
+        self.coco_help = coco_help
 
 
 def _settings(ctx, param, values):
@@ -246,9 +256,9 @@ def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, fo
 @click.option("--ratio", type=float, help="Share of q and v neurons to gate, by |direction| "
               "(default: the artifact's ratio).")
 @click.option("--force", is_flag=True, help="Replace --out; or edit a model whose fingerprint differs.")
-@click.option("--with", "with_edits", multiple=True, type=EditKind(),
-              help="Also carry this linear edit of the same neurons (an edit kind, at its default settings), "
-                   "named by its kind, for requests that pick it (coco_edit); repeatable.")
+@click.option("--with", "with_edits", multiple=True, cls=KindOption,
+              coco_help="Also carry this linear edit of the same neurons (an edit kind, at its default settings), "
+                        "named by its kind, for requests that pick it (coco_edit); repeatable")
 @click.option("--le-alpha", type=float, help=f"Strength of the named edit 'le' [default: {le_kind.ALPHA}].")
 def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force, with_edits, le_alpha):
     """Export an NE-COCO directory: MODEL's weights unchanged plus a runtime nonlinear gate on
@@ -295,8 +305,8 @@ def report(neurons_dir, png, category):
 @click.argument("neurons_dir", type=click.Path())
 @click.option("--out", required=True, type=click.Path(file_okay=False),
               help="Directory to create: the edited model, or with --lora the adapter.")
-@click.option("--mode", type=EditKind(), default=le_kind.KIND.name, show_default=True,
-              help=f"The edit kind, on each selected neuron's output h_n: {KIND_HELP}.")
+@click.option("--mode", cls=KindOption, default=le_kind.KIND.name, show_default=True,
+              coco_help="The edit kind, on each selected neuron's output h_n")
 @click.option("--alpha", type=float, help=f"LE strength (kinds that take alpha)  [default: {le_kind.ALPHA}]")
 @click.option("--param", "params", multiple=True, callback=_settings, metavar="NAME=VALUE",
               help="Any other setting of the edit kind; repeatable.")

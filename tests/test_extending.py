@@ -1,0 +1,128 @@
+"""The extension points, used the way docs/EXTENDING.md shows, from outside the package.
+
+A toy edit kind defined here (a constant offset on the selected q/k/v channels, with its own
+parameter) is registered through `vllm_coco.edit.registry.register` only. Then every executor
+runs it without a change in the package: `coco-tools bake --mode` (a baked checkpoint, with the
+zero attention biases Llama needs for an offset), the in-memory condition (option
+log-likelihoods equal the baked checkpoint's within 1e-4), and `coco-tools ne --with` (a named
+edit of an NE directory, equal to the in-memory condition on the HF reference).
+"""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import run_cli
+
+from vllm_coco.edit import registry
+from vllm_coco.edit.kind import LinearKind, Param
+
+TOL = 1e-4
+
+
+def _offset(neurons, settings, spelling):
+    """h_n <- h_n + value: gain 1, offset `value` on every selected channel."""
+    return np.ones(len(neurons.weights)), np.full(len(neurons.weights), settings["value"])
+
+
+TOY = LinearKind("toy-offset", "toy offset", "h_n <- h_n + value", _offset,
+                 params=(Param("value", 0.25, "the constant added to each selected neuron's output"),), shifts=True)
+
+
+@pytest.fixture(scope="module")
+def toy():
+    registry.register(TOY)
+    yield TOY
+    registry.unregister(TOY.name)
+
+
+@pytest.fixture(scope="module")
+def art(planted, tmp_path_factory):
+    model, pairs = planted
+    out = tmp_path_factory.mktemp("extending") / "neurons"
+    code, _, err = run_cli("identify", model, "--out", out, "--data", pairs, "--split", "all", "--ratio", "0.05",
+                           "--null-rounds", "0", "--quiet")
+    assert code == 0, err
+    return model, out
+
+
+def _option_logprobs(model, tok, pairs):
+    """Sum of the continuation's log-probs for each (context, continuation)."""
+    out = []
+    with torch.no_grad():
+        for ctx, cont in pairs:
+            c, x = tok(ctx)["input_ids"], tok(ctx + " " + cont)["input_ids"]
+            lp = torch.log_softmax(model(torch.tensor([x])).logits[0].float(), -1)  # [T, vocab]
+            out.append(sum(lp[i - 1, x[i]].item() for i in range(len(c), len(x))))
+    return np.array(out)
+
+
+PAIRS = [("n1 n2 n3", "b1 b2"), ("n1 n2 n3", "u1 u2"), ("n7 n9 n0", "b4"), ("n7 n9 n0", "u4")]
+
+
+def test_registered_kind_is_a_cli_choice_and_refuses_foreign_settings(toy, art, tmp_path):
+    model, neurons = art
+    code, text, _ = run_cli("bake", "--help")
+    assert code == 0 and "toy-offset: h_n <- h_n + value" in " ".join(text.split())  # listed with its formula
+    code, _, err = run_cli("bake", model, neurons, "--out", tmp_path / "o", "--mode", "toy-offset", "--alpha", "2")
+    assert code == 2 and "--alpha does not apply to --mode toy-offset (it takes value)" in err
+    assert not (tmp_path / "o").exists()
+    with pytest.raises(ValueError, match="registered already"):
+        registry.register(TOY)
+    with pytest.raises(ValueError, match="not 'base' or 'ne'"):
+        registry.register(LinearKind("ne", "x", "x", _offset))
+
+
+def test_baked_toy_kind_equals_the_in_memory_condition(toy, art, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from vllm_coco.edit.conditions import install, linear_edit
+
+    model, neurons = art
+    code, out, err = run_cli("bake", model, neurons, "--out", tmp_path / "toy", "--mode", "toy-offset",
+                             "--param", "value=0.5")
+    assert code == 0, err
+    assert "baked toy-offset value 0.5" in out
+    rec = json.loads((tmp_path / "toy" / "coco_edit.json").read_text())
+    assert rec["mode"] == "toy-offset" and rec["settings"] == {"value": 0.5} and rec["added_attention_bias"]
+    tok = AutoTokenizer.from_pretrained(model)
+    baked = AutoModelForCausalLM.from_pretrained(tmp_path / "toy", dtype=torch.float32).eval()
+    base = AutoModelForCausalLM.from_pretrained(model, dtype=torch.float32).eval()
+    want_base = _option_logprobs(base, tok, PAIRS)
+    table = install(base)
+    table.add("toy", linear_edit(neurons, "toy-offset", params={"value": 0.5}, model_dir=model))
+    table.use("toy")
+    got = _option_logprobs(base, tok, PAIRS)
+    want = _option_logprobs(baked, tok, PAIRS)
+    assert np.abs(got - want).max() <= TOL
+    assert np.abs(got - want_base).max() > 1e-3  # the edit changes the numbers: the comparison can fail
+
+
+def test_toy_kind_as_a_named_edit_of_an_ne_directory(toy, art, tmp_path):
+    """`coco-tools ne --with toy-offset`: the directory carries the kind's tables; the HF reference
+    serving that named edit per row equals the in-memory condition (the vLLM model reads the same
+    tables: serve/vllm_models.CocoNamedEdit)."""
+    from transformers import AutoTokenizer
+
+    from vllm_coco.edit.conditions import linear_edit
+    from vllm_coco.serve.hf_reference import load_ne_model
+
+    model, neurons = art
+    code, out, err = run_cli("ne", model, neurons, "--out", tmp_path / "ne", "--with", "toy-offset")
+    assert code == 0, err
+    coco = json.loads((tmp_path / "ne" / "config.json").read_text())["coco"]
+    assert [(e["name"], e["settings"]) for e in coco["edits"]] == [("toy-offset", {"value": 0.25})]
+    ne_model, _ = load_ne_model(tmp_path / "ne")
+    tok = AutoTokenizer.from_pretrained(model)
+    table = ne_model.coco_conditions
+    table.add("toy-here", linear_edit(neurons, "toy-offset", model_dir=model))
+    table.use("toy-offset")
+    served = _option_logprobs(ne_model, tok, PAIRS)
+    table.use("toy-here")
+    here = _option_logprobs(ne_model, tok, PAIRS)
+    table.use("base")
+    base = _option_logprobs(ne_model, tok, PAIRS)
+    assert np.abs(served - here).max() <= TOL and np.abs(served - base).max() > 1e-3
