@@ -126,3 +126,23 @@ def test_toy_kind_as_a_named_edit_of_an_ne_directory(toy, art, tmp_path):
     table.use("base")
     base = _option_logprobs(ne_model, tok, PAIRS)
     assert np.abs(served - here).max() <= TOL and np.abs(served - base).max() > 1e-3
+
+
+def test_registered_kind_joins_the_experiments_sweep_grid(toy):
+    """The config's sweep.edits takes any registered kind (its settings checked by name); the grid, the
+    candidates' keys and the report's label derive from the registry."""
+    from vllm_coco.core.errors import CocoError
+    from vllm_coco.experiment.config import DEFAULTS, _check_sweep
+    from vllm_coco.experiment.sweep import candidates
+
+    cfg = {"identify": {"weighting": "magnitude"},
+           "sweep": {**DEFAULTS["sweep"], "edits": {"toy-offset": {"value": [0.1, 0.2]}, "le": None}, "ratio": None}}
+    _check_sweep(cfg)
+    assert cfg["sweep"]["edits"] == {"toy-offset": {"value": [0.1, 0.2]}, "le": {"alpha": [1.0]}}
+    got = [(c.key, c.edit, c.settings) for c in candidates(cfg["sweep"], 0.01)]
+    assert got == [("toy-offset-r0.01-v0.1", "toy-offset", {"value": 0.1}),
+                   ("toy-offset-r0.01-v0.2", "toy-offset", {"value": 0.2}), ("le-r0.01-a1", "le", {"alpha": 1.0})]
+    assert registry.label("toy-offset") == "toy offset"
+    cfg["sweep"]["edits"] = {"toy-offset": {"alpha": [1.0]}}
+    with pytest.raises(CocoError, match=r"^sweep\.edits\.toy-offset\.alpha: toy-offset takes no setting alpha"):
+        _check_sweep(cfg)

@@ -182,7 +182,7 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
 
     # --check after a config change: the plan, nothing written
     cfg = yaml.safe_load(config.read_text())
-    cfg["sweep"]["le_alpha"] = [0.5]
+    cfg["sweep"]["edits"]["le"] = {"alpha": [0.5]}
     config.write_text(yaml.safe_dump(cfg))
     code, stdout, err = run_cli("run", config, "--check")
     assert code == 0, err
@@ -209,7 +209,7 @@ def test_eval_in_subprocess(tiny_model, tmp_path):
 def _row(key, edit, sr, ret, ok):
     from vllm_coco.experiment.results import Candidate, RetentionSummary, SweepRow
 
-    cand = None if edit == "base" else Candidate(key=key, edit=edit, alpha=1.0, beta=2.0, lam=0.5)
+    cand = None if edit == "base" else Candidate(key=key, edit=edit, settings={"alpha": 1.0})
     return SweepRow(candidate=cand, success_rate=sr, acc_disambig=None, retention=ret, admissible=ok, per_category={},
                     retention_tasks=RetentionSummary(values={}, docs={}, acc_mean=ret))
 
@@ -256,8 +256,9 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
             "per_category": {c: {"pairs": 4, "count": 3, "null_best_score": 0.5, "beat_null": 2, "neurons": []}
                              for c in cats},
             "timing_s": {"capture": 1.0, "total": 2.0}}
-    cand_le = R.Candidate(key="le-a0.5", edit="le", alpha=0.5)  # no ratio: a pipeline-3 done.json
-    cand_ne = R.Candidate(key="ne-r0.02-a1-b2-l0.5", edit="ne", alpha=1.0, beta=2.0, lam=0.5, ratio=0.02)
+    cand_le = R.Candidate(key="le-a0.5", edit="le", settings={"alpha": 0.5})  # no ratio: the artifact's share
+    cand_ne = R.Candidate(key="ne-r0.02-a1-b2-l0.5", edit="ne", settings={"alpha": 1.0, "beta": 2.0, "lam": 0.5},
+                          ratio=0.02)
     iv = R.Interval(n=40, delta=0.05, lo=-0.01, hi=0.11, up=9, down=4, rounds=2000)
     no_items = R.Interval(n=0, delta=None, lo=None, hi=None, up=0, down=0, rounds=0)
     base_row = R.SweepRow.score(None, stereo, ret, admissible=True)
@@ -286,7 +287,7 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
                                rows=rows, chosen=choice),
         "final": R.FinalResult(split="test", limit=3, jailbreak_limit=3, retention_limit=None,
                                base=final_base,
-                               le=run["le"] if le else None, ne=run["ne"] if ne else None),
+                               edits={e: r for e, r in run.items() if {"le": le, "ne": ne}[e]}),
         "report": R.ReportResult(report="REPORT.md", figures=["a.png"]),
         "parts": [stereo, jail, ret, cand_le, cand_ne, base_row, choice["le"], final_base, ident.significance,
                   ident.per_category["Age"], R.BaselineSet(neurons="rand", count=3, by_proj={"q": 3}), iv, no_items,
@@ -404,8 +405,8 @@ def test_eval_split_reaches_the_tasks_through_metadata():
 
 BAD = [
     ({"bogus": 1}, r"^bogus: unknown key"),
-    ({"sweep": {"le_alpha": [0.5, float("inf")]}}, r"^sweep\.le_alpha\[1\]: inf is not a finite number"),
-    ({"sweep": {"le_alpha": [0.5, "x"]}}, r"^sweep\.le_alpha\[1\]: 'x' is not a number"),
+    ({"sweep": {"edits": {"le": {"alpha": [0.5, float("inf")]}}}}, r"^sweep\.edits\.le\.alpha\[1\]: inf is not a finite number"),
+    ({"sweep": {"edits": {"le": {"alpha": [0.5, "x"]}}}}, r"^sweep\.edits\.le\.alpha\[1\]: 'x' is not a number"),
     ({"sweep": {"extra": 1}}, r"^sweep\.extra: unknown key"),
     ({"sweep": {"ne_ratio": 0.01}}, r"^sweep\.ne_ratio: was replaced by sweep\.ratio \(a list"),
     ({"sweep": {"ratio": [0.01, 0.0]}}, r"^sweep\.ratio\[1\]: 0(\.0)? must be (greater than|above|more than) 0"),
@@ -413,7 +414,11 @@ BAD = [
     ({"stability": {"fractions": [0.6]}}, r"^stability\.fractions\[0\]: 0\.6 must be at most 0\.5"),
     ({"stability": {"ablate": "yes"}}, r"^stability\.ablate: 'yes' is not true or false"),
     ({"stability": {"limit": 0}}, r"^stability\.limit: 0 must be at least 1"),
-    ({"sweep": {"ne_lam": [1.5]}}, r"^sweep\.ne_lam\[0\]: 1\.5 must be at most 1"),
+    ({"sweep": {"edits": {"ne": {"lam": [1.5]}}}}, r"^sweep\.edits\.ne\.lam\[0\]: 1\.5 must be at most 1"),
+    ({"sweep": {"le_alpha": [0.5]}}, r"^sweep\.le_alpha: was replaced by sweep\.edits\.le\.alpha"),
+    ({"sweep": {"edits": {"ablate-zero": {}}}}, r"^sweep\.edits\.ablate-zero: 'ablate-zero' is not one of le, ne"),
+    ({"sweep": {"edits": {"le": {"beta": [2]}}}}, r"^sweep\.edits\.le\.beta: le takes no setting beta \(it takes alpha\)"),
+    ({"sweep": {"edits": {}}}, r"^sweep\.edits: \{\} is not a mapping of edit kinds"),
     ({"sweep": {"retention_floor": -0.1}}, r"^sweep\.retention_floor: -0\.1 must be at least 0"),
     ({"identify": {"ratio": 0}}, r"^identify\.ratio: 0\.0 must be greater than 0"),
     ({"identify": {"ratio": 1.5}}, r"^identify\.ratio: 1\.5 must be at most 1"),

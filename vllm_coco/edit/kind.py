@@ -9,7 +9,8 @@ weights w_n and calibration means (`effect`). The executors run any kind from th
 `coco-tools bake` folds them into the weight and bias rows (edit/bake.py), the in-memory conditions
 apply them per batch row (edit/conditions.py), and an NE directory carries them as named edits that
 vLLM serves per request (`coco-tools ne --with KIND`, serve/vllm_models.py). The built-in kinds are
-edit/kinds/*.py; edit/registry.py lists them and takes new ones (docs/EXTENDING.md).
+edit/kinds/*.py; edit/registry.py lists them and takes new ones (docs/EXTENDING.md). The NE gate
+is the one nonlinear kind (GateKind: its parameters here, its formula edit/gate.py).
 """
 
 from __future__ import annotations
@@ -30,6 +31,9 @@ class Param:
     name: str  # the keyword (`alpha`); its CLI option is --NAME
     default: float
     help: str
+    lo: float | None = None  # the range a sweep may ask for (the config checks it before any run)
+    hi: float | None = None
+    lo_open: bool = False  # lo itself is out
 
 
 @dataclass(frozen=True)
@@ -50,18 +54,11 @@ def given(params: Mapping[str, float] | None, alpha: float | None) -> dict[str, 
     return {**(params or {}), **({"alpha": alpha} if alpha is not None else {})}
 
 
-@dataclass(frozen=True)
-class LinearKind:
-    """A per-channel gain and offset on selected q/k/v outputs (see the module docstring)."""
+class _Settings:
+    """What every kind does with its `params`: complete and check the settings a caller gave."""
 
-    name: str  # the CLI and config spelling (`--mode NAME`, `--with NAME`, coco_edit NAME)
-    label: str  # the report's name for it
-    summary: str  # the formula, one line: --help and docs
-    effect: Effect
-    params: tuple[Param, ...] = ()
-    ablation: bool = False  # a causal check (the experiment's ablation stage), not an enhancement
-    needs_act_mean: bool = False  # reads Neurons.act_means (artifacts before signed means lack them)
-    shifts: bool = False  # may give a non-zero offset: baking it needs a bias on the module
+    name: str
+    params: tuple[Param, ...]
 
     def settings(self, given: Mapping[str, float | None] | None = None, spelling: Mapping[str, str] | None = None,
                  mode_word: str = "mode") -> dict[str, float]:
@@ -77,6 +74,31 @@ class LinearKind:
             raise CocoError(f"{option} does not apply to {mode_word} {self.name}{takes}; drop it")
         return {p.name: finite(given.get(p.name, p.default), spelling.get(p.name, f"--{p.name}"))
                 for p in self.params}
+
+
+@dataclass(frozen=True)
+class GateKind(_Settings):
+    """The NE-COCO gate (docs/METHOD.md §7): a nonlinear, input-dependent gain on the gated q/v
+    channels, run by edit/gate.py everywhere; `coco-tools ne` writes it, it does not bake."""
+
+    name: str
+    label: str
+    summary: str
+    params: tuple[Param, ...] = ()
+
+
+@dataclass(frozen=True)
+class LinearKind(_Settings):
+    """A per-channel gain and offset on selected q/k/v outputs (see the module docstring)."""
+
+    name: str  # the CLI and config spelling (`--mode NAME`, `--with NAME`, coco_edit NAME)
+    label: str  # the report's name for it
+    summary: str  # the formula, one line: --help and docs
+    effect: Effect
+    params: tuple[Param, ...] = ()
+    ablation: bool = False  # a causal check (the experiment's ablation stage), not an enhancement
+    needs_act_mean: bool = False  # reads Neurons.act_means (artifacts before signed means lack them)
+    shifts: bool = False  # may give a non-zero offset: baking it needs a bias on the module
 
     def tables(self, neurons: Neurons, settings: Mapping[str, float],
                spelling: Mapping[str, str] | None = None) -> tuple[np.ndarray, np.ndarray]:

@@ -1,8 +1,9 @@
-"""The edit kinds this process knows, by name (docs/METHOD.md §6; docs/EXTENDING.md).
+"""The edit kinds this process knows, by name (docs/METHOD.md §6-§7; docs/EXTENDING.md).
 
-The built-in kinds (edit/kinds/) come first, in the order below; `register` adds one (a plugin or
-a test). The CLI's choices (`bake --mode`, `ne --with`), the per-request menu, the config's ablation
-mode and the experiment read this list, so a registered kind is usable everywhere at once.
+The built-in linear kinds (edit/kinds/) come first, in the order below; `register` adds one (a
+plugin or a test). The CLI's choices (`bake --mode`, `ne --with`), the config's ablation mode and
+sweep grid, and the experiment's report read this list, so a registered kind is usable everywhere
+at once. The NE gate (edit/kinds/ne.py) is the one nonlinear kind: `gate()`.
 """
 
 from __future__ import annotations
@@ -11,8 +12,8 @@ import re
 
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import BASE_EDIT, NE_EDIT
-from vllm_coco.edit.kind import LinearKind
-from vllm_coco.edit.kinds import ablate_mean, ablate_zero, le
+from vllm_coco.edit.kind import GateKind, LinearKind
+from vllm_coco.edit.kinds import ablate_mean, ablate_zero, le, ne
 
 _KINDS: dict[str, LinearKind] = {k.name: k for k in (le.KIND, ablate_zero.KIND, ablate_mean.KIND)}
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")  # a CLI choice, a config value and a checkpoint key part
@@ -53,3 +54,27 @@ def names() -> tuple[str, ...]:
 def ablations() -> tuple[str, ...]:
     """The kinds the experiment's causal check may run (`ablation: true`)."""
     return tuple(name for name, k in _KINDS.items() if k.ablation)
+
+
+def gate() -> GateKind:
+    """The NE-COCO gate."""
+    return ne.KIND
+
+
+def any_kind(name: str, where: str = "edit") -> LinearKind | GateKind:
+    """A linear kind or the gate, by name; CocoError listing both otherwise."""
+    if name == ne.KIND.name:
+        return ne.KIND
+    if name not in _KINDS:
+        raise CocoError(f"unknown {where} {name}; choose one of {', '.join((*_KINDS, ne.KIND.name))}")
+    return _KINDS[name]
+
+
+def enhancements() -> tuple[str, ...]:
+    """The kinds an experiment may sweep and choose (every kind but the ablations)."""
+    return (*(name for name, k in _KINDS.items() if not k.ablation), ne.KIND.name)
+
+
+def label(name: str) -> str:
+    """The report's name of a kind ("base": the unedited model)."""
+    return BASE_EDIT if name == BASE_EDIT else any_kind(name).label

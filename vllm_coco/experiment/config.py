@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from vllm_coco.core import names as N
-from vllm_coco.core.checks import BETA_MAX, GAIN_MAX, finite
+from vllm_coco.core.checks import finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
 from vllm_coco.edit import registry
@@ -39,7 +39,8 @@ DEFAULTS: dict = {
                  "device": "cpu", "device_map": None, "backend": N.IDENTIFY_BACKENDS[0]},
     "baselines": list(N.CONTROL_BASELINES),
     "ablation": {"mode": "ablate-zero", "limit": 120},
-    "sweep": {"le_alpha": [0.5, 1.0], "ne_alpha": [1.0, 2.0], "ne_beta": [N.NE_BETA], "ne_lam": [N.NE_LAM],
+    "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [1.0, 2.0], "beta": [N.NE_BETA],
+                                                            "lam": [N.NE_LAM]}},
               "ratio": [0.005, 0.01, 0.02], "limit": 60, "retention_limit": 50, "retention_floor": 0.02},
     "stability": {"fractions": [0.5, 0.25], "ablate": True, "limit": None},
     "final": {"limit": 120, "jailbreak_limit": 30, "retention_limit": 70},
@@ -49,7 +50,11 @@ DEFAULTS: dict = {
              **{k: 1 for k in N.PARALLEL_OPTIONS}, "distributed_executor_backend": None},
 }
 # keys of earlier versions: what replaced them (the error says so instead of "unknown key")
-RENAMED = {"sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for both edits)"}
+RENAMED = {"sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for both edits)",
+           **{f"sweep.{k}_{p}": f"sweep.edits.{k}.{p} (edit kind -> setting -> values)"
+              for k, ps in (("le", ("alpha",)), ("ne", ("alpha", "beta", "lam"))) for p in ps}}
+# mappings whose keys are the user's (edit kinds): given, they replace the default as a whole
+FREE = {"sweep.edits"}
 # parity_of: the name of an earlier model this one is a twin of (same weights, another architecture
 # class): it gets the parity stage (identify + one evaluation, compared number by number) instead of a full run.
 MODEL_KEYS = {"path": None, "name": None, "parity_of": None}
@@ -115,7 +120,7 @@ def _merge(defaults: dict, given, path: str) -> dict:
                 _fail(where, f"was replaced by {RENAMED[where]}")
             valid = ", ".join(defaults)
             _fail(where, f"unknown key (valid keys{' in ' + path if path else ''}: {valid})")
-        if isinstance(defaults[key], dict):
+        if isinstance(defaults[key], dict) and where not in FREE:
             out[key] = _merge(defaults[key], value, where)
         else:
             out[key] = value
@@ -261,18 +266,38 @@ def _check_ablation(cfg: dict) -> None:
 
 def _check_sweep(cfg: dict) -> None:
     sw = cfg["sweep"]
-    # edit factors must stay >= 0: 1 + alpha * w with w in [0, 1] (magnitude) or [-1, 1] (signed)
-    # and at most GAIN_MAX (core/checks.py), as `coco-tools bake` / `ne` refuse: caught here, not hours in
-    lo, hi = (-1.0, 1.0) if cfg["identify"]["weighting"] == "signed" else (-1.0, GAIN_MAX - 1)
-    sw["le_alpha"] = _num_list(sw["le_alpha"], "sweep.le_alpha", lo=lo, hi=hi)
-    sw["ne_alpha"] = _num_list(sw["ne_alpha"], "sweep.ne_alpha", lo=lo, hi=hi)
-    sw["ne_beta"] = _num_list(sw["ne_beta"], "sweep.ne_beta", lo=0, hi=BETA_MAX, lo_open=True)
-    sw["ne_lam"] = _num_list(sw["ne_lam"], "sweep.ne_lam", lo=0, hi=1)
+    grid = sw["edits"]
+    if not isinstance(grid, dict) or not grid:
+        _fail("sweep.edits", f"{grid!r} is not a mapping of edit kinds ({', '.join(registry.enhancements())}) "
+              "to their settings' values")
+    sw["edits"] = {kind: _kind_grid(kind, values, cfg["identify"]["weighting"]) for kind, values in grid.items()}
     if sw["ratio"] is not None:
         sw["ratio"] = _num_list(sw["ratio"], "sweep.ratio", lo=0, hi=1, lo_open=True)
     _int(sw, "sweep", "limit", lo=1, nullable=True)
     _int(sw, "sweep", "retention_limit", lo=1, nullable=True)
     sw["retention_floor"] = _num(sw["retention_floor"], "sweep.retention_floor", lo=0, hi=1)
+
+
+def _kind_grid(kind, values, weighting: str) -> dict[str, list[float]]:
+    """One kind's sweep grid: each of its settings a list of values (a setting left out: [its default]),
+    each within the range the kind gives it, as `coco-tools bake` / `ne` would refuse: caught here,
+    not hours in."""
+    where = f"sweep.edits.{kind}"
+    _choice(kind, where, registry.enhancements())
+    params = {p.name: p for p in registry.any_kind(kind).params}
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        _fail(where, f"{values!r} is not a mapping of settings ({', '.join(params) or 'none'}) to lists of values")
+    for name in values:
+        if name not in params:
+            _fail(f"{where}.{name}", f"{kind} takes no setting {name} (it takes {', '.join(params) or 'none'})")
+    out = {}
+    for name, p in params.items():
+        # with signed weights (w in [-1, 1]) a strength above 1 would make some factor 1 + alpha w negative
+        hi = min(p.hi, 1.0) if name == "alpha" and weighting == "signed" and p.hi is not None else p.hi
+        out[name] = _num_list(values.get(name, [p.default]), f"{where}.{name}", lo=p.lo, hi=hi, lo_open=p.lo_open)
+    return out
 
 
 def _check_stability(cfg: dict) -> None:

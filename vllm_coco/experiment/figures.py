@@ -5,7 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from vllm_coco.experiment.results import EDIT_LABELS, LABELS, AblationResult, FinalResult, ModelResults
+from vllm_coco.edit.registry import label
+from vllm_coco.experiment.results import LABELS, AblationResult, FinalResult, ModelResults
 
 
 @dataclass(frozen=True)
@@ -59,7 +60,7 @@ def success_chart(name: str, r: FinalResult, categories, out_dir: Path) -> Path:
     runs = r.runs()
     png = out_dir / f"{name}-success-rate.png"
     bar_chart([(c, [x.stereo.get("success_rate", c) for x in runs.values()]) for c in [*categories, "all"]],
-              [EDIT_LABELS[k] for k in runs], png, f"{name}: success rate (test)")
+              [label(k) for k in runs], png, f"{name}: success rate (test)")
     return png
 
 
@@ -77,14 +78,14 @@ def delta_chart(m: ModelResults, out_dir: Path) -> Path:
     rows = [(f"{LABELS[k]} ablated", (abl.intervals or {}).get(k, {}).get("success_rate")) for k in abl.sets]
     if m.stability is not None:  # the split halves' own sets (stability stage)
         rows += [(f"half {k.upper()}'s set ablated", iv) for k, iv in (m.stability.result.intervals or {}).items()]
-    rows += [(EDIT_LABELS[k], (run.intervals or {}).get("success_rate")) for k, run in fin.edits().items()]
-    rows = [(label, iv) for label, iv in rows if iv is not None and iv.delta is not None and iv.lo is not None]
+    rows += [(label(k), (run.intervals or {}).get("success_rate")) for k, run in fin.edits.items()]
+    rows = [(name, iv) for name, iv in rows if iv is not None and iv.delta is not None and iv.lo is not None]
     fig, ax = plt.subplots(figsize=(6.5, 0.55 * max(len(rows), 1) + 1.4))
-    for y, (label, iv) in enumerate(rows):
+    for y, (name, iv) in enumerate(rows):
         ax.errorbar([iv.delta], [y], xerr=[[iv.delta - iv.lo], [iv.hi - iv.delta]], fmt="o", capsize=4,
-                    color="tab:red" if label.endswith("ablated") else "tab:blue")
+                    color="tab:red" if name.endswith("ablated") else "tab:blue")
     ax.axvline(0.0, color="gray", lw=1, ls="--")
-    ax.set_yticks(range(len(rows)), [f"{label} (n={iv.n})" for label, iv in rows])
+    ax.set_yticks(range(len(rows)), [f"{name} (n={iv.n})" for name, iv in rows])
     ax.invert_yaxis()
     ax.set_xlabel("Δ success rate vs base (test), paired 95 % interval over items")
     ax.set_title(f"{m.name}: what each edit does to the success rate")
@@ -111,14 +112,14 @@ def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
         c = row.candidate
         if row.delta is None or row.delta.delta is None or row.delta.lo is None:
             continue
-        label = f"{EDIT_LABELS[c.edit]} " + c.params.split(", ", 1)[-1] if c.ratio is not None else c.params
-        lines.setdefault(label, []).append((100 * (c.ratio or 0.0), row.delta, row.key in chosen))
+        name = f"{label(c.edit)} " + c.params.split(", ", 1)[-1] if c.ratio is not None else c.params
+        lines.setdefault(name, []).append((100 * (c.ratio or 0.0), row.delta, row.key in chosen))
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
-    for i, (label, pts) in enumerate(lines.items()):
+    for i, (name, pts) in enumerate(lines.items()):
         x = [p[0] * (1 + 0.04 * (i - len(lines) / 2)) for p in pts]  # a small offset keeps whiskers apart
         d = [p[1].delta for p in pts]
         err = [[p[1].delta - p[1].lo for p in pts], [p[1].hi - p[1].delta for p in pts]]
-        ax.errorbar(x, d, yerr=err, fmt="o-", capsize=3, label=label)
+        ax.errorbar(x, d, yerr=err, fmt="o-", capsize=3, label=name)
         for xi, p in zip(x, pts):
             if p[2]:
                 ax.plot([xi], [p[1].delta], "o", ms=13, mfc="none", mec="black")

@@ -43,10 +43,10 @@ from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, swap_in, write_text
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import PARALLEL_OPTIONS
+from vllm_coco.edit.registry import label
 from vllm_coco.experiment import figures, report, stats
 from vllm_coco.experiment.report import fmt
 from vllm_coco.experiment.results import (
-    EDITS,
     JAILBREAK_FAMILIES,
     LABELS,
     RETENTION_FINAL,
@@ -74,7 +74,7 @@ from vllm_coco.experiment.results import (
 )
 from vllm_coco.experiment.sweep import admissible, candidates, choose, shares
 
-PIPELINE_VERSION = 3  # bump when a stage's output format or meaning changes: forces a recompute
+PIPELINE_VERSION = 4  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
 STEP = "step.json"
 LOG = "pipeline.log"
@@ -522,32 +522,28 @@ def share_sets(run: Run, ident: Stage[IdentifyResult], steps: Steps) -> None:
 
 
 def candidate_neurons(run: Run, ident: Stage[IdentifyResult], sets_dir: Path, cand: Candidate) -> Path:
-    """The artifact a candidate edits: LE at a share other than identify's reads that share's set
-    (share_sets, under the sweep stage's directory `sets_dir`); NE takes its share of q/v neurons
-    from the identify artifact itself (ne.select_ne)."""
-    if cand.edit == "le" and cand.ratio is not None and cand.ratio != run.cfg["identify"]["ratio"]:
+    """The artifact a candidate edits: a linear kind at a share other than identify's reads that
+    share's set (share_sets, under the sweep stage's directory `sets_dir`); the NE gate takes its
+    share of q/v neurons from the identify artifact itself (ne_gate.select_ne)."""
+    if not recipe(cand).is_gate and cand.ratio is not None and cand.ratio != run.cfg["identify"]["ratio"]:
         return sets_dir / "sets" / f"r{cand.ratio:g}"
     return ident.dir / ident.result.neurons
 
 
-def _make_edit(m: dict, neurons: Path, cand: Candidate, out: Path) -> None:
-    from vllm_coco.edit.bake import bake
-    from vllm_coco.edit.ne import write_ne
+def recipe(cand: Candidate):
+    """The candidate as an edit every backend runs (edit/recipe.py)."""
+    from vllm_coco.edit.recipe import Recipe
 
-    if cand.edit == "le":
-        bake(str(m["dir"]), str(neurons), str(out), mode="le", alpha=cand.alpha)
-    else:
-        write_ne(str(m["dir"]), str(neurons), str(out), alpha=cand.alpha, beta=cand.beta, lam=cand.lam,
-                 ratio=cand.ratio)
+    return Recipe(cand.edit, dict(cand.settings), cand.ratio)
+
+
+def _make_edit(m: dict, neurons: Path, cand: Candidate, out: Path) -> None:
+    recipe(cand).write(m["dir"], neurons, out)
 
 
 def edit_condition(m: dict, neurons: Path, cand: Candidate):
     """A sweep candidate as an in-memory edit: the same numbers as the directory `_make_edit` writes."""
-    from vllm_coco.edit.conditions import linear_edit, ne_edit
-
-    if cand.edit == "le":
-        return linear_edit(neurons, "le", alpha=cand.alpha, model_dir=m["dir"])
-    return ne_edit(neurons, alpha=cand.alpha, beta=cand.beta, lam=cand.lam, ratio=cand.ratio, model_dir=m["dir"])
+    return recipe(cand).condition(neurons, m["dir"])
 
 
 def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SweepResult]:
@@ -601,10 +597,10 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
                                   "success_rate")
             r = SweepRow.score(cand, st, ret, admissible(ret.acc_mean, base.retention, sw["retention_floor"]), delta)
             rows.append(r)
-            run.log(f"  [{m['name']}] sweep {cand.edit.upper()} {r.params}: success_rate "
+            run.log(f"  [{m['name']}] sweep {label(cand.edit)} {r.params}: success_rate "
                     f"{fmt(r.success_rate)}, retention {fmt(r.retention)}"
                     f"{'' if r.admissible else ' (below the retention floor)'} ({time.time() - t0:.0f} s)")
-        chosen = {e: choose(rows, base, e) for e in EDITS}
+        chosen = {e: choose(rows, base, e) for e in sw["edits"]}
         for c in chosen.values():
             run.log(f"  [{m['name']}] sweep: {c.note}")
         return SweepResult(split="validate", limit=sw["limit"], retention_limit=sw["retention_limit"],
@@ -634,7 +630,7 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
            data_spec: dict) -> Stage[FinalResult]:
     fc = run.cfg["final"]
     cats = run.cfg["data"]["categories"]
-    chosen = {e: sweep.result.chosen_row(e) for e in EDITS}
+    chosen = {e: sweep.result.chosen_row(e) for e in sweep.result.chosen}
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
             "sweep": sweep.hash, "final": fc, "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
@@ -666,7 +662,7 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
                        jailbreak=JailbreakSummary.from_lm(res["jailbreak"]),
                        retention=RetentionSummary.from_lm(res["retention"], RETENTION_FINAL),
                        intervals=None if cand is None else final_intervals(where["base"], dirs))
-        run.log(f"  [{m['name']}] final {name.upper() if name != 'base' else 'base'}: success_rate "
+        run.log(f"  [{m['name']}] final {label(name)}: success_rate "
                 f"{fmt(out.stereo.get('success_rate'))} ({time.time() - t0:.0f} s)")
         return out
 
@@ -680,9 +676,9 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
                         m, candidate_neurons(run, ident, sweep.dir, row.candidate), row.candidate))
                     conds.append(f"final-{e}")
         base = evaluate_one("base", None, steps, prefetch=conds)
-        edits = {e: None if row is None else evaluate_one(e, row.candidate, steps) for e, row in chosen.items()}
+        edits = {e: evaluate_one(e, row.candidate, steps) for e, row in chosen.items() if row is not None}
         return FinalResult(split="test", limit=fc["limit"], jailbreak_limit=fc["jailbreak_limit"],
-                           retention_limit=fc["retention_limit"], base=base, **edits)
+                           retention_limit=fc["retention_limit"], base=base, edits=edits)
 
     return run.stage(root, m["name"], "final", spec, body, FinalResult)
 
@@ -787,8 +783,7 @@ def _report(run: Run, models: list[ModelResults], parities: dict[str, Stage[Pari
 
 def plan(cfg: dict) -> list[str]:
     sw = cfg["sweep"]
-    n_cand = len(shares(sw, cfg["identify"]["ratio"])) * (
-        len(sw["le_alpha"]) + len(sw["ne_alpha"]) * len(sw["ne_beta"]) * len(sw["ne_lam"]))
+    n_cand = len(candidates(sw, cfg["identify"]["ratio"]))
     lines = [f"output: {cfg['out']}"]
     for m in cfg["models"]:
         if m["parity_of"] is not None:

@@ -11,11 +11,10 @@ import math
 from pathlib import Path
 
 from vllm_coco import METHOD_VERSION, __version__
+from vllm_coco.edit.registry import label
 from vllm_coco.experiment import stats
 from vllm_coco.experiment.figures import ModelFigures
 from vllm_coco.experiment.results import (
-    EDIT_LABELS,
-    EDITS,
     JAILBREAK_FAMILIES,
     LABELS,
     RETENTION_FINAL,
@@ -104,14 +103,14 @@ def sample_sizes(m: ModelResults) -> list[str]:
     chosen = {c.key for c in sw.chosen.values()}
     for row in sw.rows:
         if row.key in chosen:
-            add(f"sweep: chosen {row.edit.upper()} vs base (validate)", row.delta, p_val)
-    for e, run in fin.edits().items():
+            add(f"sweep: chosen {label(row.edit)} vs base (validate)", row.delta, p_val)
+    for e, run in fin.edits.items():
         iv = run.intervals or {}
-        add(f"final: {EDIT_LABELS[e]} success rate (test)", iv.get("success_rate"), fin.base.stereo.get("success_rate"))
-        add(f"final: {EDIT_LABELS[e]} acc_disambig (test)", iv.get("acc_disambig"),
+        add(f"final: {label(e)} success rate (test)", iv.get("success_rate"), fin.base.stereo.get("success_rate"))
+        add(f"final: {label(e)} acc_disambig (test)", iv.get("acc_disambig"),
             fin.base.stereo.get("acc_disambig"))
-        add(f"final: {EDIT_LABELS[e]} retention (documents)", iv.get("retention"), fin.base.retention.acc_mean)
-        add(f"final: {EDIT_LABELS[e]} jailbreak, one family (test)", iv.get(f"jailbreak:{JAILBREAK_FAMILIES[0]}"),
+        add(f"final: {label(e)} retention (documents)", iv.get("retention"), fin.base.retention.acc_mean)
+        add(f"final: {label(e)} jailbreak, one family (test)", iv.get(f"jailbreak:{JAILBREAK_FAMILIES[0]}"),
             fin.base.jailbreak.get("success_rate", JAILBREAK_FAMILIES[0]))
     if not rows:
         return []
@@ -126,13 +125,12 @@ def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
     abl, fin = m.ablation.result, m.final.result
     out = [stats.verdict_specific({LABELS[k]: iv for k, iv in (abl.specific or {}).items()})]
     floor = cfg["sweep"]["retention_floor"]
-    for e in EDITS:
-        run, label = getattr(fin, e), EDIT_LABELS[e]
-        iv = (run.intervals or {}) if run is not None else {}
+    for e, run in fin.edits.items():
+        iv = run.intervals or {}
         if not iv:  # no candidate of this edit: nothing to judge
             continue
         none = stats.NO_ITEMS  # a comparison the stage could not make reads as "inconclusive"
-        out.append(stats.verdict_edit(iv.get("success_rate", none), iv.get("acc_disambig", none), edit=label))
+        out.append(stats.verdict_edit(iv.get("success_rate", none), iv.get("acc_disambig", none), edit=label(e)))
         out.append(stats.verdict_retention(iv.get("retention", none), floor, edit=label))
         out.append(stats.verdict_jailbreak({k.split(":", 1)[1]: v for k, v in iv.items()
                                             if k.startswith("jailbreak:")}, edit=label))
@@ -178,15 +176,15 @@ def model_section(cfg: dict, m: ModelResults, fig: ModelFigures, layout: str) ->
             + sweep(m.sweep.result) + figure("sweep", fig.sweep)
             + final_stereo(final, cats) + choice_on_test(m) + other_metrics(final)
             + figure("success rate", fig.success) + figure("deltas with intervals", fig.deltas)
-            + jailbreak(final) + retention(final, m.final.dir))
+            + jailbreak(final) + retention(final, m.final.dir, m.sweep.result.chosen))
 
 
 def choice_on_test(m: ModelResults) -> list[str]:
     """Chosen on validate, reported on test: does the test result agree with the validate one?"""
     sw, fin = m.sweep.result, m.final.result
     rows = []
-    for e in EDITS:
-        run, choice = getattr(fin, e), sw.chosen.get(e)
+    for e, run in fin.edits.items():
+        choice = sw.chosen.get(e)
         row = next((r for r in sw.rows if choice is not None and r.key == choice.key), None)
         if run is None or row is None or row.delta is None or not run.intervals:
             continue
@@ -195,7 +193,7 @@ def choice_on_test(m: ModelResults) -> list[str]:
         def side(iv):
             return "n/a" if iv.lo is None else "up" if iv.lo > 0 else "down" if iv.hi < 0 else "no change resolved"
 
-        rows.append([EDIT_LABELS[e], row.params, f"{val.text()} (n={val.n})", f"{test.text()} (n={test.n})",
+        rows.append([label(e), row.params, f"{val.text()} (n={val.n})", f"{test.text()} (n={test.n})",
                      "yes" if side(val) == side(test) else "no"])
     if not rows:
         return []
@@ -231,14 +229,15 @@ def header(cfg: dict, out: Path, backend: str) -> list[str]:
 
 def summary(models: list[ModelResults]) -> list[str]:
     """One row per model: final success rates on test, and the COCO ablation's."""
+    kinds = list(dict.fromkeys(k for m in models for k in m.sweep.result.chosen))  # every swept kind, in order
     rows = []
     for m in models:
         f, abl = m.final.result, m.ablation.result
         base = f.base.stereo.get("success_rate")
-        edits = ["n/a (no candidate)" if run is None
-                 else f"{delta(run.stereo.get('success_rate'), base)} [{run.params}]" for run in (f.le, f.ne)]
+        edits = ["n/a (no candidate)" if k not in f.edits
+                 else f"{delta(f.edits[k].stereo.get('success_rate'), base)} [{f.edits[k].params}]" for k in kinds]
         rows.append([m.name, fmt(base), *edits, delta(abl.coco.get("success_rate"), abl.base.get("success_rate"))])
-    return ["## Summary", "", md_table(["model", "base (test)", "LE-COCO (test)", "NE-COCO (test)",
+    return ["## Summary", "", md_table(["model", "base (test)", *(f"{label(k)} (test)" for k in kinds),
                                         "COCO ablated (test)"], rows), ""]
 
 
@@ -382,18 +381,18 @@ def ablation_reading(r: AblationResult) -> str:
 def sweep(r: SweepResult) -> list[str]:
     b, selected = r.base, {c.key for c in r.chosen.values() if c.key is not None}
     rows = [["base", "-", fmt(b.success_rate), "", fmt(b.acc_disambig), fmt(b.retention), "-", ""]]
-    rows += [[row.edit.upper(), row.params, delta(row.success_rate, b.success_rate),
+    rows += [[label(row.edit), row.params, delta(row.success_rate, b.success_rate),
               row.delta.text() if row.delta else "n/a", fmt(row.acc_disambig),
               delta(row.retention, b.retention), "yes" if row.admissible else "no",
               "**selected**" if row.key in selected else ""] for row in r.rows]
     by_key = {row.key: row for row in r.rows}
     honest = []
-    for e in EDITS:
+    for e in r.chosen:
         row = by_key.get(r.chosen[e].key)
         if row is None or row.delta is None or row.delta.lo is None:
             continue
         beyond = row.delta.lo > 0
-        honest.append(f"- {e.upper()} choice on validate: Δ success {row.delta.text()} (n={row.delta.n}): "
+        honest.append(f"- {label(e)} choice on validate: Δ success {row.delta.text()} (n={row.delta.n}): "
                       + ("beats the base beyond noise." if beyond else
                          "**no candidate beat base beyond noise** (evaluated on test anyway, labelled so)."))
     return (["### Sweep (validate split)", "",
@@ -402,53 +401,54 @@ def sweep(r: SweepResult) -> list[str]:
              f"retention >= base - {r.retention_floor}.", "",
              md_table(["edit", "hyperparameters", "success rate", "Δ [95 %]", "acc (disambig.)", "retention",
                        "admissible", ""], rows), ""]
-            + [f"- {e.upper()}: {r.chosen[e].note}." for e in EDITS] + honest + [""])
+            + [f"- {label(e)}: {c.note}." for e, c in r.chosen.items()] + honest + [""])
 
 
 def _edit_labels(r: FinalResult) -> list[str]:
-    return [EDIT_LABELS[k] for k in r.edits()]
+    return [label(k) for k in r.edits]
 
 
 def final_stereo(r: FinalResult, cats) -> list[str]:
     """Per-category success rate of base and the chosen edits."""
-    st, edits = r.base.stereo, r.edits().values()
+    st, edits = r.base.stereo, r.edits.values()
     rows = [vs_base([c, str(st.docs.get(c, ""))], st.get("success_rate", c),
                     [x.stereo.get("success_rate", c) for x in edits]) for c in [*cats, "all"]]
     return ["### Final: per-category success rate (test split)", "",
             f"stereo_coco limit {r.limit or 'all'} documents per category; "
-            f"LE {r.le.params if r.le else 'n/a'}, NE {r.ne.params if r.ne else 'n/a'}.", "",
+            + "".join(f"{label(k)} {x.params}; " for k, x in r.edits.items()).rstrip("; ") + ".", "",
             md_table(["category", "docs", "base"] + _edit_labels(r), rows), ""]
 
 
 def other_metrics(r: FinalResult) -> list[str]:
     """The other stereo_coco metrics over all categories (those STEREO_METRICS describes)."""
-    rows = [vs_base([f"{m} ({what})"], r.base.stereo.get(m), [x.stereo.get(m) for x in r.edits().values()])
+    rows = [vs_base([f"{m} ({what})"], r.base.stereo.get(m), [x.stereo.get(m) for x in r.edits.values()])
             for m, what in STEREO_METRICS.items() if what]
     return (["Other stereo_coco metrics (all categories; n/a = no document of that condition in the sample):", "",
              md_table(["metric", "base"] + _edit_labels(r), rows), ""]
             + intervals_table("Δ vs base with its paired 95 % interval over test items (n items; retention: "
                               "documents; jailbreak: ambiguous items per attack family)",
-                              {EDIT_LABELS[k]: x.intervals for k, x in r.edits().items() if x.intervals}))
+                              {label(k): x.intervals for k, x in r.edits.items() if x.intervals}))
 
 
 def jailbreak(r: FinalResult) -> list[str]:
     jb = r.base.jailbreak
     rows = [vs_base([fam, str(jb.docs[fam])], jb.get("success_rate", fam),
-                    [x.jailbreak.get("success_rate", fam) for x in r.edits().values()])
+                    [x.jailbreak.get("success_rate", fam) for x in r.edits.values()])
             for fam in (*JAILBREAK_FAMILIES, "all")]
     return ["### Jailbreak (test split, ambiguous items under attack)", "",
             f"lm-eval limit {r.jailbreak_limit or 'all'} documents per attack family.", "",
             md_table(["attack", "docs", "base"] + _edit_labels(r), rows), ""]
 
 
-def retention(r: FinalResult, final_dir: Path) -> list[str]:
+def retention(r: FinalResult, final_dir: Path, swept) -> list[str]:
+    """Retention of base and the chosen edits; `swept`: the edit kinds the sweep chose among."""
     ret = r.base.retention
     rows = [vs_base([f"{t} ({RETENTION_METRICS[t][1]})", str(ret.docs[t])], ret.values[t],
-                    [x.retention.values[t] for x in r.edits().values()]) for t in RETENTION_FINAL]
+                    [x.retention.values[t] for x in r.edits.values()]) for t in RETENTION_FINAL]
     md = ["### Retention (offline subsets)", "", f"lm-eval limit {r.retention_limit or 'all'} documents per task.",
           "", md_table(["task", "docs", "base"] + _edit_labels(r), rows), ""]
-    missing = [EDIT_LABELS[e] for e in EDITS if e not in r.edits()]
+    missing = [label(e) for e in swept if e not in r.edits]
     if missing:
         md += [f"n/a for {', '.join(missing)}: no such candidate in the sweep.", ""]
-    return md + [f"Edited models: `{final_dir}/models/` (le: a baked checkpoint; ne: an NE-COCO directory for "
-                 "`vllm serve` with the vllm-coco plugin).", ""]
+    return md + [f"Edited models: `{final_dir}/models/` (the NE gate: an NE-COCO directory for `vllm serve` with the "
+                 "vllm-coco plugin; every other kind: a baked checkpoint).", ""]

@@ -47,9 +47,7 @@ RETENTION_METRICS = {
 }
 RETENTION_SWEEP = ("coco_mmlu", "coco_boolq")  # the accuracy tasks the retention floor reads
 RETENTION_FINAL = tuple(RETENTION_METRICS)
-EDITS = ("le", "ne")  # the two edits the sweep chooses, in report order
 LABELS = {"coco": "COCO", "rand": "RAND", "norm": "NORM", "mact": "MACT"}  # neuron sets
-EDIT_LABELS = {"base": "base", "le": "LE-COCO", "ne": "NE-COCO"}
 
 T = TypeVar("T")
 
@@ -306,24 +304,21 @@ class StabilityResult(Json):
 
 @dataclass(frozen=True)
 class Candidate(Json):
-    """One edit of the sweep grid: LE (alpha) or NE (alpha, beta, lam), on the top `ratio` share of
-    neurons (LE: of all q/k/v neurons by COCO loss; NE: of q and v neurons by |direction|)."""
+    """One edit of the sweep grid: an edit kind and its settings (edit/registry.py; the NE gate
+    included), on the top `ratio` share of neurons (a linear kind: of all q/k/v neurons by COCO loss;
+    the gate: of q and v neurons by |direction|)."""
     key: str
     edit: str
-    alpha: float
-    beta: float | None = None
-    lam: float | None = None
-    ratio: float | None = None  # None: the identify artifact's own share (done.json of pipeline < 4)
+    settings: dict[str, float]
+    ratio: float | None = None  # None: the identify artifact's own share
 
     @property
     def params(self) -> str:
         share = "" if self.ratio is None else f"share={100 * self.ratio:g} %, "
-        if self.edit == "le":
-            return f"{share}alpha={self.alpha:g}"
-        return f"{share}alpha={self.alpha:g}, beta={self.beta:g}, lam={self.lam:g}"
+        return share + ", ".join(f"{k}={v:g}" for k, v in self.settings.items())
 
     def spec(self) -> dict:
-        """What makes the edit (a step's hash input): LE has no beta / lam."""
+        """What makes the edit (a step's hash input)."""
         return {k: v for k, v in dataclasses.asdict(self).items() if v is not None}
 
 
@@ -402,22 +397,18 @@ class FinalRun(Json):
 
 @dataclass(frozen=True)
 class FinalResult(Json):
-    """Base, chosen LE and chosen NE on the test split (None: the sweep had no such candidate)."""
+    """Base and each edit kind's chosen candidate on the test split (a kind whose sweep had no
+    candidate is absent), in the sweep's order."""
     split: str
     limit: int | None
     jailbreak_limit: int | None
     retention_limit: int | None
     base: FinalRun
-    le: FinalRun | None
-    ne: FinalRun | None
-
-    def edits(self) -> dict[str, FinalRun]:
-        """The edited runs present, le before ne."""
-        return {e: getattr(self, e) for e in EDITS if getattr(self, e) is not None}
+    edits: dict[str, FinalRun]
 
     def runs(self) -> dict[str, FinalRun]:
         """base, then the edited runs present."""
-        return {"base": self.base, **self.edits()}
+        return {"base": self.base, **self.edits}
 
 
 # --------------------------------------------------------------------------- report, per model

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 
+from vllm_coco.edit.registry import label
 from vllm_coco.experiment.results import Candidate, Choice, SweepRow
 
 
 def candidates(sw: dict, identify_ratio: float) -> list[Candidate]:
     """The config's sweep section as candidates: for each neuron share (sweep.ratio; null: the
-    identify share), every LE alpha, then the NE alpha x beta x lam grid."""
+    identify share), each edit kind of sweep.edits in order, every combination of its settings."""
     out = []
     for r in sw["ratio"] or [identify_ratio]:
-        out += [Candidate(key=f"le-r{r:g}-a{a:g}", edit="le", alpha=a, ratio=r) for a in sw["le_alpha"]]
-        for a in sw["ne_alpha"]:
-            for b in sw["ne_beta"]:
-                for lam in sw["ne_lam"]:
-                    out.append(Candidate(key=f"ne-r{r:g}-a{a:g}-b{b:g}-l{lam:g}", edit="ne", alpha=a, beta=b, lam=lam,
-                                         ratio=r))
+        for kind, grid in sw["edits"].items():
+            names = list(grid)
+            short = [n[0] for n in names] if len({n[0] for n in names}) == len(names) else names
+            for values in itertools.product(*grid.values()):
+                key = f"{kind}-r{r:g}" + "".join(f"-{k}{v:g}" for k, v in zip(short, values))
+                out.append(Candidate(key=key, edit=kind, settings=dict(zip(names, values)), ratio=r))
     return out
 
 
@@ -42,16 +44,16 @@ def choose(rows: list[SweepRow], base: SweepRow, edit: str) -> Choice:
     highest retention, flagged."""
     mine = [r for r in rows if r.edit == edit]
     if not mine:
-        return Choice(key=None, admissible=False, beats_base=False, note=f"no {edit.upper()} candidate")
+        return Choice(key=None, admissible=False, beats_base=False, note=f"no {label(edit)} candidate")
     ok = [r for r in mine if r.admissible]
     if ok:
         best = max(ok, key=lambda r: (_rate(r.success_rate), _rate(r.retention), -mine.index(r)))
         beats = _rate(best.success_rate) > _rate(base.success_rate)
-        note = (f"best admissible {edit.upper()} ({best.params}) "
+        note = (f"best admissible {label(edit)} ({best.params}) "
                 + ("beats the base model on validate" if beats else
                    "does not beat the base model on validate: no candidate improved the success rate"))
         return Choice(key=best.key, admissible=True, beats_base=beats, note=note)
     best = max(mine, key=lambda r: (_rate(r.retention), _rate(r.success_rate), -mine.index(r)))
     return Choice(key=best.key, admissible=False, beats_base=_rate(best.success_rate) > _rate(base.success_rate),
-                  note=f"no {edit.upper()} candidate keeps retention within the floor; kept the one with the "
+                  note=f"no {label(edit)} candidate keeps retention within the floor; kept the one with the "
                        f"highest retention ({best.params}) for the final evaluation")

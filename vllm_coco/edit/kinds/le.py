@@ -45,5 +45,7 @@ def _effect(n: Neurons, s, spelling):
     return le_factors(n.weights, s["alpha"], spelling["alpha"]), np.zeros(len(n.weights))
 
 
-KIND = LinearKind("le", "LE-COCO", "h_n <- (1 + alpha * w_n) h_n", _effect,
-                  params=(Param("alpha", ALPHA, "LE strength: each selected neuron scales by 1 + alpha * w_n"),))
+# alpha's range: the factor 1 + alpha w_n stays >= 0 for w_n in [0, 1] (magnitude weights) and at most
+# GAIN_MAX (le_factors refuses the rest on the actual weights; the config refuses it before a run)
+KIND = LinearKind("le", "LE-COCO", "h_n <- (1 + alpha * w_n) h_n", _effect, params=(
+    Param("alpha", ALPHA, "LE strength: each selected neuron scales by 1 + alpha * w_n", lo=-1.0, hi=GAIN_MAX - 1),))
