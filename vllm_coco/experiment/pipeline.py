@@ -43,6 +43,7 @@ from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, swap_in, write_text
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import PARALLEL_OPTIONS
+from vllm_coco.edit import registry
 from vllm_coco.edit.registry import label
 from vllm_coco.experiment import figures, report, stats
 from vllm_coco.experiment.report import fmt
@@ -530,6 +531,11 @@ def candidate_neurons(run: Run, ident: Stage[IdentifyResult], sets_dir: Path, ca
     return ident.dir / ident.result.neurons
 
 
+# the parity stage's two conditions: (name, edited?); the edit is the NE gate at its defaults
+PARITY_GATE = Candidate(key="parity-ne", edit=registry.gate().name, settings={})
+PARITY = (("base", False), (PARITY_GATE.edit, True))
+
+
 def recipe(cand: Candidate):
     """The candidate as an edit every backend runs (edit/recipe.py)."""
     from vllm_coco.edit.recipe import Recipe
@@ -700,8 +706,6 @@ def _parity(run: Run, m: dict, ref: dict, root: Path, data_spec: dict) -> Stage[
     """Identify both models at a small size and evaluate base and NE-COCO on a small sample: a twin
     must reproduce its reference to `parity.tolerance` (CocoError otherwise: a code-path bug)."""
     from vllm_coco.core.artifact import Artifact
-    from vllm_coco.edit.conditions import ne_edit
-    from vllm_coco.edit.ne import write_ne
     from vllm_coco.identify.run import IdentifyOptions, identify
 
     pc, ic = run.cfg["parity"], run.cfg["identify"]
@@ -721,22 +725,22 @@ def _parity(run: Run, m: dict, ref: dict, root: Path, data_spec: dict) -> Stage[
         for x in (ref, m):
             neurons = steps.do(f"neurons/{x['name']}", {},
                                lambda d, x=x: identify(str(x["dir"]), str(d), opts, progress=False))
-            for cond in ("base", "ne"):
+            for cond, edit in PARITY:
                 model_dir, condition, prefetch = x["dir"], None, ()
                 if run.in_memory:
                     lm = run.lm(x["dir"])
-                    lm.add_condition("parity-ne", ne_edit(neurons, model_dir=x["dir"]))
-                    condition, prefetch = ("parity-ne", ()) if cond == "ne" else (None, ("parity-ne",))
-                elif cond == "ne":
-                    model_dir = steps.do(f"models/{x['name']}-ne", {},
-                                         lambda d, x=x, n=neurons: write_ne(str(x["dir"]), str(n), str(d)))
+                    lm.add_condition("parity-ne", recipe(PARITY_GATE).condition(neurons, x["dir"]))
+                    condition, prefetch = ("parity-ne", ()) if edit else (None, ("parity-ne",))
+                elif edit:
+                    model_dir = steps.do(f"models/{x['name']}-{cond}", {},
+                                         lambda d, x=x, n=neurons: recipe(PARITY_GATE).write(x["dir"], n, d))
                 evals[(x["name"], cond)] = steps.do(
                     f"evals/{x['name']}-{cond}", {"limit": pc["limit"]},
                     lambda d, md=model_dir, c=condition, p=prefetch: evaluate(run, md, tasks, "test", pc["limit"], d,
                                                                               condition=c, prefetch=p,
                                                                               log_samples=True))
         (ma, aa), (mb, ab) = (Artifact.read(partial / f"neurons/{x['name']}") for x in (ref, m))
-        diffs = {c: _max_loglik_diff(evals[(ref["name"], c)], evals[(m["name"], c)], tasks) for c in ("base", "ne")}
+        diffs = {c: _max_loglik_diff(evals[(ref["name"], c)], evals[(m["name"], c)], tasks) for c, _ in PARITY}
         res = ParityResult(reference=ref["name"], identify_limit=pc["identify_limit"], limit=pc["limit"],
                            tolerance=pc["tolerance"],
                            max_abs_score=float(abs(aa["score"].astype(float) - ab["score"].astype(float)).max()),
