@@ -217,7 +217,8 @@ def test_run_config_anchors_and_merge_keys_still_work(tmp_path):
     f = _config(tmp_path, "alphas: &a [0.5, 1.0]\nsweep: {edits: {le: {alpha: *a}, ne: {alpha: *a}}}\n"
                           "base: &b {x: 1, y: 2}\nd:\n  <<: *b\n  x: 3\n")
     got = read_yaml(f)
-    assert got["sweep"] == {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [0.5, 1.0]}}} and got["d"] == {"x": 3, "y": 2}
+    assert got["sweep"] == {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [0.5, 1.0]}}}
+    assert got["d"] == {"x": 3, "y": 2}
 
 
 # =========================================================================== compare

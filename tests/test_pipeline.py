@@ -405,7 +405,8 @@ def test_eval_split_reaches_the_tasks_through_metadata():
 
 BAD = [
     ({"bogus": 1}, r"^bogus: unknown key"),
-    ({"sweep": {"edits": {"le": {"alpha": [0.5, float("inf")]}}}}, r"^sweep\.edits\.le\.alpha\[1\]: inf is not a finite number"),
+    ({"sweep": {"edits": {"le": {"alpha": [0.5, float("inf")]}}}},
+     r"^sweep\.edits\.le\.alpha\[1\]: inf is not a finite number"),
     ({"sweep": {"edits": {"le": {"alpha": [0.5, "x"]}}}}, r"^sweep\.edits\.le\.alpha\[1\]: 'x' is not a number"),
     ({"sweep": {"extra": 1}}, r"^sweep\.extra: unknown key"),
     ({"sweep": {"ne_ratio": 0.01}}, r"^sweep\.ne_ratio: was replaced by sweep\.ratio \(a list"),
@@ -417,7 +418,8 @@ BAD = [
     ({"sweep": {"edits": {"ne": {"lam": [1.5]}}}}, r"^sweep\.edits\.ne\.lam\[0\]: 1\.5 must be at most 1"),
     ({"sweep": {"le_alpha": [0.5]}}, r"^sweep\.le_alpha: was replaced by sweep\.edits\.le\.alpha"),
     ({"sweep": {"edits": {"ablate-zero": {}}}}, r"^sweep\.edits\.ablate-zero: 'ablate-zero' is not one of le, ne"),
-    ({"sweep": {"edits": {"le": {"beta": [2]}}}}, r"^sweep\.edits\.le\.beta: le takes no setting beta \(it takes alpha\)"),
+    ({"sweep": {"edits": {"le": {"beta": [2]}}}},
+     r"^sweep\.edits\.le\.beta: le takes no setting beta \(it takes alpha\)"),
     ({"sweep": {"edits": {}}}, r"^sweep\.edits: \{\} is not a mapping of edit kinds"),
     ({"sweep": {"retention_floor": -0.1}}, r"^sweep\.retention_floor: -0\.1 must be at least 0"),
     ({"identify": {"ratio": 0}}, r"^identify\.ratio: 0\.0 must be greater than 0"),

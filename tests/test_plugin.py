@@ -26,7 +26,7 @@ from vllm_coco.serve.plugin import register, ARCHITECTURES
 register(); register()
 from vllm import ModelRegistry
 archs = set(ModelRegistry.get_supported_archs())
-assert set(ARCHITECTURES) <= archs, archs
+assert {a.ne_class for a in ARCHITECTURES} <= archs, archs
 assert "vllm_coco.serve.vllm_models" not in sys.modules  # registered as "module:Class" strings
 from transformers import AutoConfig
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING

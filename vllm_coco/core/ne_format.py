@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from vllm_coco.core.architectures import ARCHITECTURES
 from vllm_coco.core.checks import finite, ne_gate, ne_hyper, tensors_finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.json_file import read_config
@@ -41,8 +42,8 @@ GATE_FILE = "coco_gate.safetensors"
 GATE_KEYS = ("channels", "mu", "sigma", "w", "w_hat")
 EDIT_KEYS = ("channels", "gain", "offset")
 SECTION = "coco"  # the config.json key holding the gate's hyperparameters
-BASE_TO_NE_ARCH = {"LlamaForCausalLM": "CocoLlamaForCausalLM", "MistralForCausalLM": "CocoMistralForCausalLM"}
-NE_TO_BASE_TYPE = {"coco_llama": "llama", "coco_mistral": "mistral"}
+BASE_TO_NE_ARCH = {a.base: a.ne_class for a in ARCHITECTURES}  # core/architectures.py's table
+NE_TO_BASE_TYPE = {a.ne_model_type: a.model_type for a in ARCHITECTURES}
 LOADER = "vllm_coco.serve.hf_reference.load_ne_model"  # named in errors that refuse an NE directory
 INDEX_JSON = "model.safetensors.index.json"
 _FIX = "re-export the directory with `coco-tools ne`"

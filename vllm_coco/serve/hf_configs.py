@@ -1,5 +1,6 @@
-"""transformers config classes of the NE-COCO model types (module level, so they pickle across
-vLLM's worker processes), and `register()`, which makes AutoConfig understand them.
+"""transformers config classes of the NE-COCO model types, one per row of core/architectures.py
+(module level, so they pickle across vLLM's worker processes), and `register()`, which makes
+AutoConfig understand them.
 
 An NE directory's config.json says `model_type: coco_llama` (or `coco_mistral`), so plain
 AutoModelForCausalLM refuses it with a pointer to the loader that applies the gate (the gate is
@@ -7,18 +8,12 @@ never silently dropped), while vLLM with the plugin serves it. Import this modul
 imports transformers. `register()` is idempotent.
 """
 
-from transformers import AutoConfig, AutoModelForCausalLM, LlamaConfig, MistralConfig, PreTrainedModel
+import transformers
+from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedModel
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
+from vllm_coco.core.architectures import ARCHITECTURES
 from vllm_coco.core.ne_format import LOADER
-
-
-class CocoLlamaConfig(LlamaConfig):
-    model_type = "coco_llama"
-
-
-class CocoMistralConfig(MistralConfig):
-    model_type = "coco_mistral"
 
 
 class _RefuseAutoModel(PreTrainedModel):
@@ -30,17 +25,25 @@ class _RefuseAutoModel(PreTrainedModel):
                          "(Hugging Face reference) or vLLM with the vllm-coco plugin")
 
 
-class RefuseCocoLlama(_RefuseAutoModel):
-    config_class = CocoLlamaConfig
+def _module_class(name: str, bases: tuple, attrs: dict) -> type:
+    """A class defined in this module's namespace under `name` (so pickle finds it by name)."""
+    cls = type(name, bases, {"__module__": __name__, "__qualname__": name, **attrs})
+    globals()[name] = cls
+    return cls
 
 
-class RefuseCocoMistral(_RefuseAutoModel):
-    config_class = CocoMistralConfig
+# model_type -> (config class, what AutoModelForCausalLM builds for it: a refusal)
+CLASSES = {}
+for _arch in ARCHITECTURES:
+    _config = _module_class(f"Coco{_arch.config_class}", (getattr(transformers, _arch.config_class),),
+                            {"model_type": _arch.ne_model_type})
+    CLASSES[_arch.ne_model_type] = (_config, _module_class(f"RefuseCoco{_arch.config_class}", (_RefuseAutoModel,),
+                                                           {"config_class": _config}))
 
 
 def register() -> None:
-    """Make AutoConfig read coco_llama / coco_mistral configs (transformers' public `register` API)."""
-    for cfg, refuse in ((CocoLlamaConfig, RefuseCocoLlama), (CocoMistralConfig, RefuseCocoMistral)):
-        if cfg.model_type not in CONFIG_MAPPING:
-            AutoConfig.register(cfg.model_type, cfg)
+    """Make AutoConfig read the coco_* configs (transformers' public `register` API)."""
+    for model_type, (cfg, refuse) in CLASSES.items():
+        if model_type not in CONFIG_MAPPING:
+            AutoConfig.register(model_type, cfg)
             AutoModelForCausalLM.register(cfg, refuse)

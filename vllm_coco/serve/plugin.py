@@ -1,13 +1,11 @@
 """vLLM plugin entry point (group `vllm.general_plugins`): registers the NE-COCO architectures.
 
 Tiny and idempotent: vLLM calls it in every process, possibly more than once. Model classes are
-registered as lazy "module:Class" strings, so nothing heavy is imported here.
+registered as lazy "module:Class" strings (core/architectures.py's table), so nothing heavy is
+imported here.
 """
 
-ARCHITECTURES = {
-    "CocoLlamaForCausalLM": "vllm_coco.serve.vllm_models:CocoLlamaForCausalLM",
-    "CocoMistralForCausalLM": "vllm_coco.serve.vllm_models:CocoMistralForCausalLM",
-}
+from vllm_coco.core.architectures import ARCHITECTURES
 
 
 def register() -> None:
@@ -17,6 +15,6 @@ def register() -> None:
 
     register_configs()  # coco_llama / coco_mistral model types for transformers' AutoConfig
     known = set(ModelRegistry.get_supported_archs())
-    for arch, target in ARCHITECTURES.items():
-        if arch not in known:
-            ModelRegistry.register_model(arch, target)
+    for arch in ARCHITECTURES:
+        if arch.ne_class not in known:
+            ModelRegistry.register_model(arch.ne_class, arch.vllm_class)
