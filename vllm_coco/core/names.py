@@ -66,6 +66,7 @@ PER_REQUEST_ENV = "VLLM_COCO_PER_REQUEST"  # the NE directory whose per-request 
 DEMO_ARCHS = ("llama", "mistral")  # the demo model as LlamaForCausalLM or its MistralForCausalLM twin
 DTYPES = ("float32", "bfloat16", "float16")
 SCORINGS = ("sum", "per-byte")  # how a loglikelihood task picks an option (§8)
+SCORING = SCORINGS[0]  # the default everywhere: the largest summed log-likelihood (lm-eval's acc rule)
 EVAL_BACKENDS = ("hf", "hf-stock", "vllm")  # coco-tools eval; hf is prefix_lm.CocoHFLM, hf-stock lm-eval's HFLM
 EVAL_DTYPES = ("float32", "bfloat16")  # --backend hf only
 IDENTIFY_BACKENDS = ("hf", "vllm")  # coco-tools identify: a transformers forward, or inside a vLLM engine

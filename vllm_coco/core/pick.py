@@ -14,10 +14,10 @@ Ties go to the first option.
 
 from __future__ import annotations
 
-from vllm_coco.core.names import SCORINGS
+from vllm_coco.core.names import SCORING, SCORINGS
 
 
-def option_scores(logliks, choices, scoring: str = "sum") -> list[float]:
+def option_scores(logliks, choices, scoring: str = SCORING) -> list[float]:
     """The score of each option under `scoring` (logliks and choices: one entry per option)."""
     if scoring not in SCORINGS:
         raise ValueError(f"scoring {scoring!r} is not one of {', '.join(SCORINGS)}")
@@ -29,7 +29,7 @@ def option_scores(logliks, choices, scoring: str = "sum") -> list[float]:
     return logliks
 
 
-def best_option(logliks, choices, scoring: str = "sum") -> int:
+def best_option(logliks, choices, scoring: str = SCORING) -> int:
     """Index of the best-scoring option (ties: the first)."""
     scores = option_scores(logliks, choices, scoring)
     return max(range(len(scores)), key=lambda i: scores[i])
@@ -41,4 +41,4 @@ def pick(doc: dict, results) -> int:
     results: lm-eval's loglikelihood results, one (loglik, is_greedy) per option in displayed
     order; doc["choices"] are the options as displayed, doc["scoring"] the rule (default "sum").
     """
-    return best_option([r[0] for r in results], doc["choices"], doc.get("scoring", "sum"))
+    return best_option([r[0] for r in results], doc["choices"], doc.get("scoring", SCORING))

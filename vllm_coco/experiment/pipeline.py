@@ -308,8 +308,22 @@ def _engine_parallel(ev: dict) -> dict:
     return {k: ev[k] for k in keys if ev.get(k) not in (None, 1)}
 
 
+def identify_options(cfg: dict, **extra):
+    """The run config's identify settings as `coco-tools identify` takes them (IdentifyOptions), on the
+    identify split; `extra` adds or overrides options (the parity stage: a smaller limit)."""
+    from vllm_coco.identify.run import IdentifyOptions
+
+    ic = cfg["identify"]
+    return IdentifyOptions(**{
+        "data": cfg["data"]["source"], "categories": tuple(cfg["data"]["categories"]), "split": "identify",
+        "limit": ic["limit"], "ratio": ic["ratio"], "weighting": ic["weighting"], "tau": ic["tau"],
+        "null_rounds": ic["null_rounds"], "seed": cfg["seed"], "batch_size": ic["batch_size"], "dtype": ic["dtype"],
+        "device": ic["device"], "chat": cfg["data"]["chat_template"], "contrast": ic["contrast"],
+        "scoring": cfg["eval"]["scoring"], **extra})
+
+
 def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> Stage[IdentifyResult]:
-    from vllm_coco.identify.run import IdentifyOptions, identify
+    from vllm_coco.identify.run import identify
 
     ic = run.cfg["identify"]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "data": data_spec,
@@ -318,15 +332,9 @@ def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> Stage[IdentifyR
             "scoring": run.cfg["eval"]["scoring"] if ic["contrast"] == "behavior" else None}
 
     def body(partial: Path, steps: Steps) -> IdentifyResult:
-        opts = IdentifyOptions(data=run.cfg["data"]["source"], categories=tuple(run.cfg["data"]["categories"]),
-                               split="identify", limit=ic["limit"], ratio=ic["ratio"], weighting=ic["weighting"],
-                               tau=ic["tau"], null_rounds=ic["null_rounds"], seed=run.cfg["seed"],
-                               batch_size=ic["batch_size"], dtype=ic["dtype"], device=ic["device"],
-                               device_map=ic["device_map"], chat=run.cfg["data"]["chat_template"],
-                               contrast=ic["contrast"],
-                               scoring=run.cfg["eval"]["scoring"], backend=ic["backend"],
-                               # inside vLLM, the engine spreads as the evaluation's does
-                               **(_engine_parallel(run.cfg["eval"]) if ic["backend"] == "vllm" else {}))
+        # inside vLLM, the engine spreads as the evaluation's does
+        parallel = _engine_parallel(run.cfg["eval"]) if ic["backend"] == "vllm" else {}
+        opts = identify_options(run.cfg, device_map=ic["device_map"], backend=ic["backend"], **parallel)
         d = steps.do("neurons", {}, lambda d: identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty()))
         gc.collect()
         return IdentifyResult.from_meta(json.loads((d / "neurons.json").read_text(encoding="utf-8")), "neurons")
@@ -706,7 +714,7 @@ def _parity(run: Run, m: dict, ref: dict, root: Path, data_spec: dict) -> Stage[
     """Identify both models at a small size and evaluate base and NE-COCO on a small sample: a twin
     must reproduce its reference to `parity.tolerance` (CocoError otherwise: a code-path bug)."""
     from vllm_coco.core.artifact import Artifact
-    from vllm_coco.identify.run import IdentifyOptions, identify
+    from vllm_coco.identify.run import identify
 
     pc, ic = run.cfg["parity"], run.cfg["identify"]
     cats = run.cfg["data"]["categories"]
@@ -716,11 +724,7 @@ def _parity(run: Run, m: dict, ref: dict, root: Path, data_spec: dict) -> Stage[
             "seed": run.cfg["seed"], "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]}
 
     def body(partial: Path, steps: Steps) -> ParityResult:
-        opts = IdentifyOptions(data=run.cfg["data"]["source"], categories=tuple(cats), split="identify",
-                               limit=pc["identify_limit"], ratio=ic["ratio"], weighting=ic["weighting"], tau=ic["tau"],
-                               null_rounds=0, seed=run.cfg["seed"], batch_size=ic["batch_size"], dtype=ic["dtype"],
-                               device=ic["device"], chat=run.cfg["data"]["chat_template"], contrast=ic["contrast"],
-                               scoring=run.cfg["eval"]["scoring"])
+        opts = identify_options(run.cfg, limit=pc["identify_limit"], null_rounds=0)
         evals = {}
         for x in (ref, m):
             neurons = steps.do(f"neurons/{x['name']}", {},

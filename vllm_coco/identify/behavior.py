@@ -20,7 +20,7 @@ from collections import Counter
 import numpy as np
 
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.names import SCORINGS
+from vllm_coco.core.names import SCORING, SCORINGS
 from vllm_coco.identify.capture import Span, _batches, _collate
 
 MIN_PER_SET = 10  # docs/METHOD.md §2.4: refuse a category with fewer biased or fewer "unknown" answers
@@ -61,7 +61,7 @@ def option_logliks(model, spans: list[Span], batch_size: int = 8, pad_id: int = 
     return out
 
 
-def choose(items, logliks: np.ndarray, scoring: str = "sum") -> list[int]:
+def choose(items, logliks: np.ndarray, scoring: str = SCORING) -> list[int]:
     """The option each item's answer is (original index), from its three log-likelihoods
     (logliks: [items * 3], item-major), by the evaluation's rule (`vllm_coco.core.pick`: summed
     or per UTF-8 byte of the option text; ties go to the first option)."""
@@ -94,14 +94,14 @@ def contrast_sets(items, answers: list[int]) -> tuple[list, list, dict]:
 
 
 def check_sets(counts: dict, split: str, minimum: int | None = None, chat: bool = True,
-               scoring: str = "sum") -> None:
+               scoring: str = SCORING) -> None:
     """CocoError naming the first category whose biased or "unknown" set is smaller than
     `minimum` (default MIN_PER_SET); the fixes offered leave out the settings already in use."""
     minimum = MIN_PER_SET if minimum is None else minimum
     fixes = ["raise the items per category (--limit; pipeline: identify.limit)"]
     if chat:
         fixes.append("use plain prompts (--no-chat; data.chat_template: false)")
-    if scoring == "sum":
+    if scoring == SCORING:
         fixes.append("score options per byte (--scoring per-byte; eval.scoring: per-byte)")
     fixes.append("or use --contrast response (identify.contrast: response)")
     for cat, c in counts.items():

@@ -14,7 +14,7 @@ import functools
 import os
 import random
 
-from vllm_coco.core.names import EVAL_SPLITS, SCORINGS  # never "identify": the neurons were found on it
+from vllm_coco.core.names import EVAL_SPLITS, SCORING, SCORINGS  # never "identify": the neurons were found on it
 from vllm_coco.tasks import custom_dataset
 
 ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # cyclic: every option visits every position once
@@ -40,7 +40,7 @@ def coco_split(kwargs) -> str:
 def coco_scoring(kwargs) -> str:
     """Task metadata `coco_scoring`: "sum" (default; lm-eval's `acc` rule) or "per-byte"
     (the option rule: vllm_coco.core.pick)."""
-    value = kwargs.get("coco_scoring") or "sum"
+    value = kwargs.get("coco_scoring") or SCORING
     if value not in SCORINGS:
         raise ValueError(f"coco_scoring {value!r} is not one of {', '.join(SCORINGS)}")
     return value
@@ -78,7 +78,7 @@ def shuffled(items, key: str) -> list:
 
 # --------------------------------------------------------------------------- documents
 
-def item_docs(item, prompt=None, system: str = "", attack: str = "", scoring: str = "sum") -> list[dict]:
+def item_docs(item, prompt=None, system: str = "", attack: str = "", scoring: str = SCORING) -> list[dict]:
     """The three docs (one per cyclic order) of a BBQ item.
 
     `prompt(item, order) -> str` builds the user turn (default: `item.user_message(order)`);
@@ -110,7 +110,7 @@ def item_docs(item, prompt=None, system: str = "", attack: str = "", scoring: st
 
 
 def stereo_docs(category: str, source: str = "bbq", max_items: int | None = None, split: str = "test",
-                scoring: str = "sum") -> list[dict]:
+                scoring: str = SCORING) -> list[dict]:
     """Docs of one category: `split` items (ambiguous and disambiguated) x three orders.
 
     Items are shuffled (seeded) and ambiguous / disambiguated items alternate, so the first docs

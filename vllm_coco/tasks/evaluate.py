@@ -36,6 +36,7 @@ from vllm_coco.core.names import (  # noqa: E402,F401 (re-exported)
     EXECUTOR_BACKENDS,
     MAX_MODEL_LEN,
     PARALLEL_OPTIONS,
+    SCORING,
     SCORINGS,
 )
 
@@ -119,7 +120,7 @@ class EvalOptions:
     max_model_len: int = MAX_MODEL_LEN
     served_model_name: str | None = None
     chat: bool = True
-    scoring: str = "sum"  # BBQ loglikelihood tasks: "sum" or "per-byte" (vllm_coco.core.pick)
+    scoring: str = SCORING  # BBQ loglikelihood tasks: "sum" or "per-byte" (vllm_coco.core.pick)
     log_samples: bool = False
     split: str = "test"  # BBQ split the stereo_coco* tasks read: test (held out) or validate (for sweeps)
     metadata: dict | None = None  # extra task metadata (e.g. {"categories": [...]} for the jailbreak tasks)
@@ -309,7 +310,7 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
         metadata["max_items"] = opts.max_items
     if opts.split != "test":  # the tasks' default is test; only say otherwise when asked
         metadata["coco_split"] = opts.split
-    if opts.scoring != "sum":
+    if opts.scoring != SCORING:
         metadata["coco_scoring"] = opts.scoring
     tm = task_manager(list(opts.tasks), metadata=metadata or None)
     preload(tm, opts.tasks)

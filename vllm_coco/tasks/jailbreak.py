@@ -15,6 +15,7 @@ import random
 import re
 from pathlib import Path
 
+from vllm_coco.core.names import SCORING
 from vllm_coco.tasks import custom_dataset
 from vllm_coco.tasks.bbq_docs import (
     DATA_SEED,
@@ -104,7 +105,7 @@ def jailbreak_templates() -> tuple[str, list[dict]]:
 # --------------------------------------------------------------------------- documents
 
 def jailbreak_docs(family: str, categories, source: str = "bbq", max_items: int | None = None,
-                   templates: list[dict] | None = None, split: str = "test", scoring: str = "sum") -> list[dict]:
+                   templates: list[dict] | None = None, split: str = "test", scoring: str = SCORING) -> list[dict]:
     """Ambiguous `split` items of `categories` wrapped by one attack family, three orders each.
 
     family: "roleplay" (system-level role-play prompt), "obfuscated" (leetspeak user turn) or
