@@ -356,6 +356,7 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
         in text
     assert "success_rate: +0.050 [-0.010, +0.110] (n=40); acc_disambig: n/a (n=0)" in text
     assert "NE-COCO raises" not in text
+    assert "| tiny | LE-COCO keeps retention" in text and "function" not in text  # each verdict names its edit
     # sample sizes: measured ± next to the planning formula's at the base rate (0.625), and the n for ±0.05
     assert "| final: LE-COCO success rate (test) | 40 | ±0.060 | ±0.212 | 721 |" in text
     # stability: the overlaps per split, the half-set ablations, a reading computed from them

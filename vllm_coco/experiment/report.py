@@ -130,10 +130,11 @@ def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
         if not iv:  # no candidate of this edit: nothing to judge
             continue
         none = stats.NO_ITEMS  # a comparison the stage could not make reads as "inconclusive"
-        out.append(stats.verdict_edit(iv.get("success_rate", none), iv.get("acc_disambig", none), edit=label(e)))
-        out.append(stats.verdict_retention(iv.get("retention", none), floor, edit=label))
+        name = label(e)
+        out.append(stats.verdict_edit(iv.get("success_rate", none), iv.get("acc_disambig", none), edit=name))
+        out.append(stats.verdict_retention(iv.get("retention", none), floor, edit=name))
         out.append(stats.verdict_jailbreak({k.split(":", 1)[1]: v for k, v in iv.items()
-                                            if k.startswith("jailbreak:")}, edit=label))
+                                            if k.startswith("jailbreak:")}, edit=name))
     return out
 
 
