@@ -146,3 +146,23 @@ def test_registered_kind_joins_the_experiments_sweep_grid(toy):
     cfg["sweep"]["edits"] = {"toy-offset": {"alpha": [1.0]}}
     with pytest.raises(CocoError, match=r"^sweep\.edits\.toy-offset\.alpha: toy-offset takes no setting alpha"):
         _check_sweep(cfg)
+
+
+def test_installed_packages_register_kinds_by_entry_point(monkeypatch, capsys):
+    """A package declares its kind under the entry-point group vllm_coco.edit_kinds; a broken one is
+    skipped with one line, the others load."""
+    from importlib.metadata import EntryPoint
+
+    good = EntryPoint("toy", "test_extending:TOY", registry.ENTRY_POINTS)
+    broken = EntryPoint("broken", "test_extending:NOT_THERE", registry.ENTRY_POINTS)
+    monkeypatch.setattr(registry, "entry_points",
+                        lambda group: [broken, good] if group == registry.ENTRY_POINTS else [])
+    try:
+        registry.load_entry_points()
+        assert registry.get("toy-offset") is TOY and registry.label("toy-offset") == "toy offset"
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "edit kind plugin broken (test_extending:NOT_THERE) skipped: AttributeError" in err[0]
+        registry.load_entry_points()  # idempotent
+    finally:
+        registry.unregister(TOY.name)
+    assert registry.label("toy-offset") == "toy-offset"  # stored results naming a kind no longer installed

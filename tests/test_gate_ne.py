@@ -104,7 +104,7 @@ def _ne(planted, artifact_dir, out, *extra):
 
 
 def test_ne_directory_layout(planted, artifact_dir, tmp_path):
-    from vllm_coco.edit import ne_gate as ne
+    from vllm_coco.edit import ne_gate
 
     out = _ne(planted, artifact_dir, tmp_path / "ne")
     cfg = json.loads((out / "config.json").read_text())
@@ -116,7 +116,7 @@ def test_ne_directory_layout(planted, artifact_dir, tmp_path):
     n_qv = 2 * (64 + 32)
     assert coco["count"] == round(0.05 * n_qv) == sum(len(c) for c in coco["channels"])
     _, arrays = __import__("vllm_coco.core.artifact", fromlist=["load"]).load(artifact_dir)
-    sel = ne.select_ne(arrays, 0.05)
+    sel = ne_gate.select_ne(arrays, 0.05)
     assert np.all(arrays["proj"][sel] != 1)  # q and v only
     d = np.abs(arrays["direction"][arrays["proj"] != 1])
     assert np.isclose(np.sort(d)[::-1][len(sel) - 1], np.abs(arrays["direction"][sel]).min())

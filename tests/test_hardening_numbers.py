@@ -241,8 +241,8 @@ def test_bad_base_weight_is_named_as_the_problem(weights, argv, match, tmp_path,
 def test_probe_refuses_an_edit_with_non_finite_logits(planted):
     """The probe itself: an edit whose gain overflows the forward is refused with its own fix."""
     from vllm_coco.core.errors import CocoError
-    from vllm_coco.edit.bake import finite_forward
     from vllm_coco.edit.conditions import LinearEdit
+    from vllm_coco.edit.probe import finite_forward
 
     ch = np.arange(16, dtype=np.int64)  # the first 16 q channels of layer 0
     edit = LinearEdit("le", {0: ch}, {0: np.full(16, 3e38)}, {0: np.full(16, 3e38)})

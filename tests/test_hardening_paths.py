@@ -264,7 +264,7 @@ def test_two_writers_without_force_cannot_both_win(tmp_path, planted, art):
     assert "created by another command" in one_line(loser), loser
     assert listing(parent) == ["c"]  # the loser's temp dir is gone
     winner_alpha = ("0.5", "2")[codes.index(0)]
-    assert json.loads((out / "coco_edit.json").read_text())["alpha"] == float(winner_alpha)
+    assert json.loads((out / "coco_edit.json").read_text())["settings"]["alpha"] == float(winner_alpha)
     assert [digests(planted[0]), digests(art)] == kept
 
 

@@ -113,8 +113,8 @@ def build_llama(shape: dict, dtype, device: str, seed: int, std: float = 0.02):
 
 
 def random_gate(model, ratio: float, rng: np.random.Generator, device) -> list[dict]:
-    """Per layer, NE gate tensors in the format `ne.py` writes: ~ratio of the packed [q | k | v]
-    width, drawn from the q and v channels as `ne.select_ne` does, with random mu/sigma/w and a dense
+    """Per layer, NE gate tensors in the format `coco-tools ne` writes: ~ratio of the packed [q | k | v]
+    width, drawn from the q and v channels as `ne_gate.select_ne` does, with random mu/sigma/w and a dense
     W_hat (zero diagonal, rows summing to 1)."""
     cfg = model.config
     q = cfg.hidden_size

@@ -378,7 +378,7 @@ def _probe_base(path: str, stamp: tuple):
 
 
 def probe_model(model_dir: Path):
-    """(model, dtype): the base model for edit.bake.finite_forward, on the CPU, in the dtype its
+    """(model, dtype): the base model for edit.probe.finite_forward, on the CPU, in the dtype its
     weights are stored in (float32; float16 when any weight is float16, whose range is what an edit
     must fit; else bfloat16)."""
     import torch

@@ -35,7 +35,7 @@ from vllm_coco.edit import registry
 from vllm_coco.edit.conditions import linear_edit
 from vllm_coco.edit.inputs import EditInputs
 from vllm_coco.edit.kind import LinearKind, given
-from vllm_coco.edit.plan import ModuleEdit, check_inputs, module_tables, planned_edits
+from vllm_coco.edit.plan import ModuleEdit, check_inputs, module_tables, planned_edits, shifts
 from vllm_coco.edit.probe import finite_forward
 
 EDIT_JSON = "coco_edit.json"
@@ -92,11 +92,11 @@ def source_layout(src: SourceTensors, model_dir: Path) -> NeuronLayout:
     return NeuronLayout(len(complete), int(q_size), int(kv_size))
 
 
-def _bias_plan(kind: LinearKind, edits, src: SourceTensors, config: dict) -> bool:
-    """For a kind that shifts outputs (ablate-mean): True when zero q/k/v/o biases must be added
+def _bias_plan(kind: LinearKind, tables, edits, src: SourceTensors, config: dict) -> bool:
+    """For an edit that shifts outputs (ablate-mean): True when zero q/k/v/o biases must be added
     (Llama's `attention_bias`). CocoError when the model has no biases and its architecture cannot
     switch them on."""
-    if not kind.shifts or all(src.has_bias(key) for key in edits):
+    if not shifts(kind, tables) or all(src.has_bias(key) for key in edits):
         return False
     any_bias = any(_QKVO.match(name) for name in src.file_of if name.endswith(".bias"))
     every_o = all((layer, "o") in src.modules for layer, _ in src.modules)
@@ -143,7 +143,10 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
     edits = planned_edits(meta, arrays)
     check_inputs(kind, arrays, neurons_dir)
     tables = module_tables(kind, settings, edits)  # refuses out-of-range settings before anything is written
-    add_bias = _bias_plan(kind, edits, src, config)
+    add_bias = _bias_plan(kind, tables, edits, src, config)
+    if lora and shifts(kind, tables):
+        raise CocoError(f"--lora holds gain-only edits (W + B A), and --mode {mode} gives these neurons offsets; "
+                        "drop --lora")
     if lora:
         biased = [src.modules[key] for key in edits if src.has_bias(key)]
         if biased:

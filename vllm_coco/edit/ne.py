@@ -101,6 +101,7 @@ def probe_export(model_dir: Path, gate: dict, alpha: float, beta: float, lam: fl
                              f"--alpha {alpha:g} --beta {beta:g} --lam {lam:g} overflows this model: choose a smaller "
                              "--alpha")}
     for name, e in edits.items():
-        fix = registry.get(name).fix().replace("--alpha", LE_OPTION)
+        # only le's strength is an option of `ne` (--le-alpha); any other named edit runs at its defaults
+        fix = f"choose a smaller {LE_OPTION}" if name == "le" else f"drop --with {name} (its defaults overflow it)"
         probe[f"the named edit {name} (--with {name})"] = (e, fix)
     finite_forward(model_dir, probe)

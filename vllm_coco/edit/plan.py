@@ -54,5 +54,14 @@ def check_inputs(kind: LinearKind, arrays: dict, neurons_dir) -> None:
 
 def module_tables(kind: LinearKind, settings: dict, edits: dict[tuple[int, str], ModuleEdit],
                   spelling: dict | None = None) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
-    """(gain, offset) [r] per edited module, rows in ModuleEdit.rows order."""
+    """(gain, offset) [r] per edited module, rows in ModuleEdit.rows order. The kind first sees every
+    selected neuron at once, so a refusal (an alpha out of range) speaks of the whole set."""
+    every = ModuleEdit(weights=[w for e in edits.values() for w in e.weights],
+                       act_means=[a for e in edits.values() for a in e.act_means])
+    kind.tables(every.neurons(), settings, spelling)
     return {key: kind.tables(e.neurons(), settings, spelling) for key, e in edits.items()}
+
+
+def shifts(kind: LinearKind, tables: dict) -> bool:
+    """Whether the edit gives any channel an offset (the kind says so, or its tables do)."""
+    return kind.shifts or any(np.any(offset != 0) for _, offset in tables.values())

@@ -1,7 +1,9 @@
 """The edit kinds this process knows, by name (docs/METHOD.md §6-§7; docs/EXTENDING.md).
 
-The built-in linear kinds (edit/kinds/) come first, in the order below; `register` adds one (a
-plugin or a test). The CLI's choices (`bake --mode`, `ne --with`), the config's ablation mode and
+The built-in linear kinds (edit/kinds/) come first, in the order below; `register` adds one, and
+every installed package's entry point in the group `vllm_coco.edit_kinds` (loading to a LinearKind)
+is registered when this module is first imported, so `coco-tools bake --mode KIND` and a run
+config's sweep take it. The CLI's choices (`bake --mode`, `ne --with`), the config's ablation mode and
 sweep grid, and the experiment's report read this list, so a registered kind is usable everywhere
 at once. The NE gate (edit/kinds/ne.py) is the one nonlinear kind: `gate()`.
 """
@@ -9,6 +11,8 @@ at once. The NE gate (edit/kinds/ne.py) is the one nonlinear kind: `gate()`.
 from __future__ import annotations
 
 import re
+import sys
+from importlib.metadata import entry_points
 
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import BASE_EDIT, NE_EDIT
@@ -76,5 +80,27 @@ def enhancements() -> tuple[str, ...]:
 
 
 def label(name: str) -> str:
-    """The report's name of a kind ("base": the unedited model)."""
-    return BASE_EDIT if name == BASE_EDIT else any_kind(name).label
+    """The report's name of a kind ("base": the unedited model; a kind not registered in this
+    process, as in stored results: its name)."""
+    if name == BASE_EDIT:
+        return BASE_EDIT
+    return ne.KIND.label if name == ne.KIND.name else _KINDS[name].label if name in _KINDS else name
+
+
+ENTRY_POINTS = "vllm_coco.edit_kinds"
+
+
+def load_entry_points() -> None:
+    """Register the edit kinds installed packages declare (group ENTRY_POINTS). A broken one is
+    skipped with one line on stderr: it must not take the built-in kinds down with it."""
+    for ep in entry_points(group=ENTRY_POINTS):
+        try:
+            kind = ep.load()
+            if kind.name not in _KINDS or _KINDS[kind.name] is not kind:
+                register(kind)
+        except Exception as exc:  # a plugin's bug, reported and skipped
+            print(f"vllm-coco: edit kind plugin {ep.name} ({ep.value}) skipped: {type(exc).__name__}: {exc}",
+                  file=sys.stderr)
+
+
+load_entry_points()

@@ -2,7 +2,7 @@
 
 Every key is checked before any work starts: an unknown key (at any level), a wrong type or a
 value out of range raises CocoError with one line naming the key path, e.g.
-`sweep.le_alpha[1]: inf is not a finite number`. The CLI turns that into exit 2, and nothing
+`sweep.edits.le.alpha[1]: inf is not a finite number`. The CLI turns that into exit 2, and nothing
 is written.
 
 Relative paths (`out`, `models[].path`, a BBQ directory in `data.source`) are relative to the

@@ -144,7 +144,7 @@ class Run:
         with open(self.log_path, "a", encoding="utf-8") as fh:
             fh.write(f"{stamp} {line}\n")
 
-    def stage(self, root: Path, label: str, name: str, spec: dict, body, kind: type[T]) -> Stage[T]:
+    def stage(self, root: Path, model: str, name: str, spec: dict, body, kind: type[T]) -> Stage[T]:
         """Run `body(partial_dir, steps) -> result` (a `kind`) unless a finished stage with the same
         hash exists; done.json holds result.to_json(), a reused stage reads it back as a `kind`."""
         spec = {"stage": name, "pipeline": PIPELINE_VERSION, "method": METHOD_VERSION, **spec}
@@ -155,7 +155,7 @@ class Run:
         if not final.exists() and finished and finished.get("hash") == h:
             os.replace(partial, final)  # interrupted between the two renames below: finish the swap
         done = _read_json(final / DONE)
-        tag = f"[{label}] {name}"
+        tag = f"[{model}] {name}"
         if done and done.get("hash") == h:
             try:
                 reused = Stage(kind.from_json(done["result"]), final, h, float(done["seconds"]))
@@ -163,7 +163,7 @@ class Run:
                 reused = None
             if reused is not None:
                 self.log(f"{tag}: reused (finished {done.get('finished')}, {reused.seconds:.1f} s; config unchanged)")
-                self.stages.append({"label": label, "stage": name, "status": "reused", "seconds": 0.0})
+                self.stages.append({"label": model, "stage": name, "status": "reused", "seconds": 0.0})
                 return reused
         root.mkdir(parents=True, exist_ok=True)
         marker = _read_json(partial / "stage.json")
@@ -178,7 +178,7 @@ class Run:
         steps = Steps(partial)
         result = body(partial, steps)
         seconds = round(time.time() - t0, 1)
-        done = {"stage": name, "model": label, "hash": h, "spec": spec, "seconds": seconds,
+        done = {"stage": name, "model": model, "hash": h, "spec": spec, "seconds": seconds,
                 "finished": datetime.datetime.now().isoformat(timespec="seconds"),
                 "tool": f"vllm-coco {__version__}", "result": result.to_json()}
         (partial / "stage.json").unlink()
@@ -186,7 +186,7 @@ class Run:
         swap_in(partial, final)
         reused = f" ({steps.reused} finished steps reused)" if steps.reused else ""
         self.log(f"{tag}: done in {seconds:.1f} s{reused}")
-        self.stages.append({"label": label, "stage": name, "status": "computed", "seconds": seconds})
+        self.stages.append({"label": model, "stage": name, "status": "computed", "seconds": seconds})
         return Stage(result, final, h, seconds)
 
 
@@ -386,7 +386,7 @@ def score_ablated(run: Run, m: dict, steps: Steps, name: str, neurons: Path, mod
 
 
 def score_test(run: Run, m: dict, steps: Steps, key: str, model_dir: Path, limit, where: dict[str, Path],
-               label: str, condition: str | None = None, prefetch=()) -> StereoSummary:
+               what: str, condition: str | None = None, prefetch=()) -> StereoSummary:
     """stereo_coco on the test split for one model or in-memory condition of the ablation kind: the
     evaluation directory goes to where[key], one log line says its success rate."""
     t0, dirs, cats = time.time(), {}, run.cfg["data"]["categories"]
@@ -395,7 +395,7 @@ def score_test(run: Run, m: dict, steps: Steps, key: str, model_dir: Path, limit
                       prefetch=prefetch, dirs=dirs)["stereo"]
     where[key] = dirs["stereo"]
     out = StereoSummary.from_lm(res, cats)
-    run.log(f"  [{m['name']}] {label}: success_rate {fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
+    run.log(f"  [{m['name']}] {what}: success_rate {fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
     return out
 
 
@@ -805,7 +805,7 @@ def plan(cfg: dict) -> list[str]:
                         + (", 2 evals" if cfg['stability']['ablate'] else "") + ") -> "
                         if cfg["stability"]["fractions"] else "")
                      + f"sweep ({1 + n_cand} candidates incl. base) "
-                     f"-> final (base, LE, NE)")
+                     f"-> final (base, {', '.join(label(e) for e in cfg['sweep']['edits'])})")
     lines.append("report: OUT/REPORT.md")
     return lines
 

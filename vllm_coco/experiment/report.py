@@ -416,7 +416,7 @@ def final_stereo(r: FinalResult, cats) -> list[str]:
                     [x.stereo.get("success_rate", c) for x in edits]) for c in [*cats, "all"]]
     return ["### Final: per-category success rate (test split)", "",
             f"stereo_coco limit {r.limit or 'all'} documents per category; "
-            + "".join(f"{label(k)} {x.params}; " for k, x in r.edits.items()).rstrip("; ") + ".", "",
+            + ("; ".join(f"{label(k)} {x.params}" for k, x in r.edits.items()) or "no edited model") + ".", "",
             md_table(["category", "docs", "base"] + _edit_labels(r), rows), ""]
 
 

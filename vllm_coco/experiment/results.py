@@ -314,8 +314,8 @@ class Candidate(Json):
 
     @property
     def params(self) -> str:
-        share = "" if self.ratio is None else f"share={100 * self.ratio:g} %, "
-        return share + ", ".join(f"{k}={v:g}" for k, v in self.settings.items())
+        share = [] if self.ratio is None else [f"share={100 * self.ratio:g} %"]
+        return ", ".join(share + [f"{k}={v:g}" for k, v in self.settings.items()]) or "-"
 
     def spec(self) -> dict:
         """What makes the edit (a step's hash input)."""

@@ -101,7 +101,7 @@ def check_sets(counts: dict, split: str, minimum: int | None = None, chat: bool 
     fixes = ["raise the items per category (--limit; pipeline: identify.limit)"]
     if chat:
         fixes.append("use plain prompts (--no-chat; data.chat_template: false)")
-    if scoring == SCORING:
+    if scoring != "per-byte":
         fixes.append("score options per byte (--scoring per-byte; eval.scoring: per-byte)")
     fixes.append("or use --contrast response (identify.contrast: response)")
     for cat, c in counts.items():
