@@ -111,6 +111,17 @@ def prompt_ids(demo_model):
     return ids
 
 
+# Modules whose tests share the session's served directories and eager references (below): under
+# pytest-xdist (tools/test.sh) they run on one worker, so those are built once per run, not per worker.
+SERVED_GROUP = ("test_vllm_slow.py", "test_per_request_slow.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in SERVED_GROUP:
+            item.add_marker(pytest.mark.xdist_group("served"))
+
+
 # --------------------------------------------------------------------------- shared demo artifacts
 # Built once per session and shared (issue 23): every test below needs *a* real neuron set on the
 # demo model, not its own. Read only: a test that edits one copies it first.
