@@ -19,24 +19,43 @@ def planted(tmp_path_factory):
     return tiny.planted_model(root / "model"), tiny.planted_pairs(root / "pairs.jsonl")
 
 
+def run_once(tmp_path_factory, name: str, build):
+    """`build(directory)` once per test run, however many pytest-xdist workers run it (tools/test.sh):
+    the first worker to ask builds under a file lock in the run's shared temp directory, the others
+    wait and read its (JSON) result. Without xdist: once per session, like any session fixture."""
+    import json
+
+    from filelock import FileLock
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's directory, above each worker's own
+    done = root / f"{name}.json"
+    with FileLock(str(root / f"{name}.lock")):
+        if not done.exists():
+            done.write_text(json.dumps(build(root / name)))
+    return json.loads(done.read_text())
+
+
+def _demo(arch):
+    def build(d):
+        from vllm_coco.data.demo_model import write_demo_model
+
+        write_demo_model(d / "model", arch)
+        return str(d / "model")
+    return build
+
+
 @pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
-    """The SmolLM2 demo model (Llama), materialized once per session (slow: ~30 s)."""
-    from vllm_coco.data.demo_model import write_demo_model
-
-    out = tmp_path_factory.mktemp("demo") / "smollm2"
-    write_demo_model(out, "llama")
-    return out
+    """The SmolLM2 demo model (Llama), materialized once per run (slow: ~30 s)."""
+    return Path(run_once(tmp_path_factory, "demo-smollm2", _demo("llama")))
 
 
 @pytest.fixture(scope="session")
 def demo_mistral(tmp_path_factory):
     """The SmolLM2 demo model as its MistralForCausalLM twin."""
-    from vllm_coco.data.demo_model import write_demo_model
-
-    out = tmp_path_factory.mktemp("demo") / "smollm2-mistral"
-    write_demo_model(out, "mistral")
-    return out
+    return Path(run_once(tmp_path_factory, "demo-smollm2-mistral", _demo("mistral")))
 
 
 @pytest.fixture(scope="session")
@@ -111,20 +130,9 @@ def prompt_ids(demo_model):
     return ids
 
 
-# Modules whose tests share the session's served directories and eager references (below): under
-# pytest-xdist (tools/test.sh) they run on one worker, so those are built once per run, not per worker.
-SERVED_GROUP = ("test_vllm_slow.py", "test_per_request_slow.py")
-
-
-def pytest_collection_modifyitems(config, items):
-    for item in items:
-        if item.path.name in SERVED_GROUP:
-            item.add_marker(pytest.mark.xdist_group("served"))
-
-
 # --------------------------------------------------------------------------- shared demo artifacts
-# Built once per session and shared (issue 23): every test below needs *a* real neuron set on the
-# demo model, not its own. Read only: a test that edits one copies it first.
+# Built once per run and shared (issue 23; run_once: across xdist workers too): every test below needs
+# *a* real neuron set on the demo model, not its own. Read only: a test that edits one copies it first.
 DEMO_IDENTIFY = ("--limit", "4", "--categories", "Age,SES", "--null-rounds", "0", "--quiet")
 SERVED_ALPHA = 2.0  # the NE gate's alpha of the served NE directories (not the default 1.0)
 SERVED_LE_ALPHA = 2.0  # the LE strength of the baked checkpoint, its LoRA and the named "le" edit (default 1.0)
@@ -133,10 +141,10 @@ SERVED_LE_ALPHA = 2.0  # the LE strength of the baked checkpoint, its LoRA and t
 @pytest.fixture(scope="session")
 def demo_neurons(demo_model, tmp_path_factory):
     """`coco-tools identify` (HF capture) on the demo model with DEMO_IDENTIFY."""
-    out = tmp_path_factory.mktemp("demo-neurons") / "neurons"
-    code, _, err = run_cli("identify", demo_model, "--out", out, *DEMO_IDENTIFY)
-    assert code == 0, err
-    return out
+    def build(d):
+        _coco("identify", demo_model, "--out", d, *DEMO_IDENTIFY)
+        return str(d)
+    return Path(run_once(tmp_path_factory, "demo-neurons", build))
 
 
 @pytest.fixture(scope="session")
@@ -159,7 +167,11 @@ def served(demo_model, demo_mistral, demo_neurons, tmp_path_factory):
     base (the demo model), ne (gate, alpha 2), ne0 (alpha 0), ne_a05b4 (alpha 0.5, beta 4),
     ne_mistral (the Mistral twin, its own neurons), multi (the ne gate + named edits le and
     ablate-zero), le (baked, alpha 2), lora (its adapter), ablate (baked ablate-zero)."""
-    root = tmp_path_factory.mktemp("served")
+    dirs = run_once(tmp_path_factory, "served", lambda root: _serve_dirs(root, demo_model, demo_mistral, demo_neurons))
+    return {k: Path(v) for k, v in dirs.items()}
+
+
+def _serve_dirs(root, demo_model, demo_mistral, demo_neurons) -> dict[str, str]:
     n_mistral = root / "n-mistral"
     _coco("identify", demo_mistral, "--out", n_mistral, *DEMO_IDENTIFY)
     d = {"base": demo_model, "neurons": demo_neurons}
@@ -177,7 +189,7 @@ def served(demo_model, demo_mistral, demo_neurons, tmp_path_factory):
                         ("ablate", ["--mode", "ablate-zero"])]:
         _coco("bake", demo_model, demo_neurons, "--out", root / name, *extra)
         d[name] = root / name
-    return d
+    return {k: str(v) for k, v in d.items()}
 
 
 def lora_spec(served):
@@ -196,11 +208,14 @@ def eager_refs(served, prompt_ids, long_prompt, vllm_env, tmp_path_factory):
 
     names = ["ne", "ne_mistral", "ne0", "ne_a05b4", "le", "ablate", "base"]
     specs = {**{n: str(served[n]) for n in names}, "lora": lora_spec(served)}
-    tmp = tmp_path_factory.mktemp("eager-refs")
-    (tmp / "p.json").write_text(json.dumps({"prompts": prompt_ids + [long_prompt], "max_tokens": MAX_TOKENS}))
-    proc = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_worker.py")), str(tmp / "o.json"),
-                           str(tmp / "p.json"), *specs.values(), "--eager"],
-                          env=vllm_env, capture_output=True, text=True, timeout=1800)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    out = json.loads((tmp / "o.json").read_text())
-    return {name: out[spec] for name, spec in specs.items()}
+
+    def build(tmp):
+        tmp.mkdir()
+        (tmp / "p.json").write_text(json.dumps({"prompts": prompt_ids + [long_prompt], "max_tokens": MAX_TOKENS}))
+        proc = subprocess.run([sys.executable, str(Path(__file__).with_name("vllm_worker.py")), str(tmp / "o.json"),
+                               str(tmp / "p.json"), *specs.values(), "--eager"],
+                              env=vllm_env, capture_output=True, text=True, timeout=1800)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out = json.loads((tmp / "o.json").read_text())
+        return {name: out[spec] for name, spec in specs.items()}
+    return run_once(tmp_path_factory, "eager-refs", build)
