@@ -19,6 +19,19 @@ def planted(tmp_path_factory):
     return tiny.planted_model(root / "model"), tiny.planted_pairs(root / "pairs.jsonl")
 
 
+# The slowest modules first, longest first (measured: per-request ~9 min, identify in vLLM, the pipeline,
+# the hf = vllm eval ~3-4 min each): the two xdist workers (tools/test.sh, --no-loadscope-reorder)
+# take modules in this order, and the many fast modules fill in at the end. test_vllm_slow comes after
+# other heavy ones: it reuses the served directories test_per_request_slow's worker builds (run_once).
+HEAVY_FIRST = ("test_per_request_slow.py", "test_identify_vllm_slow.py", "test_pipeline.py", "test_evals_slow.py",
+               "test_vllm_slow.py", "test_prefix_lm.py", "test_conditions.py", "test_demo_slow.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(HEAVY_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a module keeps its own order
+
+
 def run_once(tmp_path_factory, name: str, build):
     """`build(directory)` once per test run, however many pytest-xdist workers run it (tools/test.sh):
     the first worker to ask builds under a file lock in the run's shared temp directory, the others
