@@ -60,6 +60,17 @@ def _demo(arch):
 
 
 @pytest.fixture(scope="session")
+def planted_neurons(planted, tmp_path_factory):
+    """`coco-tools identify` on the planted model's pairs at ratio 0.05 (read only)."""
+    model, pairs = planted
+    out = tmp_path_factory.mktemp("planted-neurons") / "neurons"
+    code, _, err = run_cli("identify", model, "--out", out, "--data", pairs, "--split", "all", "--ratio", "0.05",
+                           "--null-rounds", "0", "--quiet")
+    assert code == 0, err
+    return out
+
+
+@pytest.fixture(scope="session")
 def demo_model(tmp_path_factory):
     """The SmolLM2 demo model (Llama), materialized once per run (slow: ~30 s)."""
     return Path(run_once(tmp_path_factory, "demo-smollm2", _demo("llama")))

@@ -40,13 +40,8 @@ def toy():
 
 
 @pytest.fixture(scope="module")
-def art(planted, tmp_path_factory):
-    model, pairs = planted
-    out = tmp_path_factory.mktemp("extending") / "neurons"
-    code, _, err = run_cli("identify", model, "--out", out, "--data", pairs, "--split", "all", "--ratio", "0.05",
-                           "--null-rounds", "0", "--quiet")
-    assert code == 0, err
-    return model, out
+def art(planted, planted_neurons):
+    return planted[0], planted_neurons
 
 
 def _option_logprobs(model, tok, pairs):

@@ -215,13 +215,8 @@ def test_a_mixed_step_is_laid_out_token_by_token():
 
 
 @pytest.fixture(scope="module")
-def neurons(planted, tmp_path_factory):
-    model, pairs = planted
-    out = tmp_path_factory.mktemp("multi") / "neurons"
-    code, _, err = run_cli("identify", model, "--out", out, "--data", pairs, "--split", "all", "--ratio", "0.05",
-                           "--null-rounds", "0", "--quiet")
-    assert code == 0, err
-    return out
+def neurons(planted_neurons):
+    return planted_neurons
 
 
 @pytest.fixture(scope="module")
