@@ -243,3 +243,23 @@ def eager_refs(served, prompt_ids, long_prompt, vllm_env, tmp_path_factory):
         out = json.loads((tmp / "o.json").read_text())
         return {name: out[spec] for name, spec in specs.items()}
     return run_once(tmp_path_factory, "eager-refs", build)
+
+
+@pytest.fixture(scope="session")
+def bbq_tiny_model(tmp_path_factory):
+    """A tiny random Llama whose word-level vocabulary covers the BBQ text of the test categories
+    (so prompts and answer options are real tokens, not all <unk>); no chat template."""
+    import tiny
+    import torch
+    from tokenizers import pre_tokenizers
+    from transformers import LlamaForCausalLM
+
+    from vllm_coco.data.contrast import bbq_items
+
+    items, _ = bbq_items("bbq", ["Religion", "Age"], split="all", condition=None)
+    split = pre_tokenizers.Whitespace().pre_tokenize_str
+    words = sorted({w for it in items for text in (it.user_message(), *it.answers) for w, _ in split(text)})
+    tok = tiny.word_tokenizer(words)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(tiny.tiny_config(vocab_size=len(tok)))
+    return tiny.save_model(model, tok, tmp_path_factory.mktemp("tiny") / "model")

@@ -1,5 +1,9 @@
 """The extension points, used the way docs/EXTENDING.md shows, from outside the package.
 
+A toy benchmark declared here (BoolQ accuracy, with its own verdict rule) is registered through
+`vllm_coco.experiment.benchmarks.register` only, and a tiny `coco-tools run` reports it: its
+section, its figure and its verdict line, with nothing in the package naming it.
+
 A toy edit kind defined here (a constant offset on the selected q/k/v channels, with its own
 parameter) is registered through `vllm_coco.edit.registry.register` only. Then every executor
 runs it without a change in the package: `coco-tools bake --mode` (a baked checkpoint, with the
@@ -148,9 +152,11 @@ def test_installed_packages_register_kinds_by_entry_point(monkeypatch, capsys):
     skipped with one line, the others load."""
     from importlib.metadata import EntryPoint
 
+    from vllm_coco.core import plugins
+
     good = EntryPoint("toy", "test_extending:TOY", registry.ENTRY_POINTS)
     broken = EntryPoint("broken", "test_extending:NOT_THERE", registry.ENTRY_POINTS)
-    monkeypatch.setattr(registry, "entry_points",
+    monkeypatch.setattr(plugins, "entry_points",
                         lambda group: [broken, good] if group == registry.ENTRY_POINTS else [])
     try:
         registry.load_entry_points()
@@ -161,3 +167,89 @@ def test_installed_packages_register_kinds_by_entry_point(monkeypatch, capsys):
     finally:
         registry.unregister(TOY.name)
     assert registry.label("toy-offset") == "toy-offset"  # stored results naming a kind no longer installed
+
+
+# --------------------------------------------------------------------------- a toy benchmark
+
+
+def _judge_boolq(iv, edit, cfg):
+    """Supported if the paired interval of Δ accuracy stays at or above -0.5 (a toy's lenient floor)."""
+    from vllm_coco.experiment.stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, Verdict
+
+    acc = iv["acc"]
+    status = (INCONCLUSIVE if acc.lo is None else SUPPORTED if acc.lo >= -0.5
+              else NOT_SUPPORTED if acc.hi < -0.5 else INCONCLUSIVE)
+    return [Verdict(claim=f"{edit} keeps toy BoolQ accuracy within 0.5", status=status,
+                    rule="supported if the interval of Δ accuracy lies at or above -0.5", evidence={"acc": acc})]
+
+
+def _toy_benchmark():
+    from vllm_coco.experiment.benchmarks import DocBenchmark, Metric
+
+    return DocBenchmark(name="toy-boolq", title="Toy BoolQ", about="BoolQ yes/no questions, a toy declaration.",
+                        metrics=(Metric("acc", "toy BoolQ accuracy"),), limit=4, judge=_judge_boolq,
+                        task_metric={"coco_boolq": "acc"}, pool=("coco_boolq",))
+
+
+@pytest.fixture()
+def toy_benchmark():
+    from vllm_coco.experiment import benchmarks
+
+    bench = benchmarks.register(_toy_benchmark())
+    yield bench
+    benchmarks.unregister(bench.name)
+
+
+def test_a_registered_benchmark_gets_its_report_section_and_verdict(toy_benchmark, bbq_tiny_model, tmp_path):
+    """A tiny `coco-tools run` whose final stage runs the primary benchmark and the toy one: REPORT.md
+    has the toy's section (its rows, intervals and figure) and one verdict line per edit from its rule."""
+    import yaml
+
+    cfg = yaml.safe_load(open("configs/tiny.yaml").read())
+    cfg.update(models=[{"path": str(bbq_tiny_model), "name": "tiny"}], out=str(tmp_path / "out"), baselines=[],
+               stability={"fractions": []})
+    cfg["sweep"].update(edits={"le": {"alpha": [1.0]}}, ratio=None)
+    cfg["final"] = {"benchmarks": {"stereo": {"limit": 3}, "toy-boolq": None}}  # null: its declared limit (4)
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(cfg))
+    code, _, err = run_cli("run", tmp_path / "c.yaml")
+    assert code == 0, err[-3000:]
+    report = (tmp_path / "out" / "REPORT.md").read_text()
+    section = report.split("### Final, Toy BoolQ (test split)")[1].split("\n### ")[0]
+    assert "lm-eval limit 4 documents per task" in section
+    assert "| coco_boolq | toy BoolQ accuracy | 4 |" in section
+    assert "![toy-boolq](report/tiny-toy-boolq.png)" in section
+    assert (tmp_path / "out" / "report" / "tiny-toy-boolq.png").stat().st_size > 1000
+    line = next(x for x in report.splitlines() if "keeps toy BoolQ accuracy within 0.5" in x)
+    assert line.startswith("| tiny | LE-COCO keeps toy BoolQ accuracy") and "(n=4)" in line
+    assert "### Final, Jailbreak" not in report  # only what final.benchmarks names runs
+
+
+def test_benchmark_registry_refuses_bad_declarations_and_loads_entry_points(monkeypatch, capsys):
+    from importlib.metadata import EntryPoint
+
+    from vllm_coco.core import plugins
+    from vllm_coco.core.errors import CocoError
+    from vllm_coco.experiment import benchmarks
+    from vllm_coco.experiment.config import _check_final
+
+    with pytest.raises(ValueError, match="registered already"):
+        benchmarks.register(benchmarks.STEREO)
+    with pytest.raises(ValueError, match="built in"):
+        benchmarks.unregister("stereo")
+    with pytest.raises(CocoError, match=r"^final\.benchmarks\.toy-boolq: 'toy-boolq' is not one of stereo, "):
+        _check_final({"final": {"benchmarks": {"stereo": None, "toy-boolq": None}}})
+    good = EntryPoint("toy", "test_extending:TOY_BENCHMARK", benchmarks.ENTRY_POINTS)
+    broken = EntryPoint("broken", "test_extending:NOT_THERE", benchmarks.ENTRY_POINTS)
+    monkeypatch.setattr(plugins, "entry_points",
+                        lambda group: [broken, good] if group == benchmarks.ENTRY_POINTS else [])
+    try:
+        benchmarks.load_entry_points()
+        assert benchmarks.get("toy-boolq") is TOY_BENCHMARK
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and "benchmark plugin broken (test_extending:NOT_THERE) skipped" in err[0]
+        benchmarks.load_entry_points()  # idempotent
+    finally:
+        benchmarks.unregister("toy-boolq")
+
+
+TOY_BENCHMARK = _toy_benchmark()

@@ -25,26 +25,6 @@ def _tiny_config(tmp_path: Path, model: Path, **changes) -> Path:
     return path
 
 
-@pytest.fixture(scope="module")
-def tiny_model(tmp_path_factory):
-    """A tiny random Llama whose word-level vocabulary covers the BBQ text of the test categories
-    (so prompts and answer options are real tokens, not all <unk>); no chat template."""
-    import tiny
-    import torch
-    from tokenizers import pre_tokenizers
-    from transformers import LlamaForCausalLM
-
-    from vllm_coco.data.contrast import bbq_items
-
-    items, _ = bbq_items("bbq", ["Religion", "Age"], split="all", condition=None)
-    split = pre_tokenizers.Whitespace().pre_tokenize_str
-    words = sorted({w for it in items for text in (it.user_message(), *it.answers) for w, _ in split(text)})
-    tok = tiny.word_tokenizer(words)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(tiny.tiny_config(vocab_size=len(tok)))
-    return tiny.save_model(model, tok, tmp_path_factory.mktemp("tiny") / "model")
-
-
 # --------------------------------------------------------------------------- end to end
 
 def _done_files(out: Path) -> dict:
@@ -53,7 +33,7 @@ def _done_files(out: Path) -> dict:
     return files
 
 
-def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
+def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     from vllm_coco.experiment import pipeline
     from vllm_coco.experiment.results import (
         AblationResult,
@@ -64,7 +44,7 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
         SweepResult,
     )
 
-    config = _tiny_config(tmp_path, tiny_model)
+    config = _tiny_config(tmp_path, bbq_tiny_model)
     out = tmp_path / "out"
     calls = []
     real_evaluate = pipeline.evaluate
@@ -99,8 +79,7 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
         assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
     report = (out / "REPORT.md").read_text()
     for heading in ("## Verdicts", "## Summary", "### Neurons", "### Causal check", "### Stability", "### Sweep",
-                    "### Final",
-                    "### Jailbreak", "### Retention"):
+                    "### Final, BBQ", "### Final, Jailbreak", "### Final, Retention"):
         assert heading in report, heading
     # the verdicts come first, each computed (a status by a stated rule, from intervals with their n)
     assert report.index("## Verdicts") < report.index("## Summary")
@@ -117,8 +96,8 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     assert "RAND ablated" in report and "NORM ablated" in report and "MACT ablated" in report
     assert "**selected**" in report and "Significance (label-permutation null" in report
     pngs = sorted(p.name for p in (out / "report").glob("*.png"))
-    assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-neurons-heatmap.png", "tiny-success-rate.png",
-                    "tiny-sweep.png"]
+    assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-jailbreak.png", "tiny-neurons-heatmap.png",
+                    "tiny-retention.png", "tiny-stereo.png", "tiny-sweep.png"]
     for name in pngs:
         assert (out / "report" / name).stat().st_size > 1000
         assert f"report/{name}" in report
@@ -190,19 +169,19 @@ def test_pipeline_end_to_end_and_resume(tiny_model, tmp_path, monkeypatch):
     assert {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()} == mtimes
 
 
-def test_eval_in_subprocess(tiny_model, tmp_path):
+def test_eval_in_subprocess(bbq_tiny_model, tmp_path):
     """The child-process evaluation the vllm backend uses (checked here with hf: same plumbing)."""
     from vllm_coco.core.errors import CocoError
     from vllm_coco.experiment.pipeline import eval_in_subprocess
     from vllm_coco.tasks.evaluate import EvalOptions
 
     opts = EvalOptions(tasks=("stereo_coco_Religion",), backend="hf", limit=3, device="cpu", split="validate")
-    eval_in_subprocess(tiny_model, opts, tmp_path / "ok")
+    eval_in_subprocess(bbq_tiny_model, opts, tmp_path / "ok")
     res = json.loads((tmp_path / "ok" / "results.json").read_text())
     assert res["coco"]["split"] == "validate" and res["results"]["stereo_coco_Religion"]["sample_len"] == 3
     bad = EvalOptions(tasks=("no_such_task",), backend="hf", limit=3)
     with pytest.raises(CocoError, match="unknown task no_such_task"):
-        eval_in_subprocess(tiny_model, bad, tmp_path / "bad")
+        eval_in_subprocess(bbq_tiny_model, bad, tmp_path / "bad")
     assert not (tmp_path / "bad").exists()
 
 
@@ -241,15 +220,18 @@ def _lm(tasks: dict[str, dict], docs: int = 3) -> dict:
 def _typed_results(le=True, ne=True, baselines=("rand",)):
     """One of every typed stage result, from stand-in lm-eval results (NaN and missing metrics included)."""
     from vllm_coco.experiment import results as R
+    from vllm_coco.experiment.benchmarks import JAILBREAK, RETENTION, STEREO
 
     cats = ["Religion", "Age"]
-    stereo = R.StereoSummary.from_lm(_lm({"stereo_coco_Religion": {"success_rate": 0.25, "acc_disambig": float("nan"),
-                                                                   "pos0_rate": 1 / 3},
-                                          "stereo_coco_Age": {"success_rate": 1.0, "bias_ambig": -0.5}}), cats)
-    jail = R.JailbreakSummary.from_lm(_lm({f"stereo_coco_jailbreak_{f}": {"success_rate": 0.5}
-                                           for f in R.JAILBREAK_FAMILIES}))
-    ret = R.RetentionSummary.from_lm(_lm({"coco_mmlu": {"acc": 0.5}, "coco_boolq": {"acc": 1.0},
-                                          "coco_truthfulqa_ref": {"ref_bits_per_byte": 1.6}}), R.RETENTION_FINAL)
+    stereo = STEREO.summarize(_lm({"stereo_coco_Religion": {"success_rate": 0.25, "acc_disambig": float("nan"),
+                                                            "pos0_rate": 1 / 3},
+                                   "stereo_coco_Age": {"success_rate": 1.0, "bias_ambig": -0.5}}), cats)
+    jail = JAILBREAK.summarize(_lm({f"stereo_coco_jailbreak_{f}": {"success_rate": 0.5}
+                                    for f in JAILBREAK.fixed_groups}), cats)
+    lm_ret = _lm({"coco_mmlu": {"acc": 0.5}, "coco_boolq": {"acc": 1.0},
+                  "coco_truthfulqa_ref": {"ref_bits_per_byte": 1.6}})
+    ret = R.RetentionSummary.from_lm(lm_ret, RETENTION.task_metric)
+    summaries = {"stereo": stereo, "jailbreak": jail, "retention": RETENTION.summarize(lm_ret, cats)}
     meta = {"selection": {"count": 3, "by_proj": {"q": 1, "k": 0, "v": 2}},
             "model": {"num_neurons": 256}, "data": {"pairs": 8, "contrast": "response"},
             "significance": {"null": "label-permutation", "rounds": 1, "null_best_score": -1.3, "beat_null": 3},
@@ -265,11 +247,12 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
     rows = [R.SweepRow.score(c, stereo, ret, admissible=True, delta=iv) for c in (cand_le, cand_ne)]
     choice = {"le": R.Choice(key=cand_le.key, admissible=True, beats_base=False, note="le note"),
               "ne": R.Choice(key=cand_ne.key, admissible=False, beats_base=True, note="ne note")}
-    run = {e: R.FinalRun(params=c.params, model=f"models/{e}", stereo=stereo, jailbreak=jail, retention=ret,
-                         intervals={"success_rate": iv, "acc_disambig": no_items, "jailbreak:roleplay": iv})
+    run = {e: R.FinalRun(params=c.params, model=f"models/{e}", summaries=summaries,
+                         intervals={"stereo": {"success_rate": iv, "acc_disambig": no_items},
+                                    "jailbreak": {"success_rate:roleplay": iv}, "retention": {"acc": iv}})
            for e, c in (("le", cand_le), ("ne", cand_ne))}
     ident = R.IdentifyResult.from_meta(meta)
-    final_base = R.FinalRun(params="-", model=None, stereo=stereo, jailbreak=jail, retention=ret)
+    final_base = R.FinalRun(params="-", model=None, summaries=summaries)
     return {
         "identify": ident,
         "baselines": R.BaselinesResult(sets={b: R.BaselineSet(neurons=b, count=3, by_proj={"q": 3, "k": 0, "v": 0})
@@ -285,7 +268,7 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
             limit=3, ablated={"a": stereo, "b": stereo}, intervals={"a": iv, "b": no_items}),
         "sweep": R.SweepResult(split="validate", limit=3, retention_limit=None, retention_floor=0.02, base=base_row,
                                rows=rows, chosen=choice),
-        "final": R.FinalResult(split="test", limit=3, jailbreak_limit=3, retention_limit=None,
+        "final": R.FinalResult(split="test", limits={"stereo": 3, "jailbreak": 3, "retention": None},
                                base=final_base,
                                edits={e: r for e, r in run.items() if {"le": le, "ne": ne}[e]}),
         "report": R.ReportResult(report="REPORT.md", figures=["a.png"]),
@@ -338,19 +321,23 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
     typed = _typed_results(ne=False, baselines=())
     stages = {s: Stage(typed[s], tmp_path / s, "sha256:x", 1.0) for s in STAGES}
     m = ModelResults(name="tiny", path="models/tiny", **stages)
-    figs = ModelFigures(*(tmp_path / f"tiny-{n}.png" for n in ("neurons-heatmap", "ablation", "success-rate",
-                                                                "deltas", "sweep")))
+    figs = ModelFigures(*(tmp_path / f"tiny-{n}.png" for n in ("neurons-heatmap", "ablation", "deltas", "sweep")),
+                        finals={b: tmp_path / f"tiny-{b}.png" for b in ("stereo", "jailbreak", "retention")})
     cfg = {"_config_path": "c.yaml", "seed": 0, "eval": {"scoring": "per-byte"}, "sweep": {"retention_floor": 0.02},
            "data": {"source": "bbq", "categories": ["Religion", "Age"], "chat_template": False},
            "identify": {"ratio": 0.01, "limit": 4}}
     text = report.render(cfg, tmp_path, "hf", [m], {"tiny": figs}, {"tiny": "layer q k v"})
     assert "Baselines: n/a" in text and "RAND ablated" not in text
     assert "| tiny | 0.625 | 0.625 (+0.000) [alpha=0.5] | n/a (no candidate) | 0.625 (+0.000) |" in text
-    assert "n/a for NE-COCO: no such candidate in the sweep." in text
-    assert "| abs_bias_ambig (\\|s_AMB\\| (lower is better)) | n/a | n/a |" in text
-    assert "| all | 6 | 0.625 | 0.625 (+0.000) |" in text
+    assert "No final evaluation for NE-COCO: no such candidate in the sweep." in text
+    assert "| all | \\|s_AMB\\| (lower is better) | 6 | n/a | n/a |" in text
+    assert '| all | success rate ("unknown" on ambiguous items) | 6 | 0.625 | 0.625 (+0.000) |' in text
+    assert "| coco_truthfulqa_ref | reference answer, bits per byte (lower is better) | 3 | 1.600 | 1.600 (+0.000) |" \
+        in text
     assert "ablating COCO changed the success rate by +0.000." in text
-    assert "![success rate](report/tiny-success-rate.png)" in text
+    for b in ("stereo", "jailbreak", "retention"):  # one section and one figure per declared benchmark
+        assert f"![{b}](report/tiny-{b}.png)" in text
+    assert "| success rate, roleplay | +0.050 [-0.010, +0.110] (n=40) |" in text
     # LE only: verdicts (a) and LE's (b), (d), (e); the stored intervals feed them
     assert "| tiny | LE-COCO raises the success rate without lowering disambiguated accuracy | **inconclusive** |" \
         in text
@@ -358,7 +345,7 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
     assert "NE-COCO raises" not in text
     assert "| tiny | LE-COCO keeps retention" in text and "function" not in text  # each verdict names its edit
     # sample sizes: measured ± next to the planning formula's at the base rate (0.625), and the n for ±0.05
-    assert "| final: LE-COCO success rate (test) | 40 | ±0.060 | ±0.212 | 721 |" in text
+    assert "| final: LE-COCO stereo success_rate (test) | 40 | ±0.060 | ±0.212 | 721 |" in text
     # stability: the overlaps per split, the half-set ablations, a reading computed from them
     assert "| 50 % | 4 | 0.500 | 0.500 / 0.200 |" in text and "| 25 % | 2 | 0.200 |" in text
     assert "| subset A (50 %) | +0.050 [-0.010, +0.110] | 40 |" in text
@@ -384,11 +371,12 @@ def test_validate_docs_are_disjoint_from_test_docs():
 
 
 def test_experiment_metrics_are_task_metrics():
-    """The experiment reads only metrics the stereo_coco tasks report (one list each, kept in step)."""
-    from vllm_coco.experiment.results import STEREO_METRICS
-    from vllm_coco.tasks.metrics import MC_METRICS
+    """The benchmarks read only metrics their tasks report (one list each, kept in step)."""
+    from vllm_coco.experiment.benchmarks import JAILBREAK, STEREO
+    from vllm_coco.tasks.metrics import JAILBREAK_METRICS, MC_METRICS
 
-    assert set(STEREO_METRICS) <= set(MC_METRICS)
+    assert {m.key for m in STEREO.metrics} <= set(MC_METRICS)
+    assert {m.key for m in JAILBREAK.metrics} <= set(JAILBREAK_METRICS)
 
 
 def test_eval_split_reaches_the_tasks_through_metadata():
@@ -426,8 +414,11 @@ BAD = [
     ({"identify": {"ratio": 0}}, r"^identify\.ratio: 0\.0 must be greater than 0"),
     ({"identify": {"ratio": 1.5}}, r"^identify\.ratio: 1\.5 must be at most 1"),
     ({"identify": {"limit": 1}}, r"^identify\.limit: 1 must be at least 2"),
-    ({"final": {"limit": 0}}, r"^final\.limit: 0 must be at least 1"),
-    ({"final": {"limit": 2.5}}, r"^final\.limit: 2\.5 is not an integer"),
+    ({"final": {"benchmarks": {"stereo": {"limit": 0}}}}, r"^final\.benchmarks\.stereo\.limit: 0 must be at least 1"),
+    ({"final": {"benchmarks": {"stereo": {"limit": 2.5}}}}, r"^final\.benchmarks\.stereo\.limit: 2\.5 is not an int"),
+    ({"final": {"limit": 3}}, r"^final\.limit: was replaced by final\.benchmarks\.stereo\.limit"),
+    ({"final": {"benchmarks": {"retention": {}}}}, r"^final\.benchmarks: .* that includes stereo"),
+    ({"final": {"benchmarks": {"stereo": {}, "mmlu": {}}}}, r"^final\.benchmarks\.mmlu: 'mmlu' is not one of"),
     ({"eval": {"backend": "tpu"}}, r"^eval\.backend: 'tpu' is not one of auto, hf, vllm"),
     ({"eval": {"nested": {"deeper": 1}}}, r"^eval\.nested: unknown key"),
     ({"baselines": ["rand", "best"]}, r"^baselines\[1\]: 'best' is not one of"),
@@ -443,17 +434,18 @@ BAD = [
 
 
 @pytest.mark.parametrize("change,message", BAD, ids=[m.split(":")[0].strip("^\\") for _, m in BAD])
-def test_bad_config_exits_2_naming_the_key(tmp_path, tiny_model, change, message):
+def test_bad_config_exits_2_naming_the_key(tmp_path, bbq_tiny_model, change, message):
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["out"] = str(tmp_path / "out")
-    cfg["models"] = [{"path": str(tiny_model)}]
+    cfg["models"] = [{"path": str(bbq_tiny_model)}]
     for key, value in change.items():
         if isinstance(value, dict) and isinstance(cfg.get(key), dict):
             cfg[key].update(value)
         else:
             cfg[key] = value
     if "models" in change:
-        cfg["models"] = [{**m, "path": str(tiny_model)} if m.get("path") == "MODEL" else m for m in change["models"]]
+        cfg["models"] = [{**m, "path": str(bbq_tiny_model)} if m.get("path") == "MODEL" else m
+                         for m in change["models"]]
     path = tmp_path / "bad.yaml"
     path.write_text(yaml.safe_dump(cfg))
     code, out, err = run_cli("run", path)
@@ -504,15 +496,15 @@ def test_default_config_file_is_the_builtin_default():
 
 
 @pytest.mark.slow
-def test_parity_twin_identical_then_injected_difference(tiny_model, tmp_path):
+def test_parity_twin_identical_then_injected_difference(bbq_tiny_model, tmp_path):
     """A `parity_of` twin gets the parity stage, not a full run; a twin whose numbers differ stops the run."""
     import shutil
 
     from safetensors.torch import load_file, save_file
 
     twin = tmp_path / "twin"
-    shutil.copytree(tiny_model, twin)
-    config = _tiny_config(tmp_path, tiny_model, models=[{"path": str(tiny_model), "name": "tiny"},
+    shutil.copytree(bbq_tiny_model, twin)
+    config = _tiny_config(tmp_path, bbq_tiny_model, models=[{"path": str(bbq_tiny_model), "name": "tiny"},
                                                         {"path": str(twin), "name": "twin", "parity_of": "tiny"}])
     code, stdout, err = run_cli("run", config)
     assert code == 0, err[-3000:]
@@ -532,12 +524,12 @@ def test_parity_twin_identical_then_injected_difference(tiny_model, tmp_path):
     assert "parity with tiny: identical NO" in stdout
 
 
-def test_parity_of_must_name_an_earlier_full_model(tiny_model, tmp_path):
-    for models, msg in [([{"path": str(tiny_model), "name": "a", "parity_of": "b"}], "models[0].parity_of"),
-                        ([{"path": str(tiny_model), "name": "a"},
-                          {"path": str(tiny_model), "name": "b", "parity_of": "a"},
-                          {"path": str(tiny_model), "name": "c", "parity_of": "b"}], "b is itself a parity twin")]:
-        code, _, err = run_cli("run", _tiny_config(tmp_path, tiny_model, models=models), "--check")
+def test_parity_of_must_name_an_earlier_full_model(bbq_tiny_model, tmp_path):
+    for models, msg in [([{"path": str(bbq_tiny_model), "name": "a", "parity_of": "b"}], "models[0].parity_of"),
+                        ([{"path": str(bbq_tiny_model), "name": "a"},
+                          {"path": str(bbq_tiny_model), "name": "b", "parity_of": "a"},
+                          {"path": str(bbq_tiny_model), "name": "c", "parity_of": "b"}], "b is itself a parity twin")]:
+        code, _, err = run_cli("run", _tiny_config(tmp_path, bbq_tiny_model, models=models), "--check")
         assert code == 2 and msg in err, err
 
 

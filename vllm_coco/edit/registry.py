@@ -11,11 +11,10 @@ at once. The NE gate (edit/kinds/ne.py) is the one nonlinear kind: `gate()`.
 from __future__ import annotations
 
 import re
-import sys
-from importlib.metadata import entry_points
 
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import BASE_EDIT, NE_EDIT
+from vllm_coco.core.plugins import load_group
 from vllm_coco.edit.kind import GateKind, LinearKind
 from vllm_coco.edit.kinds import ablate_mean, ablate_zero, le, ne
 
@@ -90,17 +89,14 @@ def label(name: str) -> str:
 ENTRY_POINTS = "vllm_coco.edit_kinds"
 
 
+def _add_installed(kind) -> None:
+    if kind.name not in _KINDS or _KINDS[kind.name] is not kind:
+        register(kind)
+
+
 def load_entry_points() -> None:
-    """Register the edit kinds installed packages declare (group ENTRY_POINTS). A broken one is
-    skipped with one line on stderr: it must not take the built-in kinds down with it."""
-    for ep in entry_points(group=ENTRY_POINTS):
-        try:
-            kind = ep.load()
-            if kind.name not in _KINDS or _KINDS[kind.name] is not kind:
-                register(kind)
-        except Exception as exc:  # a plugin's bug, reported and skipped
-            print(f"vllm-coco: edit kind plugin {ep.name} ({ep.value}) skipped: {type(exc).__name__}: {exc}",
-                  file=sys.stderr)
+    """Register the edit kinds installed packages declare (group ENTRY_POINTS, core/plugins.py)."""
+    load_group(ENTRY_POINTS, "edit kind", _add_installed)
 
 
 load_entry_points()

@@ -23,6 +23,7 @@ from vllm_coco.core.checks import finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import BACKENDS, CONTRASTS, CONTROL_BASELINES, DTYPES, SCORINGS, WEIGHTINGS
 from vllm_coco.edit import registry
+from vllm_coco.experiment import benchmarks
 
 # The schema: every key with its default. A dict is a section (its keys are the only ones
 # allowed); `models` is a list of MODEL_KEYS dicts.
@@ -43,7 +44,8 @@ DEFAULTS: dict = {
                                                             "lam": [N.NE_LAM]}},
               "ratio": [0.005, 0.01, 0.02], "limit": 60, "retention_limit": 50, "retention_floor": 0.02},
     "stability": {"fractions": [0.5, 0.25], "ablate": True, "limit": None},
-    "final": {"limit": 120, "jailbreak_limit": 30, "retention_limit": 70},
+    # benchmark (experiment/benchmarks.py) -> its settings; the built-in ones at their declared sizes
+    "final": {"benchmarks": {b.name: {"limit": b.limit} for b in benchmarks.BUILT_IN}},
     "parity": {"identify_limit": 4, "limit": 6, "tolerance": 1e-4},
     "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": N.MAX_MODEL_LEN,
              "scoring": "per-byte", "dtype": N.EVAL_DTYPES[0],
@@ -52,9 +54,12 @@ DEFAULTS: dict = {
 # keys of earlier versions: what replaced them (the error says so instead of "unknown key")
 RENAMED = {"sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for both edits)",
            **{f"sweep.{k}_{p}": f"sweep.edits.{k}.{p} (edit kind -> setting -> values)"
-              for k, ps in (("le", ("alpha",)), ("ne", ("alpha", "beta", "lam"))) for p in ps}}
-# mappings whose keys are the user's (edit kinds): given, they replace the default as a whole
-FREE = {"sweep.edits"}
+              for k, ps in (("le", ("alpha",)), ("ne", ("alpha", "beta", "lam"))) for p in ps},
+           **{f"final.{old}": f"final.benchmarks.{new}.limit (benchmark -> its settings)"
+              for old, new in (("limit", "stereo"), ("jailbreak_limit", "jailbreak"),
+                               ("retention_limit", "retention"))}}
+# mappings whose keys are the user's (edit kinds, benchmarks): given, they replace the default as a whole
+FREE = {"sweep.edits", "final.benchmarks"}
 # parity_of: the name of an earlier model this one is a twin of (same weights, another architecture
 # class): it gets the parity stage (identify + one evaluation, compared number by number) instead of a full run.
 MODEL_KEYS = {"path": None, "name": None, "parity_of": None}
@@ -310,8 +315,19 @@ def _check_stability(cfg: dict) -> None:
 
 
 def _check_final(cfg: dict) -> None:
-    for key in ("limit", "jailbreak_limit", "retention_limit"):
-        _int(cfg["final"], "final", key, lo=1, nullable=True)
+    """final.benchmarks: registered benchmarks, each {limit: documents per task} (left out: its
+    declared size); the primary one (the sweep chooses on it) is always run."""
+    given = cfg["final"]["benchmarks"]
+    if not isinstance(given, dict) or benchmarks.PRIMARY not in given:
+        _fail("final.benchmarks", f"{given!r} is not a mapping of benchmarks ({', '.join(benchmarks.names())}) to "
+              f"their settings that includes {benchmarks.PRIMARY} (the sweep chooses on it)")
+    out = {}
+    for name, settings in given.items():
+        where = f"final.benchmarks.{name}"
+        bench = benchmarks.get(_choice(name, where, benchmarks.names()))
+        out[name] = _merge({"limit": bench.limit}, settings, where)
+        _int(out[name], where, "limit", lo=1, nullable=True)
+    cfg["final"]["benchmarks"] = out
 
 
 def _check_eval(cfg: dict) -> None:

@@ -6,28 +6,32 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_coco.edit.registry import label
+from vllm_coco.experiment import benchmarks
 from vllm_coco.experiment.results import LABELS, AblationResult, FinalResult, ModelResults
 
 
 @dataclass(frozen=True)
 class ModelFigures:
-    """One model's figures (paths in the directory they were drawn into)."""
+    """One model's figures (paths in the directory they were drawn into). finals: benchmark -> its
+    headline metric per group (benchmark_chart)."""
     heatmap: Path
     ablation: Path
-    success: Path
     deltas: Path
     sweep: Path
+    finals: dict[str, Path]
 
     def paths(self) -> list[Path]:
-        return [self.heatmap, self.ablation, self.success, self.deltas, self.sweep]
+        return [self.heatmap, self.ablation, self.deltas, self.sweep, *self.finals.values()]
 
 
 def draw(m: ModelResults, categories, out_dir: Path) -> ModelFigures:
     """Every figure of one model into out_dir (written atomically)."""
+    fin = m.final.result
     return ModelFigures(heatmap=neuron_heatmap(m, out_dir),
                         ablation=ablation_chart(m.name, m.ablation.result, categories, out_dir),
-                        success=success_chart(m.name, m.final.result, categories, out_dir),
-                        deltas=delta_chart(m, out_dir), sweep=sweep_chart(m, out_dir))
+                        deltas=delta_chart(m, out_dir), sweep=sweep_chart(m, out_dir),
+                        finals={b: benchmark_chart(m.name, benchmarks.get(b), fin, categories, out_dir)
+                                for b in fin.limits})
 
 
 def neuron_heatmap(m: ModelResults, out_dir: Path) -> Path:
@@ -53,14 +57,15 @@ def ablation_chart(name: str, r: AblationResult, categories, out_dir: Path) -> P
     return png
 
 
-def success_chart(name: str, r: FinalResult, categories, out_dir: Path) -> Path:
-    """Final success rate per category: base, LE-COCO, NE-COCO (those present)."""
+def benchmark_chart(name: str, bench, r: FinalResult, categories, out_dir: Path) -> Path:
+    """A benchmark's headline metric per group (and over all): base and the chosen edits."""
     from vllm_coco.tasks.compare import bar_chart
 
-    runs = r.runs()
-    png = out_dir / f"{name}-success-rate.png"
-    bar_chart([(c, [x.stereo.get("success_rate", c) for x in runs.values()]) for c in [*categories, "all"]],
-              [label(k) for k in runs], png, f"{name}: success rate (test)")
+    runs, head = r.runs(), bench.metrics[0]
+    png = out_dir / f"{name}-{bench.name}.png"
+    bar_chart([(g, [x.summaries[bench.name].get(head.key, g) for x in runs.values()])
+               for g in [*bench.groups(categories), "all"]],
+              [label(k) for k in runs], png, f"{name}: {bench.name}, {head.key} (test)")
     return png
 
 
@@ -78,7 +83,7 @@ def delta_chart(m: ModelResults, out_dir: Path) -> Path:
     rows = [(f"{LABELS[k]} ablated", (abl.intervals or {}).get(k, {}).get("success_rate")) for k in abl.sets]
     if m.stability is not None:  # the split halves' own sets (stability stage)
         rows += [(f"half {k.upper()}'s set ablated", iv) for k, iv in (m.stability.result.intervals or {}).items()]
-    rows += [(label(k), (run.intervals or {}).get("success_rate")) for k, run in fin.edits.items()]
+    rows += [(label(k), run.interval(benchmarks.PRIMARY, "success_rate")) for k, run in fin.edits.items()]
     rows = [(name, iv) for name, iv in rows if iv is not None and iv.delta is not None and iv.lo is not None]
     fig, ax = plt.subplots(figsize=(6.5, 0.55 * max(len(rows), 1) + 1.4))
     for y, (name, iv) in enumerate(rows):

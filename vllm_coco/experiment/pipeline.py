@@ -45,37 +45,32 @@ from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import PARALLEL_OPTIONS
 from vllm_coco.edit import registry
 from vllm_coco.edit.registry import label
-from vllm_coco.experiment import figures, report, stats
+from vllm_coco.experiment import benchmarks, figures, report, stats
+from vllm_coco.experiment.benchmarks import RETENTION, STEREO
 from vllm_coco.experiment.report import fmt
 from vllm_coco.experiment.results import (
-    JAILBREAK_FAMILIES,
     LABELS,
-    RETENTION_FINAL,
-    RETENTION_METRICS,
-    RETENTION_SWEEP,
     AblationResult,
     BaselineSet,
     BaselinesResult,
     Candidate,
     FinalResult,
     FinalRun,
+    GroupSummary,
     HalfSplit,
     IdentifyResult,
-    Interval,
-    JailbreakSummary,
     ModelResults,
     ParityResult,
     ReportResult,
     RetentionSummary,
     StabilityResult,
     Stage,
-    StereoSummary,
     SweepResult,
     SweepRow,
 )
 from vllm_coco.experiment.sweep import admissible, candidates, choose, shares
 
-PIPELINE_VERSION = 4  # bump when a stage's output format or meaning changes: forces a recompute
+PIPELINE_VERSION = 5  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
 STEP = "step.json"
 LOG = "pipeline.log"
@@ -386,7 +381,7 @@ def score_ablated(run: Run, m: dict, steps: Steps, name: str, neurons: Path, mod
 
 
 def score_test(run: Run, m: dict, steps: Steps, key: str, model_dir: Path, limit, where: dict[str, Path],
-               what: str, condition: str | None = None, prefetch=()) -> StereoSummary:
+               what: str, condition: str | None = None, prefetch=()) -> GroupSummary:
     """stereo_coco on the test split for one model or in-memory condition of the ablation kind: the
     evaluation directory goes to where[key], one log line says its success rate."""
     t0, dirs, cats = time.time(), {}, run.cfg["data"]["categories"]
@@ -394,7 +389,7 @@ def score_test(run: Run, m: dict, steps: Steps, key: str, model_dir: Path, limit
                       f"evals/{key}", {"model": key, "mode": run.cfg["ablation"]["mode"]}, condition=condition,
                       prefetch=prefetch, dirs=dirs)["stereo"]
     where[key] = dirs["stereo"]
-    out = StereoSummary.from_lm(res, cats)
+    out = STEREO.summarize(res, cats)
     run.log(f"  [{m['name']}] {what}: success_rate {fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
     return out
 
@@ -411,7 +406,7 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
 
     where: dict[str, Path] = {}  # set name -> its evaluation directory
 
-    def score(name: str, model_dir: Path, steps: Steps, condition=None, prefetch=()) -> StereoSummary:
+    def score(name: str, model_dir: Path, steps: Steps, condition=None, prefetch=()) -> GroupSummary:
         return score_test(run, m, steps, name, model_dir, ac["limit"], where, f"ablation {LABELS.get(name, name)}",
                           condition, prefetch)
 
@@ -498,7 +493,7 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
                 lm.add_condition(f"ablate-{name}", linear_edit(neurons, ac["mode"], model_dir=m["dir"]))
         where: dict[str, Path] = {}
 
-        def score(name: str, model_dir: Path, condition: str | None) -> StereoSummary:
+        def score(name: str, model_dir: Path, condition: str | None) -> GroupSummary:
             others = [f"ablate-{n}" for n in sides if n != name] if run.in_memory else []
             return score_test(run, m, steps, name, model_dir, limit, where, f"stability: {name} ablated", condition,
                               others)
@@ -571,14 +566,16 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
 
     where: dict[str, Path] = {}
 
+    retention = {t: RETENTION.task_metric[t] for t in RETENTION.pool}  # the accuracy tasks the floor reads
+
     def score(model_dir: Path, key: str, steps: Steps, condition=None, prefetch=()):
         dirs: dict[str, Path] = {}
         res = eval_groups(run, model_dir, [("stereo", stereo, sw["limit"]),
-                                           ("retention", list(RETENTION_SWEEP), sw["retention_limit"])],
+                                           ("retention", list(retention), sw["retention_limit"])],
                           "validate", steps, f"evals/{key}", {"model": key}, condition=condition, prefetch=prefetch,
                           dirs=dirs)
         where[key] = dirs["stereo"]
-        return StereoSummary.from_lm(res["stereo"], cats), RetentionSummary.from_lm(res["retention"], RETENTION_SWEEP)
+        return STEREO.summarize(res["stereo"], cats), RetentionSummary.from_lm(res["retention"], retention)
 
     def body(partial: Path, steps: Steps) -> SweepResult:
         t0 = time.time()
@@ -623,78 +620,72 @@ def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spe
     return run.stage(root, m["name"], "sweep", spec, body, SweepResult)
 
 
-def final_intervals(base: dict[str, Path], edit: dict[str, Path]) -> dict[str, Interval]:
-    """An edit against the base on the test split, paired over items: the stereo_coco metrics,
-    retention accuracy per document (the sweep's tasks) and the success rate per jailbreak family."""
-    b, e = stats.bbq_records(base["stereo"]), stats.bbq_records(edit["stereo"])
-    out = {k: stats.compare(b, e, k) for k in stats.METRIC_STATS}
-    ret = [{}, {}]
-    for t in RETENTION_SWEEP:
-        for side, d in zip(ret, (base["retention"], edit["retention"])):
-            side.update(stats.doc_values(d, t, RETENTION_METRICS[t][0]))
-    out["retention"] = stats.paired_bootstrap(ret[0], ret[1], stats.mean)
-    for fam in JAILBREAK_FAMILIES:
-        prefix = f"stereo_coco_jailbreak_{fam}"
-        out[f"jailbreak:{fam}"] = stats.compare(stats.bbq_records(base["jailbreak"], prefix),
-                                                stats.bbq_records(edit["jailbreak"], prefix), "success_rate")
-    return out
+def final_benchmarks(cfg: dict) -> dict[str, benchmarks.Benchmark]:
+    """The benchmarks the final stage runs (config `final.benchmarks`), in order."""
+    return {name: benchmarks.get(name) for name in cfg["final"]["benchmarks"]}
 
 
 def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: Stage[SweepResult],
            data_spec: dict) -> Stage[FinalResult]:
-    fc = run.cfg["final"]
-    cats = run.cfg["data"]["categories"]
+    fc, cats = run.cfg["final"], run.cfg["data"]["categories"]
+    benches = final_benchmarks(run.cfg)
+    limits = {name: fc["benchmarks"][name]["limit"] for name in benches}
     chosen = {e: sweep.result.chosen_row(e) for e in sweep.result.chosen}
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
             "sweep": sweep.hash, "final": fc, "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
-    parts = [("stereo", [f"stereo_coco_{c}" for c in cats], fc["limit"]),
-             ("jailbreak", ["stereo_coco_jailbreak"], fc["jailbreak_limit"]),
-             ("retention", list(RETENTION_FINAL), fc["retention_limit"])]
-    metadata = {"categories": list(cats)}  # the jailbreak families draw items from these categories
-
-    where: dict[str, dict[str, Path]] = {}  # run -> part -> evaluation directory
+    where: dict[str, dict[str, Path]] = {}  # run -> benchmark -> evaluation directory
+    metadata = {k: v for b in benches.values() for k, v in (b.metadata(cats) or {}).items()} or None
 
     def evaluate_one(name: str, cand: Candidate | None, steps: Steps, prefetch=()) -> FinalRun:
         t0 = time.time()
-        model_dir, written, condition = m["dir"], None, None
-        if cand is not None:
-            spec = {k: v for k, v in cand.spec().items() if k != "key"}
-            # the chosen edits are the run's product: written even when evaluated in memory
-            neurons = candidate_neurons(run, ident, sweep.dir, cand)
-            written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, d))
-            if run.in_memory:
-                condition = f"final-{name}"
-            else:
-                model_dir = written
+        model_dir, written, condition = _final_model(run, m, ident, sweep, name, cand, steps)
         dirs: dict[str, Path] = {}
+        parts = [(b.name, b.tasks(cats), limits[b.name]) for b in benches.values()]
         res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata,
-                          condition=condition, prefetch=prefetch, dirs=dirs)
+                          condition=condition, prefetch=prefetch, dirs=dirs)  # one evaluation per distinct limit
         where[name] = dirs
-        out = FinalRun(params="-" if cand is None else cand.params, model=None if written is None else f"models/{name}",
-                       stereo=StereoSummary.from_lm(res["stereo"], cats),
-                       jailbreak=JailbreakSummary.from_lm(res["jailbreak"]),
-                       retention=RetentionSummary.from_lm(res["retention"], RETENTION_FINAL),
-                       intervals=None if cand is None else final_intervals(where["base"], dirs))
+        out = FinalRun(params="-" if cand is None else cand.params, model=written,
+                       summaries={b.name: b.summarize(res[b.name], cats) for b in benches.values()},
+                       intervals=None if cand is None else {
+                           b.name: b.intervals(where["base"][b.name], dirs[b.name], cats) for b in benches.values()})
         run.log(f"  [{m['name']}] final {label(name)}: success_rate "
                 f"{fmt(out.stereo.get('success_rate'))} ({time.time() - t0:.0f} s)")
         return out
 
     def body(partial: Path, steps: Steps) -> FinalResult:
-        conds = []
-        if run.in_memory:
-            lm = run.lm(m["dir"])
-            for e, row in chosen.items():
-                if row is not None:
-                    lm.add_condition(f"final-{e}", edit_condition(
-                        m, candidate_neurons(run, ident, sweep.dir, row.candidate), row.candidate))
-                    conds.append(f"final-{e}")
+        conds = _final_conditions(run, m, ident, sweep, chosen)
         base = evaluate_one("base", None, steps, prefetch=conds)
         edits = {e: evaluate_one(e, row.candidate, steps) for e, row in chosen.items() if row is not None}
-        return FinalResult(split="test", limit=fc["limit"], jailbreak_limit=fc["jailbreak_limit"],
-                           retention_limit=fc["retention_limit"], base=base, edits=edits)
+        return FinalResult(split="test", limits=limits, base=base, edits=edits)
 
     return run.stage(root, m["name"], "final", spec, body, FinalResult)
+
+
+def _final_model(run: Run, m: dict, ident, sweep, name: str, cand: Candidate | None, steps: Steps):
+    """(model dir to evaluate, the written edit relative to the stage or None, in-memory condition or None).
+    The chosen edits are the run's product: written even when evaluated in memory."""
+    if cand is None:
+        return m["dir"], None, None
+    spec = {k: v for k, v in cand.spec().items() if k != "key"}
+    neurons = candidate_neurons(run, ident, sweep.dir, cand)
+    written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, d))
+    if run.in_memory:
+        return m["dir"], f"models/{name}", f"final-{name}"
+    return written, f"models/{name}", None
+
+
+def _final_conditions(run: Run, m: dict, ident, sweep, chosen: dict) -> list[str]:
+    """In memory: each chosen edit registered on the loaded base model (scored in the base's batches)."""
+    if not run.in_memory:
+        return []
+    lm, conds = run.lm(m["dir"]), []
+    for e, row in chosen.items():
+        if row is not None:
+            lm.add_condition(f"final-{e}", edit_condition(m, candidate_neurons(run, ident, sweep.dir, row.candidate),
+                                                           row.candidate))
+            conds.append(f"final-{e}")
+    return conds
 
 
 def _max_loglik_diff(a: Path, b: Path, tasks) -> tuple[float, int]:

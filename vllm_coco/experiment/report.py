@@ -12,15 +12,11 @@ from pathlib import Path
 
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.edit.registry import label
-from vllm_coco.experiment import stats
+from vllm_coco.experiment import benchmarks, stats
+from vllm_coco.experiment.benchmarks import RETENTION, Benchmark
 from vllm_coco.experiment.figures import ModelFigures
 from vllm_coco.experiment.results import (
-    JAILBREAK_FAMILIES,
     LABELS,
-    RETENTION_FINAL,
-    RETENTION_METRICS,
-    RETENTION_SWEEP,
-    STEREO_METRICS,
     AblationResult,
     FinalResult,
     IdentifyResult,
@@ -105,13 +101,12 @@ def sample_sizes(m: ModelResults) -> list[str]:
         if row.key in chosen:
             add(f"sweep: chosen {label(row.edit)} vs base (validate)", row.delta, p_val)
     for e, run in fin.edits.items():
-        iv = run.intervals or {}
-        add(f"final: {label(e)} success rate (test)", iv.get("success_rate"), fin.base.stereo.get("success_rate"))
-        add(f"final: {label(e)} acc_disambig (test)", iv.get("acc_disambig"),
-            fin.base.stereo.get("acc_disambig"))
-        add(f"final: {label(e)} retention (documents)", iv.get("retention"), fin.base.retention.acc_mean)
-        add(f"final: {label(e)} jailbreak, one family (test)", iv.get(f"jailbreak:{JAILBREAK_FAMILIES[0]}"),
-            fin.base.jailbreak.get("success_rate", JAILBREAK_FAMILIES[0]))
+        for b, ivs in (run.intervals or {}).items():
+            bench = benchmarks.get(b)
+            for key, iv in ivs.items():
+                metric, _, group = key.partition(":")
+                if bench.metric(metric).rate:  # the planning formula is for proportions
+                    add(f"final: {label(e)} {b} {key} (test)", iv, fin.base.summaries[b].get(metric, group or "all"))
     if not rows:
         return []
     return [f"### Sample sizes ({m.name})", "",
@@ -121,20 +116,13 @@ def sample_sizes(m: ModelResults) -> list[str]:
 
 
 def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
-    """The claims (a)-(e), each computed from the stored intervals by stats' stated rule."""
+    """The claims, each computed from the stored intervals by stats' stated rule: specificity of the
+    COCO set, then each edit's verdicts from every benchmark that judges (benchmarks.Benchmark.judge)."""
     abl, fin = m.ablation.result, m.final.result
     out = [stats.verdict_specific({LABELS[k]: iv for k, iv in (abl.specific or {}).items()})]
-    floor = cfg["sweep"]["retention_floor"]
     for e, run in fin.edits.items():
-        iv = run.intervals or {}
-        if not iv:  # no candidate of this edit: nothing to judge
-            continue
-        none = stats.NO_ITEMS  # a comparison the stage could not make reads as "inconclusive"
-        name = label(e)
-        out.append(stats.verdict_edit(iv.get("success_rate", none), iv.get("acc_disambig", none), edit=name))
-        out.append(stats.verdict_retention(iv.get("retention", none), floor, edit=name))
-        out.append(stats.verdict_jailbreak({k.split(":", 1)[1]: v for k, v in iv.items()
-                                            if k.startswith("jailbreak:")}, edit=name))
+        for b, ivs in (run.intervals or {}).items():  # no candidate of an edit: nothing to judge
+            out += benchmarks.get(b).verdicts(ivs, label(e), cfg)
     return out
 
 
@@ -171,13 +159,15 @@ def parity(parities: dict[str, ParityResult]) -> list[str]:
 
 def model_section(cfg: dict, m: ModelResults, fig: ModelFigures, layout: str) -> list[str]:
     cats, final = cfg["data"]["categories"], m.final.result
-    return (model_intro(m) + neurons(m.identify.result, cfg["identify"], layout, fig.heatmap)
-            + ablation(m.ablation.result, cats, fig.ablation)
-            + (stability(m.stability.result, m.ablation.result) if m.stability is not None else [])
-            + sweep(m.sweep.result) + figure("sweep", fig.sweep)
-            + final_stereo(final, cats) + choice_on_test(m) + other_metrics(final)
-            + figure("success rate", fig.success) + figure("deltas with intervals", fig.deltas)
-            + jailbreak(final) + retention(final, m.final.dir, m.sweep.result.chosen))
+    md = (model_intro(m) + neurons(m.identify.result, cfg["identify"], layout, fig.heatmap)
+          + ablation(m.ablation.result, cats, fig.ablation)
+          + (stability(m.stability.result, m.ablation.result) if m.stability is not None else [])
+          + sweep(m.sweep.result) + figure("sweep", fig.sweep))
+    for b in final.limits:
+        md += benchmark(benchmarks.get(b), final, cats, fig.finals[b])
+        if b == benchmarks.PRIMARY:
+            md += choice_on_test(m) + figure("deltas with intervals", fig.deltas)
+    return md + edited_models(final, m.final.dir, m.sweep.result.chosen)
 
 
 def choice_on_test(m: ModelResults) -> list[str]:
@@ -187,9 +177,9 @@ def choice_on_test(m: ModelResults) -> list[str]:
     for e, run in fin.edits.items():
         choice = sw.chosen.get(e)
         row = next((r for r in sw.rows if choice is not None and r.key == choice.key), None)
-        if run is None or row is None or row.delta is None or not run.intervals:
+        if run is None or row is None or row.delta is None or not run.interval(benchmarks.PRIMARY, "success_rate"):
             continue
-        val, test = row.delta, run.intervals["success_rate"]
+        val, test = row.delta, run.interval(benchmarks.PRIMARY, "success_rate")
 
         def side(iv):
             return "n/a" if iv.lo is None else "up" if iv.lo > 0 else "down" if iv.hi < 0 else "no change resolved"
@@ -350,16 +340,22 @@ def stability_reading(r: StabilityResult) -> str:
 
 
 METRIC_NAMES = {"success_rate": "success rate", "acc_disambig": "acc (disambig.)", "abs_bias_ambig": "|s_AMB|",
-                "bias_disambig": "s_DIS", "retention": "retention acc"}
+                "bias_disambig": "s_DIS"}
 
 
-def intervals_table(title: str, runs: dict[str, dict[str, Interval]]) -> list[str]:
-    """metric rows x run columns of "Δ [lo, hi] (n)"."""
+def _interval_name(key: str, bench: Benchmark | None) -> str:
+    metric, _, group = key.partition(":")
+    name = METRIC_NAMES.get(metric, metric) if bench is None else bench.metric(metric).label
+    return f"{name}, {group}" if group else name
+
+
+def intervals_table(title: str, runs: dict[str, dict[str, Interval]], bench: Benchmark | None = None) -> list[str]:
+    """metric rows x run columns of "Δ [lo, hi] (n)" (bench: names the rows by its metrics' labels)."""
     if not runs:
         return []
     metrics = [k for k in next(iter(runs.values()))]
-    rows = [[METRIC_NAMES.get(k, k.replace("jailbreak:", "jailbreak "))]
-            + [f"{iv[k].text()} (n={iv[k].n})" if k in iv else "n/a" for iv in runs.values()] for k in metrics]
+    rows = [[_interval_name(k, bench)] + [f"{iv[k].text()} (n={iv[k].n})" if k in iv else "n/a"
+                                          for iv in runs.values()] for k in metrics]
     return [f"{title}:", "", md_table(["metric", *runs], rows), ""]
 
 
@@ -398,7 +394,7 @@ def sweep(r: SweepResult) -> list[str]:
                          "**no candidate beat base beyond noise** (evaluated on test anyway, labelled so)."))
     return (["### Sweep (validate split)", "",
              f"stereo_coco limit {r.limit or 'all'} documents per category; retention = mean accuracy of "
-             f"{' and '.join(RETENTION_SWEEP)} (limit {r.retention_limit or 'all'} each); admissible when "
+             f"{' and '.join(RETENTION.pool)} (limit {r.retention_limit or 'all'} each); admissible when "
              f"retention >= base - {r.retention_floor}.", "",
              md_table(["edit", "hyperparameters", "success rate", "Δ [95 %]", "acc (disambig.)", "retention",
                        "admissible", ""], rows), ""]
@@ -409,47 +405,26 @@ def _edit_labels(r: FinalResult) -> list[str]:
     return [label(k) for k in r.edits]
 
 
-def final_stereo(r: FinalResult, cats) -> list[str]:
-    """Per-category success rate of base and the chosen edits."""
-    st, edits = r.base.stereo, r.edits.values()
-    rows = [vs_base([c, str(st.docs.get(c, ""))], st.get("success_rate", c),
-                    [x.stereo.get("success_rate", c) for x in edits]) for c in [*cats, "all"]]
-    return ["### Final: per-category success rate (test split)", "",
-            f"stereo_coco limit {r.limit or 'all'} documents per category; "
-            + ("; ".join(f"{label(k)} {x.params}" for k, x in r.edits.items()) or "no edited model") + ".", "",
-            md_table(["category", "docs", "base"] + _edit_labels(r), rows), ""]
+def benchmark(bench: Benchmark, r: FinalResult, cats, png: Path) -> list[str]:
+    """One benchmark of the final stage, as its declaration describes it: its (group, metric) rows for
+    base and the chosen edits, the paired intervals, its figure."""
+    runs = [x.summaries[bench.name] for x in r.edits.values()]
+    base = r.base.summaries[bench.name]
+    rows = [vs_base([group, bench.metric(key).label, str(base.docs.get(group, ""))], base.get(key, group),
+                    [x.get(key, group) for x in runs]) for group, key in bench.rows(cats)]
+    limit = r.limits[bench.name]
+    ivs = {label(k): x.intervals[bench.name] for k, x in r.edits.items() if x.intervals and x.intervals[bench.name]}
+    return ([f"### Final, {bench.title} (test split)", "",
+             f"{bench.about} lm-eval limit {limit or 'all'} documents per task; n/a = no document of that condition "
+             "in the sample.", "",
+             md_table(["group", "metric", "docs", "base"] + _edit_labels(r), rows), ""]
+            + intervals_table("Δ vs base with its paired 95 % interval over test items (n items)", ivs, bench)
+            + figure(bench.name, png))
 
 
-def other_metrics(r: FinalResult) -> list[str]:
-    """The other stereo_coco metrics over all categories (those STEREO_METRICS describes)."""
-    rows = [vs_base([f"{m} ({what})"], r.base.stereo.get(m), [x.stereo.get(m) for x in r.edits.values()])
-            for m, what in STEREO_METRICS.items() if what]
-    return (["Other stereo_coco metrics (all categories; n/a = no document of that condition in the sample):", "",
-             md_table(["metric", "base"] + _edit_labels(r), rows), ""]
-            + intervals_table("Δ vs base with its paired 95 % interval over test items (n items; retention: "
-                              "documents; jailbreak: ambiguous items per attack family)",
-                              {label(k): x.intervals for k, x in r.edits.items() if x.intervals}))
-
-
-def jailbreak(r: FinalResult) -> list[str]:
-    jb = r.base.jailbreak
-    rows = [vs_base([fam, str(jb.docs[fam])], jb.get("success_rate", fam),
-                    [x.jailbreak.get("success_rate", fam) for x in r.edits.values()])
-            for fam in (*JAILBREAK_FAMILIES, "all")]
-    return ["### Jailbreak (test split, ambiguous items under attack)", "",
-            f"lm-eval limit {r.jailbreak_limit or 'all'} documents per attack family.", "",
-            md_table(["attack", "docs", "base"] + _edit_labels(r), rows), ""]
-
-
-def retention(r: FinalResult, final_dir: Path, swept) -> list[str]:
-    """Retention of base and the chosen edits; `swept`: the edit kinds the sweep chose among."""
-    ret = r.base.retention
-    rows = [vs_base([f"{t} ({RETENTION_METRICS[t][1]})", str(ret.docs[t])], ret.values[t],
-                    [x.retention.values[t] for x in r.edits.values()]) for t in RETENTION_FINAL]
-    md = ["### Retention (offline subsets)", "", f"lm-eval limit {r.retention_limit or 'all'} documents per task.",
-          "", md_table(["task", "docs", "base"] + _edit_labels(r), rows), ""]
+def edited_models(r: FinalResult, final_dir: Path, swept) -> list[str]:
+    """Where the chosen edits are; `swept`: the edit kinds the sweep chose among."""
     missing = [label(e) for e in swept if e not in r.edits]
-    if missing:
-        md += [f"n/a for {', '.join(missing)}: no such candidate in the sweep.", ""]
+    md = [f"No final evaluation for {', '.join(missing)}: no such candidate in the sweep.", ""] if missing else []
     return md + [f"Edited models: `{final_dir}/models/` (the NE gate: an NE-COCO directory for `vllm serve` with the "
                  "vllm-coco plugin; every other kind: a baked checkpoint).", ""]

@@ -20,33 +20,6 @@ from typing import Generic, TypeVar
 
 from vllm_coco.tasks import results as lm_results
 
-# stereo_coco metrics the experiment keeps, with what the report's "other metrics" table calls
-# each (None: not in that table; success_rate is the headline, the table shows |s_AMB| for
-# bias_ambig). A subset of the stereo_coco task's metric list vllm_coco.tasks.metrics.MC_METRICS
-# (tests/test_pipeline.py keeps them in step): abs_bias_disambig is not reported. Adding a metric to the
-# report: add it there (the task computes it) and here (the experiment keeps and reports it).
-STEREO_METRICS: dict[str, str | None] = {
-    "success_rate": None,
-    "acc_disambig": "accuracy, disambiguated items",
-    "bias_ambig": None,
-    "abs_bias_ambig": "|s_AMB| (lower is better)",
-    "bias_disambig": "s_DIS (0 is unbiased)",
-    "order_consistency": "same answer under all 3 orders",
-    "pos0_rate": "answers at position 1",
-    "pos1_rate": "answers at position 2",
-    "pos2_rate": "answers at position 3",
-}
-# stereo_coco_jailbreak_<family> metrics kept (a subset of the task's JAILBREAK_METRICS, ditto)
-JAILBREAK_FAMILIES = ("roleplay", "obfuscated", "templates")
-JAILBREAK_METRICS = ("success_rate", "bias_ambig")
-# retention task -> (the metric read, what the report calls it)
-RETENTION_METRICS = {
-    "coco_mmlu": ("acc", "MMLU subset accuracy"),
-    "coco_boolq": ("acc", "BoolQ accuracy"),
-    "coco_truthfulqa_ref": ("ref_bits_per_byte", "TruthfulQA reference answer, bits per byte (lower is better)"),
-}
-RETENTION_SWEEP = ("coco_mmlu", "coco_boolq")  # the accuracy tasks the retention floor reads
-RETENTION_FINAL = tuple(RETENTION_METRICS)
 LABELS = {"coco": "COCO", "rand": "RAND", "norm": "NORM", "mact": "MACT"}  # neuron sets
 
 T = TypeVar("T")
@@ -207,8 +180,8 @@ class GroupSummary(Json):
         return self.values[metric].get(group)
 
     @classmethod
-    def _from_lm(cls, results: dict, tasks: dict[str, str], metrics):
-        """tasks: group -> lm-eval task name."""
+    def from_lm(cls, results: dict, tasks: dict[str, str], metrics) -> GroupSummary:
+        """tasks: group -> lm-eval task name (benchmarks.Benchmark.summarize passes its own)."""
         values = {m: {**{g: num(lm_results.metric(results, t, m)) for g, t in tasks.items()},
                       "all": _weighted(results, tasks.values(), m)} for m in metrics}
         docs = {g: lm_results.docs(results, t) for g, t in tasks.items()}
@@ -216,36 +189,18 @@ class GroupSummary(Json):
 
 
 @dataclass(frozen=True)
-class StereoSummary(GroupSummary):
-    """stereo_coco_<category>: STEREO_METRICS per category and over all."""
-
-    @classmethod
-    def from_lm(cls, results: dict, categories) -> StereoSummary:
-        return cls._from_lm(results, {c: f"stereo_coco_{c}" for c in categories}, STEREO_METRICS)
-
-
-@dataclass(frozen=True)
-class JailbreakSummary(GroupSummary):
-    """stereo_coco_jailbreak_<family>: JAILBREAK_METRICS per attack family and over all."""
-
-    @classmethod
-    def from_lm(cls, results: dict) -> JailbreakSummary:
-        return cls._from_lm(results, {f: f"stereo_coco_jailbreak_{f}" for f in JAILBREAK_FAMILIES}, JAILBREAK_METRICS)
-
-
-@dataclass(frozen=True)
 class RetentionSummary(Json):
-    """values: task -> its RETENTION_METRICS metric; acc_mean: mean accuracy over the RETENTION_SWEEP
-    tasks that have one (None: none has)."""
+    """The sweep's retention tasks: values: task -> its metric; acc_mean: mean accuracy over the
+    tasks read by "acc" that have a value (None: none has)."""
     values: dict[str, float | None]
     docs: dict[str, int]
     acc_mean: float | None
 
     @classmethod
-    def from_lm(cls, results: dict, tasks) -> RetentionSummary:
-        values = {t: num(lm_results.metric(results, t, RETENTION_METRICS[t][0])) for t in tasks}
-        accs = [values[t] for t in tasks if t in RETENTION_SWEEP and values[t] is not None]
-        return cls(values=values, docs={t: lm_results.docs(results, t) for t in tasks},
+    def from_lm(cls, results: dict, task_metric: dict[str, str]) -> RetentionSummary:
+        values = {t: num(lm_results.metric(results, t, m)) for t, m in task_metric.items()}
+        accs = [values[t] for t, m in task_metric.items() if m == "acc" and values[t] is not None]
+        return cls(values=values, docs={t: lm_results.docs(results, t) for t in task_metric},
                    acc_mean=sum(accs) / len(accs) if accs else None)
 
 
@@ -258,18 +213,18 @@ class AblationResult(Json):
     mode: str
     limit: int | None
     split: str
-    base: StereoSummary
-    sets: dict[str, StereoSummary]
+    base: GroupSummary
+    sets: dict[str, GroupSummary]
     # set -> metric (stats.METRIC_STATS) -> paired interval of set - base, over test items
     intervals: dict[str, dict[str, Interval]] | None = None
     # baseline -> interval of Δ_COCO - Δ_baseline (success rate): the specificity claim
     specific: dict[str, Interval] | None = None
 
     @property
-    def coco(self) -> StereoSummary:
+    def coco(self) -> GroupSummary:
         return self.sets["coco"]
 
-    def baselines(self) -> dict[str, StereoSummary]:
+    def baselines(self) -> dict[str, GroupSummary]:
         """The control sets (every set but COCO), in the config's order."""
         return {k: v for k, v in self.sets.items() if k != "coco"}
 
@@ -296,7 +251,7 @@ class StabilityResult(Json):
     chance: float  # Jaccard of two random sets of `count` of `total` neurons
     splits: list[HalfSplit]  # largest fraction first
     limit: int | None = None  # stereo_coco documents per category of the half-set ablations
-    ablated: dict[str, StereoSummary] | None = None  # "a" / "b": the largest split's halves ablated (test)
+    ablated: dict[str, GroupSummary] | None = None  # "a" / "b": the largest split's halves ablated (test)
     intervals: dict[str, Interval] | None = None  # "a" / "b": success rate Δ vs base, paired over test items
 
 
@@ -347,7 +302,7 @@ class SweepRow(Json):
         return "-" if self.candidate is None else self.candidate.params
 
     @classmethod
-    def score(cls, cand: Candidate | None, stereo: StereoSummary, ret: RetentionSummary,
+    def score(cls, cand: Candidate | None, stereo: GroupSummary, ret: RetentionSummary,
               admissible: bool, delta: Interval | None = None) -> SweepRow:
         return cls(candidate=cand, success_rate=stereo.get("success_rate"), acc_disambig=stereo.get("acc_disambig"),
                    retention=ret.acc_mean, admissible=admissible,
@@ -384,25 +339,30 @@ class SweepResult(Json):
 
 @dataclass(frozen=True)
 class FinalRun(Json):
-    """One model on the test split. model: its directory under the final stage (None: the base)."""
+    """One model on the test split. model: its directory under the final stage (None: the base).
+    summaries: benchmark (experiment/benchmarks.py) -> its groups' metrics; intervals: benchmark ->
+    its comparisons with the base, paired over test items (Benchmark.intervals; None for the base)."""
     params: str
     model: str | None
-    stereo: StereoSummary
-    jailbreak: JailbreakSummary
-    retention: RetentionSummary
-    # vs base, paired over test items: stats.METRIC_STATS metrics, "retention" (accuracy per
-    # document of the sweep's retention tasks), "jailbreak:<family>" (success rate); None for base
-    intervals: dict[str, Interval] | None = None
+    summaries: dict[str, GroupSummary]
+    intervals: dict[str, dict[str, Interval]] | None = None
+
+    @property
+    def stereo(self) -> GroupSummary:
+        """The primary benchmark's summary (benchmarks.PRIMARY: every final stage runs it)."""
+        return self.summaries["stereo"]
+
+    def interval(self, bench: str, key: str) -> Interval | None:
+        return (self.intervals or {}).get(bench, {}).get(key)
 
 
 @dataclass(frozen=True)
 class FinalResult(Json):
     """Base and each edit kind's chosen candidate on the test split (a kind whose sweep had no
-    candidate is absent), in the sweep's order."""
+    candidate is absent), in the sweep's order. limits: benchmark -> lm-eval documents per task, in
+    the order the benchmarks ran."""
     split: str
-    limit: int | None
-    jailbreak_limit: int | None
-    retention_limit: int | None
+    limits: dict[str, int | None]
     base: FinalRun
     edits: dict[str, FinalRun]
 

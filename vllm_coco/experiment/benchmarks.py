@@ -1,0 +1,245 @@
+"""Benchmark declarations: what the final stage evaluates, reports and judges (docs/METHOD.md §8.7;
+docs/EXTENDING.md).
+
+A benchmark is declared once, as data: the lm-eval tasks it runs, its groups (a category, an attack
+family, a task: the rows of its report table), its metrics (what the report calls each, which way is
+better; the first is its headline), its default size, the paired comparisons it makes and the
+verdicts they feed. The final stage runs the benchmarks the config's `final.benchmarks` names, and
+everything downstream derives from the declarations: FinalRun.summaries / .intervals (results.py),
+the report's section, figure and verdict lines (report.py, figures.py), the sample-size table.
+
+Two families cover the project's tasks: `BbqBenchmark` (BBQ records, compared item by item with
+stats.METRIC_STATS) and `DocBenchmark` (one number per document, compared with stats.mean). A new
+benchmark is an instance of one of them, passed to `register` (or declared by an installed
+package's entry point in the group `vllm_coco.benchmarks`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from vllm_coco.core.errors import CocoError
+from vllm_coco.core.plugins import load_group
+from vllm_coco.experiment import stats
+from vllm_coco.experiment.results import GroupSummary, Interval
+from vllm_coco.experiment.stats import Verdict
+
+# A benchmark's verdict rule: (its intervals, the edit's report label, the run config) -> verdicts
+Judge = Callable[[dict[str, Interval], str, dict], list[Verdict]]
+
+
+@dataclass(frozen=True)
+class Metric:
+    """An lm-eval metric a benchmark keeps. rate: a proportion in [0, 1] (the sample-size table's
+    planning formula applies to it)."""
+    key: str
+    label: str
+    lower_is_better: bool = False
+    rate: bool = True
+
+
+@dataclass(frozen=True)
+class Benchmark:
+    """The fields every benchmark declares; BbqBenchmark / DocBenchmark say how its documents are read.
+
+    metrics[0] is the headline: the one shown per group and drawn. limit: lm-eval documents per task
+    in the final stage (the config's `final.benchmarks.<name>.limit` overrides it; None: all).
+    judge: its verdict rule (None: reported, not judged)."""
+    name: str
+    title: str
+    about: str
+    metrics: tuple[Metric, ...]
+    limit: int | None
+    judge: Judge | None = None
+
+    def metric(self, key: str) -> Metric:
+        return next(m for m in self.metrics if m.key == key)
+
+    # the family's part -------------------------------------------------------------------
+    def tasks(self, categories) -> list[str]:
+        """The lm-eval tasks (or groups) to run."""
+        raise NotImplementedError
+
+    def groups(self, categories) -> dict[str, str]:
+        """group -> the lm-eval task whose results it reads."""
+        raise NotImplementedError
+
+    def rows(self, categories) -> list[tuple[str, str]]:
+        """(group, metric) pairs of its report table ("all": over every group)."""
+        raise NotImplementedError
+
+    def metadata(self, categories) -> dict | None:
+        """lm-eval task metadata (None: none)."""
+        return None
+
+    def intervals(self, base: Path, edit: Path, categories) -> dict[str, Interval]:
+        """Edit vs base, paired over shared items, from the two evaluations' per-document logs. Keys:
+        "<metric>" (over all groups) or "<metric>:<group>"."""
+        raise NotImplementedError
+
+    # shared --------------------------------------------------------------------------------
+    def summarize(self, results: dict, categories) -> GroupSummary:
+        return GroupSummary.from_lm(results, self.groups(categories), [m.key for m in self.metrics])
+
+    def verdicts(self, intervals: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+        return [] if self.judge is None else self.judge(intervals, edit, cfg)
+
+
+@dataclass(frozen=True)
+class BbqBenchmark(Benchmark):
+    """BBQ-style tasks that log metrics.record per document (stereo_coco_*, jailbreak families).
+
+    prefix: the tasks' common prefix; fixed_groups: the group names after it (None: the run's
+    categories); run: what lm-eval runs (None: every group's task). pooled: stats.METRIC_STATS keys
+    compared over all groups; per_group: one compared per group."""
+    prefix: str = "stereo_coco_"
+    fixed_groups: tuple[str, ...] | None = None
+    run: tuple[str, ...] | None = None
+    pooled: tuple[str, ...] = ()
+    per_group: str | None = None
+    needs_categories: bool = False  # the tasks draw their items from the run's categories (metadata)
+
+    def groups(self, categories) -> dict[str, str]:
+        return {g: f"{self.prefix}{g}" for g in (self.fixed_groups or categories)}
+
+    def tasks(self, categories) -> list[str]:
+        return list(self.run or self.groups(categories).values())
+
+    def rows(self, categories) -> list[tuple[str, str]]:
+        head = self.metrics[0].key
+        return [(g, head) for g in [*self.groups(categories), "all"]] + [("all", m.key) for m in self.metrics[1:]]
+
+    def metadata(self, categories) -> dict | None:
+        return {"categories": list(categories)} if self.needs_categories else None
+
+    def intervals(self, base: Path, edit: Path, categories) -> dict[str, Interval]:
+        b, e = stats.bbq_records(base, self.prefix), stats.bbq_records(edit, self.prefix)
+        out = {k: stats.compare(b, e, k) for k in self.pooled}
+        for g, task in self.groups(categories).items() if self.per_group else ():
+            out[f"{self.per_group}:{g}"] = stats.compare(stats.bbq_records(base, task), stats.bbq_records(edit, task),
+                                                         self.per_group)
+        return out
+
+
+@dataclass(frozen=True)
+class DocBenchmark(Benchmark):
+    """Tasks with one number per document (accuracy, bits per byte): each task is a group, read by
+    its own metric (task_metric); the `pool` tasks' documents are compared together, as one mean of
+    their shared metric (pooled: its key)."""
+    task_metric: Mapping[str, str] = field(default_factory=dict)
+    pool: tuple[str, ...] = ()
+    pooled: str = "acc"
+
+    def groups(self, categories) -> dict[str, str]:
+        return {t: t for t in self.task_metric}
+
+    def tasks(self, categories) -> list[str]:
+        return list(self.task_metric)
+
+    def rows(self, categories) -> list[tuple[str, str]]:
+        return list(self.task_metric.items())
+
+    def intervals(self, base: Path, edit: Path, categories) -> dict[str, Interval]:
+        if not self.pool:
+            return {}
+        sides = [{}, {}]
+        for t in self.pool:
+            for side, d in zip(sides, (base, edit)):
+                side.update(stats.doc_values(d, t, self.pooled))
+        return {self.pooled: stats.paired_bootstrap(sides[0], sides[1], stats.mean)}
+
+
+# --------------------------------------------------------------------------- the built-in declarations
+
+def _judge_stereo(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+    none = stats.NO_ITEMS  # a comparison the stage could not make reads as "inconclusive"
+    return [stats.verdict_edit(iv.get("success_rate", none), iv.get("acc_disambig", none), edit=edit)]
+
+
+def _judge_jailbreak(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+    return [stats.verdict_jailbreak({k.split(":", 1)[1]: v for k, v in iv.items() if ":" in k}, edit=edit)]
+
+
+def _judge_retention(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+    return [stats.verdict_retention(iv.get("acc", stats.NO_ITEMS), cfg["sweep"]["retention_floor"], edit=edit)]
+
+
+STEREO = BbqBenchmark(
+    name="stereo", title="BBQ (stereo_coco), the run's categories", limit=120, judge=_judge_stereo,
+    about="Ambiguous and disambiguated BBQ items under the three cyclic option orders.",
+    metrics=(Metric("success_rate", "success rate (\"unknown\" on ambiguous items)"),
+             Metric("acc_disambig", "accuracy, disambiguated items"),
+             Metric("bias_ambig", "s_AMB", rate=False),
+             Metric("abs_bias_ambig", "|s_AMB| (lower is better)", lower_is_better=True, rate=False),
+             Metric("bias_disambig", "s_DIS (0 is unbiased)", rate=False),
+             Metric("order_consistency", "same answer under all 3 orders"),
+             Metric("pos0_rate", "answers at position 1"),
+             Metric("pos1_rate", "answers at position 2"),
+             Metric("pos2_rate", "answers at position 3")),
+    pooled=("success_rate", "acc_disambig", "abs_bias_ambig", "bias_disambig"))
+JAILBREAK = BbqBenchmark(
+    name="jailbreak", title="Jailbreak (ambiguous items under attack)", limit=30, judge=_judge_jailbreak,
+    about="Ambiguous items of the run's categories wrapped in three families of attack prompts.",
+    metrics=(Metric("success_rate", "success rate"), Metric("bias_ambig", "s_AMB", rate=False)),
+    prefix="stereo_coco_jailbreak_", fixed_groups=("roleplay", "obfuscated", "templates"),
+    run=("stereo_coco_jailbreak",), per_group="success_rate", needs_categories=True)
+RETENTION = DocBenchmark(
+    name="retention", title="Retention (offline subsets)", limit=70, judge=_judge_retention,
+    about="General ability the edit must keep: accuracy is compared over the accuracy tasks' documents pooled.",
+    metrics=(Metric("acc", "accuracy"),
+             Metric("ref_bits_per_byte", "reference answer, bits per byte (lower is better)", lower_is_better=True,
+                    rate=False)),
+    task_metric={"coco_mmlu": "acc", "coco_boolq": "acc", "coco_truthfulqa_ref": "ref_bits_per_byte"},
+    pool=("coco_mmlu", "coco_boolq"))
+
+BUILT_IN = (STEREO, JAILBREAK, RETENTION)
+PRIMARY = STEREO.name  # the benchmark the sweep chooses on: every final stage runs it
+_BENCHMARKS: dict[str, Benchmark] = {b.name: b for b in BUILT_IN}
+_NAME = re.compile(r"^[a-z][a-z0-9_-]{0,31}$")  # a config key and a directory name part
+ENTRY_POINTS = "vllm_coco.benchmarks"
+
+
+def register(bench: Benchmark, replace: bool = False) -> Benchmark:
+    """Add a declaration (`replace`: over one of the same name). Returns it."""
+    if not isinstance(bench, Benchmark) or type(bench) is Benchmark:
+        raise TypeError(f"a benchmark is a BbqBenchmark or DocBenchmark (experiment.benchmarks), not "
+                        f"{type(bench).__name__}")
+    if not _NAME.match(bench.name) or not bench.metrics:
+        raise ValueError(f"benchmark {bench.name!r}: a lower-case name (letters, digits, _ -) and at least one metric")
+    if bench.name in _BENCHMARKS and not replace:
+        raise ValueError(f"a benchmark named {bench.name!r} is registered already (pass replace=True)")
+    _BENCHMARKS[bench.name] = bench
+    return bench
+
+
+def unregister(name: str) -> None:
+    """Remove a benchmark added with `register` (the built-in ones stay)."""
+    if name in (b.name for b in BUILT_IN):
+        raise ValueError(f"{name!r} is built in")
+    _BENCHMARKS.pop(name, None)
+
+
+def get(name: str) -> Benchmark:
+    if name not in _BENCHMARKS:
+        raise CocoError(f"unknown benchmark {name}; choose one of {', '.join(_BENCHMARKS)}")
+    return _BENCHMARKS[name]
+
+
+def names() -> tuple[str, ...]:
+    return tuple(_BENCHMARKS)
+
+
+def _add_installed(bench) -> None:
+    if _BENCHMARKS.get(getattr(bench, "name", None)) is not bench:
+        register(bench)
+
+
+def load_entry_points() -> None:
+    """Register the benchmarks installed packages declare (group ENTRY_POINTS, core/plugins.py)."""
+    load_group(ENTRY_POINTS, "benchmark", _add_installed)
+
+
+load_entry_points()
