@@ -4,8 +4,8 @@ prefix-cache sequence (one long prompt sent with several settings in turn, one `
 
     python tests/per_request_worker.py OUT.json SPEC.json
 
-SPEC: {"dir": NE_DIR, "eager": bool, "max_tokens": N, "requests": [{"prompt": [ids], "extra": {...}}],
-       "prefix": {"prompt": [ids], "sequence": [{...}, ...]}}
+SPEC: {"dir": NE_DIR, "eager": bool, "max_tokens": N, "max_model_len": N (default 512),
+       "requests": [{"prompt": [ids], "extra": {...}}], "prefix": {"prompt": [ids], "sequence": [{...}, ...]}}
 Run as a subprocess by the tests: vLLM spawns worker processes and wants a __main__ guard.
 """
 
@@ -29,7 +29,7 @@ def main():
 
     from vllm_coco.serve.launch import engine_kwargs
 
-    llm = LLM(**engine_kwargs(spec["dir"]), dtype="float32", max_model_len=512, seed=0,
+    llm = LLM(**engine_kwargs(spec["dir"]), dtype="float32", max_model_len=spec.get("max_model_len", 512), seed=0,
               enforce_eager=spec["eager"], enable_prefix_caching=True)
 
     def params(extra, prompt_logprobs=0):
