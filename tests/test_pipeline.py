@@ -85,7 +85,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     assert report.index("## Verdicts") < report.index("## Summary")
     verdict_rows = [line for line in report.split("## Verdicts")[1].split("## Summary")[0].splitlines()
                     if line.startswith("| tiny |")]
-    assert len(verdict_rows) == 1 + 3 * 2  # (a), then (b)/(c), (d), (e) for LE and NE
+    assert len(verdict_rows) == 1 + 4 * 2  # (a), then reduces-bias, (b)/(c), (d), (e) for LE and NE
     for row in verdict_rows:
         assert re.search(r"\*\*(supported|not supported|inconclusive)\*\*", row), row
         assert "(n=" in row, row
@@ -331,7 +331,7 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
     assert "| tiny | 0.625 | 0.625 (+0.000) [alpha=0.5] | n/a (no candidate) | 0.625 (+0.000) |" in text
     assert "No final evaluation for NE-COCO: no such candidate in the sweep." in text
     assert "| all | \\|s_AMB\\| (lower is better) | 6 | n/a | n/a |" in text
-    assert '| all | success rate ("unknown" on ambiguous items) | 6 | 0.625 | 0.625 (+0.000) |' in text
+    assert '| all | success rate = accuracy, ambiguous items ("unknown") | 6 | 0.625 | 0.625 (+0.000) |' in text
     assert "| coco_truthfulqa_ref | reference answer, bits per byte (lower is better) | 3 | 1.600 | 1.600 (+0.000) |" \
         in text
     assert "ablating COCO changed the success rate by +0.000." in text

@@ -12,8 +12,11 @@ from vllm_coco.tasks.metrics import (
                                      agg_abs_bias_ambig,
                                      agg_abs_bias_disambig,
                                      agg_acc_disambig,
+                                     agg_acc_disambig_consistent,
+                                     agg_acc_disambig_inconsistent,
                                      agg_bias_ambig,
                                      agg_bias_disambig,
+                                     agg_disambig_gap,
                                      agg_order_consistency,
                                      agg_pos0_rate,
                                      agg_pos1_rate,
@@ -34,5 +37,6 @@ __all__ = [
     # aggregation
     "agg_success_rate", "agg_acc_disambig", "agg_bias_disambig", "agg_bias_ambig", "agg_abs_bias_disambig",
     "agg_abs_bias_ambig", "agg_pos0_rate", "agg_pos1_rate", "agg_pos2_rate", "agg_order_consistency",
-    "agg_unparsed_rate", "agg_bits_per_byte",
+    "agg_unparsed_rate", "agg_bits_per_byte", "agg_acc_disambig_consistent", "agg_acc_disambig_inconsistent",
+    "agg_disambig_gap",
 ]
