@@ -79,16 +79,19 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
         assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
     report = (out / "REPORT.md").read_text()
     for heading in ("## Verdicts", "## Summary", "### Neurons", "### Causal check", "### Stability", "### Sweep",
-                    "### Final, BBQ", "### Final, Jailbreak", "### Final, Retention"):
+                    "### Final, BBQ", "### Final, Jailbreak", "### Final, Retention", "### Final, Neutral text"):
         assert heading in report, heading
     # the verdicts come first, each computed (a status by a stated rule, from intervals with their n)
     assert report.index("## Verdicts") < report.index("## Summary")
     verdict_rows = [line for line in report.split("## Verdicts")[1].split("## Summary")[0].splitlines()
                     if line.startswith("| tiny |")]
-    assert len(verdict_rows) == 1 + 4 * 2  # (a), then reduces-bias, (b)/(c), (d), (e) for LE and NE
+    # (a), then per edit: reduces bias, (b)/(c), (e) jailbreak, (d) retention accuracy, neutral-text shift
+    assert len(verdict_rows) == 1 + 5 * 2
     for row in verdict_rows:
-        assert re.search(r"\*\*(supported|not supported|inconclusive)\*\*", row), row
-        assert "(n=" in row, row
+        assert re.search(r"\*\*(supported|not supported|inconclusive|at chance: no evidence)\*\*", row), row
+        assert "(n=" in row or "at chance" in row, row
+    # the tiny random model answers the accuracy tasks at chance: that check cannot fail, and says so
+    assert sum("retention accuracy" in r and "**at chance: no evidence**" in r for r in verdict_rows) == 2
     assert report.count("- supported if") >= 4  # every rule stated once
     assert "Δ_COCO - Δ_X" in report and "paired 95 % interval" in report
     for section in report.split("\n### ")[1:]:  # every section has content beyond its title
@@ -97,7 +100,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     assert "**selected**" in report and "Significance (label-permutation null" in report
     pngs = sorted(p.name for p in (out / "report").glob("*.png"))
     assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-jailbreak.png", "tiny-neurons-heatmap.png",
-                    "tiny-retention.png", "tiny-stereo.png", "tiny-sweep.png"]
+                    "tiny-neutral.png", "tiny-retention.png", "tiny-stereo.png", "tiny-sweep.png"]
     for name in pngs:
         assert (out / "report" / name).stat().st_size > 1000
         assert f"report/{name}" in report

