@@ -267,7 +267,7 @@ def loaded():
     """Every vllm-coco task and group, loaded through lm-eval's TaskManager (data capped)."""
     from vllm_coco.tasks.evaluate import task_manager
 
-    names = ["stereo_coco", "stereo_coco_gen", "stereo_coco_jailbreak", "coco_retention"]
+    names = ["stereo_coco", "stereo_coco_heldout", "stereo_coco_gen", "stereo_coco_jailbreak", "coco_retention"]
     tm = task_manager(names, metadata={"max_items": 2})
     return {name: tm.load([name]) for name in names}
 
@@ -278,6 +278,7 @@ def test_every_task_yaml_loads_through_lm_eval(loaded):
 
     expected = {
         "stereo_coco": {f"stereo_coco_{c}" for c in DEFAULT_CATEGORIES},
+        "stereo_coco_heldout": {"stereo_coco_Race_x_SES", "stereo_coco_Race_x_gender"},
         "stereo_coco_gen": {f"stereo_coco_gen_{c}" for c in DEFAULT_CATEGORIES},
         "stereo_coco_jailbreak": {f"stereo_coco_jailbreak_{f}" for f in ("roleplay", "obfuscated", "templates")},
         "coco_retention": {"coco_mmlu", "coco_boolq", "coco_truthfulqa_ref"},

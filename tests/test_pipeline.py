@@ -79,14 +79,16 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
         assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
     report = (out / "REPORT.md").read_text()
     for heading in ("## Verdicts", "## Summary", "### Neurons", "### Causal check", "### Stability", "### Sweep",
-                    "### Final, BBQ", "### Final, Jailbreak", "### Final, Retention", "### Final, Neutral text"):
+                    "### Final, BBQ (", "### Final, BBQ, held-out", "### Final, Jailbreak", "### Final, Retention",
+                    "### Final, Neutral text"):
         assert heading in report, heading
     # the verdicts come first, each computed (a status by a stated rule, from intervals with their n)
     assert report.index("## Verdicts") < report.index("## Summary")
     verdict_rows = [line for line in report.split("## Verdicts")[1].split("## Summary")[0].splitlines()
                     if line.startswith("| tiny |")]
-    # (a), then per edit: reduces bias, (b)/(c), (e) jailbreak, (d) retention accuracy, neutral-text shift
-    assert len(verdict_rows) == 1 + 5 * 2
+    # (a), then per edit: reduces bias, (b)/(c), held-out transfer, (e) jailbreak, (d) retention accuracy,
+    # neutral-text shift
+    assert len(verdict_rows) == 1 + 6 * 2
     for row in verdict_rows:
         assert re.search(r"\*\*(supported|not supported|inconclusive|at chance: no evidence)\*\*", row), row
         assert "(n=" in row or "at chance" in row, row
@@ -99,8 +101,9 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     assert "RAND ablated" in report and "NORM ablated" in report and "MACT ablated" in report
     assert "**selected**" in report and "Significance (label-permutation null" in report
     pngs = sorted(p.name for p in (out / "report").glob("*.png"))
-    assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-jailbreak.png", "tiny-neurons-heatmap.png",
-                    "tiny-neutral.png", "tiny-retention.png", "tiny-stereo.png", "tiny-sweep.png"]
+    assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-heldout.png", "tiny-jailbreak.png",
+                    "tiny-neurons-heatmap.png", "tiny-neutral.png", "tiny-retention.png", "tiny-stereo.png",
+                    "tiny-sweep.png"]
     for name in pngs:
         assert (out / "report" / name).stat().st_size > 1000
         assert f"report/{name}" in report
@@ -422,6 +425,8 @@ BAD = [
     ({"final": {"limit": 3}}, r"^final\.limit: was replaced by final\.benchmarks\.stereo\.limit"),
     ({"final": {"benchmarks": {"retention": {}}}}, r"^final\.benchmarks: .* that includes stereo"),
     ({"final": {"benchmarks": {"stereo": {}, "mmlu": {}}}}, r"^final\.benchmarks\.mmlu: 'mmlu' is not one of"),
+    ({"data": {"categories": ["Age", "Race_x_SES"]}},
+     r"^final\.benchmarks\.heldout: Race_x_SES is held out by this benchmark and also in data\.categories"),
     ({"eval": {"backend": "tpu"}}, r"^eval\.backend: 'tpu' is not one of auto, hf, vllm"),
     ({"eval": {"nested": {"deeper": 1}}}, r"^eval\.nested: unknown key"),
     ({"baselines": ["rand", "best"]}, r"^baselines\[1\]: 'best' is not one of"),

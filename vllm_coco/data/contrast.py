@@ -75,6 +75,9 @@ def _option_groups(label: str, name: str) -> set[str]:
     if _norm(label) in _GENDER:
         keys.add(_GENDER[_norm(label)])
     keys.update(_TRANS.get(_norm(label), ()))
+    ses = re.fullmatch(r"(lowSES|highSES)-(.+)", label)  # Race_x_SES: "lowSES-Hispanic"
+    if ses:  # the stereotyped person is a low-SES member of a stereotyped group; a high-SES one matches nothing
+        keys = {_norm(ses.group(2)), _norm(re.sub(r"^[FM]-", "", ses.group(2)))} if ses.group(1) == "lowSES" else set()
     keys.discard("")
     return keys
 

@@ -183,7 +183,8 @@ def _eval_categories() -> list[str]:
     """Categories with a stereo_coco_<category> task in evals/."""
     from vllm_coco.tasks.task_folder import evals_dir, local_tasks
 
-    return [t[len("stereo_coco_"):] for t in local_tasks(evals_dir()).get("stereo_coco", [])]
+    tasks = local_tasks(evals_dir())
+    return [c for c in N.BBQ_CATEGORIES if f"stereo_coco_{c}" in tasks]
 
 
 def validate(raw) -> dict:
@@ -327,6 +328,10 @@ def _check_final(cfg: dict) -> None:
         bench = benchmarks.get(_choice(name, where, benchmarks.names()))
         out[name] = _merge({"limit": bench.limit}, settings, where)
         _int(out[name], where, "limit", lo=1, nullable=True)
+        shared = [c for c in getattr(bench, "fixed_groups", None) or () if c in cfg["data"]["categories"]]
+        if getattr(bench, "held_out", False) and shared:
+            _fail(where, f"{', '.join(shared)} is held out by this benchmark and also in data.categories; "
+                  "take it out of one of them")
     cfg["final"]["benchmarks"] = out
 
 

@@ -105,8 +105,8 @@ def sample_sizes(m: ModelResults) -> list[str]:
             bench = benchmarks.get(b)
             for key, iv in ivs.items():
                 metric, _, group = key.partition(":")
-                if group and metric in ivs:  # the pooled comparison stands for its groups here
-                    continue
+                if (group and metric in ivs) or metric.startswith("base_"):  # pooled ones stand for their groups;
+                    continue  # base_*: the base model's own value, not a comparison
                 if bench.metric(metric).rate:  # the planning formula is for proportions
                     add(f"final: {label(e)} {b} {key} (test)", iv, fin.base.summaries[b].get(metric, group or "all"))
     if not rows:
