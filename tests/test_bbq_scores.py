@@ -112,3 +112,24 @@ def test_verdict_reduces_bias_needs_all_three():
     assert v(falls, ok_acc, stats.NO_ITEMS) == "inconclusive"
     verdict = stats.verdict_reduces_bias(falls, ok_acc, ok_gap, acc_floor=0.05, gap_floor=0.05, edit="LE-COCO")
     assert verdict.claim.startswith("LE-COCO reduces BBQ bias") and "-0.05" in verdict.rule
+
+
+def test_verdict_abstention_reads_yes_no_inconclusive():
+    def v(lo, hi):
+        return stats.verdict_abstention(_iv(lo, hi), 0.02, edit="NE-COCO").status
+
+    assert v(0.01, 0.2) == "supported"  # yes: it raises abstention on questions the passage answers
+    assert v(-0.05, 0.02) == "not supported"  # no: any rise is within the floor
+    assert v(-0.02, 0.08) == "inconclusive"
+    assert stats.verdict_abstention(stats.NO_ITEMS, 0.02).status == "inconclusive"
+
+
+def test_item_level_values_average_an_item_s_orders(tmp_path):
+    """The abstention control pairs items, not documents: an item's three order documents are one value."""
+    import json
+
+    rows = [{"doc_id": k, "doc": {"id": f"Abstain:{k // 3}"}, "abstain": float(k in (0, 1))} for k in range(6)]
+    (tmp_path / "samples_coco_abstain.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = stats.doc_values(tmp_path, "coco_abstain", "abstain", item_key="id")
+    assert got == {"coco_abstain:Abstain:0": pytest.approx(2 / 3), "coco_abstain:Abstain:1": 0.0}
+    assert len(stats.doc_values(tmp_path, "coco_abstain", "abstain")) == 6

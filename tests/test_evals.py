@@ -267,7 +267,8 @@ def loaded():
     """Every vllm-coco task and group, loaded through lm-eval's TaskManager (data capped)."""
     from vllm_coco.tasks.evaluate import task_manager
 
-    names = ["stereo_coco", "stereo_coco_heldout", "stereo_coco_gen", "stereo_coco_jailbreak", "coco_retention"]
+    names = ["stereo_coco", "stereo_coco_heldout", "stereo_coco_gen", "stereo_coco_jailbreak", "coco_retention",
+             "coco_abstain"]
     tm = task_manager(names, metadata={"max_items": 2})
     return {name: tm.load([name]) for name in names}
 
@@ -288,8 +289,10 @@ def test_every_task_yaml_loads_through_lm_eval(loaded):
         assert name in loaded[name]["groups"]
         for task in loaded[name]["tasks"].values():
             assert len(task.eval_docs) > 0
+    abstain = loaded["coco_abstain"]["tasks"]["coco_abstain"]  # a task of its own (no group)
+    assert len(abstain.eval_docs) == 2 * 3
     defined = local_tasks(evals_dir())
-    assert set(defined) == set().union(*expected.values(), expected, {"coco_retention_online"})
+    assert set(defined) == set().union(*expected.values(), expected, {"coco_retention_online", "coco_abstain"})
     # each subtask also loads on its own
     from vllm_coco.tasks.evaluate import task_manager
 
@@ -480,3 +483,25 @@ def test_eval_data_errors_fail_before_the_model_loads(tmp_path, fake_model, monk
     monkeypatch.setenv("COCO_BBQ_SOURCE", str(tmp_path / "nowhere"))  # the fake model could not load at all
     _expect_bad(tmp_path, "eval", fake_model, "--out", tmp_path / "o", "--tasks", "stereo_coco_Religion",
                 match="nowhere")
+
+
+def test_abstention_control_docs_are_answerable_and_disjoint():
+    """coco_abstain: BoolQ rows disjoint from coco_boolq's and between splits; "unknown" visits every
+    position; the correct answer is a yes / no; an "unknown" pick scores abstain 1, acc 0."""
+    from vllm_coco.tasks import abstention
+    from vllm_coco.tasks.bbq_docs import item_docs
+    from vllm_coco.tasks.retention import boolq_docs
+
+    test, val = abstention.abstention_items("test", 50), abstention.abstention_items("validate", 50)
+    assert not {i.example_id for i in test} & {i.example_id for i in val}
+    assert min(i.example_id for i in test) >= 1000 and len(boolq_docs(None)) == 3270  # coco_boolq reads rows < 200
+    docs = [d for it in test[:4] for d in item_docs(it)]
+    assert {d["unknown"] for d in docs} == {0, 1, 2} and all(d["label"] != d["unknown"] for d in docs)
+    assert all(d["choices"][d["label"]] in ("Yes", "No") for d in docs)
+    d = docs[0]
+    ll = [(-5.0, False)] * 3
+    ll[d["unknown"]] = (-1.0, True)
+    assert abstention.process_abstain(d, ll) == {"abstain": 1.0, "acc": 0.0}
+    ll = [(-5.0, False)] * 3
+    ll[d["label"]] = (-1.0, True)
+    assert abstention.process_abstain(d, ll) == {"abstain": 0.0, "acc": 1.0}

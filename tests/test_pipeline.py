@@ -79,16 +79,16 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
         assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
     report = (out / "REPORT.md").read_text()
     for heading in ("## Verdicts", "## Summary", "### Neurons", "### Causal check", "### Stability", "### Sweep",
-                    "### Final, BBQ (", "### Final, BBQ, held-out", "### Final, Jailbreak", "### Final, Retention",
-                    "### Final, Neutral text"):
+                    "### Final, BBQ (", "### Final, BBQ, held-out", "### Final, Abstention control",
+                    "### Final, Jailbreak", "### Final, Retention", "### Final, Neutral text"):
         assert heading in report, heading
     # the verdicts come first, each computed (a status by a stated rule, from intervals with their n)
     assert report.index("## Verdicts") < report.index("## Summary")
     verdict_rows = [line for line in report.split("## Verdicts")[1].split("## Summary")[0].splitlines()
                     if line.startswith("| tiny |")]
-    # (a), then per edit: reduces bias, (b)/(c), held-out transfer, (e) jailbreak, (d) retention accuracy,
-    # neutral-text shift
-    assert len(verdict_rows) == 1 + 6 * 2
+    # (a), then per edit: reduces bias, (b)/(c), held-out transfer, abstention, (e) jailbreak, (d) retention
+    # accuracy, neutral-text shift
+    assert len(verdict_rows) == 1 + 7 * 2
     for row in verdict_rows:
         assert re.search(r"\*\*(supported|not supported|inconclusive|at chance: no evidence)\*\*", row), row
         assert "(n=" in row or "at chance" in row, row
@@ -101,9 +101,9 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     assert "RAND ablated" in report and "NORM ablated" in report and "MACT ablated" in report
     assert "**selected**" in report and "Significance (label-permutation null" in report
     pngs = sorted(p.name for p in (out / "report").glob("*.png"))
-    assert pngs == ["tiny-ablation.png", "tiny-deltas.png", "tiny-heldout.png", "tiny-jailbreak.png",
-                    "tiny-neurons-heatmap.png", "tiny-neutral.png", "tiny-retention.png", "tiny-stereo.png",
-                    "tiny-sweep.png"]
+    assert pngs == ["tiny-ablation.png", "tiny-abstain.png", "tiny-deltas.png", "tiny-heldout.png",
+                    "tiny-jailbreak.png", "tiny-neurons-heatmap.png", "tiny-neutral.png", "tiny-retention.png",
+                    "tiny-stereo.png", "tiny-sweep.png"]
     for name in pngs:
         assert (out / "report" / name).stat().st_size > 1000
         assert f"report/{name}" in report

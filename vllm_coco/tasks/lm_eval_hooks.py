@@ -6,6 +6,7 @@ copy of the logic, from the installed package). `__all__` is exactly the set of 
 reference (tests/test_evals.py checks both directions).
 """
 
+from vllm_coco.tasks.abstention import load_abstain, process_abstain
 from vllm_coco.tasks.bbq_docs import load_stereo
 from vllm_coco.tasks.jailbreak import load_jailbreak
 from vllm_coco.tasks.metrics import (
@@ -31,9 +32,9 @@ from vllm_coco.tasks.retention import agg_bits_per_byte, load_retention, process
 
 __all__ = [
     # custom_dataset
-    "load_stereo", "load_jailbreak", "load_retention",
+    "load_stereo", "load_jailbreak", "load_retention", "load_abstain",
     # process_results
-    "process_mc", "process_gen", "process_jailbreak", "process_reference_ll",
+    "process_mc", "process_gen", "process_jailbreak", "process_reference_ll", "process_abstain",
     # aggregation
     "agg_success_rate", "agg_acc_disambig", "agg_bias_disambig", "agg_bias_ambig", "agg_abs_bias_disambig",
     "agg_abs_bias_ambig", "agg_pos0_rate", "agg_pos1_rate", "agg_pos2_rate", "agg_order_consistency",
