@@ -428,7 +428,7 @@ def test_eval_existing_out(tmp_path, fake_model):
 
 def test_eval_unknown_task(tmp_path, fake_model):
     _expect_bad(tmp_path, "eval", fake_model, "--out", tmp_path / "o", "--tasks", "stereo_coco,no_such_task",
-                match="unknown task no_such_task; vllm-coco tasks: coco_boolq")
+                match="unknown task no_such_task; vllm-coco tasks: coco_abstain, coco_boolq")
 
 
 def test_eval_unreachable_server(tmp_path, fake_model):

@@ -752,7 +752,7 @@ def test_integer_too_large_for_a_float_is_refused(tmp_path, planted):
     with pytest.raises(CocoError, match="not a finite number"):
         finite(10 ** 400, "--alpha")
     cfg = tmp_path / "c.yaml"
-    cfg.write_text(f"models: [{{path: {planted[0]}}}]\nsweep: {{retention_floor: {10 ** 400}}}\n")
+    cfg.write_text(f"models: [{{path: {planted[0]}}}]\nidentify: {{ratio: {10 ** 400}}}\n")
     expect_bad(tmp_path, "run", cfg, "--check", match="finite")
 
 

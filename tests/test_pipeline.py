@@ -1,5 +1,6 @@
 """`coco-tools run`: the whole experiment on a tiny model, its resumability, and config validation."""
 
+import dataclasses
 import json
 import os
 import re
@@ -43,6 +44,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
         StabilityResult,
         SweepResult,
     )
+    from vllm_coco.experiment.sweep import promote
 
     config = _tiny_config(tmp_path, bbq_tiny_model)
     out = tmp_path / "out"
@@ -74,7 +76,9 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     for stage in ("identify", "baselines", "ablation", "stability"):
         assert f"[tiny] {stage}: reused" in stdout, stage
     assert "[tiny] sweep: start (resuming its finished steps)" in stdout
-    assert calls == ["validate"] * 6 + ["test"] * 3  # the rest of the sweep, then base / LE / NE on test
+    # the rest of the sweep's first rung (6 candidates), its second (base + the best third of each kind: 2 LE,
+    # 1 NE), then base / LE / NE on test
+    assert calls == ["validate"] * 6 + ["validate"] * 4 + ["test"] * 3
     for stage in ("sweep", "final"):
         assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
     report = (out / "REPORT.md").read_text()
@@ -114,9 +118,15 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     sweep = SweepResult.from_json(done["tiny/sweep"]["result"])
     # every strength at every neuron share (sweep.ratio); LE at 2 % edits the set re-selected at 2 %
     keys = ["le-r{r}-a0.5", "le-r{r}-a1", "ne-r{r}-a1-b2-l0.5"]
-    assert [r.key for r in sweep.rows] == [k.format(r=r) for r in ("0.01", "0.02") for k in keys]
-    assert [r.candidate.ratio for r in sweep.rows] == [0.01] * 3 + [0.02] * 3
-    assert sweep.chosen["le"].key.startswith("le-") and sweep.chosen["ne"].key.startswith("ne-")
+    first = [r for r in sweep.rows if r.rung == 0]
+    assert [r.key for r in first] == [k.format(r=r) for r in ("0.01", "0.02") for k in keys]
+    assert [r.candidate.ratio for r in first] == [0.01] * 3 + [0.02] * 3 and {r.limit for r in first} == {6}
+    # successive halving: the best third of each kind (at least one) goes on, and its rows are at the full limit
+    second = [r for r in sweep.rows if r.rung == 1]
+    assert sweep.limits == [6, 18] and {r.limit for r in second} == {18}
+    assert [r.edit for r in second] == ["le", "le", "ne"] and set(r.key for r in second) == set(promote(first, 3))
+    assert sweep.chosen["le"].key in {r.key for r in second} and sweep.chosen["ne"].key in {r.key for r in second}
+    assert all(r.kl is not None and r.kl >= 0 and r.bias is not None for r in sweep.rows)
     from vllm_coco.core.artifact import Artifact
 
     ident = Artifact.read(out / "tiny" / "identify" / "neurons")
@@ -133,7 +143,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     assert not set(halves[0].arrays["rows"].tolist()) & set(halves[1].arrays["rows"].tolist())  # disjoint
     assert all(len(h.arrays["selected"]) == stab.count for h in halves)
     # sweep evaluations read the validate split, the final ones the test split
-    val = json.loads(next((out / "tiny" / "sweep" / "evals" / "base").rglob("results.json")).read_text())
+    val = json.loads(next((out / "tiny" / "sweep" / "evals" / "base-l18").rglob("results.json")).read_text())
     test = json.loads(next((out / "tiny" / "final" / "evals" / "base").rglob("results.json")).read_text())
     assert val["coco"]["split"] == "validate" and test["coco"]["split"] == "test"
     final = FinalResult.from_json(done["tiny/final"]["result"])
@@ -171,7 +181,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     config.write_text(yaml.safe_dump(cfg))
     code, stdout, err = run_cli("run", config, "--check")
     assert code == 0, err
-    assert "sweep (5 candidates incl. base)" in stdout  # 2 shares x (1 LE + 1 NE), and base
+    assert "sweep (4 candidates, 2 rung(s) of successive halving)" in stdout  # 2 shares x (1 LE + 1 NE)
     assert {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()} == mtimes
 
 
@@ -191,28 +201,47 @@ def test_eval_in_subprocess(bbq_tiny_model, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def _row(key, edit, sr, ret, ok):
-    from vllm_coco.experiment.results import Candidate, RetentionSummary, SweepRow
+def _row(key, edit, bias, kl, acc=0.0, rung=0, hi=None):
+    """A sweep row with Δ|s_AMB| `bias` (interval up to `hi`), KL and Δ acc_disambig `acc`, admissible by the rule."""
+    from vllm_coco.experiment.results import Candidate, Interval, SweepRow
+    from vllm_coco.experiment.sweep import admissible
 
-    cand = None if edit == "base" else Candidate(key=key, edit=edit, settings={"alpha": 1.0})
-    return SweepRow(candidate=cand, success_rate=sr, acc_disambig=None, retention=ret, admissible=ok, per_category={},
-                    retention_tasks=RetentionSummary(values={}, docs={}, acc_mean=ret))
+    def iv(d, top=None):
+        return Interval(n=20, delta=d, lo=d - 0.1, hi=d + 0.1 if top is None else top, up=0, down=0, rounds=100)
+
+    cand = Candidate(key=key, edit=edit, settings={"alpha": 1.0})
+    row = SweepRow(candidate=cand, rung=rung, limit=60, success_rate=0.5, acc_disambig=0.5, abs_bias_ambig=0.2, kl=kl,
+                   admissible=False, per_category={}, delta=iv(0.0), bias=iv(bias, hi), acc=iv(acc))
+    return dataclasses.replace(row, admissible=admissible(row, acc_floor=0.05, kl_floor=0.05))
 
 
-def test_choose_best_admissible_candidate():
-    from vllm_coco.experiment.sweep import choose
+def test_choose_the_most_bias_reducing_candidate_within_the_floors():
+    """Synthetic table: the candidate that lowers |s_AMB| most breaks acc_disambig (or KL) and is refused."""
+    from vllm_coco.experiment.sweep import choose, promote
 
-    base = _row("base", "base", 0.4, 0.5, True)
-    rows = [_row("le-a0.25", "le", 0.5, 0.50, True), _row("le-a0.5", "le", 0.7, 0.40, False),
-            _row("le-a1", "le", 0.5, 0.55, True), _row("ne-a1", "ne", 0.3, 0.1, False),
-            _row("ne-a2", "ne", 0.2, 0.2, False)]
-    le = choose(rows, base, "le")
-    assert le.key == "le-a1" and le.admissible and le.beats_base  # tie on success: higher retention
-    ne = choose(rows, base, "ne")
-    assert ne.key == "ne-a2" and not ne.admissible and "floor" in ne.note  # none admissible
-    worse = [_row("le-a1", "le", 0.3, 0.5, True)]
-    assert "does not beat the base model" in choose(worse, base, "le").note
-    assert choose(worse, base, "ne").key is None
+    rows = [_row("le-a0.25", "le", -0.05, 0.01), _row("le-a0.5", "le", -0.30, 0.02, acc=-0.2),  # best bias, acc falls
+            _row("le-a1", "le", -0.10, 0.03), _row("le-a2", "le", -0.40, 0.2),  # best bias, KL too high
+            _row("ne-a1", "ne", -0.20, 0.5), _row("ne-a2", "ne", 0.10, 0.3)]
+    le = choose(rows, "le")
+    assert le.key == "le-a1" and le.admissible and not le.beats_base  # its interval reaches above 0
+    assert choose([_row("le-a1", "le", -0.10, 0.03, hi=-0.01)], "le").beats_base
+    ne = choose(rows, "ne")
+    assert ne.key == "ne-a2" and not ne.admissible and "lowest KL" in ne.note  # none admissible: the gentlest
+    assert choose(rows, "toy").key is None
+    # successive halving: the best third of each kind, admissible first
+    assert promote(rows, 3) == ["le-a1", "le-a0.25", "ne-a1"]
+    # the choice is made at the last rung a kind reached
+    later = rows + [_row("le-a0.25", "le", -0.2, 0.01, rung=1), _row("le-a1", "le", 0.05, 0.01, rung=1)]
+    assert choose(later, "le").key == "le-a0.25"
+
+
+def test_rung_limits():
+    from vllm_coco.experiment.sweep import rung_limits
+
+    assert rung_limits({"limit": 60, "rungs": 2, "eta": 3}) == [20, 60]
+    assert rung_limits({"limit": 60, "rungs": 3, "eta": 3}) == [6, 20, 60]
+    assert rung_limits({"limit": None, "rungs": 2, "eta": 3}) == [None, None]
+    assert rung_limits({"limit": 60, "rungs": 1, "eta": 3}) == [60]
 
 
 # --------------------------------------------------------------------------- typed results, report
@@ -236,7 +265,6 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
                                     for f in JAILBREAK.fixed_groups}), cats)
     lm_ret = _lm({"coco_mmlu": {"acc": 0.5}, "coco_boolq": {"acc": 1.0},
                   "coco_truthfulqa_ref": {"ref_bits_per_byte": 1.6}})
-    ret = R.RetentionSummary.from_lm(lm_ret, RETENTION.task_metric)
     summaries = {"stereo": stereo, "jailbreak": jail, "retention": RETENTION.summarize(lm_ret, cats)}
     meta = {"selection": {"count": 3, "by_proj": {"q": 1, "k": 0, "v": 2}},
             "model": {"num_neurons": 256}, "data": {"pairs": 8, "contrast": "response"},
@@ -249,8 +277,9 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
                           ratio=0.02)
     iv = R.Interval(n=40, delta=0.05, lo=-0.01, hi=0.11, up=9, down=4, rounds=2000)
     no_items = R.Interval(n=0, delta=None, lo=None, hi=None, up=0, down=0, rounds=0)
-    base_row = R.SweepRow.score(None, stereo, ret, admissible=True)
-    rows = [R.SweepRow.score(c, stereo, ret, admissible=True, delta=iv) for c in (cand_le, cand_ne)]
+    base_row = R.SweepRow.score(None, 0, 3, stereo, 0.0)
+    rows = [R.SweepRow.score(c, 0, 3, stereo, 0.01, {"success_rate": iv, "abs_bias_ambig": iv, "acc_disambig": iv})
+            for c in (cand_le, cand_ne)]
     choice = {"le": R.Choice(key=cand_le.key, admissible=True, beats_base=False, note="le note"),
               "ne": R.Choice(key=cand_ne.key, admissible=False, beats_base=True, note="ne note")}
     run = {e: R.FinalRun(params=c.params, model=f"models/{e}", summaries=summaries,
@@ -272,13 +301,13 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
             splits=[R.HalfSplit(fraction=f, pairs=int(8 * f), jaccard=j, jaccard_full=[0.5, 0.2],
                                 neurons=[f"sets/f{f:g}-a", f"sets/f{f:g}-b"]) for f, j in ((0.5, 0.5), (0.25, 0.2))],
             limit=3, ablated={"a": stereo, "b": stereo}, intervals={"a": iv, "b": no_items}),
-        "sweep": R.SweepResult(split="validate", limit=3, retention_limit=None, retention_floor=0.02, base=base_row,
-                               rows=rows, chosen=choice),
+        "sweep": R.SweepResult(split="validate", limits=[3], neutral_limit=2, floors={"acc_disambig": 0.05, "kl": 0.05},
+                               base=base_row, rows=rows, chosen=choice),
         "final": R.FinalResult(split="test", limits={"stereo": 3, "jailbreak": 3, "retention": None},
                                base=final_base,
                                edits={e: r for e, r in run.items() if {"le": le, "ne": ne}[e]}),
         "report": R.ReportResult(report="REPORT.md", figures=["a.png"]),
-        "parts": [stereo, jail, ret, cand_le, cand_ne, base_row, choice["le"], final_base, ident.significance,
+        "parts": [stereo, jail, cand_le, cand_ne, base_row, choice["le"], final_base, ident.significance,
                   ident.per_category["Age"], R.BaselineSet(neurons="rand", count=3, by_proj={"q": 3}), iv, no_items,
                   R.ParityResult(reference="a", identify_limit=4, limit=6, tolerance=1e-4, max_abs_score=0.0,
                                  same_selection=True, selected=3, docs=12,
@@ -416,7 +445,9 @@ BAD = [
     ({"sweep": {"edits": {"le": {"beta": [2]}}}},
      r"^sweep\.edits\.le\.beta: le takes no setting beta \(it takes alpha\)"),
     ({"sweep": {"edits": {}}}, r"^sweep\.edits: \{\} is not a mapping of edit kinds"),
-    ({"sweep": {"retention_floor": -0.1}}, r"^sweep\.retention_floor: -0\.1 must be at least 0"),
+    ({"sweep": {"retention_floor": 0.1}}, r"^sweep\.retention_floor: was replaced by the declared floors"),
+    ({"sweep": {"eta": 1}}, r"^sweep\.eta: 1 must be at least 2"),
+    ({"sweep": {"rungs": 0}}, r"^sweep\.rungs: 0 must be at least 1"),
     ({"identify": {"ratio": 0}}, r"^identify\.ratio: 0\.0 must be greater than 0"),
     ({"identify": {"ratio": 1.5}}, r"^identify\.ratio: 1\.5 must be at most 1"),
     ({"identify": {"limit": 1}}, r"^identify\.limit: 1 must be at least 2"),

@@ -42,7 +42,7 @@ DEFAULTS: dict = {
     "ablation": {"mode": "ablate-zero", "limit": 120},
     "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [1.0, 2.0], "beta": [N.NE_BETA],
                                                             "lam": [N.NE_LAM]}},
-              "ratio": [0.005, 0.01, 0.02], "limit": 60, "retention_limit": 50, "retention_floor": 0.02},
+              "ratio": [0.005, 0.01, 0.02], "limit": 60, "rungs": 2, "eta": 3, "neutral_limit": 20},
     "stability": {"fractions": [0.5, 0.25], "ablate": True, "limit": None},
     # benchmark (experiment/benchmarks.py) -> its settings; the built-in ones at their declared sizes
     "final": {"benchmarks": {b.name: {"limit": b.limit} for b in benchmarks.BUILT_IN}},
@@ -53,6 +53,8 @@ DEFAULTS: dict = {
 }
 # keys of earlier versions: what replaced them (the error says so instead of "unknown key")
 RENAMED = {"sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for both edits)",
+           "sweep.retention_limit": "sweep.neutral_limit (the sweep's retention constraint is KL on neutral text)",
+           "sweep.retention_floor": "the declared floors (experiment/benchmarks.py: acc_disambig, KL, retention acc)",
            **{f"sweep.{k}_{p}": f"sweep.edits.{k}.{p} (edit kind -> setting -> values)"
               for k, ps in (("le", ("alpha",)), ("ne", ("alpha", "beta", "lam"))) for p in ps},
            **{f"final.{old}": f"final.benchmarks.{new}.limit (benchmark -> its settings)"
@@ -280,8 +282,9 @@ def _check_sweep(cfg: dict) -> None:
     if sw["ratio"] is not None:
         sw["ratio"] = _num_list(sw["ratio"], "sweep.ratio", lo=0, hi=1, lo_open=True)
     _int(sw, "sweep", "limit", lo=1, nullable=True)
-    _int(sw, "sweep", "retention_limit", lo=1, nullable=True)
-    sw["retention_floor"] = _num(sw["retention_floor"], "sweep.retention_floor", lo=0, hi=1)
+    _int(sw, "sweep", "rungs", lo=1)
+    _int(sw, "sweep", "eta", lo=2)
+    _int(sw, "sweep", "neutral_limit", lo=1)
 
 
 def _kind_grid(kind, values, weighting: str) -> dict[str, list[float]]:

@@ -101,8 +101,8 @@ def delta_chart(m: ModelResults, out_dir: Path) -> Path:
 
 
 def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
-    """The sweep on validate: each candidate's Δ success rate vs base with its paired 95 % interval,
-    against the neuron share, one line per edit and strength (the chosen ones ringed)."""
+    """The sweep's first rung on validate (every candidate): each one's Δ|s_AMB| vs base with its
+    paired 95 % interval, against the neuron share, one line per edit and strength (chosen: ringed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -114,11 +114,11 @@ def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
     chosen = {c.key for c in r.chosen.values() if c.key is not None}
     lines: dict[str, list] = {}  # edit + strength -> [(share, interval, chosen)]
     for row in r.rows:
-        c = row.candidate
-        if row.delta is None or row.delta.delta is None or row.delta.lo is None:
+        c, iv = row.candidate, row.bias
+        if row.rung != 0 or iv is None or iv.delta is None or iv.lo is None:
             continue
         name = f"{label(c.edit)} " + c.params.split(", ", 1)[-1] if c.ratio is not None else c.params
-        lines.setdefault(name, []).append((100 * (c.ratio or 0.0), row.delta, row.key in chosen))
+        lines.setdefault(name, []).append((100 * (c.ratio or 0.0), iv, row.key in chosen))
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for i, (name, pts) in enumerate(lines.items()):
         x = [p[0] * (1 + 0.04 * (i - len(lines) / 2)) for p in pts]  # a small offset keeps whiskers apart
@@ -135,8 +135,8 @@ def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
         ax.minorticks_off()
     ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
     ax.set_xlabel("neuron share (%)")
-    ax.set_ylabel("Δ success rate vs base (validate), 95 %")
-    ax.set_title(f"{m.name}: sweep (ringed: chosen)")
+    ax.set_ylabel("Δ|s_AMB| vs base (validate, first rung), 95 %")
+    ax.set_title(f"{m.name}: sweep (lower is less bias; ringed: chosen)")
     ax.legend(fontsize=7)
     fig.tight_layout()
     png = out_dir / f"{m.name}-sweep.png"

@@ -8,12 +8,12 @@ Per model (OUT/<model>/<stage>/):
   stability  split-half check: the identify data's two halves (and nested quarters) scored and
              selected alone from the stored intensities (no model run), the Jaccard overlap of
              their sets; each half's set ablated on the test split like the sets above
-  sweep      LE-COCO alphas and an NE-COCO grid, each at every neuron share of sweep.ratio (LE:
-             the COCO set re-selected at that share), scored on the *validate* split; a candidate is
-             admissible when its retention accuracy (coco_mmlu, coco_boolq) is at least the base
-             model's minus `sweep.retention_floor`; the best admissible LE and NE are chosen
-  final      base, chosen LE, chosen NE on the test split: stereo_coco, stereo_coco_jailbreak,
-             coco_retention (the chosen edits are kept under final/models/)
+  sweep      every edit kind's grid (sweep.edits) at every neuron share of sweep.ratio (LE: the
+             COCO set re-selected at that share), on the *validate* split, by successive halving
+             (sweep.rungs, sweep.eta); admissible: acc_disambig and KL on neutral text within their
+             declared floors; chosen per kind: the admissible one with the lowest Δ|s_AMB|
+  final      base and each kind's chosen edit on the test split, on every benchmark of
+             final.benchmarks (experiment/benchmarks.py; the chosen edits are kept under final/models/)
 Then once: report (OUT/report/: figures.py draws the PNGs, report.py renders OUT/REPORT.md).
 
 Each stage returns a typed result (results.py) wrapped in a Stage (result, dir, hash, seconds);
@@ -28,6 +28,7 @@ an interrupted run resumes where it stopped. Every line of progress also goes to
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import gc
 import hashlib
@@ -46,7 +47,7 @@ from vllm_coco.core.names import PARALLEL_OPTIONS
 from vllm_coco.edit import registry
 from vllm_coco.edit.registry import label
 from vllm_coco.experiment import benchmarks, figures, report, stats
-from vllm_coco.experiment.benchmarks import RETENTION, STEREO
+from vllm_coco.experiment.benchmarks import NEUTRAL, STEREO
 from vllm_coco.experiment.report import fmt
 from vllm_coco.experiment.results import (
     LABELS,
@@ -62,13 +63,13 @@ from vllm_coco.experiment.results import (
     ModelResults,
     ParityResult,
     ReportResult,
-    RetentionSummary,
     StabilityResult,
     Stage,
     SweepResult,
     SweepRow,
 )
-from vllm_coco.experiment.sweep import admissible, candidates, choose, shares
+from vllm_coco.experiment.sweep import admissible, candidates, choose, promote, rung_limits, shares
+from vllm_coco.tasks import results as lm_results
 
 PIPELINE_VERSION = 5  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
@@ -556,68 +557,98 @@ def edit_condition(m: dict, neurons: Path, cand: Candidate):
 
 
 def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SweepResult]:
+    """Successive halving over the candidates on the validate split (sweep.py): every candidate at the
+    first rung's sample, the best 1/eta of each kind at the next, ...; each scored on stereo_coco
+    (Δ|s_AMB|, Δ acc_disambig, Δ success rate vs the base at that rung) and on KL on neutral text."""
     sw = run.cfg["sweep"]
-    cats = run.cfg["data"]["categories"]
-    stereo = [f"stereo_coco_{c}" for c in cats]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash, "sweep": sw,
-            "identify_ratio": run.cfg["identify"]["ratio"],
-            "data": data_spec, "backend": run.backend,
-            "scoring": run.cfg["eval"]["scoring"]}
-
-    where: dict[str, Path] = {}
-
-    retention = {t: RETENTION.task_metric[t] for t in RETENTION.pool}  # the accuracy tasks the floor reads
-
-    def score(model_dir: Path, key: str, steps: Steps, condition=None, prefetch=()):
-        dirs: dict[str, Path] = {}
-        res = eval_groups(run, model_dir, [("stereo", stereo, sw["limit"]),
-                                           ("retention", list(retention), sw["retention_limit"])],
-                          "validate", steps, f"evals/{key}", {"model": key}, condition=condition, prefetch=prefetch,
-                          dirs=dirs)
-        where[key] = dirs["stereo"]
-        return STEREO.summarize(res["stereo"], cats), RetentionSummary.from_lm(res["retention"], retention)
+            "identify_ratio": run.cfg["identify"]["ratio"], "data": data_spec, "backend": run.backend,
+            "scoring": run.cfg["eval"]["scoring"], "floors": _sweep_floors()}
 
     def body(partial: Path, steps: Steps) -> SweepResult:
-        t0 = time.time()
         cands = candidates(sw, run.cfg["identify"]["ratio"])
         share_sets(run, ident, steps)
         neurons = {c.key: candidate_neurons(run, ident, partial, c) for c in cands}
-        conds = [f"sweep-{c.key}" for c in cands] if run.in_memory else []
         if run.in_memory:
             lm = run.lm(m["dir"])
             for c in cands:
                 lm.add_condition(f"sweep-{c.key}", edit_condition(m, neurons[c.key], c))
-        base = SweepRow.score(None, *score(m["dir"], "base", steps, prefetch=conds), admissible=True)
-        run.log(f"  [{m['name']}] sweep base: success_rate {fmt(base.success_rate)}, retention "
-                f"{fmt(base.retention)} ({time.time() - t0:.0f} s)")
-        rows = []
-        for cand in cands:
-            t0 = time.time()
-            if run.in_memory:
-                if run.cfg["keep_models"]:
-                    steps.do(f"models/{cand.key}", {"cand": cand.spec()},
-                             lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
-                st, ret = score(m["dir"], cand.key, steps, condition=f"sweep-{cand.key}")
-            else:
-                d = steps.do(f"models/{cand.key}", {"cand": cand.spec()},
-                             lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
-                st, ret = score(d, cand.key, steps)
-                if not run.cfg["keep_models"]:
-                    _drop_weights(d)
-            delta = stats.compare(stats.bbq_records(where["base"]), stats.bbq_records(where[cand.key]),
-                                  "success_rate")
-            r = SweepRow.score(cand, st, ret, admissible(ret.acc_mean, base.retention, sw["retention_floor"]), delta)
-            rows.append(r)
-            run.log(f"  [{m['name']}] sweep {label(cand.edit)} {r.params}: success_rate "
-                    f"{fmt(r.success_rate)}, retention {fmt(r.retention)}"
-                    f"{'' if r.admissible else ' (below the retention floor)'} ({time.time() - t0:.0f} s)")
-        chosen = {e: choose(rows, base, e) for e in sw["edits"]}
+        rows, alive, base = [], cands, None
+        for rung, limit in enumerate(rung_limits(sw)):
+            base, scored = _sweep_rung(run, m, steps, rung, limit, alive, neurons)
+            rows += scored
+            alive = [c for c in alive if c.key in promote(scored, sw["eta"])]
+        chosen = {e: choose(rows, e) for e in sw["edits"]}
         for c in chosen.values():
             run.log(f"  [{m['name']}] sweep: {c.note}")
-        return SweepResult(split="validate", limit=sw["limit"], retention_limit=sw["retention_limit"],
-                           retention_floor=sw["retention_floor"], base=base, rows=rows, chosen=chosen)
+        return SweepResult(split="validate", limits=rung_limits(sw), neutral_limit=sw["neutral_limit"],
+                           floors=_sweep_floors(), base=base, rows=rows, chosen=chosen)
 
     return run.stage(root, m["name"], "sweep", spec, body, SweepResult)
+
+
+def _sweep_floors() -> dict[str, float]:
+    """The admissibility floors: the declared ones of acc_disambig (stereo) and KL (neutral)."""
+    return {"acc_disambig": STEREO.metric("acc_disambig").floor, "kl": NEUTRAL.metric("kl").floor}
+
+
+def _sweep_rung(run: Run, m: dict, steps: Steps, rung: int, limit, cands: list[Candidate], neurons: dict):
+    """One rung: the base and `cands` on `limit` validate documents per category -> (base row, rows)."""
+    cats = run.cfg["data"]["categories"]
+    tasks = [f"stereo_coco_{c}" for c in cats]
+    t0, tag = time.time(), f"rung {rung + 1} ({limit or 'all'} documents per category, {len(cands)} candidates)"
+
+    def score(key: str, model_dir: Path, condition=None, prefetch=()):
+        dirs: dict[str, Path] = {}
+        res = eval_groups(run, model_dir, [("stereo", tasks, limit)], "validate", steps, f"evals/{key}-l{limit}",
+                          {"model": key}, condition=condition, prefetch=prefetch, dirs=dirs)
+        return STEREO.summarize(res["stereo"], cats), stats.bbq_records(dirs["stereo"])
+
+    base_sum, base_recs = score("base", m["dir"], prefetch=[f"sweep-{c.key}" for c in cands] if run.in_memory else ())
+    base = SweepRow.score(None, rung, limit, base_sum, 0.0)
+    run.log(f"  [{m['name']}] sweep {tag}: base success_rate {fmt(base.success_rate)}, |s_AMB| "
+            f"{fmt(base.abs_bias_ambig)} ({time.time() - t0:.0f} s)")
+    rows = []
+    for cand in cands:
+        t0 = time.time()
+        if run.in_memory:
+            if run.cfg["keep_models"]:
+                steps.do(f"models/{cand.key}", {"cand": cand.spec()},
+                         lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
+            summ, recs = score(cand.key, m["dir"], condition=f"sweep-{cand.key}")
+        else:
+            d = steps.do(f"models/{cand.key}", {"cand": cand.spec()},
+                         lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
+            summ, recs = score(cand.key, d)
+            if not run.cfg["keep_models"]:
+                _drop_weights(d)
+        deltas = {k: stats.compare(base_recs, recs, k) for k in ("success_rate", "abs_bias_ambig", "acc_disambig")}
+        row = SweepRow.score(cand, rung, limit, summ, _sweep_kl(run, m, steps, cand, neurons[cand.key]), deltas)
+        row = dataclasses.replace(row, admissible=admissible(row, **_floor_args()))
+        rows.append(row)
+        run.log(f"  [{m['name']}] sweep {label(cand.edit)} {row.params} @{limit or 'all'}: Δ|s_AMB| "
+                f"{row.bias.text() if row.bias else 'n/a'}, Δ acc_disambig {fmt(row.acc.delta if row.acc else None)}, "
+                f"KL {fmt(row.kl, 4)}{'' if row.admissible else ' (outside the floors)'} ({time.time() - t0:.0f} s)")
+    return base, rows
+
+
+def _floor_args() -> dict[str, float]:
+    floors = _sweep_floors()
+    return {"acc_floor": floors["acc_disambig"], "kl_floor": floors["kl"]}
+
+
+def _sweep_kl(run: Run, m: dict, steps: Steps, cand: Candidate, neurons: Path) -> float:
+    """The candidate's mean KL per token on the validate neutral passages (measured once per candidate)."""
+    def fn(d: Path):
+        lm = run.lm(m["dir"])
+        lm.add_condition(f"sweep-{cand.key}", edit_condition(m, neurons, cand))
+        NEUTRAL.measure(lm, f"sweep-{cand.key}", d, run.cfg["sweep"]["neutral_limit"], split="validate")
+
+    d = steps.do(f"evals/{cand.key}/neutral", {"cand": cand.spec(), "limit": run.cfg["sweep"]["neutral_limit"]}, fn)
+    res = json.loads((d / "results.json").read_text(encoding="utf-8"))
+    return lm_results.metric(res, NEUTRAL.name, "kl")
+
+
 
 
 def final_benchmarks(cfg: dict) -> dict[str, benchmarks.Benchmark]:
@@ -815,7 +846,7 @@ def plan(cfg: dict) -> list[str]:
                      + (f"stability ({len(cfg['stability']['fractions'])} split(s)"
                         + (", 2 evals" if cfg['stability']['ablate'] else "") + ") -> "
                         if cfg["stability"]["fractions"] else "")
-                     + f"sweep ({1 + n_cand} candidates incl. base) "
+                     + f"sweep ({n_cand} candidates, {sw['rungs']} rung(s) of successive halving) "
                      f"-> final (base, {', '.join(label(e) for e in cfg['sweep']['edits'])})")
     lines.append("report: OUT/REPORT.md")
     return lines

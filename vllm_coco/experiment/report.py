@@ -13,7 +13,7 @@ from pathlib import Path
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.edit.registry import label
 from vllm_coco.experiment import benchmarks, stats
-from vllm_coco.experiment.benchmarks import RETENTION, Benchmark
+from vllm_coco.experiment.benchmarks import Benchmark
 from vllm_coco.experiment.figures import ModelFigures
 from vllm_coco.experiment.results import (
     LABELS,
@@ -96,10 +96,10 @@ def sample_sizes(m: ModelResults) -> list[str]:
     add("specificity: Δ_COCO - Δ_RAND (test)", (abl.specific or {}).get("rand"), p_test)
     if m.stability is not None:
         add("stability: half A's set vs base (test)", (m.stability.result.intervals or {}).get("a"), p_test)
-    chosen = {c.key for c in sw.chosen.values()}
-    for row in sw.rows:
-        if row.key in chosen:
-            add(f"sweep: chosen {label(row.edit)} vs base (validate)", row.delta, p_val)
+    for e in sw.chosen:
+        row = sw.chosen_row(e)
+        if row is not None:
+            add(f"sweep: chosen {label(row.edit)} vs base (validate, success rate)", row.delta, p_val)
     for e, run in fin.edits.items():
         for b, ivs in (run.intervals or {}).items():
             bench = benchmarks.get(b)
@@ -177,8 +177,7 @@ def choice_on_test(m: ModelResults) -> list[str]:
     sw, fin = m.sweep.result, m.final.result
     rows = []
     for e, run in fin.edits.items():
-        choice = sw.chosen.get(e)
-        row = next((r for r in sw.rows if choice is not None and r.key == choice.key), None)
+        row = sw.chosen_row(e) if e in sw.chosen else None
         if run is None or row is None or row.delta is None or not run.interval(benchmarks.PRIMARY, "success_rate"):
             continue
         val, test = row.delta, run.interval(benchmarks.PRIMARY, "success_rate")
@@ -378,29 +377,21 @@ def ablation_reading(r: AblationResult) -> str:
 
 
 def sweep(r: SweepResult) -> list[str]:
-    b, selected = r.base, {c.key for c in r.chosen.values() if c.key is not None}
-    rows = [["base", "-", fmt(b.success_rate), "", fmt(b.acc_disambig), fmt(b.retention), "-", ""]]
-    rows += [[label(row.edit), row.params, delta(row.success_rate, b.success_rate),
-              row.delta.text() if row.delta else "n/a", fmt(row.acc_disambig),
-              delta(row.retention, b.retention), "yes" if row.admissible else "no",
-              "**selected**" if row.key in selected else ""] for row in r.rows]
-    by_key = {row.key: row for row in r.rows}
-    honest = []
-    for e in r.chosen:
-        row = by_key.get(r.chosen[e].key)
-        if row is None or row.delta is None or row.delta.lo is None:
-            continue
-        beyond = row.delta.lo > 0
-        honest.append(f"- {label(e)} choice on validate: Δ success {row.delta.text()} (n={row.delta.n}): "
-                      + ("beats the base beyond noise." if beyond else
-                         "**no candidate beat base beyond noise** (evaluated on test anyway, labelled so)."))
-    return (["### Sweep (validate split)", "",
-             f"stereo_coco limit {r.limit or 'all'} documents per category; retention = mean accuracy of "
-             f"{' and '.join(RETENTION.pool)} (limit {r.retention_limit or 'all'} each); admissible when "
-             f"retention >= base - {r.retention_floor}.", "",
-             md_table(["edit", "hyperparameters", "success rate", "Δ [95 %]", "acc (disambig.)", "retention",
+    """Every rung's rows: Δ vs the base at that rung with paired intervals, KL, admissible, chosen."""
+    selected = {c.key for c in r.chosen.values() if c.key is not None}
+    rows = [[label(row.edit), row.params, str(row.limit or "all"), row.bias.text() if row.bias else "n/a",
+             row.acc.text() if row.acc else "n/a", row.delta.text() if row.delta else "n/a", fmt(row.kl, 4),
+             "yes" if row.admissible else "no",
+             "**selected**" if row.key in selected and row.rung == len(r.limits) - 1 else ""] for row in r.rows]
+    return (["### Sweep (validate split): constrained, by successive halving", "",
+             f"Rungs of {', '.join(str(x or 'all') for x in r.limits)} stereo_coco documents per category: every "
+             "candidate at the first, the best third of each kind (admissible first, then by Δ|s_AMB|) at the next. "
+             f"Admissible: Δ acc_disambig >= -{r.floors['acc_disambig']:g} and KL <= {r.floors['kl']:g} nats per token "
+             f"on {r.neutral_limit} validate neutral passages (point estimates); chosen: the lowest Δ|s_AMB| among "
+             "the admissible at the last rung. Δ: vs the base at the same rung, paired 95 % intervals.", "",
+             md_table(["edit", "hyperparameters", "docs", "Δ|s_AMB|", "Δ acc_disambig", "Δ success rate", "KL",
                        "admissible", ""], rows), ""]
-            + [f"- {label(e)}: {c.note}." for e, c in r.chosen.items()] + honest + [""])
+            + [f"- {label(e)}: {c.note}." for e, c in r.chosen.items()] + [""])
 
 
 def _edit_labels(r: FinalResult) -> list[str]:

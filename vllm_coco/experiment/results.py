@@ -188,22 +188,6 @@ class GroupSummary(Json):
         return cls(values=values, docs={**docs, "all": sum(docs.values())})
 
 
-@dataclass(frozen=True)
-class RetentionSummary(Json):
-    """The sweep's retention tasks: values: task -> its metric; acc_mean: mean accuracy over the
-    tasks read by "acc" that have a value (None: none has)."""
-    values: dict[str, float | None]
-    docs: dict[str, int]
-    acc_mean: float | None
-
-    @classmethod
-    def from_lm(cls, results: dict, task_metric: dict[str, str]) -> RetentionSummary:
-        values = {t: num(lm_results.metric(results, t, m)) for t, m in task_metric.items()}
-        accs = [values[t] for t, m in task_metric.items() if m == "acc" and values[t] is not None]
-        return cls(values=values, docs={t: lm_results.docs(results, t) for t in task_metric},
-                   acc_mean=sum(accs) / len(accs) if accs else None)
-
-
 # --------------------------------------------------------------------------- ablation
 
 @dataclass(frozen=True)
@@ -279,15 +263,23 @@ class Candidate(Json):
 
 @dataclass(frozen=True)
 class SweepRow(Json):
-    """One model scored on the validate split: a candidate edit, or the base model (candidate None)."""
+    """One model scored on the validate split at one rung of the successive halving: a candidate
+    edit, or the base model (candidate None). limit: stereo_coco documents per category of its rung.
+    delta / bias / acc: success rate, |s_AMB| and acc_disambig minus the base's at the same rung,
+    paired over items (None: the base row); kl: KL(base || edit) per token on the validate neutral
+    passages (0 for the base)."""
     candidate: Candidate | None
+    rung: int
+    limit: int | None
     success_rate: float | None
     acc_disambig: float | None
-    retention: float | None  # RetentionSummary.acc_mean
+    abs_bias_ambig: float | None
+    kl: float | None
     admissible: bool
     per_category: dict[str, float | None]  # success rate
-    retention_tasks: RetentionSummary
-    delta: Interval | None = None  # success rate - base's, paired over validate items (None: the base row)
+    delta: Interval | None = None
+    bias: Interval | None = None
+    acc: Interval | None = None
 
     @property
     def key(self) -> str:
@@ -302,12 +294,16 @@ class SweepRow(Json):
         return "-" if self.candidate is None else self.candidate.params
 
     @classmethod
-    def score(cls, cand: Candidate | None, stereo: GroupSummary, ret: RetentionSummary,
-              admissible: bool, delta: Interval | None = None) -> SweepRow:
-        return cls(candidate=cand, success_rate=stereo.get("success_rate"), acc_disambig=stereo.get("acc_disambig"),
-                   retention=ret.acc_mean, admissible=admissible,
-                   per_category={c: v for c, v in stereo.values["success_rate"].items() if c != "all"},
-                   retention_tasks=ret, delta=delta)
+    def score(cls, cand: Candidate | None, rung: int, limit: int | None, stereo: GroupSummary, kl: float | None,
+              deltas: dict[str, Interval] | None = None) -> SweepRow:
+        """deltas: "success_rate", "abs_bias_ambig", "acc_disambig" vs the base (None: the base row);
+        `admissible` is set by the sweep's rule afterwards (sweep.admissible)."""
+        d = deltas or {}
+        return cls(candidate=cand, rung=rung, limit=limit, success_rate=stereo.get("success_rate"),
+                   acc_disambig=stereo.get("acc_disambig"), abs_bias_ambig=stereo.get("abs_bias_ambig"), kl=kl,
+                   admissible=cand is None, per_category={c: v for c, v in stereo.values["success_rate"].items()
+                                                          if c != "all"},
+                   delta=d.get("success_rate"), bias=d.get("abs_bias_ambig"), acc=d.get("acc_disambig"))
 
 
 @dataclass(frozen=True)
@@ -321,18 +317,25 @@ class Choice(Json):
 
 @dataclass(frozen=True)
 class SweepResult(Json):
-    """The base model and every candidate on the validate split; chosen: edit ("le", "ne") -> Choice."""
+    """The base model and every candidate on the validate split, rung by rung (successive halving);
+    chosen: edit kind -> Choice. limits: documents per category of each rung; floors: the admissibility
+    rule's (acc_disambig: the largest fall, kl: the largest KL)."""
     split: str
-    limit: int | None
-    retention_limit: int | None
-    retention_floor: float
+    limits: list[int | None]
+    neutral_limit: int | None
+    floors: dict[str, float]
     base: SweepRow
     rows: list[SweepRow]
     chosen: dict[str, Choice]
 
+    @property
+    def limit(self) -> int | None:
+        return self.limits[-1]
+
     def chosen_row(self, edit: str) -> SweepRow | None:
         key = self.chosen[edit].key
-        return next((r for r in self.rows if r.key == key), None)
+        rows = [r for r in self.rows if r.key == key]
+        return max(rows, key=lambda r: r.rung) if rows else None
 
 
 # --------------------------------------------------------------------------- final

@@ -1,4 +1,5 @@
-"""The sweep's grid of candidate edits and its selection rule (pure: no model, no evaluation)."""
+"""The sweep's grid of candidate edits, its successive halving and its constrained selection rule
+(docs/METHOD.md §8.9; pure: no model, no evaluation)."""
 
 from __future__ import annotations
 
@@ -28,32 +29,55 @@ def shares(sw: dict, identify_ratio: float) -> list[float]:
     return list(sw["ratio"] or [identify_ratio])
 
 
-def admissible(retention: float | None, base_retention: float | None, floor: float) -> bool:
-    """A candidate keeps retention accuracy within `floor` of the base model's."""
-    return (retention is not None and base_retention is not None
-            and retention >= base_retention - floor - 1e-12)
+def rung_limits(sw: dict) -> list[int | None]:
+    """The validate documents per category of each rung of the successive halving: the last rung is
+    sweep.limit, each earlier one 1/eta of the next (at least 6: one item of each condition)."""
+    limits = [sw["limit"]]
+    for _ in range(sw["rungs"] - 1):
+        limits.insert(0, None if limits[0] is None else max(6, limits[0] // sw["eta"]))
+    return limits
 
 
-def _rate(v: float | None) -> float:
-    return -math.inf if v is None or math.isnan(v) else v
+def admissible(row: SweepRow, acc_floor: float, kl_floor: float) -> bool:
+    """A candidate keeps disambiguated accuracy within `acc_floor` of the base's and its KL on
+    neutral text within `kl_floor` (point estimates on validate; docs/METHOD.md §8.9)."""
+    acc = None if row.acc is None else row.acc.delta
+    return (acc is not None and acc >= -acc_floor - 1e-12 and row.kl is not None and row.kl <= kl_floor + 1e-12)
 
 
-def choose(rows: list[SweepRow], base: SweepRow, edit: str) -> Choice:
-    """The best admissible candidate of one edit kind: highest validate success rate; ties go to
-    the higher retention, then the earlier (gentler) candidate. None admissible: the one with the
-    highest retention, flagged."""
+def _objective(row: SweepRow) -> tuple:
+    """Lower is better: Δ|s_AMB| (the bias the edit removes), then KL (the damage it does)."""
+    bias = None if row.bias is None else row.bias.delta
+    return (math.inf if bias is None else bias, math.inf if row.kl is None else row.kl)
+
+
+def promote(rows: list[SweepRow], eta: int) -> list[str]:
+    """Successive halving: of each edit kind's rows, the best 1/eta (at least one) go to the next
+    rung; admissible rows first, then by the objective."""
+    keep = []
+    for edit in dict.fromkeys(r.edit for r in rows):
+        mine = sorted((r for r in rows if r.edit == edit), key=lambda r: (not r.admissible, _objective(r)))
+        keep += [r.key for r in mine[:max(1, math.ceil(len(mine) / eta))]]
+    return keep
+
+
+def choose(rows: list[SweepRow], edit: str) -> Choice:
+    """The best admissible candidate of one edit kind at the last rung it reached: the lowest
+    Δ|s_AMB| on validate, ties to the lower KL. None admissible: the one with the lowest KL, flagged."""
     mine = [r for r in rows if r.edit == edit]
     if not mine:
         return Choice(key=None, admissible=False, beats_base=False, note=f"no {label(edit)} candidate")
+    top = max(r.rung for r in mine)
+    mine = [r for r in mine if r.rung == top]
     ok = [r for r in mine if r.admissible]
-    if ok:
-        best = max(ok, key=lambda r: (_rate(r.success_rate), _rate(r.retention), -mine.index(r)))
-        beats = _rate(best.success_rate) > _rate(base.success_rate)
-        note = (f"best admissible {label(edit)} ({best.params}) "
-                + ("beats the base model on validate" if beats else
-                   "does not beat the base model on validate: no candidate improved the success rate"))
-        return Choice(key=best.key, admissible=True, beats_base=beats, note=note)
-    best = max(mine, key=lambda r: (_rate(r.retention), _rate(r.success_rate), -mine.index(r)))
-    return Choice(key=best.key, admissible=False, beats_base=_rate(best.success_rate) > _rate(base.success_rate),
-                  note=f"no {label(edit)} candidate keeps retention within the floor; kept the one with the "
-                       f"highest retention ({best.params}) for the final evaluation")
+    if not ok:
+        best = min(mine, key=lambda r: (math.inf if r.kl is None else r.kl, _objective(r)))
+        return Choice(key=best.key, admissible=False, beats_base=False,
+                      note=f"no {label(edit)} candidate keeps acc_disambig and KL within their floors; kept the one "
+                           f"with the lowest KL ({best.params}) for the final evaluation")
+    best = min(ok, key=_objective)
+    beats = best.bias is not None and best.bias.hi is not None and best.bias.hi < 0
+    note = (f"best admissible {label(edit)} ({best.params}) "
+            + ("lowers |s_AMB| beyond noise on validate" if beats else
+               "does not lower |s_AMB| beyond noise on validate (evaluated on test anyway, labelled so)"))
+    return Choice(key=best.key, admissible=True, beats_base=beats, note=note)

