@@ -43,7 +43,7 @@ DEFAULTS: dict = {
     "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [1.0, 2.0], "beta": [N.NE_BETA],
                                                             "lam": [N.NE_LAM]}},
               "ratio": [0.005, 0.01, 0.02], "limit": 60, "rungs": 2, "eta": 3, "neutral_limit": 20},
-    "stability": {"fractions": [0.5, 0.25], "ablate": True, "limit": None},
+    "stability": {"fractions": [0.5, 0.25], "ablate": False, "limit": None},
     # benchmark (experiment/benchmarks.py) -> its settings; the built-in ones at their declared sizes
     "final": {"benchmarks": {b.name: {"limit": b.limit} for b in benchmarks.BUILT_IN}},
     "parity": {"identify_limit": 4, "limit": 6, "tolerance": 1e-4},
