@@ -173,7 +173,8 @@ def test_lora_merged_equals_baked_checkpoint(art, tmp_path):
     _bake(model, neurons, "--out", baked, "--alpha", "0.5")
     _bake(model, neurons, "--out", adapter, "--alpha", "0.5", "--lora")
     assert _digests(model) == before
-    assert sorted(os.listdir(adapter)) == ["adapter_config.json", "adapter_model.safetensors", "coco_edit.json"]
+    assert sorted(os.listdir(adapter)) == ["README.md", "adapter_config.json", "adapter_model.safetensors",
+                                          "coco_edit.json"]
     cfg = json.loads((adapter / "adapter_config.json").read_text())
     assert cfg["base_model_name_or_path"] == str(model.absolute()) and cfg["task_type"] == "CAUSAL_LM"
     assert cfg["r"] == cfg["lora_alpha"] == 4  # (layer 0, q) holds 4 of the 13 neurons: others zero-padded

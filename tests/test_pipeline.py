@@ -157,6 +157,9 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     assert list(AblationResult.from_json(done["tiny/ablation"]["result"]).sets) == ["coco", "rand", "norm", "mact"]
     assert (out / "tiny" / "final" / "models" / "ne" / "coco_gate.safetensors").is_file()
     assert (out / "tiny" / "final" / "models" / "le" / "coco_edit.json").is_file()
+    card = (out / "tiny" / "final" / "models" / "le" / "README.md").read_text()  # a model card with the verdicts
+    assert card.startswith("---\nbase_model: ") and "## Verdicts of the run that chose this edit" in card
+    assert "| LE-COCO reduces BBQ bias" in card and "No evaluation is recorded" not in card
     # candidates' weights were dropped after their evaluation (keep_models: false)
     assert not list((out / "tiny" / "sweep" / "models").rglob("*.safetensors"))
     mtimes = {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()}

@@ -31,7 +31,7 @@ from vllm_coco.core.checks import tensors_finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import PROJS, NeuronLayout
 from vllm_coco.core.ne_format import INDEX_JSON
-from vllm_coco.edit import registry
+from vllm_coco.edit import model_card, registry
 from vllm_coco.edit.conditions import linear_edit
 from vllm_coco.edit.inputs import EditInputs
 from vllm_coco.edit.kind import LinearKind, given
@@ -164,6 +164,8 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
             record = _edit_record(kind, settings, neurons_dir, fp, meta, edits, "checkpoint",
                                   {"added_attention_bias": True} if add_bias else None)
         (tmp / EDIT_JSON).write_text(json.dumps(record, indent=1) + "\n")
+        model_card.write(tmp, model_dir, config, meta, record["neurons"], record["format"], kind.name, kind.summary,
+                         settings)
     return record
 
 

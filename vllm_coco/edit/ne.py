@@ -19,7 +19,7 @@ from vllm_coco.core.checks import finite
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import NE_ALPHA, NE_BETA, NE_LAM, RATIO
 from vllm_coco.core.ne_format import BASE_TO_NE_ARCH
-from vllm_coco.edit import registry
+from vllm_coco.edit import model_card, registry
 from vllm_coco.edit.conditions import NEEdit, linear_edit
 from vllm_coco.edit.inputs import EditInputs
 from vllm_coco.edit.ne_gate import checked_gate, gate_weight_range
@@ -91,6 +91,9 @@ def write_ne(model: str, neurons_dir: str, out: str, alpha: float = NE_ALPHA, be
             if f.is_file() and f.name != "config.json":
                 shutil.copy2(f, tmp / f.name)  # base weights and tokenizer: byte-identical
         ne_format.write(tmp, config, coco, gate, tables)
+        gate_kind = registry.gate()
+        model_card.write(tmp, model_dir, config, meta, coco["neurons"], "ne", gate_kind.name, gate_kind.summary,
+                         {"alpha": alpha, "beta": beta, "lam": lam, "ratio": ratio})
     return coco
 
 

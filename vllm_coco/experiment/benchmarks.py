@@ -335,6 +335,11 @@ def names() -> tuple[str, ...]:
     return tuple(_BENCHMARKS)
 
 
+def judge_all(intervals: dict[str, dict[str, Interval]], edit: str, cfg: dict) -> list[Verdict]:
+    """Every verdict one edit's final intervals give (benchmark -> its intervals), in benchmark order."""
+    return [v for b, ivs in intervals.items() for v in get(b).verdicts(ivs, edit, cfg)]
+
+
 def _add_installed(bench) -> None:
     if _BENCHMARKS.get(getattr(bench, "name", None)) is not bench:
         register(bench)

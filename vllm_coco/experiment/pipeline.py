@@ -44,7 +44,7 @@ from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, swap_in, write_text
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import PARALLEL_OPTIONS
-from vllm_coco.edit import registry
+from vllm_coco.edit import model_card, registry
 from vllm_coco.edit.registry import label
 from vllm_coco.experiment import benchmarks, figures, report, stats
 from vllm_coco.experiment.benchmarks import NEUTRAL, STEREO
@@ -691,6 +691,10 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
         conds = _final_conditions(run, m, ident, sweep, chosen)
         base = evaluate_one("base", None, steps, prefetch=conds)
         edits = {e: evaluate_one(e, row.candidate, steps) for e, row in chosen.items() if row is not None}
+        for e, fr in edits.items():  # the chosen edits' model cards carry this run's verdicts
+            verdicts = benchmarks.judge_all(fr.intervals or {}, label(e), run.cfg)
+            model_card.with_verdicts(partial / fr.model / model_card.CARD,
+                                     [[v.claim, f"**{v.status}**", report.evidence(v)] for v in verdicts])
         return FinalResult(split="test", limits=limits, base=base, edits=edits)
 
     return run.stage(root, m["name"], "final", spec, body, FinalResult)

@@ -122,10 +122,13 @@ def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
     COCO set, then each edit's verdicts from every benchmark that judges (benchmarks.Benchmark.judge)."""
     abl, fin = m.ablation.result, m.final.result
     out = [stats.verdict_specific({LABELS[k]: iv for k, iv in (abl.specific or {}).items()})]
-    for e, run in fin.edits.items():
-        for b, ivs in (run.intervals or {}).items():  # no candidate of an edit: nothing to judge
-            out += benchmarks.get(b).verdicts(ivs, label(e), cfg)
+    for e, run in fin.edits.items():  # no candidate of an edit: nothing to judge
+        out += benchmarks.judge_all(run.intervals or {}, label(e), cfg)
     return out
+
+
+def evidence(v: stats.Verdict) -> str:
+    return "; ".join(f"{k}: {iv.text()} (n={iv.n})" for k, iv in v.evidence.items()) or "n/a"
 
 
 def verdicts(cfg: dict, models: list[ModelResults]) -> list[str]:
@@ -133,8 +136,7 @@ def verdicts(cfg: dict, models: list[ModelResults]) -> list[str]:
     rows, rules = [], {}
     for m in models:
         for v in model_verdicts(cfg, m):
-            evidence = "; ".join(f"{k}: {iv.text()} (n={iv.n})" for k, iv in v.evidence.items()) or "n/a"
-            rows.append([m.name, v.claim, f"**{v.status}**", evidence])
+            rows.append([m.name, v.claim, f"**{v.status}**", evidence(v)])
             rules.setdefault(v.rule, None)
     return (["## Verdicts", "",
              "Computed from paired 95 % bootstrap intervals over BBQ items (an item's value is its mean over the "
