@@ -37,7 +37,8 @@ def test_card_carries_the_base_license_and_replaces_its_readme(planted, planted_
 
     base = tmp_path / "base"
     shutil.copytree(planted[0], base)
-    (base / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: org/original\nlanguage: en\n---\n# The original card\n")
+    (base / "README.md").write_text("---\nlicense: apache-2.0\nbase_model: org/original\nlanguage: en\n---\n"
+                                    "# The original card\n")
     code, _, err = run_cli("ne", base, planted_neurons, "--out", tmp_path / "ne", "--force")
     assert code == 0, err
     meta, body = _card(tmp_path / "ne")
