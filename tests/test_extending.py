@@ -195,17 +195,20 @@ def test_registered_kind_joins_the_experiments_sweep_grid(toy):
         _check_sweep(cfg)
 
 
-def test_installed_packages_register_kinds_by_entry_point(monkeypatch, capsys):
-    """A package declares its kind under the entry-point group vllm_coco.edit_kinds; a broken one is
-    skipped with one line, the others load."""
+def _installed(monkeypatch, group: str, name: str) -> None:
+    """As if two packages declared entry points in `group`: a broken one, then test_extending:<name>."""
     from importlib.metadata import EntryPoint
 
     from vllm_coco.core import plugins
 
-    good = EntryPoint("toy", "test_extending:TOY", registry.ENTRY_POINTS)
-    broken = EntryPoint("broken", "test_extending:NOT_THERE", registry.ENTRY_POINTS)
-    monkeypatch.setattr(plugins, "entry_points",
-                        lambda group: [broken, good] if group == registry.ENTRY_POINTS else [])
+    eps = [EntryPoint("broken", "test_extending:NOT_THERE", group), EntryPoint("toy", f"test_extending:{name}", group)]
+    monkeypatch.setattr(plugins, "entry_points", lambda group_asked: eps if group_asked == group else [])
+
+
+def test_installed_packages_register_kinds_by_entry_point(monkeypatch, capsys):
+    """A package declares its kind under the entry-point group vllm_coco.edit_kinds; a broken one is
+    skipped with one line, the others load."""
+    _installed(monkeypatch, registry.ENTRY_POINTS, "TOY")
     try:
         registry.load_entry_points()
         assert registry.get("toy-offset") is TOY and registry.label("toy-offset") == "toy offset"
@@ -273,9 +276,6 @@ def test_a_registered_benchmark_gets_its_report_section_and_verdict(toy_benchmar
 
 
 def test_benchmark_registry_refuses_bad_declarations_and_loads_entry_points(monkeypatch, capsys):
-    from importlib.metadata import EntryPoint
-
-    from vllm_coco.core import plugins
     from vllm_coco.core.errors import CocoError
     from vllm_coco.experiment import benchmarks
     from vllm_coco.experiment.config import _check_final
@@ -286,10 +286,7 @@ def test_benchmark_registry_refuses_bad_declarations_and_loads_entry_points(monk
         benchmarks.unregister("stereo")
     with pytest.raises(CocoError, match=r"^final\.benchmarks\.toy-boolq: 'toy-boolq' is not one of stereo, "):
         _check_final({"final": {"benchmarks": {"stereo": None, "toy-boolq": None}}})
-    good = EntryPoint("toy", "test_extending:TOY_BENCHMARK", benchmarks.ENTRY_POINTS)
-    broken = EntryPoint("broken", "test_extending:NOT_THERE", benchmarks.ENTRY_POINTS)
-    monkeypatch.setattr(plugins, "entry_points",
-                        lambda group: [broken, good] if group == benchmarks.ENTRY_POINTS else [])
+    _installed(monkeypatch, benchmarks.ENTRY_POINTS, "TOY_BENCHMARK")
     try:
         benchmarks.load_entry_points()
         assert benchmarks.get("toy-boolq") is TOY_BENCHMARK
