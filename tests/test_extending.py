@@ -202,7 +202,7 @@ def _installed(monkeypatch, group: str, name: str) -> None:
     from vllm_coco.core import plugins
 
     eps = [EntryPoint("broken", "test_extending:NOT_THERE", group), EntryPoint("toy", f"test_extending:{name}", group)]
-    monkeypatch.setattr(plugins, "entry_points", lambda group_asked: eps if group_asked == group else [])
+    monkeypatch.setattr(plugins, "entry_points", lambda **kw: eps if kw.get("group") == group else [])
 
 
 def test_installed_packages_register_kinds_by_entry_point(monkeypatch, capsys):
