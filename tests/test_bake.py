@@ -131,11 +131,11 @@ def test_le_scales_exactly_the_selected_rows(art, tmp_path):
             np.testing.assert_allclose(b[i], (1 + 0.5 * w) * a[i], rtol=1e-6, atol=0)
             assert not np.array_equal(b[i], a[i])
 
-    # every non-weight file is copied unchanged; coco_edit.json records provenance
+    # every non-weight file is copied unchanged (the model card is the edit's own); coco_edit.json records provenance
     src_files, dst_files = _digests(model), _digests(out)
-    assert set(dst_files) == set(src_files) | {"coco_edit.json"}
+    assert set(dst_files) == set(src_files) | {"coco_edit.json", "README.md"}
     for f in src_files:
-        if not f.endswith(".safetensors"):
+        if not f.endswith(".safetensors") and f != "README.md":
             assert dst_files[f] == src_files[f], f
     from vllm_coco.core.artifact import artifact_hash
     from vllm_coco.core.models import fingerprint

