@@ -204,7 +204,7 @@ def test_eval_in_subprocess(bbq_tiny_model, tmp_path):
     assert not (tmp_path / "bad").exists()
 
 
-def _row(key, edit, bias, kl, acc=0.0, rung=0, hi=None):
+def _row(key, edit, bias, kl, acc=0.0, rung=0, hi=None, success=0.0):
     """A sweep row with Δ|s_AMB| `bias` (interval up to `hi`), KL and Δ acc_disambig `acc`, admissible by the rule."""
     from vllm_coco.experiment.results import Candidate, Interval, SweepRow
     from vllm_coco.experiment.sweep import admissible
@@ -214,7 +214,7 @@ def _row(key, edit, bias, kl, acc=0.0, rung=0, hi=None):
 
     cand = Candidate(key=key, edit=edit, settings={"alpha": 1.0})
     row = SweepRow(candidate=cand, rung=rung, limit=60, success_rate=0.5, acc_disambig=0.5, abs_bias_ambig=0.2, kl=kl,
-                   admissible=False, per_category={}, delta=iv(0.0), bias=iv(bias, hi), acc=iv(acc))
+                   admissible=False, per_category={}, delta=iv(success), bias=iv(bias, hi), acc=iv(acc))
     return dataclasses.replace(row, admissible=admissible(row, acc_floor=0.05, kl_floor=0.05))
 
 
@@ -222,7 +222,8 @@ def test_choose_the_most_bias_reducing_candidate_within_the_floors():
     """Synthetic table: the candidate that lowers |s_AMB| most breaks acc_disambig (or KL) and is refused."""
     from vllm_coco.experiment.sweep import choose, promote
 
-    rows = [_row("le-a0.25", "le", -0.05, 0.01), _row("le-a0.5", "le", -0.30, 0.02, acc=-0.2),  # best bias, acc falls
+    rows = [_row("le-a0.25", "le", -0.05, 0.01),
+            _row("le-a0.5", "le", -0.30, 0.02, acc=-0.2, success=0.3),  # best bias and best success; acc falls
             _row("le-a1", "le", -0.10, 0.03), _row("le-a2", "le", -0.40, 0.2),  # best bias, KL too high
             _row("ne-a1", "ne", -0.20, 0.5), _row("ne-a2", "ne", 0.10, 0.3)]
     le = choose(rows, "le")
