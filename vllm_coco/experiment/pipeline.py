@@ -851,7 +851,8 @@ def plan(cfg: dict) -> list[str]:
                         + (", 2 evals" if cfg['stability']['ablate'] else "") + ") -> "
                         if cfg["stability"]["fractions"] else "")
                      + f"sweep ({n_cand} candidates, {sw['rungs']} rung(s) of successive halving) "
-                     f"-> final (base, {', '.join(label(e) for e in cfg['sweep']['edits'])})")
+                     f"-> final (base, {', '.join(label(e) for e in cfg['sweep']['edits'])}; benchmarks "
+                     f"{', '.join(cfg['final']['benchmarks'])})")
     lines.append("report: OUT/REPORT.md")
     return lines
 
