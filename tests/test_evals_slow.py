@@ -53,7 +53,9 @@ def test_stereo_coco_hf_equals_vllm(demo_model, vllm_env, tmp_path):
     assert hf["coco"]["chat_template"] and vl["coco"]["chat_template"]
     a, b = _metrics(hf), _metrics(vl)
     assert set(a) == set(b)
-    assert len([k for k in a if k.startswith("stereo_coco/")]) == 10  # the group's aggregates
+    from vllm_coco.tasks.metrics import MC_METRICS
+
+    assert len([k for k in a if k.startswith("stereo_coco/")]) == len(MC_METRICS) == 13  # the group's aggregates
     for key in sorted(a):
         if math.isnan(a[key]):
             assert math.isnan(b[key]), key
