@@ -123,7 +123,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     assert [r.candidate.ratio for r in first] == [0.01] * 3 + [0.02] * 3 and {r.limit for r in first} == {6}
     # successive halving: the best third of each kind (at least one) goes on, and its rows are at the full limit
     second = [r for r in sweep.rows if r.rung == 1]
-    assert sweep.limits == [6, 18] and {r.limit for r in second} == {18}
+    assert sweep.limits == [6, 12] and {r.limit for r in second} == {12}
     assert [r.edit for r in second] == ["le", "le", "ne"] and set(r.key for r in second) == set(promote(first, 3))
     assert sweep.chosen["le"].key in {r.key for r in second} and sweep.chosen["ne"].key in {r.key for r in second}
     assert all(r.kl is not None and r.kl >= 0 and r.bias is not None for r in sweep.rows)
@@ -143,7 +143,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     assert not set(halves[0].arrays["rows"].tolist()) & set(halves[1].arrays["rows"].tolist())  # disjoint
     assert all(len(h.arrays["selected"]) == stab.count for h in halves)
     # sweep evaluations read the validate split, the final ones the test split
-    val = json.loads(next((out / "tiny" / "sweep" / "evals" / "base-l18").rglob("results.json")).read_text())
+    val = json.loads(next((out / "tiny" / "sweep" / "evals" / "base-l12").rglob("results.json")).read_text())
     test = json.loads(next((out / "tiny" / "final" / "evals" / "base").rglob("results.json")).read_text())
     assert val["coco"]["split"] == "validate" and test["coco"]["split"] == "test"
     final = FinalResult.from_json(done["tiny/final"]["result"])
