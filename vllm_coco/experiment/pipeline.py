@@ -639,12 +639,8 @@ def _floor_args() -> dict[str, float]:
 
 def _sweep_kl(run: Run, m: dict, steps: Steps, cand: Candidate, neurons: Path) -> float:
     """The candidate's mean KL per token on the validate neutral passages (measured once per candidate)."""
-    def fn(d: Path):
-        lm = run.lm(m["dir"])
-        lm.add_condition(f"sweep-{cand.key}", edit_condition(m, neurons, cand))
-        NEUTRAL.measure(lm, f"sweep-{cand.key}", d, run.cfg["sweep"]["neutral_limit"], split="validate")
-
-    d = steps.do(f"evals/{cand.key}/neutral", {"cand": cand.spec(), "limit": run.cfg["sweep"]["neutral_limit"]}, fn)
+    d = measure_step(run, m, steps, f"evals/{cand.key}/neutral", NEUTRAL, cand, neurons, f"sweep-{cand.key}",
+                     run.cfg["sweep"]["neutral_limit"], split="validate")
     res = json.loads((d / "results.json").read_text(encoding="utf-8"))
     return lm_results.metric(res, NEUTRAL.name, "kl")
 
@@ -675,9 +671,11 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
         parts = [(b.name, b.tasks(cats), limits[b.name]) for b in benches.values() if b.tasks(cats)]
         res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata,
                           condition=condition, prefetch=prefetch, dirs=dirs)  # one evaluation per distinct limit
-        for b in benches.values():
-            if not b.tasks(cats):  # measured on the loaded base model (benchmarks.ShiftBenchmark)
-                res[b.name] = _measure(run, m, ident, sweep, b, name, cand, limits[b.name], steps, dirs)
+        for b in (b for b in benches.values() if not b.tasks(cats)):  # measured on the loaded base model
+            neurons = None if cand is None else candidate_neurons(run, ident, sweep.dir, cand)
+            dirs[b.name] = d = measure_step(run, m, steps, f"evals/{name}/{b.name}", b, cand, neurons, f"final-{name}",
+                                            limits[b.name])
+            res[b.name] = json.loads((d / "results.json").read_text(encoding="utf-8"))
         where[name] = dirs
         out = FinalRun(params="-" if cand is None else cand.params, model=written,
                        summaries={b.name: b.summarize(res[b.name], cats) for b in benches.values()},
@@ -700,21 +698,19 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
     return run.stage(root, m["name"], "final", spec, body, FinalResult)
 
 
-def _measure(run: Run, m: dict, ident, sweep, bench, name: str, cand: Candidate | None, limit, steps: Steps,
-             dirs: dict) -> dict:
-    """A benchmark that is not an lm-eval task (its `measure`) for one final run, in memory on the base
-    model whatever the eval backend: the candidate as a condition (equal to its written directory)."""
+def measure_step(run: Run, m: dict, steps: Steps, key: str, bench, cand: Candidate | None, neurons: Path | None,
+                 condition: str, limit, split: str = "test") -> Path:
+    """`bench.measure` (a benchmark that is not an lm-eval task) of the base model (cand None) or of a
+    candidate registered as `condition`, in memory on the base model whatever the eval backend (the
+    condition equals the written directory); a finished step is reused. Returns its directory."""
     def fn(d: Path):
         lm = run.lm(m["dir"])
-        condition = "base"
         if cand is not None:
-            condition = f"final-{name}"
-            lm.add_condition(condition, edit_condition(m, candidate_neurons(run, ident, sweep.dir, cand), cand))
-        bench.measure(lm, condition, d, limit)
+            lm.add_condition(condition, edit_condition(m, neurons, cand))
+        bench.measure(lm, "base" if cand is None else condition, d, limit, split=split)
 
-    spec = {"model": name, "cand": None if cand is None else cand.spec(), "limit": limit, "bench": bench.name}
-    dirs[bench.name] = d = steps.do(f"evals/{name}/{bench.name}", spec, fn)
-    return json.loads((d / "results.json").read_text(encoding="utf-8"))
+    spec = {"cand": None if cand is None else cand.spec(), "limit": limit, "bench": bench.name, "split": split}
+    return steps.do(key, spec, fn)
 
 
 def _final_model(run: Run, m: dict, ident, sweep, name: str, cand: Candidate | None, steps: Steps):
