@@ -19,9 +19,9 @@ from vllm_coco.core.errors import CocoError
 from vllm_coco.edit import conditions as cond
 from vllm_coco.tasks.prefix_lm import CocoHFLM
 
-LE_ALPHA = 1.5  # not the default, so the strength is carried through
 NE_HYPER = {"alpha": 1.5, "beta": 3.0, "lam": 0.25}  # none of them the default
-MODES = ("ablate-zero", "ablate-mean", "le", "ne")
+MODES = ("ablate-zero", "ablate-mean", "le", "steer", "ne")
+STRENGTH = {"le": 1.5, "steer": 2.0}  # not the defaults, so the strength is carried through
 TOL = 1e-4  # in-memory vs on-disk (float32 rounding of the baked weights)
 MIX_TOL = 1e-5  # one condition scored through two paths with the same batches
 # Mixed batches (prefetch) group the requests into other batch shapes than scoring one condition
@@ -69,8 +69,8 @@ def _identify(model_dir, out, *args):
 def _export(model_dir, neurons, root):
     """The on-disk counterparts: `coco-tools bake` per linear mode and `coco-tools ne`."""
     dirs = {}
-    for mode in MODES[:3]:
-        extra = ("--alpha", LE_ALPHA) if mode == "le" else ()
+    for mode in MODES[:-1]:
+        extra = ("--alpha", STRENGTH[mode]) if mode in STRENGTH else ()
         dirs[mode] = root / mode
         code, _, err = run_cli("bake", model_dir, neurons, "--mode", mode, *extra, "--out", dirs[mode])
         assert code == 0, err
@@ -83,8 +83,7 @@ def _export(model_dir, neurons, root):
 
 def _edits(neurons, model_dir):
     """The in-memory conditions (model_dir checks the artifact's fingerprint and layout)."""
-    edits = {m: cond.linear_edit(neurons, m, alpha=LE_ALPHA if m == "le" else None, model_dir=model_dir)
-             for m in MODES[:3]}
+    edits = {m: cond.linear_edit(neurons, m, alpha=STRENGTH.get(m), model_dir=model_dir) for m in MODES[:-1]}
     edits["ne"] = cond.ne_edit(neurons, model_dir=model_dir, **NE_HYPER)
     return edits
 

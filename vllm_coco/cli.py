@@ -152,7 +152,9 @@ def demo_model(out, arch, dtype, force):
 @click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
 @click.option("--baseline", type=click.Choice(N.BASELINES), default=N.BASELINES[0], show_default=True,
               help="Select by COCO score, or a baseline with the same count: random (same per-projection "
-                   "counts), largest weight norm, largest mean activation.")
+                   "counts), largest weight norm, largest mean activation; or diffmean: every v channel of the "
+                   "layer with the largest unbiased-minus-biased mean difference (the steering baseline, "
+                   "edited with --mode steer).")
 @click.option("--weighting", type=click.Choice(N.WEIGHTINGS), default=N.WEIGHTINGS[0], show_default=True,
               help="Edit weights: |d|/max|d| or d/max|d|.")
 @click.option("--tau", type=float, default=N.TAU, show_default=True, help="InfoNCE temperature.")
@@ -307,7 +309,8 @@ def report(neurons_dir, png, category):
               help="Directory to create: the edited model, or with --lora the adapter.")
 @click.option("--mode", cls=KindOption, default=le_kind.KIND.name, show_default=True,
               coco_help="The edit kind, on each selected neuron's output h_n")
-@click.option("--alpha", type=float, help=f"LE strength (kinds that take alpha)  [default: {le_kind.ALPHA}]")
+@click.option("--alpha", type=float, help=f"The strength of the kinds that take alpha: le (default "
+                                          f"{le_kind.ALPHA:g}), steer (multiples of the mean difference).")
 @click.option("--param", "params", multiple=True, callback=_settings, metavar="NAME=VALUE",
               help="Any other setting of the edit kind; repeatable.")
 @click.option("--lora", is_flag=True, help="Write the edit as a PEFT LoRA adapter on q/k/v_proj instead of "

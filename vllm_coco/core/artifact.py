@@ -9,6 +9,7 @@ DIR/neurons.safetensors     per-neuron arrays for every q/k/v neuron, in the glo
                               loss.<cat>, score.<cat>, direction.<cat> per category
                               calib_mean, calib_std                    float32 [N] (|h| statistics, NE)
                               act_mean                                 float32 [N] (mean of h, ablate-mean)
+                              mean_diff, mean_diff.<cat>               float32 [N] (mean h unbiased - biased, steer)
                               mean_intensity, weight_norm              float32 [N] (MACT / NORM)
                               selected (int64 [k], best first), weight (float32 [k])
                               row_category (int32 [rows]), row_label (int32 [rows]; 0 biased, 1 unbiased)
@@ -45,14 +46,15 @@ def save(out_dir: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
 
 # Arrays every artifact has, and those only newer ones have (checked when present).
 PER_NEURON = ("layer", "proj", "index", "loss", "score", "direction", "calib_mean", "calib_std")
-PER_NEURON_OPTIONAL = ("act_mean", "mean_intensity", "weight_norm")
+PER_NEURON_OPTIONAL = ("act_mean", "mean_intensity", "weight_norm", "mean_diff")
 # Infinity a per-neuron array may carry: a constant neuron has loss +inf and score -inf (docs/METHOD.md §9.2 D2).
 MAY_BE_INF = {"loss": "+inf", "score": "-inf"}
 # The dtype of every array identify writes (per-category arrays: that of their prefix). A float32
 # array read as float16 (or float64 as float32) would be silently rounded: any other dtype is refused.
 ARRAY_DTYPES = {"layer": "int32", "proj": "int32", "index": "int32", "loss": "float64", "score": "float64",
                 "direction": "float32", "calib_mean": "float32", "calib_std": "float32", "act_mean": "float32",
-                "mean_intensity": "float32", "weight_norm": "float32", "selected": "int64", "weight": "float32",
+                "mean_diff": "float32", "mean_intensity": "float32", "weight_norm": "float32", "selected": "int64",
+                "weight": "float32",
                 "row_category": "int32", "row_label": "int32", "rows": "int64"}
 # The range of the edit weights identify makes (selection.edit_weights: d/max|d| or |d|/max|d|).
 WEIGHT_RANGE = {"magnitude": (0.0, 1.0), "signed": (-1.0, 1.0)}
@@ -134,7 +136,7 @@ def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     names = list(PER_NEURON) + [k for k in PER_NEURON_OPTIONAL if k in arrays]
     for c in meta["categories"]:
         names += [f"{k}.{c}" for k in ("loss", "score", "direction")]
-        names += [f"mean_intensity.{c}"] if f"mean_intensity.{c}" in arrays else []
+        names += [f"{k}.{c}" for k in ("mean_intensity", "mean_diff") if f"{k}.{c}" in arrays]
     for key in names + ["selected", "weight"]:
         if key not in arrays:
             _fail(d, ARRAYS_NAME, f"lacks the array `{key}`")

@@ -44,8 +44,9 @@ TAU_RANGE = (1e-3, 1e3)
 K_NEGATIVES = 256
 NULL_ROUNDS = 3
 RATIO = 0.01
-BASELINES = ("coco", "rand", "norm", "mact")  # "coco" is the COCO selection itself
-CONTROL_BASELINES = BASELINES[1:]  # the same-count controls an experiment compares against
+# "coco" is the COCO selection itself; "diffmean" the steering baseline's layer (docs/METHOD.md §5.4)
+BASELINES = ("coco", "rand", "norm", "mact", "diffmean")
+CONTROL_BASELINES = ("rand", "norm", "mact")  # the same-count controls an experiment compares against
 WEIGHTINGS = ("magnitude", "signed")
 
 # --- edits (§6-§7): the linear edit kinds (le, ablate-zero, ablate-mean, ...) and their settings are
@@ -57,7 +58,11 @@ NE_EDIT, BASE_EDIT = "ne", "base"
 # --- per-request settings (vLLM `SamplingParams.extra_args`, the server's `vllm_xargs`): flat keys,
 # because vllm_xargs holds scalars only. A request without them gets the directory's settings.
 XARG_EDIT, XARG_ALPHA, XARG_BETA, XARG_LAM = "coco_edit", "coco_alpha", "coco_beta", "coco_lam"
-XARGS = (XARG_EDIT, XARG_ALPHA, XARG_BETA, XARG_LAM)
+XARG_SCALE = "coco_scale"  # a named edit's strength: gain 1 + scale·(gain - 1), offset scale·offset
+XARGS = (XARG_EDIT, XARG_ALPHA, XARG_BETA, XARG_LAM, XARG_SCALE)
+# |coco_scale| at most this: far past any useful strength (1 is the edit as exported), and small enough that
+# any gain or offset below 1e35 in size stays finite in float32 once scaled (the model computes in float32)
+SCALE_MAX = 1e3
 F32_MAX = 3.4028234663852886e38  # the largest finite float32: per-request numbers must fit the model's dtype
 SALT_PREFIX = "coco:"  # namespaces the prefix-cache salt derived from a setting (never a LoRA name)
 PER_REQUEST_ENV = "VLLM_COCO_PER_REQUEST"  # the NE directory whose per-request settings the engine accepts

@@ -142,7 +142,7 @@ def bake(model: str, neurons_dir: str, out: str, mode: str = "le", alpha: float 
     fp = artifact.check_model_matches(meta, model_dir, force, layout=source_layout(src, model_dir))
     edits = planned_edits(meta, arrays)
     check_inputs(kind, arrays, neurons_dir)
-    tables = module_tables(kind, settings, edits)  # refuses out-of-range settings before anything is written
+    tables = module_tables(kind, settings, edits, arrays)  # refuses out-of-range settings before anything is written
     add_bias = _bias_plan(kind, tables, edits, src, config)
     if lora and shifts(kind, tables):
         raise CocoError(f"--lora holds gain-only edits (W + B A), and --mode {mode} gives these neurons offsets; "

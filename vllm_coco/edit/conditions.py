@@ -88,7 +88,7 @@ def linear_edit(neurons_dir, mode: str, alpha: float | None = None, model_dir: P
     q, kv = meta["model"]["q_size"], meta["model"]["kv_size"]
     base_of = {"q": 0, "k": q, "v": q + kv}  # offsets of each projection in the packed output
     edits = planned_edits(meta, arrays)
-    tables = module_tables(kind, settings, edits, {"alpha": option})
+    tables = module_tables(kind, settings, edits, arrays, {"alpha": option})
     channels, gain, offset = {}, {}, {}
     for (layer, proj), e in sorted(edits.items()):
         rows = np.asarray(e.rows, dtype=np.int64) + base_of[proj]

@@ -38,10 +38,21 @@ class Param:
 
 @dataclass(frozen=True)
 class Neurons:
-    """What an effect may read about one module's selected neurons (best first)."""
+    """What an effect may read about one module's selected neurons (best first): their edit weights
+    and the artifact's per-neuron arrays the kind `reads` (core/artifact.py), by array name."""
 
     weights: np.ndarray  # [r] float64 edit weights w_n (docs/METHOD.md §5)
-    act_means: np.ndarray  # [r] float64 calibration means of h_n (the ablate-mean value)
+    stats: Mapping[str, np.ndarray]  # name -> [r] float64, e.g. "act_mean" (the ablate-mean value)
+
+    @property
+    def act_means(self) -> np.ndarray:
+        """[r] calibration means of h_n (docs/METHOD.md §1.4)."""
+        return self.stats["act_mean"]
+
+    @property
+    def mean_diffs(self) -> np.ndarray:
+        """[r] mean of h_n on the unbiased rows minus on the biased rows (docs/METHOD.md §1.4)."""
+        return self.stats["mean_diff"]
 
 
 # (neurons, settings, spelling) -> (gain [r], offset [r]); spelling maps a parameter to the name the
@@ -97,7 +108,7 @@ class LinearKind(_Settings):
     effect: Effect
     params: tuple[Param, ...] = ()
     ablation: bool = False  # a causal check (the experiment's ablation stage), not an enhancement
-    needs_act_mean: bool = False  # reads Neurons.act_means (artifacts before signed means lack them)
+    reads: tuple[str, ...] = ()  # the artifact's per-neuron arrays the effect reads (Neurons.stats)
     shifts: bool = False  # may give a non-zero offset: baking it needs a bias on the module
 
     def tables(self, neurons: Neurons, settings: Mapping[str, float],

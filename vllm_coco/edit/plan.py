@@ -19,10 +19,13 @@ class ModuleEdit:
 
     rows: list[int] = field(default_factory=list)  # output channels, best first
     weights: list[float] = field(default_factory=list)  # w_n of each row
-    act_means: list[float] = field(default_factory=list)  # mean of h_n over calibration tokens
+    flat: list[int] = field(default_factory=list)  # each row's global neuron id (docs/METHOD.md §1.1)
 
-    def neurons(self) -> Neurons:
-        return Neurons(np.asarray(self.weights, dtype=np.float64), np.asarray(self.act_means, dtype=np.float64))
+    def neurons(self, arrays: dict[str, np.ndarray], reads: tuple[str, ...]) -> Neurons:
+        """What a kind that `reads` these per-neuron artifact arrays sees of this module's rows."""
+        idx = np.asarray(self.flat, dtype=np.int64)
+        return Neurons(np.asarray(self.weights, dtype=np.float64),
+                       {name: np.asarray(arrays[name], dtype=np.float64)[idx] for name in reads})
 
 
 def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, str], ModuleEdit]:
@@ -30,7 +33,6 @@ def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, 
     m = meta["model"]
     layout = NeuronLayout(m["num_layers"], m["q_size"], m["kv_size"])
     selected, weight = arrays["selected"], arrays["weight"]  # [k], [k]
-    act_mean = arrays.get("act_mean", np.full(layout.total, np.nan))  # [N]; older artifacts lack it
     if len(selected) == 0:
         raise CocoError("the neuron artifact selects no neurons; re-run `coco-tools identify`")
     edits: dict[tuple[int, str], ModuleEdit] = {}
@@ -41,25 +43,27 @@ def planned_edits(meta: dict, arrays: dict[str, np.ndarray]) -> dict[tuple[int, 
         e = edits.setdefault((layer, proj), ModuleEdit())
         e.rows.append(index)
         e.weights.append(float(w))
-        e.act_means.append(float(act_mean[flat]))
+        e.flat.append(flat)
     return edits
 
 
 def check_inputs(kind: LinearKind, arrays: dict, neurons_dir) -> None:
-    """CocoError when the artifact lacks what `kind` reads."""
-    if kind.needs_act_mean and "act_mean" not in arrays:
-        raise CocoError(f"{neurons_dir} predates the signed activation means {kind.name} needs; "
+    """CocoError when the artifact lacks a per-neuron array `kind` reads."""
+    missing = [name for name in kind.reads if name not in arrays]
+    if missing:
+        raise CocoError(f"{neurons_dir} predates the per-neuron {', '.join(missing)} that {kind.name} reads; "
                         "re-run `coco-tools identify`")
 
 
 def module_tables(kind: LinearKind, settings: dict, edits: dict[tuple[int, str], ModuleEdit],
-                  spelling: dict | None = None) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
+                  arrays: dict[str, np.ndarray], spelling: dict | None = None
+                  ) -> dict[tuple[int, str], tuple[np.ndarray, np.ndarray]]:
     """(gain, offset) [r] per edited module, rows in ModuleEdit.rows order. The kind first sees every
     selected neuron at once, so a refusal (an alpha out of range) speaks of the whole set."""
     every = ModuleEdit(weights=[w for e in edits.values() for w in e.weights],
-                       act_means=[a for e in edits.values() for a in e.act_means])
-    kind.tables(every.neurons(), settings, spelling)
-    return {key: kind.tables(e.neurons(), settings, spelling) for key, e in edits.items()}
+                       flat=[n for e in edits.values() for n in e.flat])
+    kind.tables(every.neurons(arrays, kind.reads), settings, spelling)
+    return {key: kind.tables(e.neurons(arrays, kind.reads), settings, spelling) for key, e in edits.items()}
 
 
 def shifts(kind: LinearKind, tables: dict) -> bool:

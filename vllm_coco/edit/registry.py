@@ -16,9 +16,10 @@ from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import BASE_EDIT, NE_EDIT
 from vllm_coco.core.plugins import load_group
 from vllm_coco.edit.kind import GateKind, LinearKind
-from vllm_coco.edit.kinds import ablate_mean, ablate_zero, le, ne
+from vllm_coco.edit.kinds import ablate_mean, ablate_zero, le, ne, steer
 
-_KINDS: dict[str, LinearKind] = {k.name: k for k in (le.KIND, ablate_zero.KIND, ablate_mean.KIND)}
+_BUILT_IN = (le.KIND, ablate_zero.KIND, ablate_mean.KIND, steer.KIND)
+_KINDS: dict[str, LinearKind] = {k.name: k for k in _BUILT_IN}
 _NAME = re.compile(r"^[a-z][a-z0-9-]{0,31}$")  # a CLI choice, a config value and a checkpoint key part
 
 
@@ -37,7 +38,7 @@ def register(kind: LinearKind, replace: bool = False) -> LinearKind:
 
 def unregister(name: str) -> None:
     """Remove a kind registered with `register` (the built-in ones stay)."""
-    if name in (le.KIND.name, ablate_zero.KIND.name, ablate_mean.KIND.name):
+    if name in {k.name for k in _BUILT_IN}:
         raise ValueError(f"{name!r} is built in")
     _KINDS.pop(name, None)
 

@@ -84,6 +84,7 @@ class CaptureResult:
     calib_std: np.ndarray  # [neurons] float64, std of |h| (NE's sigma)
     act_mean: np.ndarray  # [neurons] float64, mean of h itself (signed: what ablate-mean outputs)
     mean_intensity: np.ndarray  # [neurons] float64, mean over rows (the MACT statistic)
+    contrast: np.ndarray  # [K, neurons] float64, row_coef @ (each row's mean of h over its span)
 
 
 class _Recorder:
@@ -102,6 +103,8 @@ class _Recorder:
         self.sum = torch.zeros(layout.total, dtype=torch.float64, device=device)  # Σ|h| over span tokens
         self.sumsq = torch.zeros(layout.total, dtype=torch.float64, device=device)  # Σ|h|²
         self.signed = torch.zeros(layout.total, dtype=torch.float64, device=device)  # Σh
+        self.contrast = None  # [K, neurons] float64: Σ over rows of coef[k, row] * (the row's mean h)
+        self.coef = None  # [K, batch] float64: this batch's columns of capture's row_coef
         self.buf = None  # [batch, neurons] float32
         self.span_idx = None  # [n_span] long: the span tokens' positions in the flattened [batch * tokens]
         self.weights = None  # [batch, n_span] float32: 1 / span length where the token is the row's, else 0
@@ -130,6 +133,8 @@ class _Recorder:
             self.sum[off:off + size] += a64.sum(0)  # [size]
             self.sumsq[off:off + size] += (a64 * a64).sum(0)  # [size]
             self.signed[off:off + size] += h.sum(0, dtype=torch.float64)  # [size]
+            if len(self.coef):
+                self.contrast[:, off:off + size] += self.coef @ (self.weights @ h).double()  # [K, size]
 
         return hook
 
@@ -205,12 +210,15 @@ def _write_rows(matrix: np.memmap, col_sum: np.ndarray, idx: list[int], rows, do
 
 
 def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pad_id: int = 0,
-            progress: bool = True) -> CaptureResult:
+            progress: bool = True, row_coef: np.ndarray | None = None) -> CaptureResult:
     """Run every span through the model (teacher-forced, no grad) and write intensities row by row.
 
-    Row i of the matrix is spans[i]. Only the decoder stack runs (no LM head: logits are not needed).
-    The only waits for the device are the batches' rows: each batch's rows are copied back
-    (non_blocking on CUDA) and written to the matrix while the next batch runs.
+    Row i of the matrix is spans[i]. `row_coef` [K, rows] weighs each row's signed mean activation
+    (mean of h over its span) into K sums, CaptureResult.contrast: identify's mean differences
+    between the unbiased and the biased rows of each category, docs/METHOD.md §1.4). Only the decoder
+    stack runs (no LM head: logits are not needed). The only waits for the device are the batches'
+    rows: each batch's rows are copied back (non_blocking on CUDA) and written to the matrix while the
+    next batch runs.
     """
     import torch
     from tqdm.auto import tqdm
@@ -221,6 +229,8 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model
     matrix = create_matrix(matrix_path, len(spans), layout.total)
     rec = _Recorder(model, layout, device)
+    coef = np.zeros((0, len(spans))) if row_coef is None else np.asarray(row_coef, dtype=np.float64)
+    rec.contrast = torch.zeros((len(coef), layout.total), dtype=torch.float64, device=device)
     tokens = span_tokens = 0
     col_sum = np.zeros(layout.total, dtype=np.float64)
     bar = tqdm(total=len(spans), desc="capture", unit="seq", disable=not progress)
@@ -231,6 +241,7 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
                 ids, attn, _ = _collate(spans, idx, pad_id, device)
                 rec.span_idx, rec.weights, _ = _span_index(spans, idx, device)
                 rec.buf = torch.empty((len(idx), layout.total), dtype=torch.float32, device=device)
+                rec.coef = torch.from_numpy(coef[:, idx]).to(device)  # [K, batch]
                 decoder(input_ids=ids, attention_mask=attn, use_cache=False)
                 if device.type == "cuda":  # into pinned memory, ready when `done` is
                     rows, done = rec.buf.to("cpu", non_blocking=True), torch.cuda.Event()
@@ -257,7 +268,7 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
     return CaptureResult(layout=layout, rows=len(spans), tokens=tokens, span_tokens=span_tokens,
                          calib_mean=mean, calib_std=np.sqrt(np.clip(var, 0, None)),
                          act_mean=(rec.signed / span_tokens).cpu().numpy(),
-                         mean_intensity=col_sum / max(len(spans), 1))
+                         mean_intensity=col_sum / max(len(spans), 1), contrast=rec.contrast.cpu().numpy())
 
 
 def response_spans(tokenizer, pairs, chat: bool = True) -> list[Span]:

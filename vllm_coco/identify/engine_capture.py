@@ -60,7 +60,8 @@ class EngineRecorder:
             self.table.setdefault(tuple(ids), []).append((int(row), int(start), int(end)))
         self.done: set[tuple] = set()
         self.rows: list[int] = []  # matrix row of each pooled row, in recording order
-        self.pooled: dict[int, list] = {}  # layer -> per step [step rows, width] float32
+        self.pooled: dict[int, list] = {}  # layer -> per step [step rows, width] float32, mean |h| per row
+        self.signed: dict[int, list] = {}  # layer -> per step [step rows, width] float32, mean h per row
         self.sums: dict[int, list] = {}  # layer -> [Σ|h|, Σ|h|², Σh] over span tokens, each [width] float64
         self.span_tokens = 0
         self._step = None
@@ -105,6 +106,7 @@ class EngineRecorder:
         h = qkv.index_select(0, idx).float()  # [n_span, width]
         a = h.abs()
         self.pooled.setdefault(layer, []).append(weights @ a)  # [step rows, width]: mean over each span
+        self.signed.setdefault(layer, []).append(weights @ h)  # [step rows, width]
         a64 = a.double()
         step = [a64.sum(0), (a64 * a64).sum(0), h.sum(0, dtype=torch.float64)]  # [width] each
         acc = self.sums.setdefault(layer, step)
@@ -120,7 +122,8 @@ class EngineRecorder:
             raise RuntimeError("coco_capture_collect without coco_capture_begin")
         out = {"rows": _pack(np.asarray(self.rows, dtype=np.int64)), "span_tokens": self.span_tokens,
                "layers": [[layer, _pack(torch.cat(self.pooled[layer]).cpu().numpy()),
-                           _pack(np.stack([x.cpu().numpy() for x in self.sums[layer]]))] for layer in self.pooled]}
+                           _pack(np.stack([x.cpu().numpy() for x in self.sums[layer]])),
+                           _pack(torch.cat(self.signed[layer]).cpu().numpy())] for layer in self.pooled]}
         self.begin([])  # frees this block's rows
         self.table = None
         return out
@@ -268,9 +271,10 @@ class EngineCapture:
                             "weights; pass a Llama- or Mistral-style model directory")
         return out
 
-    def capture(self, spans: list[Span], matrix_path: Path, progress: bool = True) -> CaptureResult:
+    def capture(self, spans: list[Span], matrix_path: Path, progress: bool = True,
+                row_coef: np.ndarray | None = None) -> CaptureResult:
         """Run every span through the engine and write intensities row by row (row i = spans[i]),
-        as `capture.capture` does (spans end at their prompt's last token)."""
+        as `capture.capture` does (spans end at their prompt's last token; `row_coef` as there)."""
         from tqdm.auto import tqdm
         from vllm import SamplingParams
 
@@ -281,6 +285,8 @@ class EngineCapture:
         matrix = create_matrix(matrix_path, len(spans), layout.total)
         sums = np.zeros((3, layout.total), dtype=np.float64)  # Σ|h|, Σ|h|², Σh over span tokens
         col_sum = np.zeros(layout.total, dtype=np.float64)
+        coef = np.zeros((0, len(spans))) if row_coef is None else np.asarray(row_coef, dtype=np.float64)
+        contrast = np.zeros((len(coef), layout.total), dtype=np.float64)  # [K, neurons]
         block = max(1, min(1024, BLOCK_VALUES // layout.total))
         params = SamplingParams(max_tokens=1, temperature=0.0)
         span_tokens = 0
@@ -298,14 +304,17 @@ class EngineCapture:
                     raise RuntimeError(f"rank {share['tp_rank']} (pipeline stage {share['pp_rank']}) recorded "
                                        f"{share['rows'].size} of {len(rows)} prompts whole")
             out = np.zeros((len(rows), layout.total), dtype=np.float32)  # [block rows, neurons]
+            signed = np.zeros_like(out)  # [block rows, neurons]: mean h per row
             filled = np.zeros(layout.total, dtype=bool)
-            for _, g, (pooled, s), share in _columns(layout, self.heads, shares):
+            for _, g, (pooled, s, h), share in _columns(layout, self.heads, shares):
                 out[np.ix_(share["rows"] - b0, g)] = pooled  # [rows, rank width]
+                signed[np.ix_(share["rows"] - b0, g)] = h
                 new = ~filled[g]  # a replicated KV column arrives from several ranks: count it once
                 sums[:, g[new]] += s[:, new]
                 filled[g] = True
             span_tokens += shares[0]["span_tokens"]
             col_sum += out.sum(0)
+            contrast += coef[:, rows] @ signed.astype(np.float64)  # [K, neurons]
             matrix[b0:b0 + len(rows)] = out.astype(np.float16)
             bar.update(len(rows))
         bar.close()
@@ -315,4 +324,5 @@ class EngineCapture:
         var = sums[1] / span_tokens - mean ** 2
         return CaptureResult(layout=layout, rows=len(spans), tokens=sum(len(s.ids) for s in spans),
                              span_tokens=span_tokens, calib_mean=mean, calib_std=np.sqrt(np.clip(var, 0, None)),
-                             act_mean=sums[2] / span_tokens, mean_intensity=col_sum / max(len(spans), 1))
+                             act_mean=sums[2] / span_tokens, mean_intensity=col_sum / max(len(spans), 1),
+                             contrast=contrast)

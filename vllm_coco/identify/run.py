@@ -121,6 +121,18 @@ def check_scores_rank(loss: np.ndarray, tau: float) -> None:
                         f"pass a --tau near the default {N.TAU:g}, or contrast data whose two responses differ")
 
 
+def mean_diff_coef(row_cat: np.ndarray, row_label: np.ndarray, n_categories: int) -> np.ndarray:
+    """[categories, rows] row weights whose product with the rows' signed mean activations is, per
+    category, the mean over its unbiased rows (label 1) minus the mean over its biased rows (label 0):
+    the diff-in-means steering vector (docs/METHOD.md §1.4). Other labels weigh 0."""
+    coef = np.zeros((n_categories, len(row_cat)))
+    for c in range(n_categories):
+        for label, sign in ((1, 1.0), (0, -1.0)):
+            rows = (row_cat == c) & (row_label == label)
+            coef[c, rows] = sign / max(int(rows.sum()), 1)
+    return coef
+
+
 def _weight_norms(model, layout) -> np.ndarray:
     """L2 norm of every q/k/v weight row: the NORM baseline statistic. -> [N]"""
     from vllm_coco.core.models import attention_layers
@@ -220,17 +232,14 @@ def select_from_arrays(arrays: dict, categories, nulls: dict, sizes: dict, opts:
     total = len(arrays["loss"])
     proj = arrays["proj"]
     score, loss, direc = arrays["score"], arrays["loss"], arrays["direction"]
-    sel = selection.baseline(opts.baseline, _select(score, loss, total, opts), proj=proj,
-                             weight_norm=arrays["weight_norm"], mean_intensity=arrays["mean_intensity"],
-                             seed=opts.seed)
+    sel = selection.baseline(opts.baseline, _select(score, loss, total, opts), arrays, opts.seed)
     weight = selection.edit_weights(direc[sel].astype(np.float64), opts.weighting)
     arrays["selected"], arrays["weight"] = sel.astype(np.int64), weight.astype(np.float32)
     per_category = {}
     for cat in categories:
         c_score, c_dir = arrays[f"score.{cat}"], arrays[f"direction.{cat}"].astype(np.float64)
-        csel = selection.baseline(opts.baseline, _select(c_score, arrays[f"loss.{cat}"], total, opts), proj=proj,
-                                  weight_norm=arrays["weight_norm"], mean_intensity=arrays[f"mean_intensity.{cat}"],
-                                  seed=opts.seed)
+        csel = selection.baseline(opts.baseline, _select(c_score, arrays[f"loss.{cat}"], total, opts), arrays,
+                                  opts.seed, suffix=f".{cat}")
         cnull = nulls.get(cat)
         per_category[cat] = {
             **sizes[cat], "count": int(len(csel)), "null_best_score": cnull,
@@ -336,6 +345,8 @@ def rescore(neurons_dir: str, out: str, rows: np.ndarray, note: str, force: bool
         for key in ("loss", "score", "direction", "mean_intensity"):
             new_arrays[f"{key}.{cat}"] = res[cat][key].astype(arrays[f"{key}.{cat}"].dtype)
     new_arrays["rows"] = np.sort(np.flatnonzero(keep)).astype(np.int64)  # [subset rows] into the source matrix
+    for key in [k for k in new_arrays if k.split(".")[0] == "mean_diff"]:  # the matrix holds |h| only:
+        del new_arrays[key]  # a subset's signed means are not in it, and the source's are not the subset's
     sizes = {c: res[c]["sizes"] for c in categories}
     nulls = {"combined": None, **{c: None for c in categories}}
     new = {**meta, **select_from_arrays(new_arrays, categories, nulls, sizes, opts),
@@ -389,11 +400,11 @@ class _HFRunner:
         return behavior.option_logliks(self.model, spans, self.opts.batch_size, pad_id=self.tokenizer.pad_token_id,
                                        progress=progress)
 
-    def capture(self, spans, matrix_path: Path, progress: bool = True):
+    def capture(self, spans, matrix_path: Path, progress: bool = True, row_coef=None):
         from vllm_coco.identify.capture import capture
 
         return capture(self.model, spans, matrix_path, self.opts.batch_size, pad_id=self.tokenizer.pad_token_id,
-                       progress=progress)
+                       progress=progress, row_coef=row_coef)
 
     def weight_norms(self) -> np.ndarray:
         from vllm_coco.core.models import layout_of
@@ -450,7 +461,8 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
         chat_template = bool(opts.chat and getattr(tokenizer, "chat_template", None))
         fp = fingerprint(model_dir)
         with atomic_output_dir(out, force, sources) as tmp:
-            cap = runner.capture(spans, tmp / artifact.MATRIX_FILE, progress=progress)
+            cap = runner.capture(spans, tmp / artifact.MATRIX_FILE, progress=progress,
+                                 row_coef=mean_diff_coef(row_cat, row_label, len(categories)))
             t_capture = time.time() - t0
             weight_norm = runner.weight_norms()
             layout = cap.layout
@@ -467,7 +479,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
                 "score": np.mean([res[c]["score"] for c in categories], axis=0),
                 "direction": np.mean([res[c]["direction"] for c in categories], axis=0).astype(np.float32),
                 "calib_mean": cap.calib_mean.astype(np.float32), "calib_std": cap.calib_std.astype(np.float32),
-                "act_mean": cap.act_mean.astype(np.float32),
+                "act_mean": cap.act_mean.astype(np.float32), "mean_diff": cap.contrast.mean(0).astype(np.float32),
                 "mean_intensity": cap.mean_intensity.astype(np.float32), "weight_norm": weight_norm.astype(np.float32),
                 "row_category": row_cat, "row_label": row_label,
             }
@@ -476,6 +488,7 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
                     arrays[f"{key}.{cat}"] = res[cat][key]
                 for key in ("direction", "mean_intensity"):
                     arrays[f"{key}.{cat}"] = res[cat][key].astype(np.float32)
+                arrays[f"mean_diff.{cat}"] = cap.contrast[categories.index(cat)].astype(np.float32)
             nulls = {"combined": float(np.mean([res[c]["null_score"] for c in categories], axis=0).max())
                      if opts.null_rounds else None}
             nulls.update({c: float(res[c]["null_score"].max()) if opts.null_rounds else None for c in categories})

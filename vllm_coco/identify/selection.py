@@ -1,5 +1,5 @@
 """Which neurons to keep: top ratio (or threshold) by COCO score, the RAND / NORM / MACT baselines
-with the same count, and the per-neuron edit weights (docs/METHOD.md §5)."""
+with the same count, the DIFFMEAN steering layer, and the per-neuron edit weights (docs/METHOD.md §5)."""
 
 from __future__ import annotations
 
@@ -42,17 +42,34 @@ def top_by_value(values: np.ndarray, k: int) -> np.ndarray:
     return np.lexsort((np.arange(len(values)), -values))[:k]
 
 
-def baseline(kind: str, coco_selected: np.ndarray, *, proj, weight_norm, mean_intensity, seed: int):
-    """The neuron set of a baseline with the same count as the COCO selection."""
+def steering_layer(arrays: dict[str, np.ndarray], suffix: str = "") -> np.ndarray:
+    """DIFFMEAN: every v channel of the layer whose mean difference is largest relative to its
+    activations, ||mean_diff_v(l)|| / ||calib_mean_v(l)|| (docs/METHOD.md §5.4), by channel."""
+    if "mean_diff" + suffix not in arrays:
+        raise CocoError("this artifact predates the signed mean differences --baseline diffmean reads; "
+                        "re-run `coco-tools identify`")
+    diff, scale = arrays["mean_diff" + suffix].astype(np.float64), arrays["calib_mean"].astype(np.float64)
+    v = arrays["proj"] == Proj.v
+    layers = np.unique(arrays["layer"][v])
+    ratio = [np.linalg.norm(diff[v & (arrays["layer"] == l)]) / max(np.linalg.norm(scale[v & (arrays["layer"] == l)]),
+                                                                     1e-12) for l in layers]
+    return np.flatnonzero(v & (arrays["layer"] == layers[int(np.argmax(ratio))]))
+
+
+def baseline(kind: str, coco_selected: np.ndarray, arrays: dict[str, np.ndarray], seed: int, suffix: str = ""):
+    """The neuron set of a baseline: RAND / NORM / MACT with the same count as the COCO selection,
+    DIFFMEAN one layer's v channels. `suffix` (".<category>") picks a category's own statistics."""
     k = len(coco_selected)
     if kind == "coco":
         return coco_selected
     if kind == "rand":
-        return rand_like(coco_selected, proj, seed)
+        return rand_like(coco_selected, arrays["proj"], seed)
     if kind == "norm":
-        return top_by_value(weight_norm, k)
+        return top_by_value(arrays["weight_norm"], k)
     if kind == "mact":
-        return top_by_value(mean_intensity, k)
+        return top_by_value(arrays["mean_intensity" + suffix], k)
+    if kind == "diffmean":
+        return steering_layer(arrays, suffix)
     raise CocoError(f"unknown --baseline {kind}; choose one of {', '.join(BASELINES)}")
 
 

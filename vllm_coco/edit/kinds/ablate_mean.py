@@ -17,4 +17,4 @@ def _effect(n: Neurons, s, spelling):
 
 
 KIND = LinearKind("ablate-mean", "ablation (mean)", "h_n <- act_mean_n", _effect, ablation=True,
-                  needs_act_mean=True, shifts=True)
+                  reads=("act_mean",), shifts=True)
