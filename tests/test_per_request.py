@@ -27,12 +27,68 @@ def test_settings_are_parsed_and_named_edits_picked():
     assert MENU.parse({"coco_alpha": "0.5", "coco_beta": 4, "coco_lam": 1}) == Setting("ne", 0.5, 4.0, 1.0)
     assert MENU.parse({"coco_edit": "le"}) == Setting("le", 0.0, 2.0, 0.5)
     assert MENU.parse({"coco_edit": "base"}).alpha == 0.0
-    assert MENU.columns(MENU.parse({"coco_edit": "ablate-zero"})) == (0.0, 2.0, 0.5, 1)
-    assert MENU.columns(MENU.default) == (2.0, 2.0, 0.5, -1)
+    assert MENU.columns(MENU.parse({"coco_edit": "ablate-zero"})) == (0.0, 2.0, 0.5, 1, 1.0)
+    assert MENU.columns(MENU.default) == (2.0, 2.0, 0.5, -1, 1.0)
+
+
+def test_a_named_edit_takes_a_scale():
+    """coco_scale: a named edit's strength, 1 when absent, parsed as strictly as the gate's numbers."""
+    assert MENU.parse({"coco_edit": "le"}).scale == 1.0
+    assert MENU.parse({"coco_edit": "le", "coco_scale": 0.5}) == Setting("le", 0.0, 2.0, 0.5, 0.5)
+    assert MENU.parse({"coco_edit": "le", "coco_scale": " 2.5 "}).scale == 2.5  # a plain decimal string
+    assert MENU.parse({"coco_edit": "ablate-zero", "coco_scale": -1000}).scale == -1000.0  # the bound itself
+    assert MENU.parse({"coco_edit": "le", "coco_scale": 0}).scale == 0.0
+    assert MENU.parse({"coco_edit": "le", "coco_scale": 1}) == MENU.parse({"coco_edit": "le"})
+    assert MENU.columns(MENU.parse({"coco_edit": "ablate-zero", "coco_scale": "0.25"})) == (0.0, 2.0, 0.5, 1, 0.25)
+    assert Setting("ne", 2.0, 2.0, 0.5) == MENU.default  # positional construction: scale 1
 
 
 @pytest.mark.parametrize("args,words", [
-    ({"coco_strength": 1}, ["coco_strength", "coco_edit, coco_alpha, coco_beta, coco_lam"]),
+    ({"coco_scale": 0.5}, ["coco_scale", "applies to named edits", "'ne'", "coco_edit (le, ablate-zero)"]),
+    ({"coco_edit": "ne", "coco_scale": 1}, ["coco_scale", "named edits", "'ne'"]),  # even the neutral value
+    ({"coco_edit": "base", "coco_scale": 0}, ["coco_scale", "named edits", "'base'"]),
+    ({"coco_alpha": 0.5, "coco_scale": 2}, ["coco_scale", "named edits"]),
+    ({"coco_edit": "le", "coco_scale": "nan"}, ["coco_scale", "'nan'", "not a number"]),
+    ({"coco_edit": "le", "coco_scale": math.nan}, ["coco_scale", "finite"]),
+    ({"coco_edit": "le", "coco_scale": -math.inf}, ["coco_scale", "finite"]),
+    ({"coco_edit": "le", "coco_scale": True}, ["coco_scale", "not a number"]),
+    ({"coco_edit": "le", "coco_scale": "1_0"}, ["coco_scale", "not a number"]),
+    ({"coco_edit": "le", "coco_scale": 1e39}, ["coco_scale", "float32"]),
+    ({"coco_edit": "le", "coco_scale": 1000.5}, ["coco_scale 1000.5", "outside [-1000, 1000]", "such as 0.5"]),
+    ({"coco_edit": "le", "coco_scale": "-2e3"}, ["coco_scale '-2e3'", "outside [-1000, 1000]"]),
+    ({"coco_edit": "le", "coco_scale": 2, "coco_alpha": 1}, ["coco_alpha", "applies to the gate"]),
+    ({"coco_edit": "le", "COCO_SCALE": 2}, ["'COCO_SCALE'", "coco_scale"]),
+])
+def test_bad_scales_are_one_line_errors_naming_the_key(args, words):
+    with pytest.raises(ValueError) as exc:
+        MENU.parse(args)
+    msg = str(exc.value)
+    assert "\n" not in msg
+    for w in words:
+        assert w in msg, msg
+
+
+def test_a_model_without_named_edits_refuses_a_scale():
+    with pytest.raises(ValueError, match="coco_scale applies to named edits.*this model carries none"):
+        Menu(alpha=2.0, beta=2.0, lam=0.5, w_min=0.25).parse({"coco_scale": 2})
+
+
+def test_scales_salt_apart_and_scale_1_is_the_named_edit_itself():
+    """Different strengths never share KV blocks; scale 1 spelled out is the same setting as none.
+    Scale 0 computes what "base" does but keeps a namespace of its own (a choice: blocks not shared, no harm)."""
+    def salt(scale=None, edit="le", client=None):
+        args = {"coco_edit": edit} if scale is None else {"coco_edit": edit, "coco_scale": scale}
+        return MENU.salt(MENU.parse(args), client)
+
+    assert salt(1) == salt(1.0) == salt("1") == salt() and salt(1, client="u") == salt(client="u")
+    assert salt(0.5 + 1e-12) == salt(0.5)  # equal in float32
+    assert salt(-0.0) == salt(0)
+    every = [salt(s) for s in (2, 1, 0.5, 0, -1)] + [salt(1, "ablate-zero"), salt(edit="base")]
+    assert len(set(every)) == len(every) and all(v.startswith(SALT_PREFIX) for v in every)
+
+
+@pytest.mark.parametrize("args,words", [
+    ({"coco_strength": 1}, ["coco_strength", "coco_edit, coco_alpha, coco_beta, coco_lam, coco_scale"]),
     ({"coco_edit": "nope"}, ["coco_edit", "'nope'", "ne, base, le, ablate-zero"]),
     ({"coco_edit": 3}, ["coco_edit", "allowed: ne, base"]),
     ({"coco_alpha": "x"}, ["coco_alpha", "'x'", "not a number"]),
@@ -186,12 +242,13 @@ def test_a_mixed_step_is_laid_out_token_by_token():
 
     coco = {"alpha": 2.0, "beta": 2.0, "lam": 0.5, "edits": [{"name": "le"}, {"name": "ablate-zero"}]}
     step = CocoStep(16, coco)
-    extra = {"a": None, "b": {"coco_alpha": 0.5}, "c": {"coco_edit": "ablate-zero"}, "d": {"coco_lam": 1}}
+    extra = {"a": None, "b": {"coco_alpha": 0.5}, "c": {"coco_edit": "ablate-zero"}, "d": {"coco_lam": 1},
+             "e": {"coco_edit": "le", "coco_scale": "0.5"}, "f": {"coco_edit": "ablate-zero", "coco_scale": 0}}
 
     class Runner(_CocoRunner):
         model_config = SimpleNamespace(model="unused")
         requests = {r: SimpleNamespace(sampling_params=SimpleNamespace(extra_args=e)) for r, e in extra.items()}
-        input_batch = SimpleNamespace(req_ids=["b", "a", "c", "d"])
+        input_batch = SimpleNamespace(req_ids=["b", "a", "c", "d", "e", "f"])
 
         def get_model(self):
             return SimpleNamespace(coco_step=step)
@@ -202,12 +259,13 @@ def test_a_mixed_step_is_laid_out_token_by_token():
     orig = pr._menu
     pr._menu = lambda _: Menu(2.0, 2.0, 0.5, 0.1, ("le", "ablate-zero"))
     try:
-        runner._coco_fill(SimpleNamespace(finished_req_ids=set()), np.array([2, 3, 1, 2]))
-        assert step.alpha[:8, 0].tolist() == [0.5, 0.5, 2, 2, 2, 0, 2, 2]
+        runner._coco_fill(SimpleNamespace(finished_req_ids=set()), np.array([2, 3, 1, 2, 2, 1]))
+        assert step.alpha[:11, 0].tolist() == [0.5, 0.5, 2, 2, 2, 0, 2, 2, 0, 0, 0]
         assert step.lam[:8, 0].tolist() == [0.5, 0.5, 0.5, 0.5, 0.5, 0.5, 1.0, 1.0]
-        assert step.on[:8].tolist() == [[0, 0]] * 5 + [[0, 1]] + [[0, 0]] * 2
+        # a named edit's column holds its scale (1 unless the request set coco_scale; 0 is off)
+        assert step.on[:11].tolist() == [[0, 0]] * 5 + [[0, 1]] + [[0, 0]] * 2 + [[0.5, 0]] * 2 + [[0, 0]]
         runner.input_batch = SimpleNamespace(req_ids=["a"])
-        runner._coco_fill(SimpleNamespace(finished_req_ids={"b", "c", "d"}), np.array([4]))
+        runner._coco_fill(SimpleNamespace(finished_req_ids={"b", "c", "d", "e", "f"}), np.array([4]))
         assert torch.equal(step.alpha, torch.full((16, 1), 2.0)) and not step.on.any()
         assert set(runner._coco["settings"]) == {"a"}
     finally:
@@ -261,6 +319,41 @@ def test_hf_reference_runs_named_edits_per_row(ne_multi):
                 alone = model(input_ids=x[i:i + 1]).logits[0]
             torch.testing.assert_close(mixed[i], alone, atol=1e-5, rtol=0)
     assert not torch.allclose(mixed[2], mixed[1])  # the edits do something
+
+
+def test_hf_reference_runs_a_named_edit_at_a_scale(ne_multi):
+    """scaled_condition(model, NAME, s) equals the directory's tables rescaled by hand in float32 as vLLM's
+    named edit computes them (gain 1 + s·(gain - 1), offset s·offset); s 0 is the base model, s 1 the edit."""
+    from vllm_coco.core.errors import CocoError
+    from vllm_coco.core.ne_format import NEDirectory
+    from vllm_coco.edit.conditions import LinearEdit
+    from vllm_coco.serve.hf_reference import load_ne_model, scaled_condition
+
+    model, _ = load_ne_model(ne_multi)
+    table = model.coco_conditions
+    stored = NEDirectory.read(ne_multi).named_edits()
+    x = torch.randint(0, 60, (2, 7), generator=torch.Generator().manual_seed(0))
+
+    def logits(condition):
+        with torch.no_grad(), table.rows([condition] * len(x)):
+            return model(input_ids=x).logits
+
+    for name, s in (("le", 0.5), ("le", 2.0), ("le", -1.0), ("ablate-zero", 0.5)):
+        t = stored[name]
+        table.add("by-hand", LinearEdit(name, {k: v["channels"].numpy() for k, v in t.items()},
+                                        {k: (1.0 + s * (v["gain"] - 1.0)).numpy() for k, v in t.items()},
+                                        {k: (s * v["offset"]).numpy() for k, v in t.items()}))
+        got = logits(scaled_condition(model, name, s))
+        torch.testing.assert_close(got, logits("by-hand"), atol=1e-5, rtol=0)
+        assert not torch.allclose(got, logits(name), atol=1e-4)  # another strength: other logits
+    base = logits("base")
+    for name in ("le", "ablate-zero"):
+        torch.testing.assert_close(logits(scaled_condition(model, name, 0)), base, atol=1e-6, rtol=0)
+        torch.testing.assert_close(logits(scaled_condition(model, name, 1)), logits(name), atol=1e-6, rtol=0)
+    assert scaled_condition(model, "le", 0.5) == scaled_condition(model, "le", "0.5")  # registered once
+    for bad, words in (("ne", "applies to named edits"), ("nope", "no edit condition"), ("le", "outside")):
+        with pytest.raises(CocoError, match=words):
+            scaled_condition(model, bad, 1e4 if words == "outside" else 0.5)
 
 
 def test_ne_refuses_le_alpha_without_le(planted, neurons, tmp_path):

@@ -19,8 +19,9 @@ pytestmark = pytest.mark.slow
 vllm = pytest.importorskip("vllm")
 
 HERE = Path(__file__).parent
-# setting name -> (extra_args, the served directory (conftest.served) built for that single setting):
-# "multi" serves them all; its default is the "ne" directory's gate (same neurons, alpha, beta, lam)
+# setting name -> (extra_args, the served directory (conftest.served) built for that single setting, or None
+# where none is built: the HF reference checks that one): "multi" serves them all; its default is the "ne"
+# directory's gate (same neurons, alpha, beta, lam)
 SETTINGS = {
     "default": ({}, "ne"),
     "a0": ({"coco_alpha": 0}, "base"),
@@ -28,6 +29,7 @@ SETTINGS = {
     "le": ({"coco_edit": "le"}, "le"),
     "ablate": ({"coco_edit": "ablate-zero"}, "ablate"),
     "base": ({"coco_edit": "base"}, "base"),
+    "le05": ({"coco_edit": "le", "coco_scale": 0.5}, None),  # the named edit at half strength
 }
 
 
@@ -77,6 +79,8 @@ def test_mixed_batch_equals_each_setting_on_its_own_engine(mixed, single, prompt
     reqs, _ = prompts
     assert len(reqs) >= 16 and len({s for _, s in reqs}) >= 4
     for (ids, setting), got in zip(reqs, mixed["mixed"]):
+        if SETTINGS[setting][1] is None:  # no engine of its own: test_mixed_batch_agrees_with_the_hf_reference_per_row
+            continue
         i = prompt_ids.index(ids)
         want = _alone(single, setting, i)
         one = {k: [got[k]] for k in ("prompt_logprobs", "generated")}
@@ -92,14 +96,15 @@ def test_mixed_batch_agrees_with_the_hf_reference_per_row(mixed, dirs, prompts, 
     """transformers with the directory's gate and named edits as per-row conditions (one forward
     for the 16 rows' prompt logprobs, greedy continuations per row)."""
     from vllm_coco.edit.conditions import NEEdit, ne_dir_edit
-    from vllm_coco.serve.hf_reference import load_ne_model
+    from vllm_coco.serve.hf_reference import load_ne_model, scaled_condition
 
     model, _ = load_ne_model(dirs["multi"])
     table = model.coco_conditions
     table.add("a0", ne_dir_edit(dirs["multi"], alpha=0.0))
     gates = ne_dir_edit(dirs["multi"]).gates
     table.add("a05b4", NEEdit(gates, 0.5, 4.0, 0.5))
-    names = {"default": "ne", "a0": "a0", "a05b4": "a05b4", "le": "le", "ablate": "ablate-zero", "base": "base"}
+    names = {"default": "ne", "a0": "a0", "a05b4": "a05b4", "le": "le", "ablate": "ablate-zero", "base": "base",
+             "le05": scaled_condition(model, "le", 0.5)}
     reqs, _ = prompts
     x = torch.tensor([ids for ids, _ in reqs])  # [16, tokens]: equal lengths
     with torch.no_grad(), table.rows([names[s] for _, s in reqs]):

@@ -5,14 +5,15 @@ For users without vLLM, and the oracle the vLLM model is tested against. The gat
 uses too): the directory's edit is registered as condition "ne" and made the model's default, and
 each named edit it carries (`coco-tools ne --with MODE`) as a condition of its name, so
 `model.coco_conditions.rows([...])` runs a batch whose rows pick different edits, as vLLM's
-per-request settings do.
+per-request settings do; `scaled_condition` adds a named edit at another strength (`coco_scale`).
 """
 
 from __future__ import annotations
 
 import torch
 
-from vllm_coco.core.names import NE_EDIT
+from vllm_coco.core.errors import CocoError
+from vllm_coco.core.names import NE_EDIT, SCALE_MAX, XARG_SCALE
 from vllm_coco.core.ne_format import NEDirectory
 
 
@@ -50,3 +51,24 @@ def load_ne_model(ne_dir, dtype: torch.dtype = torch.float32, device: str = "cpu
         table.add(name, LinearEdit(modes[name], channels, gain, offset))
     table.use(NE_EDIT)
     return model, tokenizer
+
+
+def scaled_condition(model, edit: str, scale: float) -> str:
+    """Register the loaded directory's named edit `edit` at strength `scale` as a condition of its own
+    and return the condition's name, for `model.coco_conditions.rows([...])`: what a request with
+    coco_edit EDIT and coco_scale SCALE computes in vLLM (gain 1 + scale·(gain - 1), offset scale·offset)."""
+    from vllm_coco.edit.conditions import LinearEdit
+
+    table = model.coco_conditions
+    named = table.edits[table.index(edit)]
+    if not isinstance(named, LinearEdit):
+        raise CocoError(f"{XARG_SCALE} applies to named edits, not to {edit!r}; pick one the directory carries")
+    s = float(scale)
+    if not abs(s) <= SCALE_MAX:  # nan fails too
+        raise CocoError(f"{XARG_SCALE} {scale!r} is outside [-{SCALE_MAX:g}, {SCALE_MAX:g}]; "
+                        "pass a strength such as 0.5")
+    name = f"{edit}@{s!r}"  # "@" is in no edit kind's name (edit/registry.py): never a directory's edit
+    if name not in table.names:
+        table.add(name, LinearEdit(named.mode, named.channels, {k: 1.0 + s * (g - 1.0) for k, g in named.gain.items()},
+                                   {k: s * o for k, o in named.offset.items()}))
+    return name

@@ -103,11 +103,12 @@ class _CocoRunner:
                 step.reset()
                 state["dirty"] = False
             return
-        cols = np.array([menu.columns(s) for s in rows], dtype=np.float64)  # [reqs, 4]
-        per_token = np.repeat(cols, num_scheduled_tokens, axis=0)  # [tokens, 4]
+        cols = np.array([menu.columns(s) for s in rows], dtype=np.float64)  # [reqs, 5]
+        per_token = np.repeat(cols, num_scheduled_tokens, axis=0)  # [tokens, 5]
         on = np.zeros((len(per_token), len(menu.edits)), dtype=np.float32)  # [tokens, K]
         named = per_token[:, 3] >= 0
-        on[named, per_token[named, 3].astype(np.int64)] = 1.0
+        # a named edit multiplies its deviation from identity by `on`: the request's coco_scale (1 by default)
+        on[named, per_token[named, 3].astype(np.int64)] = per_token[named, 4]
         f32 = per_token[:, :3].astype(np.float32)
         step.fill(*(torch.from_numpy(f32[:, i:i + 1].copy()) for i in range(3)), torch.from_numpy(on))
         state["dirty"] = True

@@ -7,6 +7,8 @@ A request says what it wants in vLLM's `SamplingParams.extra_args` (on the OpenA
     coco_alpha  gate strength (0: exactly the base model)          } the gate's only;
     coco_beta   gate sharpness (> 0)                                } a request without them gets
     coco_lam    weight of the networked engagement, in [0, 1]      } the directory's values
+    coco_scale  a named edit's strength (default 1: as exported; 0: exactly the base model), in
+                [-1000, 1000]: gain 1 + scale·(gain - 1), offset scale·offset; named edits only
 
 `Menu.parse` turns those into a `Setting` or raises a one-line ValueError naming the field and
 the allowed values (the engine turns it into HTTP 400). `Menu.salt` names the prefix-cache
@@ -32,12 +34,13 @@ from vllm_coco.core.names import BASE_EDIT, NE_EDIT, SALT_PREFIX, XARG_ALPHA, XA
 @dataclass(frozen=True)
 class Setting:
     """One request's edit: `edit` is "ne", "base" or a named edit; alpha/beta/lam drive the gate
-    (alpha is 0 for every edit but "ne")."""
+    (alpha is 0 for every edit but "ne"); `scale` is a named edit's strength (1 for "ne" and "base")."""
 
     edit: str
     alpha: float
     beta: float
     lam: float
+    scale: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -87,12 +90,15 @@ class Menu:
         if not isinstance(edit, str) or edit not in self.names:
             raise ValueError(f"{XARG_EDIT} {_short(edit)} is not an edit of this model; allowed: "
                              f"{', '.join(self.names)}")
+        if N.XARG_SCALE in args and edit not in self.edits:
+            raise ValueError(f"{N.XARG_SCALE} applies to named edits, not to {XARG_EDIT} {edit!r}; pick one with "
+                             f"{XARG_EDIT} ({', '.join(self.edits) or 'this model carries none'}) or drop it")
         gate = [k for k in (XARG_ALPHA, XARG_BETA, XARG_LAM) if k in args]
         if edit != NE_EDIT:
             if gate:
                 raise ValueError(f"{gate[0]} applies to the gate ({XARG_EDIT} {NE_EDIT!r}), not to {XARG_EDIT} "
                                  f"{edit!r}; drop it or pick {NE_EDIT!r}")
-            return Setting(edit, 0.0, self.beta, self.lam)
+            return Setting(edit, 0.0, self.beta, self.lam, _scale(args))
         alpha, beta, lam = (_number(args, k, d) for k, d in ((XARG_ALPHA, self.alpha), (XARG_BETA, self.beta),
                                                              (XARG_LAM, self.lam)))
         from vllm_coco.core.checks import ne_hyper
@@ -113,18 +119,25 @@ class Menu:
         sharing KV blocks with requests that say nothing. Every other request gets "coco:" + a
         hash of (client salt, canonical setting); since a client's own salt is always hashed too,
         no salt a client can send equals the namespace of another setting (it would need a
-        sha256 preimage). Equal settings (in float32) with equal client salts hash equal."""
+        sha256 preimage). Equal settings (in float32) with equal client salts hash equal.
+
+        A named edit's canonical form carries its scale (scale 1 given or not: one setting, one
+        salt). A named edit at scale 0 computes what "base" does, yet salts apart from it: the
+        canonical form names what was asked, and the cost is only KV blocks not shared."""
         if setting == self.default and client is None:
             return None
         canon = "" if setting == self.default else \
             f"{setting.edit}|{_f32(setting.alpha)}|{_f32(setting.beta)}|{_f32(setting.lam)}"
+        if setting.edit in self.edits:
+            canon += f"|{_f32(setting.scale)}"
         key = json.dumps([client, canon])  # unambiguous: no separator a client salt could imitate
         return SALT_PREFIX + hashlib.sha256(key.encode()).hexdigest()[:32]
 
-    def columns(self, setting: Setting) -> tuple[float, float, float, int]:
-        """(alpha, beta, lam, named-edit column or -1) for the model's per-token buffers."""
+    def columns(self, setting: Setting) -> tuple[float, float, float, int, float]:
+        """(alpha, beta, lam, named-edit column or -1, its scale) for the model's per-token buffers:
+        the runner writes the scale into that column of `on`, which the named edit multiplies by."""
         col = self.edits.index(setting.edit) if setting.edit in self.edits else -1
-        return setting.alpha, setting.beta, setting.lam, col
+        return setting.alpha, setting.beta, setting.lam, col, setting.scale
 
 
 @lru_cache(maxsize=8)
@@ -162,6 +175,15 @@ def _number(args: dict, key: str, default: float) -> float:
     if not math.isfinite(f) or abs(f) > N.F32_MAX:
         raise ValueError(f"{key} {_short(v)} is not a finite float32 number; pass a number such as 0.5")
     return f
+
+
+def _scale(args: dict) -> float:
+    """A named edit's coco_scale (1 when absent): a number within [-SCALE_MAX, SCALE_MAX] (core/names.py)."""
+    s = _number(args, N.XARG_SCALE, 1.0)
+    if abs(s) > N.SCALE_MAX:
+        raise ValueError(f"{N.XARG_SCALE} {_short(args[N.XARG_SCALE])} is outside [-{N.SCALE_MAX:g}, {N.SCALE_MAX:g}]; "
+                         "pass a strength such as 0.5 (1: the edit as exported, 0: the base model)")
+    return s + 0.0  # -0.0 becomes 0.0: equal settings salt alike
 
 
 def _f32(x: float) -> str:
