@@ -445,7 +445,7 @@ BAD = [
     ({"stability": {"limit": 0}}, r"^stability\.limit: 0 must be at least 1"),
     ({"sweep": {"edits": {"ne": {"lam": [1.5]}}}}, r"^sweep\.edits\.ne\.lam\[0\]: 1\.5 must be at most 1"),
     ({"sweep": {"le_alpha": [0.5]}}, r"^sweep\.le_alpha: was replaced by sweep\.edits\.le\.alpha"),
-    ({"sweep": {"edits": {"ablate-zero": {}}}}, r"^sweep\.edits\.ablate-zero: 'ablate-zero' is not one of le, ne"),
+    ({"sweep": {"edits": {"ablate-zero": {}}}}, r"^sweep\.edits\.ablate-zero: 'ablate-zero' is not one of le, steer, ne"),
     ({"sweep": {"edits": {"le": {"beta": [2]}}}},
      r"^sweep\.edits\.le\.beta: le takes no setting beta \(it takes alpha\)"),
     ({"sweep": {"edits": {}}}, r"^sweep\.edits: \{\} is not a mapping of edit kinds"),

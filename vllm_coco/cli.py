@@ -140,11 +140,19 @@ def demo_model(out, arch, dtype, force):
 @click.option("--split", type=click.Choice(N.SPLITS_OR_ALL), default="identify",
               show_default=True, help="Which seeded split of question templates to use.")
 @click.option("--limit", type=click.IntRange(min=1), help="At most N contrast pairs per category (seeded sample); with "
-                                        "--contrast behavior, N ambiguous items per category for the model to answer.")
+                                        "--contrast behavior, N ambiguous items per category for the model to answer; "
+                                        "with --contrast stereotype, N // 3 items (three pairs each).")
 @click.option("--contrast", type=click.Choice(N.CONTRASTS), default=N.CONTRASTS[0], show_default=True,
               help="response: biased vs unbiased answer teacher-forced, intensities over the answer tokens. "
                    "behavior: the model answers each ambiguous item itself; items answered with the biased option "
-                   "vs with \"unknown\", intensities at the last prompt token (needs >= 10 of each per category).")
+                   "vs with \"unknown\", intensities at the last prompt token (needs >= 10 of each per category). "
+                   "stereotype: options lettered A-C in three cyclic orders, the answer letter teacher-forced; "
+                   "the correct option's letter vs the stereotype-consistent option's, ambiguous and disambiguated "
+                   "items (those whose correct answer is the stereotype-consistent one are left out).")
+@click.option("--abstention-filter", is_flag=True,
+              help="--contrast stereotype: also record an abstention control (the \"unknown\" letter vs a named "
+                   "option's, same items) and leave out of every set the neurons it separates at least as well "
+                   "as the contrast (docs/METHOD.md §5.6).")
 @click.option("--scoring", type=click.Choice(N.SCORINGS), default=N.SCORINGS[0], show_default=True,
               help="--contrast behavior: the model's answer is the option with the largest summed log-likelihood "
                    "or the largest per byte of its text (as `coco-tools eval --scoring`).")
@@ -180,8 +188,8 @@ def demo_model(out, arch, dtype, force):
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 def identify(model, out, data, categories, split, limit, ratio, threshold, baseline, weighting, tau,
-             null_rounds, seed, batch_size, dtype, device, device_map, chat, contrast, scoring, backend, force, quiet,
-             **parallel):
+             null_rounds, seed, batch_size, dtype, device, device_map, chat, contrast, abstention_filter, scoring,
+             backend, force, quiet, **parallel):
     """Score every q/k/v neuron of MODEL (a Hugging Face directory) with the COCO contrastive
     score on biased vs unbiased responses (or, with --contrast behavior, on the items the model
     itself answers with the biased option vs "unknown"), and write the selected ~1% to an artifact:
@@ -194,6 +202,7 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
       coco-tools identify models/smollm2 --out runs/mact --baseline mact
       coco-tools identify models/smollm2 --out runs/mine --data pairs.jsonl --split all
       coco-tools identify models/smollm2 --out runs/behave --contrast behavior --no-chat --limit 120
+      coco-tools identify models/smollm2 --out runs/stereo --contrast stereotype --abstention-filter --limit 180
       coco-tools identify meta-llama/Meta-Llama-3-8B-Instruct --out runs/l3 --dtype bfloat16 --device cuda
       coco-tools identify meta-llama/Meta-Llama-3-70B-Instruct --out runs/l70 --dtype bfloat16 --device-map auto \\
           --device cuda        # the 70B spread over every visible GPU; scoring on cuda:0
@@ -206,8 +215,8 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
     opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
                            threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
                            null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device,
-                           device_map=device_map, chat=chat, contrast=contrast, scoring=scoring, backend=backend,
-                           **parallel)
+                           device_map=device_map, chat=chat, contrast=contrast, abstention_filter=abstention_filter,
+                           scoring=scoring, backend=backend, **parallel)
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
     d = meta["data"]
@@ -229,19 +238,25 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
 @click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
 @click.option("--weighting", type=click.Choice(N.WEIGHTINGS), help="Default: the source artifact's.")
 @click.option("--seed", type=click.IntRange(min=0), help="Seed for RAND (default: the source artifact's).")
+@click.option("--abstention-filter/--no-abstention-filter", default=None,
+              help="Leave out the neurons the abstention control explains, or keep them (default: the source "
+                   "artifact's; the control exists in `identify --contrast stereotype --abstention-filter` artifacts).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
-def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, force):
+def select_cmd(neurons_dir, out, baseline, ratio, threshold, weighting, seed, abstention_filter, force):
     """Re-select neurons from an existing artifact without running the model again: a baseline
-    with the same count (RAND / NORM / MACT), another ratio or threshold, or other weights.
+    with the same count (RAND / NORM / MACT), the steering layer (DIFFMEAN), another ratio or
+    threshold, other weights, or the abstention filter on or off.
 
     \b
     Examples:
       coco-tools select runs/neurons --out runs/neurons-rand --baseline rand
       coco-tools select runs/neurons --out runs/neurons-2pct --ratio 0.02
+      coco-tools select runs/neurons --out runs/steer-layer --baseline diffmean
+      coco-tools select runs/stereo --out runs/stereo-unfiltered --no-abstention-filter
     """
     from vllm_coco.identify.run import reselect
 
-    meta = reselect(neurons_dir, out, baseline, ratio, threshold, weighting, seed, force)
+    meta = reselect(neurons_dir, out, baseline, ratio, threshold, weighting, seed, force, abstention_filter)
     click.echo(f"selected {meta['selection']['count']} neurons ({meta['selection']['baseline']}, "
                f"{meta['selection']['by_proj']}) -> {out}")
 

@@ -10,9 +10,10 @@ DIR/neurons.safetensors     per-neuron arrays for every q/k/v neuron, in the glo
                               calib_mean, calib_std                    float32 [N] (|h| statistics, NE)
                               act_mean                                 float32 [N] (mean of h, ablate-mean)
                               mean_diff, mean_diff.<cat>               float32 [N] (mean h unbiased - biased, steer)
+                              abstention_loss[.<cat>]                  float64 [N] (stereotype runs: the filter)
                               mean_intensity, weight_norm              float32 [N] (MACT / NORM)
                               selected (int64 [k], best first), weight (float32 [k])
-                              row_category (int32 [rows]), row_label (int32 [rows]; 0 biased, 1 unbiased)
+                              row_category (int32 [rows]), row_label (int32 [rows]; names.ROW_*)
 DIR/intensities.safetensors the [rows, N] float16 intensity matrix (NE-COCO computes W_hat from it)
 """
 
@@ -46,15 +47,15 @@ def save(out_dir: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
 
 # Arrays every artifact has, and those only newer ones have (checked when present).
 PER_NEURON = ("layer", "proj", "index", "loss", "score", "direction", "calib_mean", "calib_std")
-PER_NEURON_OPTIONAL = ("act_mean", "mean_intensity", "weight_norm", "mean_diff")
+PER_NEURON_OPTIONAL = ("act_mean", "mean_intensity", "weight_norm", "mean_diff", "abstention_loss")
 # Infinity a per-neuron array may carry: a constant neuron has loss +inf and score -inf (docs/METHOD.md §9.2 D2).
-MAY_BE_INF = {"loss": "+inf", "score": "-inf"}
+MAY_BE_INF = {"loss": "+inf", "score": "-inf", "abstention_loss": "+inf"}
 # The dtype of every array identify writes (per-category arrays: that of their prefix). A float32
 # array read as float16 (or float64 as float32) would be silently rounded: any other dtype is refused.
 ARRAY_DTYPES = {"layer": "int32", "proj": "int32", "index": "int32", "loss": "float64", "score": "float64",
                 "direction": "float32", "calib_mean": "float32", "calib_std": "float32", "act_mean": "float32",
                 "mean_diff": "float32", "mean_intensity": "float32", "weight_norm": "float32", "selected": "int64",
-                "weight": "float32",
+                "weight": "float32", "abstention_loss": "float64",
                 "row_category": "int32", "row_label": "int32", "rows": "int64"}
 # The range of the edit weights identify makes (selection.edit_weights: d/max|d| or |d|/max|d|).
 WEIGHT_RANGE = {"magnitude": (0.0, 1.0), "signed": (-1.0, 1.0)}
@@ -136,7 +137,7 @@ def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
     names = list(PER_NEURON) + [k for k in PER_NEURON_OPTIONAL if k in arrays]
     for c in meta["categories"]:
         names += [f"{k}.{c}" for k in ("loss", "score", "direction")]
-        names += [f"{k}.{c}" for k in ("mean_intensity", "mean_diff") if f"{k}.{c}" in arrays]
+        names += [f"{k}.{c}" for k in ("mean_intensity", "mean_diff", "abstention_loss") if f"{k}.{c}" in arrays]
     for key in names + ["selected", "weight"]:
         if key not in arrays:
             _fail(d, ARRAYS_NAME, f"lacks the array `{key}`")
@@ -176,7 +177,8 @@ def _check_arrays(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
 
 
 def _check_rows(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
-    """row_category / row_label (when present): one entry per matrix row, a category index and 0 or 1."""
+    """row_category / row_label (when present): one entry per matrix row, a category index and a label
+    (names.ROW_*: 0 biased, 1 unbiased; 2 named, 3 unknown in a stereotype run's abstention control)."""
     if "row_category" not in arrays and "row_label" not in arrays:
         return
     cat, label = arrays.get("row_category"), arrays.get("row_label")
@@ -184,8 +186,9 @@ def _check_rows(d: Path, meta: dict, arrays: dict[str, np.ndarray]) -> None:
         _fail(d, ARRAYS_NAME, "arrays `row_category` and `row_label` are not one entry per row each")
     if cat.size and (cat.min() < 0 or cat.max() >= len(meta["categories"])):
         _fail(d, ARRAYS_NAME, f"array `row_category` holds values outside 0..{len(meta['categories']) - 1}")
-    if not np.isin(label, (0, 1)).all():
-        _fail(d, ARRAYS_NAME, "array `row_label` holds values other than 0 (biased) and 1 (unbiased)")
+    if not np.isin(label, (0, 1, 2, 3)).all():
+        _fail(d, ARRAYS_NAME, "array `row_label` holds values other than 0 (biased), 1 (unbiased), 2 (named) "
+                              "and 3 (unknown)")
 
 
 def _check_json_matches(d: Path, meta: dict, layout, sel: np.ndarray, weight: np.ndarray) -> None:

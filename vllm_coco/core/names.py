@@ -26,7 +26,11 @@ SPLITS = ("identify", "validate", "test")
 SPLITS_OR_ALL = SPLITS + ("all",)
 EVAL_SPLITS = ("test", "validate")  # the identify split is never evaluated
 SPLIT_FRACTIONS = (0.4, 0.2, 0.4)  # identify / validate / test shares of a category's question templates
-CONTRASTS = ("response", "behavior")
+CONTRASTS = ("response", "behavior", "stereotype")  # docs/METHOD.md §2.4
+PAIRED_CONTRASTS = ("response", "stereotype")  # row 2i and 2i + 1 are one pair (the null swaps within it)
+# identify's row labels (neurons.safetensors row_label): the two sides of the contrast, and the two sides
+# of the abstention control a stereotype-contrast run records for its filter (docs/METHOD.md §5.6)
+ROW_BIASED, ROW_UNBIASED, ROW_NAMED, ROW_UNKNOWN = 0, 1, 2, 3
 DEFAULT_CATEGORIES = ("Age", "Gender_identity", "Race_ethnicity", "Religion", "Nationality", "SES")
 BBQ_CATEGORIES = ("Age", "Disability_status", "Gender_identity", "Nationality", "Physical_appearance",
                   "Race_ethnicity", "Race_x_SES", "Race_x_gender", "Religion", "SES", "Sexual_orientation")

@@ -29,6 +29,11 @@ from vllm_coco.core.names import SEED as DEFAULT_SEED
 
 # --------------------------------------------------------------------------- BBQ items
 
+LETTERS = "ABC"
+# Each option under each letter once across an item's three pairs, so a neuron that tracks a letter's
+# token (or its position) has the same mean on both sides of the stereotype contrast.
+CYCLIC_ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))
+
 @dataclass(frozen=True)
 class BBQItem:
     """One BBQ row, with its answers mapped to roles (unknown / biased option)."""
@@ -50,6 +55,17 @@ class BBQItem:
         options = "\n".join(f"- {self.answers[i]}" for i in order)
         return (f"{self.context}\n{self.question}\nOptions:\n{options}\n"
                 "Answer with the exact text of one option.")
+
+    def lettered_message(self, order: tuple[int, int, int]) -> str:
+        """The question with lettered options (`stereotype` contrast, docs/METHOD.md §2.4): option
+        order[i] is shown as LETTERS[i], and the answer is its letter alone."""
+        options = "\n".join(f"{LETTERS[k]}. {self.answers[i]}" for k, i in enumerate(order))
+        return (f"{self.context}\n{self.question}\n{options}\n"
+                "Answer with the letter of one option.")
+
+    def letter(self, option: int, order: tuple[int, int, int]) -> str:
+        """The letter `option` is shown under in `order`."""
+        return LETTERS[order.index(option)]
 
 
 def _norm(s: str) -> str:
@@ -267,6 +283,30 @@ def pair_from_item(item: BBQItem) -> ContrastPair:
                         meta={"example_id": item.example_id, "polarity": item.polarity})
 
 
+def stereotype_pairs(item: BBQItem) -> list[ContrastPair]:
+    """The `stereotype` contrast of one item (docs/METHOD.md §2.4): in each cyclic order, the letter
+    of the correct option (unbiased side) against the letter of the stereotype-consistent option
+    BBQ counts as biased (biased side), same prompt. None when the correct answer is that option."""
+    if item.label == item.biased:
+        return []
+    return [ContrastPair(item.category, item.lettered_message(o), biased=item.letter(item.biased, o),
+                         unbiased=item.letter(item.label, o), group=item.question_index,
+                         meta={"example_id": item.example_id, "polarity": item.polarity,
+                               "condition": item.condition, "order": k})
+            for k, o in enumerate(CYCLIC_ORDERS)]
+
+
+def abstention_pairs(item: BBQItem) -> list[ContrastPair]:
+    """The abstention contrast of one item (docs/METHOD.md §5.6): in each cyclic order, the letter of
+    "unknown" (the "unbiased" side) against the letter of a named option, the two named options in
+    turn (by example id and order), so the named side is stereotype-consistent about half the time."""
+    named = [i for i in range(3) if i != item.unknown]
+    return [ContrastPair(item.category, item.lettered_message(o), unbiased=item.letter(item.unknown, o),
+                         biased=item.letter(named[(item.example_id + k) % 2], o), group=item.question_index,
+                         meta={"example_id": item.example_id, "condition": item.condition, "order": k})
+            for k, o in enumerate(CYCLIC_ORDERS)]
+
+
 def read_pairs_jsonl(path: Path) -> list[ContrastPair]:
     """Generic contrast pairs; a malformed line is a CocoError naming its line number."""
     pairs = []
@@ -352,6 +392,30 @@ def load_contrast(data: str = "bbq", categories=None, split: str = "identify", l
         kind = "bbq"
     out = _sample(by_cat, stats, limit, seed, 2, "contrast pair(s)", split)
     return out, _info(data, kind, split, seed, limit, stats)
+
+
+def load_stereotype(data: str = "bbq", categories=None, split: str = "identify", limit: int | None = None,
+                    seed: int = DEFAULT_SEED):
+    """The `stereotype` contrast (docs/METHOD.md §2.4) of ambiguous and disambiguated BBQ items, and the
+    abstention contrast of the same items (§5.6). `limit` caps pairs per category: whole items, three
+    pairs each, so at most limit // 3 items. Returns (pairs, abstention pairs, info) like load_contrast."""
+    if _check_source(data, split).is_file():
+        raise CocoError(f"--data {data} is a contrast-pairs file, which has no answer options to letter; "
+                        "--contrast stereotype needs BBQ (bbq, a BBQ directory or hf:ID), or use --contrast response")
+    if limit is not None and limit < 2 * len(CYCLIC_ORDERS):
+        raise CocoError(f"--limit {limit} is too small for --contrast stereotype: an item gives "
+                        f"{len(CYCLIC_ORDERS)} pairs and COCO needs 2 items per category; use --limit "
+                        f"{2 * len(CYCLIC_ORDERS)} or more")
+    cats = list(categories) if categories else list(DEFAULT_CATEGORIES)
+    items, stats = bbq_items(data, cats, split=split, condition=None, seed=SPLIT_SEED)
+    by_cat = {c: [it for it in items if it.category == c and stereotype_pairs(it)] for c in cats}
+    for c in cats:
+        stats[c]["consistent_left_out"] = sum(1 for it in items if it.category == c) - len(by_cat[c])
+    per_item = len(CYCLIC_ORDERS)
+    chosen = _sample(by_cat, stats, None if limit is None else limit // per_item, seed, 2, "item(s)", split)
+    pairs = [p for it in chosen for p in stereotype_pairs(it)]
+    control = [p for it in chosen for p in abstention_pairs(it)]
+    return pairs, control, _info(data, "bbq", split, seed, limit, stats)
 
 
 def load_items(data: str = "bbq", categories=None, split: str = "identify", limit: int | None = None,

@@ -43,7 +43,7 @@ from typing import TypeVar
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, swap_in, write_text
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.names import PARALLEL_OPTIONS
+from vllm_coco.core.names import PAIRED_CONTRASTS, PARALLEL_OPTIONS
 from vllm_coco.edit import model_card, registry
 from vllm_coco.edit.registry import label
 from vllm_coco.experiment import benchmarks, figures, report, stats
@@ -459,7 +459,7 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
         full = ident.dir / ident.result.neurons
         meta, arrays = Artifact.read(full)
         row_cat, row_label = arrays["row_category"], arrays["row_label"]
-        paired, seed = meta["data"].get("contrast", "response") == "response", run.cfg["seed"]
+        paired, seed = meta["data"].get("contrast", "response") in PAIRED_CONTRASTS, run.cfg["seed"]
         count, total = len(arrays["selected"]), len(arrays["loss"])
         splits = []
         for fraction in sorted(sc["fractions"], reverse=True):

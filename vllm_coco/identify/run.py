@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from contextlib import closing
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -23,6 +23,7 @@ from vllm_coco.identify import scoring, selection
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
 SCORE_BLOCK = 4096
 NULLS = {"response": "labels swapped at random within each pair",  # docs/METHOD.md §4
+         "stereotype": "labels swapped at random within each pair",
          "behavior": "the two sets' union shuffled and re-split at the same sizes"}
 
 
@@ -46,6 +47,8 @@ class IdentifyOptions:
     device_map: str | None = None  # names.DEVICE_MAPS: the model spread over devices (scoring stays on `device`)
     chat: bool = True  # render prompts with the model's chat template (when it has one)
     contrast: str = N.CONTRASTS[0]  # response (teacher-forced pairs) | behavior (the model's own answers)
+    #                                   | stereotype (lettered options, the answer letter teacher-forced)
+    abstention_filter: bool = False  # stereotype: leave out neurons the abstention control explains (§5.6)
     scoring: str = N.SCORINGS[0]  # behavior mode: how the model's answer is chosen (sum | per-byte)
     backend: str = N.IDENTIFY_BACKENDS[0]  # hf (a transformers forward) | vllm (inside a vLLM engine)
     tensor_parallel_size: int = 1  # backend vllm: vLLM's parallelism (names.PARALLEL_OPTIONS)
@@ -82,6 +85,9 @@ class IdentifyOptions:
             raise CocoError(f"unknown --weighting {self.weighting}; choose {' or '.join(N.WEIGHTINGS)}")
         if self.contrast not in CONTRASTS:
             raise CocoError(f"unknown --contrast {self.contrast}; choose {' or '.join(CONTRASTS)}")
+        if self.abstention_filter and self.contrast != "stereotype":
+            raise CocoError("--abstention-filter needs --contrast stereotype (whose items give the abstention "
+                            "control's rows); add --contrast stereotype or drop --abstention-filter")
         if self.scoring not in SCORINGS:
             raise CocoError(f"unknown --scoring {self.scoring}; choose {' or '.join(SCORINGS)}")
         from vllm_coco.identify.behavior import MIN_PER_SET
@@ -166,7 +172,7 @@ def score_matrix(matrix, row_cat: np.ndarray, row_label: np.ndarray, categories,
         rows[cat] = (ra, rb)
         seed = opts.seed * 1000 + ci
         plans[cat] = scoring.Plan.make(len(ra), len(rb), seed=seed, k=opts.k_negatives)
-        nulls[cat] = scoring.null_rounds(len(ra), len(rb), paired=opts.contrast == "response",
+        nulls[cat] = scoring.null_rounds(len(ra), len(rb), paired=opts.contrast in N.PAIRED_CONTRASTS,
                                          rounds=opts.null_rounds, seed=seed + 1)
         res[cat] = {k: np.empty(n) for k in ("loss", "direction", "mean_intensity")}
         res[cat]["null_score"] = np.empty((opts.null_rounds, n))
@@ -192,15 +198,34 @@ def score_matrix(matrix, row_cat: np.ndarray, row_label: np.ndarray, categories,
     for cat in categories:
         res[cat]["score"] = plans[cat].log1pk - res[cat]["loss"]
         ra, rb = rows[cat]
-        res[cat]["sizes"] = ({"pairs": int(len(ra))} if opts.contrast == "response"
+        res[cat]["sizes"] = ({"pairs": int(len(ra))} if opts.contrast in N.PAIRED_CONTRASTS
                              else {"biased": int(len(ra)), "unknown": int(len(rb))})
     return res
 
 
-def _select(score, loss, total, opts) -> np.ndarray:
+def _select(score, loss, total, opts, explained: np.ndarray | None = None) -> np.ndarray:
+    """The COCO set by opts' rule; `explained` [N] bool: neurons the abstention filter leaves out."""
+    if explained is not None:
+        score, loss = np.where(explained, -np.inf, score), np.where(explained, np.inf, loss)
+        if opts.threshold is None and np.sum(~explained) < selection.count_for(total, opts.ratio):
+            raise CocoError(f"the abstention filter leaves {int(np.sum(~explained))} of {total} neurons, fewer than "
+                            f"--ratio {opts.ratio:g} asks for: the contrast separates little beyond \"unknown\" "
+                            "on these data; lower --ratio, add data (--limit), or drop --abstention-filter")
     if opts.threshold is not None:
         return above_threshold_or_fail(score, loss, opts.threshold)
     return selection.top_by_loss(loss, selection.count_for(total, opts.ratio))
+
+
+def abstention_explained(arrays: dict, suffix: str, opts) -> np.ndarray | None:
+    """The neurons the abstention filter leaves out (docs/METHOD.md §5.6): those whose loss on the
+    abstention control is at most their loss on the contrast ("unknown vs a named answer" separates
+    them at least as well as the stereotype direction does). None without the filter. [N] bool"""
+    if not opts.abstention_filter:
+        return None
+    if "abstention_loss" + suffix not in arrays:
+        raise CocoError("this artifact has no abstention control (identify --contrast stereotype "
+                        "--abstention-filter records it); re-run identify so, or drop --abstention-filter")
+    return arrays["abstention_loss" + suffix] <= arrays["loss" + suffix]
 
 
 def above_threshold_or_fail(score, loss, threshold):
@@ -232,14 +257,16 @@ def select_from_arrays(arrays: dict, categories, nulls: dict, sizes: dict, opts:
     total = len(arrays["loss"])
     proj = arrays["proj"]
     score, loss, direc = arrays["score"], arrays["loss"], arrays["direction"]
-    sel = selection.baseline(opts.baseline, _select(score, loss, total, opts), arrays, opts.seed)
+    explained = abstention_explained(arrays, "", opts)
+    sel = selection.baseline(opts.baseline, _select(score, loss, total, opts, explained), arrays, opts.seed)
     weight = selection.edit_weights(direc[sel].astype(np.float64), opts.weighting)
     arrays["selected"], arrays["weight"] = sel.astype(np.int64), weight.astype(np.float32)
     per_category = {}
     for cat in categories:
         c_score, c_dir = arrays[f"score.{cat}"], arrays[f"direction.{cat}"].astype(np.float64)
-        csel = selection.baseline(opts.baseline, _select(c_score, arrays[f"loss.{cat}"], total, opts), arrays,
-                                  opts.seed, suffix=f".{cat}")
+        c_explained = abstention_explained(arrays, f".{cat}", opts)
+        csel = selection.baseline(opts.baseline, _select(c_score, arrays[f"loss.{cat}"], total, opts, c_explained),
+                                  arrays, opts.seed, suffix=f".{cat}")
         cnull = nulls.get(cat)
         per_category[cat] = {
             **sizes[cat], "count": int(len(csel)), "null_best_score": cnull,
@@ -253,6 +280,9 @@ def select_from_arrays(arrays: dict, categories, nulls: dict, sizes: dict, opts:
                       "threshold": opts.threshold, "baseline": opts.baseline, "weighting": opts.weighting,
                       "count": int(len(sel)), "by_proj": {p: int(np.sum(proj[sel] == i)) for i, p in enumerate(PROJS)},
                       "tau": opts.tau, "k_negatives": opts.k_negatives, "seed": opts.seed,
+                      "abstention_filter": opts.abstention_filter,
+                      "abstention_removed": None if explained is None else
+                      int(explained[_select(score, loss, total, opts)].sum()),
                       "combined": "mean of per-category scores"},
         "significance": {"null": NULLS[opts.contrast], "rounds": opts.null_rounds,
                          "null_best_score": null_best,
@@ -270,6 +300,7 @@ def _stored_options(meta: dict, arrays: dict, neurons_dir, **overrides) -> Ident
                               "null_rounds": meta["significance"].get("rounds", N.NULL_ROUNDS),
                               "threshold": old.get("threshold") if old.get("rule") == "threshold" else None,
                               "contrast": meta["data"].get("contrast", "response"),
+                              "abstention_filter": bool(old.get("abstention_filter", False)),
                               "ratio": old.get("ratio") or N.RATIO, **overrides})
     if not isinstance(opts.seed, int) or not isinstance(opts.null_rounds, int):
         raise CocoError(f"{neurons_dir}/neurons.json: damaged selection or significance entries; "
@@ -282,9 +313,10 @@ def _stored_options(meta: dict, arrays: dict, neurons_dir, **overrides) -> Ident
 
 def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | None = None,
              threshold: float | None = None, weighting: str | None = None, seed: int | None = None,
-             force: bool = False) -> dict:
+             force: bool = False, abstention_filter: bool | None = None) -> dict:
     """A new artifact from an existing one with another selection (baseline, ratio, threshold,
-    weighting): no model run, the per-neuron arrays and intensity matrix are reused."""
+    weighting, abstention filter on or off; None: the source's): no model run, the per-neuron arrays
+    and intensity matrix are reused."""
     import shutil
 
     meta, arrays = artifact.load(neurons_dir)
@@ -295,7 +327,8 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
         threshold = old.get("threshold")  # the source's own rule, as --help promises
     opts = _stored_options(meta, arrays, neurons_dir, baseline=baseline, weighting=weighting or old["weighting"],
                            seed=old.get("seed", N.SEED) if seed is None else seed, threshold=threshold,
-                           ratio=ratio if ratio is not None else (old.get("ratio") or N.RATIO))
+                           ratio=ratio if ratio is not None else (old.get("ratio") or N.RATIO),
+                           **({} if abstention_filter is None else {"abstention_filter": abstention_filter}))
     categories = meta["categories"]
     nulls = {"combined": meta["significance"].get("null_best_score"),
              **{c: meta["per_category"][c].get("null_best_score") for c in categories}}
@@ -337,8 +370,10 @@ def rescore(neurons_dir: str, out: str, rows: np.ndarray, note: str, force: bool
     keep = np.zeros(len(row_cat), dtype=bool)
     keep[np.asarray(rows, dtype=np.int64)] = True
     row_cat[~keep] = -1  # rows outside the subset belong to no category: score_matrix skips them
-    res = score_matrix(open_matrix(matrix_path), row_cat, arrays["row_label"], categories, opts, progress=False)
-    new_arrays = dict(arrays)
+    matrix = open_matrix(matrix_path)
+    res = score_matrix(matrix, row_cat, arrays["row_label"], categories, opts, progress=False)
+    abstention = abstention_losses(matrix, row_cat, arrays["row_label"], categories, opts)
+    new_arrays = {k: v for k, v in arrays.items() if k.split(".")[0] != "abstention_loss"}
     for key in ("loss", "score", "direction"):
         new_arrays[key] = np.mean([res[c][key] for c in categories], axis=0).astype(arrays[key].dtype)
     for cat in categories:
@@ -347,11 +382,14 @@ def rescore(neurons_dir: str, out: str, rows: np.ndarray, note: str, force: bool
     new_arrays["rows"] = np.sort(np.flatnonzero(keep)).astype(np.int64)  # [subset rows] into the source matrix
     for key in [k for k in new_arrays if k.split(".")[0] == "mean_diff"]:  # the matrix holds |h| only:
         del new_arrays[key]  # a subset's signed means are not in it, and the source's are not the subset's
+    if abstention is not None:  # the subset's own abstention control (stability keeps an item's rows together)
+        new_arrays["abstention_loss"] = np.mean(list(abstention.values()), axis=0)
+        new_arrays.update({f"abstention_loss.{c}": loss for c, loss in abstention.items()})
     sizes = {c: res[c]["sizes"] for c in categories}
     nulls = {"combined": None, **{c: None for c in categories}}
     new = {**meta, **select_from_arrays(new_arrays, categories, nulls, sizes, opts),
            "data": {**meta["data"], "rows": int(keep.sum()), "subset": note,
-                    "pairs": int(keep.sum()) // 2 if opts.contrast == "response" else None},
+                    "pairs": int(keep.sum()) // 2 if opts.contrast in N.PAIRED_CONTRASTS else None},
            "derived_from": {"artifact": str(Path(neurons_dir).absolute()),
                             "hash": artifact.artifact_hash(neurons_dir), "subset": note}}
     with atomic_output_dir(out, force, (Path(neurons_dir),)) as tmp:
@@ -425,6 +463,73 @@ def _runner(model_dir: Path, opts: IdentifyOptions):
     return runner.tokenizer, runner
 
 
+def _load_data(opts: IdentifyOptions):
+    """(items for behavior mode, or (pairs, abstention-control pairs), data info)."""
+    from vllm_coco.data import contrast
+
+    if opts.contrast == "behavior":
+        return contrast.load_items(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
+    if opts.contrast == "stereotype":
+        pairs, control, info = contrast.load_stereotype(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
+        return (pairs, control if opts.abstention_filter else []), info
+    pairs, info = contrast.load_contrast(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
+    return (pairs, []), info
+
+
+def _pair_rows(tokenizer, pairs, control, data_info: dict, opts: IdentifyOptions):
+    """Paired modes: two rows per pair, biased then unbiased, and after them the abstention control's
+    rows, named then unknown (names.ROW_*); (spans, row_cat, row_label, categories, data info)."""
+    from vllm_coco.identify.capture import response_spans
+
+    categories = list(dict.fromkeys(p.category for p in pairs))
+    cat_index = {c: i for i, c in enumerate(categories)}
+    spans = response_spans(tokenizer, pairs, chat=opts.chat) + response_spans(tokenizer, control, chat=opts.chat)
+    row_cat = np.repeat([cat_index[p.category] for p in pairs + control], 2).astype(np.int32)  # [2 * pairs]
+    row_label = np.concatenate([np.tile([N.ROW_BIASED, N.ROW_UNBIASED], len(pairs)),
+                                np.tile([N.ROW_NAMED, N.ROW_UNKNOWN], len(control))]).astype(np.int32)
+    data_info["pairs"] = len(pairs)
+    if control:
+        data_info["abstention_pairs"] = len(control)
+    return spans, row_cat, row_label, categories, data_info
+
+
+def abstention_losses(matrix, row_cat: np.ndarray, row_label: np.ndarray, categories, opts: IdentifyOptions,
+                      progress: bool = False) -> dict[str, np.ndarray] | None:
+    """Per category, each neuron's COCO loss on the abstention control's rows ("unknown" vs a named
+    answer, docs/METHOD.md §5.6), scored like the contrast (no null); None when the rows have none."""
+    named, unknown = (row_label == N.ROW_NAMED) & (row_cat >= 0), (row_label == N.ROW_UNKNOWN) & (row_cat >= 0)
+    if not named.any():
+        return None
+    label = np.where(named, N.ROW_BIASED, np.where(unknown, N.ROW_UNBIASED, -1))
+    res = score_matrix(matrix, row_cat, label, categories, replace(opts, null_rounds=0), progress)
+    return {c: res[c]["loss"] for c in categories}
+
+
+def _per_neuron_arrays(cap, weight_norm, res, abstention, categories, row_cat, row_label) -> dict[str, np.ndarray]:
+    """neurons.safetensors' arrays (core/artifact.py) from the capture and the scores."""
+    la = cap.layout.arrays()
+    mean = lambda key: np.mean([res[c][key] for c in categories], axis=0)  # noqa: E731 (combined: §5.2)
+    arrays = {
+        "layer": la["layer"].astype(np.int32), "proj": la["proj"].astype(np.int32),
+        "index": la["index"].astype(np.int32),
+        "loss": mean("loss"), "score": mean("score"), "direction": mean("direction").astype(np.float32),
+        "calib_mean": cap.calib_mean.astype(np.float32), "calib_std": cap.calib_std.astype(np.float32),
+        "act_mean": cap.act_mean.astype(np.float32), "mean_diff": cap.contrast.mean(0).astype(np.float32),
+        "mean_intensity": cap.mean_intensity.astype(np.float32), "weight_norm": weight_norm.astype(np.float32),
+        "row_category": row_cat, "row_label": row_label,
+    }
+    for ci, cat in enumerate(categories):
+        for key in ("loss", "score"):
+            arrays[f"{key}.{cat}"] = res[cat][key]
+        for key in ("direction", "mean_intensity"):
+            arrays[f"{key}.{cat}"] = res[cat][key].astype(np.float32)
+        arrays[f"mean_diff.{cat}"] = cap.contrast[ci].astype(np.float32)
+    if abstention is not None:
+        arrays["abstention_loss"] = np.mean(list(abstention.values()), axis=0)
+        arrays.update({f"abstention_loss.{c}": loss for c, loss in abstention.items()})
+    return arrays
+
+
 def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, progress: bool = True) -> dict:
     """Run the whole identify job; returns the written neurons.json content."""
     from vllm_coco.identify.capture import open_matrix
@@ -436,28 +541,14 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
     sources = (model_dir,) + ((data_path,) if data_path.exists() else ())
     check_output_dir(out, force, sources)
     config = read_config(model_dir)
-    if opts.contrast == "behavior":
-        from vllm_coco.data.contrast import load_items
-
-        items, data_info = load_items(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
-    else:
-        from vllm_coco.data.contrast import load_contrast
-
-        pairs, data_info = load_contrast(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
+    data, data_info = _load_data(opts)
     tokenizer, runner = _runner(model_dir, opts)
     with closing(runner):
         if opts.contrast == "behavior":
-            spans, row_cat, row_label, categories, data_info = _behavior_rows(runner, tokenizer, items, data_info,
-                                                                              opts, progress)
+            rows = _behavior_rows(runner, tokenizer, data, data_info, opts, progress)
         else:
-            from vllm_coco.identify.capture import response_spans
-
-            categories = list(dict.fromkeys(p.category for p in pairs))
-            spans = response_spans(tokenizer, pairs, chat=opts.chat)
-            cat_index = {c: i for i, c in enumerate(categories)}
-            row_cat = np.repeat([cat_index[p.category] for p in pairs], 2).astype(np.int32)  # [2 * pairs]
-            row_label = np.tile([0, 1], len(pairs)).astype(np.int32)  # biased, unbiased, ...
-            data_info["pairs"] = len(pairs)
+            rows = _pair_rows(tokenizer, *data, data_info, opts)
+        spans, row_cat, row_label, categories, data_info = rows
         chat_template = bool(opts.chat and getattr(tokenizer, "chat_template", None))
         fp = fingerprint(model_dir)
         with atomic_output_dir(out, force, sources) as tmp:
@@ -465,30 +556,12 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
                                  row_coef=mean_diff_coef(row_cat, row_label, len(categories)))
             t_capture = time.time() - t0
             weight_norm = runner.weight_norms()
-            layout = cap.layout
             runner.close()  # scoring needs the memory
-            res = score_matrix(open_matrix(tmp / artifact.MATRIX_FILE), row_cat, row_label, categories, opts,
-                               progress)
+            matrix = open_matrix(tmp / artifact.MATRIX_FILE)
+            res = score_matrix(matrix, row_cat, row_label, categories, opts, progress)
             check_scores_rank(np.mean([res[c]["loss"] for c in categories], axis=0), opts.tau)
-
-            la = layout.arrays()
-            arrays = {
-                "layer": la["layer"].astype(np.int32), "proj": la["proj"].astype(np.int32),
-                "index": la["index"].astype(np.int32),
-                "loss": np.mean([res[c]["loss"] for c in categories], axis=0),
-                "score": np.mean([res[c]["score"] for c in categories], axis=0),
-                "direction": np.mean([res[c]["direction"] for c in categories], axis=0).astype(np.float32),
-                "calib_mean": cap.calib_mean.astype(np.float32), "calib_std": cap.calib_std.astype(np.float32),
-                "act_mean": cap.act_mean.astype(np.float32), "mean_diff": cap.contrast.mean(0).astype(np.float32),
-                "mean_intensity": cap.mean_intensity.astype(np.float32), "weight_norm": weight_norm.astype(np.float32),
-                "row_category": row_cat, "row_label": row_label,
-            }
-            for cat in categories:
-                for key in ("loss", "score"):
-                    arrays[f"{key}.{cat}"] = res[cat][key]
-                for key in ("direction", "mean_intensity"):
-                    arrays[f"{key}.{cat}"] = res[cat][key].astype(np.float32)
-                arrays[f"mean_diff.{cat}"] = cap.contrast[categories.index(cat)].astype(np.float32)
+            abstention = abstention_losses(matrix, row_cat, row_label, categories, opts, progress)
+            arrays = _per_neuron_arrays(cap, weight_norm, res, abstention, categories, row_cat, row_label)
             nulls = {"combined": float(np.mean([res[c]["null_score"] for c in categories], axis=0).max())
                      if opts.null_rounds else None}
             nulls.update({c: float(res[c]["null_score"].max()) if opts.null_rounds else None for c in categories})
@@ -497,7 +570,8 @@ def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, p
                 "method": METHOD_VERSION,
                 "tool": f"vllm-coco {__version__}",
                 "model": {"path": str(model_dir), "architecture": (config.get("architectures") or ["?"])[0],
-                          **layout.to_json(), "num_neurons": layout.total, "fingerprint": fp, "dtype": opts.dtype},
+                          **cap.layout.to_json(), "num_neurons": cap.layout.total, "fingerprint": fp,
+                          "dtype": opts.dtype},
                 "data": {**data_info, "contrast": opts.contrast, "chat_template": chat_template, "rows": cap.rows,
                          "tokens": cap.tokens, "calibration_tokens": cap.span_tokens},
                 "categories": categories,

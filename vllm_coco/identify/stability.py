@@ -25,10 +25,11 @@ def split_halves(row_cat: np.ndarray, row_label: np.ndarray, paired: bool, seed:
     contrast units, drawn with `seed`; None when a category would get fewer than MIN_UNITS.
 
     row_cat, row_label: [rows] category index and side (0 biased, 1 unbiased) of each captured row.
-    paired (response mode): the i-th biased and i-th unbiased row of a category are one pair, and
-    pairs are split whole. Unpaired (behavior mode): each side is split on its own. The same seed
-    with a smaller fraction gives subsets of the halves (nested), so overlaps at two fractions are
-    comparable."""
+    paired (response, stereotype mode): the i-th biased and i-th unbiased row of a category are one
+    pair, and pairs are split whole (with the i-th named and unknown row of the abstention control,
+    labels 2 and 3, when a stereotype run recorded one: the same item's control pair). Unpaired
+    (behavior mode): each side is split on its own. The same seed with a smaller fraction gives
+    subsets of the halves (nested), so overlaps at two fractions are comparable."""
     if not 0 < fraction <= 0.5:
         raise ValueError(f"fraction {fraction} must be in (0, 0.5]")
     rng = np.random.default_rng(seed)
@@ -36,7 +37,10 @@ def split_halves(row_cat: np.ndarray, row_label: np.ndarray, paired: bool, seed:
     for c in np.unique(row_cat):
         ra = np.flatnonzero((row_cat == c) & (row_label == 0))  # [nA] biased rows, in pair order
         rb = np.flatnonzero((row_cat == c) & (row_label == 1))  # [nB]
-        sides = [np.stack([ra, rb], 1)] if paired else [ra[:, None], rb[:, None]]  # [units, rows per unit]
+        control = [np.flatnonzero((row_cat == c) & (row_label == label)) for label in (2, 3)]  # [nA] each or empty
+        with_control = paired and len(control[0]) == len(ra)
+        sides = ([np.stack([ra, rb, *control] if with_control else [ra, rb], 1)] if paired
+                 else [ra[:, None], rb[:, None]])  # [units, rows per unit]
         for units in sides:
             order = rng.permutation(len(units))
             half, take = len(units) // 2, int(len(units) * fraction)
