@@ -184,7 +184,7 @@ def test_registered_kind_joins_the_experiments_sweep_grid(toy):
     from vllm_coco.experiment.config import DEFAULTS, _check_sweep
     from vllm_coco.experiment.sweep import candidates
 
-    cfg = {"identify": {"weighting": "magnitude"},
+    cfg = {"identify": {"weighting": "magnitude"}, "sets": {},
            "sweep": {**DEFAULTS["sweep"], "edits": {"toy-offset": {"value": [0.1, 0.2]}, "le": None}, "ratio": None}}
     _check_sweep(cfg)
     assert cfg["sweep"]["edits"] == {"toy-offset": {"value": [0.1, 0.2]}, "le": {"alpha": [1.0]}}

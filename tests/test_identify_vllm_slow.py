@@ -51,7 +51,7 @@ def assert_same_artifact(hf_dir, vllm_dir):
     # float16 storage: a value within 1e-3 may round to the neighbouring step (2^-11 relative)
     diff = np.abs(vl_m - hf_m)
     assert np.all(diff <= 1e-3 + 1e-3 * np.abs(hf_m)), f"max |Δ| {diff.max():.3g}"
-    for key in ("calib_mean", "calib_std", "act_mean", "mean_intensity"):
+    for key in ("calib_mean", "calib_std", "act_mean", "mean_intensity", "mean_diff"):
         np.testing.assert_allclose(vl[key], hf[key], atol=1e-3, rtol=1e-3, err_msg=key)
     np.testing.assert_allclose(vl["weight_norm"], hf["weight_norm"], rtol=1e-5, err_msg="weight_norm")
     np.testing.assert_array_equal(np.sort(vl["selected"]), np.sort(hf["selected"]))

@@ -11,7 +11,7 @@ import yaml
 from conftest import run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
-STAGES = ("identify", "baselines", "ablation", "stability", "sweep", "final")
+STAGES = ("identify", "baselines", "ablation", "stability", "sets", "sweep", "final")
 
 
 def _tiny_config(tmp_path: Path, model: Path, **changes) -> Path:
@@ -41,6 +41,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
         BaselinesResult,
         FinalResult,
         IdentifyResult,
+        SetsResult,
         StabilityResult,
         SweepResult,
     )
@@ -63,7 +64,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     code, stdout, err = run_cli("run", config)
     assert code == 130, err[-3000:]
     assert calls == ["test"] * 7 + ["validate"] * 2
-    for stage in ("identify", "baselines", "ablation", "stability"):
+    for stage in ("identify", "baselines", "ablation", "stability"):  # (sets: after stability, no evaluation)
         assert (out / "tiny" / stage / "done.json").is_file()
     assert not (out / "tiny" / "sweep").exists() and (out / "tiny" / ".sweep.partial").is_dir()
     assert not (out / "REPORT.md").exists()
@@ -73,31 +74,33 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: counting(*a, **k))
     code, stdout, err = run_cli("run", config)
     assert code == 0, err[-3000:]
-    for stage in ("identify", "baselines", "ablation", "stability"):
+    for stage in ("identify", "baselines", "ablation", "stability", "sets"):
         assert f"[tiny] {stage}: reused" in stdout, stage
     assert "[tiny] sweep: start (resuming its finished steps)" in stdout
-    # the rest of the sweep's first rung (6 candidates), its second (base + the best third of each kind: 2 LE,
-    # 1 NE), then base / LE / NE on test
-    assert calls == ["validate"] * 6 + ["validate"] * 4 + ["test"] * 3
+    # the rest of the sweep's first rung (8 candidates), its second (base + the best third of each arm: 2 LE,
+    # 1 NE, 1 LE on the stereotype set, 1 steering), then base and the 4 arms on test
+    assert calls == ["validate"] * 8 + ["validate"] * 6 + ["test"] * 5
     for stage in ("sweep", "final"):
         assert re.search(rf"\[tiny\] {stage}: done in [\d.]+ s", stdout), stage
     report = (out / "REPORT.md").read_text()
     for heading in ("## Verdicts", "## Summary", "### Neurons", "### Causal check", "### Stability", "### Sweep",
                     "### Final, BBQ (", "### Final, BBQ, held-out", "### Final, Abstention control",
-                    "### Final, Jailbreak", "### Final, Retention", "### Final, Neutral text"):
+                    "### Final, Jailbreak", "### Final, Retention", "### Final, Neutral text",
+                    "### Neuron sets edited by", "### COCO vs the steering baseline"):
         assert heading in report, heading
     # the verdicts come first, each computed (a status by a stated rule, from intervals with their n)
     assert report.index("## Verdicts") < report.index("## Summary")
     verdict_rows = [line for line in report.split("## Verdicts")[1].split("## Summary")[0].splitlines()
                     if line.startswith("| tiny |")]
-    # (a), then per edit: reduces bias, (b)/(c), held-out transfer, abstention, (e) jailbreak, (d) retention
-    # accuracy, neutral-text shift
-    assert len(verdict_rows) == 1 + 7 * 2
+    # (a), then per arm: reduces bias, (b)/(c), held-out transfer, abstention, (e) jailbreak, (d) retention
+    # accuracy, neutral-text shift; then each COCO arm (le, ne, le@stereo) against the steering arm
+    assert len(verdict_rows) == 1 + 7 * 4 + 3
+    assert sum("beats steering vector [diffmean] at equal retention" in r for r in verdict_rows) == 3
     for row in verdict_rows:
         assert re.search(r"\*\*(supported|not supported|inconclusive|at chance: no evidence)\*\*", row), row
         assert "(n=" in row or "at chance" in row, row
     # the tiny random model answers the accuracy tasks at chance: that check cannot fail, and says so
-    assert sum("retention accuracy" in r and "**at chance: no evidence**" in r for r in verdict_rows) == 2
+    assert sum("retention accuracy" in r and "**at chance: no evidence**" in r for r in verdict_rows) == 4
     assert report.count("- supported if") >= 4  # every rule stated once
     assert "Δ_COCO - Δ_X" in report and "paired 95 % interval" in report
     for section in report.split("\n### ")[1:]:  # every section has content beyond its title
@@ -119,12 +122,15 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     # every strength at every neuron share (sweep.ratio); LE at 2 % edits the set re-selected at 2 %
     keys = ["le-r{r}-a0.5", "le-r{r}-a1", "ne-r{r}-a1-b2-l0.5"]
     first = [r for r in sweep.rows if r.rung == 0]
-    assert [r.key for r in first] == [k.format(r=r) for r in ("0.01", "0.02") for k in keys]
-    assert [r.candidate.ratio for r in first] == [0.01] * 3 + [0.02] * 3 and {r.limit for r in first} == {6}
+    assert [r.key for r in first] == [k.format(r=r) for r in ("0.01", "0.02") for k in keys] + [
+        "le@stereo-a1", "steer@diffmean-a4"]  # the KIND@SET arms at their set's own share
+    assert [r.candidate.ratio for r in first] == [0.01] * 3 + [0.02] * 3 + [None] * 2
+    assert [r.candidate.set for r in first] == [None] * 6 + ["stereo", "diffmean"] and {r.limit for r in first} == {6}
     # successive halving: the best third of each kind (at least one) goes on, and its rows are at the full limit
     second = [r for r in sweep.rows if r.rung == 1]
     assert sweep.limits == [6, 12] and {r.limit for r in second} == {12}
-    assert [r.edit for r in second] == ["le", "le", "ne"] and set(r.key for r in second) == set(promote(first, 3))
+    assert [r.arm for r in second] == ["le", "le", "ne", "le@stereo", "steer@diffmean"]
+    assert set(r.key for r in second) == set(promote(first, 3))
     assert sweep.chosen["le"].key in {r.key for r in second} and sweep.chosen["ne"].key in {r.key for r in second}
     assert all(r.kl is not None and r.kl >= 0 and r.bias is not None for r in sweep.rows)
     from vllm_coco.core.artifact import Artifact
@@ -147,10 +153,17 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     test = json.loads(next((out / "tiny" / "final" / "evals" / "base").rglob("results.json")).read_text())
     assert val["coco"]["split"] == "validate" and test["coco"]["split"] == "test"
     final = FinalResult.from_json(done["tiny/final"]["result"])
-    assert set(final.runs()) == {"base", "le", "ne"}
+    assert set(final.runs()) == {"base", "le", "ne", "le@stereo", "steer@diffmean"}
+    assert [(v.coco, v.baseline) for v in final.versus] == [(a, "steer@diffmean") for a in ("le", "ne", "le@stereo")]
+    assert all(v.diffs["abs_bias_ambig"].n > 0 for v in final.versus)
+    sets = SetsResult.from_json(done["tiny/sets"]["result"])
+    assert list(sets.sets) == ["stereo", "diffmean"] and sets.sets["stereo"].contrast == "stereotype"
+    assert sets.sets["stereo"].abstention_removed is not None and sets.sets["diffmean"].baseline == "diffmean"
+    steer_set = Artifact.read(out / "tiny" / "sets" / "diffmean")
+    assert set(steer_set.arrays["proj"][steer_set.arrays["selected"]].tolist()) == {2}  # one layer's v channels
     # every done.json reads back as its stage's typed result, and writes the same JSON again
     kinds = {"identify": IdentifyResult, "baselines": BaselinesResult, "ablation": AblationResult,
-             "stability": StabilityResult, "sweep": SweepResult, "final": FinalResult}
+             "stability": StabilityResult, "sets": SetsResult, "sweep": SweepResult, "final": FinalResult}
     for stage, kind in kinds.items():
         stored = done[f"tiny/{stage}"]["result"]
         assert kind.from_json(stored).to_json() == stored, stage
@@ -184,7 +197,7 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     config.write_text(yaml.safe_dump(cfg))
     code, stdout, err = run_cli("run", config, "--check")
     assert code == 0, err
-    assert "sweep (4 candidates, 2 rung(s) of successive halving)" in stdout  # 2 shares x (1 LE + 1 NE)
+    assert "sweep (6 candidates, 2 rung(s) of successive halving)" in stdout  # 2 shares x (1 LE + 1 NE) + 2 arms
     assert {k: p.stat().st_mtime_ns for k, p in _done_files(out).items()} == mtimes
 
 
@@ -310,12 +323,14 @@ def _typed_results(le=True, ne=True, baselines=("rand",)):
         "final": R.FinalResult(split="test", limits={"stereo": 3, "jailbreak": 3, "retention": None},
                                base=final_base,
                                edits={e: r for e, r in run.items() if {"le": le, "ne": ne}[e]}),
+        "sets": R.SetsResult(sets={"stereo": ident}),
         "report": R.ReportResult(report="REPORT.md", figures=["a.png"]),
         "parts": [stereo, jail, cand_le, cand_ne, base_row, choice["le"], final_base, ident.significance,
                   ident.per_category["Age"], R.BaselineSet(neurons="rand", count=3, by_proj={"q": 3}), iv, no_items,
                   R.ParityResult(reference="a", identify_limit=4, limit=6, tolerance=1e-4, max_abs_score=0.0,
                                  same_selection=True, selected=3, docs=12,
-                                 max_abs_loglik={"base": 0.0, "ne": 1e-6})],
+                                 max_abs_loglik={"base": 0.0, "ne": 1e-6}),
+                  R.Versus(coco="le", baseline="steer@diffmean", diffs={"abs_bias_ambig": iv})],
     }
 
 
@@ -445,7 +460,8 @@ BAD = [
     ({"stability": {"limit": 0}}, r"^stability\.limit: 0 must be at least 1"),
     ({"sweep": {"edits": {"ne": {"lam": [1.5]}}}}, r"^sweep\.edits\.ne\.lam\[0\]: 1\.5 must be at most 1"),
     ({"sweep": {"le_alpha": [0.5]}}, r"^sweep\.le_alpha: was replaced by sweep\.edits\.le\.alpha"),
-    ({"sweep": {"edits": {"ablate-zero": {}}}}, r"^sweep\.edits\.ablate-zero: 'ablate-zero' is not one of le, steer, ne"),
+    ({"sweep": {"edits": {"ablate-zero": {}}}},
+     r"^sweep\.edits\.ablate-zero: 'ablate-zero' is not one of le, steer, ne"),
     ({"sweep": {"edits": {"le": {"beta": [2]}}}},
      r"^sweep\.edits\.le\.beta: le takes no setting beta \(it takes alpha\)"),
     ({"sweep": {"edits": {}}}, r"^sweep\.edits: \{\} is not a mapping of edit kinds"),
@@ -473,6 +489,14 @@ BAD = [
     ({"data": {"chat_template": "no"}}, r"^data\.chat_template: 'no' is not true or false"),
     ({"identify": {"contrast": "answers"}}, r"^identify\.contrast: 'answers' is not one of response, behavior"),
     ({"eval": {"scoring": "mean"}}, r"^eval\.scoring: 'mean' is not one of sum, per-byte"),
+    ({"sets": {"x": {"contrast": "bogus"}}}, r"^sets\.x\.contrast: 'bogus' is not one of response, behavior"),
+    ({"sets": {"x": {"from": "y"}, "y": {"from": "x"}}}, r"^sets\.x\.from: the sets x, y are re-selected from each"),
+    ({"sets": {"x": {"contrast": "response", "abstention_filter": True}}},
+     r"^sets\.x\.abstention_filter: needs the stereotype contrast"),
+    ({"sets": {"x": {"from": "coco", "limit": 5}}}, r"^sets\.x\.limit: a set re-selected from coco keeps its limit"),
+    ({"sets": {"x": {"from": "nowhere"}}}, r"^sets\.x\.from: 'nowhere' is not coco or another set"),
+    ({"sets": {"x": {"from": "coco", "baseline": "rand"}}}, r"^sets\.x\.baseline: 'rand' is not one of coco, diffmean"),
+    ({"sweep": {"edits": {"le@nope": {}}}}, r"^sweep\.edits\.le@nope: 'nope' is not a set of `sets`"),
 ]
 
 

@@ -81,10 +81,13 @@ def enhancements() -> tuple[str, ...]:
 
 def label(name: str) -> str:
     """The report's name of a kind ("base": the unedited model; a kind not registered in this
-    process, as in stored results: its name)."""
+    process, as in stored results: its name); KIND@SET (an experiment's arm: the kind on a named
+    neuron set) -> "<kind's label> [SET]"."""
+    name, _, where = name.partition("@")
+    suffix = f" [{where}]" if where else ""
     if name == BASE_EDIT:
-        return BASE_EDIT
-    return ne.KIND.label if name == ne.KIND.name else _KINDS[name].label if name in _KINDS else name
+        return BASE_EDIT + suffix
+    return (ne.KIND.label if name == ne.KIND.name else _KINDS[name].label if name in _KINDS else name) + suffix
 
 
 ENTRY_POINTS = "vllm_coco.edit_kinds"

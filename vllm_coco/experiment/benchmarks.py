@@ -128,6 +128,10 @@ class BbqBenchmark(Benchmark):
     def metadata(self, categories) -> dict | None:
         return {"categories": list(categories)} if self.needs_categories else None
 
+    def records(self, d: Path, categories) -> list[dict]:
+        """The per-item records of its own groups in evaluation directory `d` (stats.bbq_records)."""
+        return [r for t in self.groups(categories).values() for r in stats.bbq_records(d, t)]
+
     def intervals(self, base: Path, edit: Path, categories) -> dict[str, Interval]:
         """Its own groups' records only (an evaluation directory may hold other benchmarks' tasks)."""
         by_group = {g: (stats.bbq_records(base, t), stats.bbq_records(edit, t))

@@ -39,10 +39,18 @@ DEFAULTS: dict = {
                  "tau": N.TAU, "null_rounds": 1, "batch_size": N.BATCH_SIZE, "dtype": N.DTYPES[0],
                  "device": "cpu", "device_map": None, "backend": N.IDENTIFY_BACKENDS[0]},
     "baselines": list(N.CONTROL_BASELINES),
+    # more neuron sets, edited by the sweep's KIND@SET arms (docs/METHOD.md §2.4, §5.4, §5.6): a set is
+    # identified anew (its own contrast; the identify section's other options) or re-selected `from` an
+    # earlier one (or from "coco", the identify stage's set)
+    "sets": {"stereo": {"contrast": "stereotype", "limit": 30, "abstention_filter": True},
+             "stereo-raw": {"from": "stereo", "abstention_filter": False},
+             "diffmean": {"from": "stereo", "baseline": "diffmean"}},
     "ablation": {"mode": "ablate-zero", "limit": 90},
     "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [1.0, 2.0], "beta": [N.NE_BETA],
-                                                            "lam": [N.NE_LAM]}},
-              "ratio": [0.005, 0.01, 0.02], "limit": 48, "rungs": 2, "eta": 3, "neutral_limit": 10},
+                                                            "lam": [N.NE_LAM]},
+                        "le@stereo": {"alpha": [0.5, 1.0]}, "le@stereo-raw": {"alpha": [0.5, 1.0]},
+                        "steer@diffmean": {"alpha": [1.0, 4.0, 16.0]}},
+              "ratio": [0.01, 0.02], "limit": 48, "rungs": 2, "eta": 3, "neutral_limit": 10},
     "stability": {"fractions": [0.5, 0.25], "ablate": False, "limit": None},
     # benchmark (experiment/benchmarks.py) -> its settings; the built-in ones at their declared sizes
     "final": {"benchmarks": {b.name: {"limit": b.limit} for b in benchmarks.BUILT_IN}},
@@ -61,7 +69,9 @@ RENAMED = {"sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for bo
               for old, new in (("limit", "stereo"), ("jailbreak_limit", "jailbreak"),
                                ("retention_limit", "retention"))}}
 # mappings whose keys are the user's (edit kinds, benchmarks): given, they replace the default as a whole
-FREE = {"sweep.edits", "final.benchmarks"}
+FREE = {"sweep.edits", "final.benchmarks", "sets"}
+SET_KEYS = {"from": None, "contrast": None, "limit": None, "abstention_filter": None, "baseline": "coco"}
+SET_BASELINES = ("coco", "diffmean")  # a set's own selections (the same-count controls: `baselines`)
 # parity_of: the name of an earlier model this one is a twin of (same weights, another architecture
 # class): it gets the parity stage (identify + one evaluation, compared number by number) instead of a full run.
 MODEL_KEYS = {"path": None, "name": None, "parity_of": None}
@@ -195,7 +205,7 @@ def validate(raw) -> dict:
     _check_top(cfg)
     _check_data(cfg["data"])
     cfg["models"] = _models(cfg["models"])
-    for check in (_check_identify, _check_baselines, _check_ablation, _check_sweep, _check_stability,
+    for check in (_check_identify, _check_baselines, _check_sets, _check_ablation, _check_sweep, _check_stability,
                   _check_final, _check_eval, _check_parity):
         check(cfg)
     return cfg
@@ -267,6 +277,50 @@ def _check_baselines(cfg: dict) -> None:
             _fail(f"baselines[{i}]", f"{b} is listed twice")
 
 
+def _check_sets(cfg: dict) -> None:
+    """sets: name -> {from, contrast, limit, abstention_filter, baseline} (SET_KEYS), each identified
+    anew (no `from`: `contrast` required) or re-selected from "coco" or another set; stored in an
+    order where every set comes after the one it is re-selected from."""
+    given = cfg["sets"] if cfg["sets"] is not None else {}
+    if not isinstance(given, dict):
+        _fail("sets", f"{given!r} is not a mapping of set names to their settings")
+    sets = {}
+    for name, raw in given.items():
+        where = f"sets.{name}"
+        if not isinstance(name, str) or not NAME.fullmatch(name) or name == "coco":
+            _fail(where, f"{name!r} is not a set name (letters, digits, . _ -; not coco, the identify stage's set)")
+        s = sets[name] = _merge(SET_KEYS, raw, where)
+        if s["from"] is None:
+            _choice(s["contrast"], f"{where}.contrast", CONTRASTS)
+            _int(s, where, "limit", lo=2, nullable=True)
+        elif s["from"] != "coco" and (s["from"] not in given or s["from"] == name):
+            _fail(f"{where}.from", f"{s['from']!r} is not coco or another set")
+        else:
+            for key in ("contrast", "limit"):
+                if s[key] is not None:
+                    _fail(f"{where}.{key}", f"a set re-selected from {s['from']} keeps its {key}; drop it")
+        if s["abstention_filter"] is not None and not isinstance(s["abstention_filter"], bool):
+            _fail(f"{where}.abstention_filter", f"{s['abstention_filter']!r} is not true, false or null")
+        _choice(s["baseline"], f"{where}.baseline", SET_BASELINES)
+    cfg["sets"] = _set_order(sets, cfg["identify"]["contrast"])
+
+
+def _set_order(sets: dict, identify_contrast: str) -> dict:
+    """`sets` with each set after its source; refuses a cycle and a filter without the stereotype contrast."""
+    contrast_of, out = {"coco": identify_contrast}, {}
+    while len(out) < len(sets):
+        ready = [n for n, s in sets.items() if n not in out and (s["from"] is None or s["from"] in contrast_of)]
+        if not ready:
+            cycle = sorted(n for n in sets if n not in out)
+            _fail(f"sets.{cycle[0]}.from", f"the sets {', '.join(cycle)} are re-selected from each other in a cycle")
+        for n in ready:
+            s = out[n] = sets[n]
+            contrast_of[n] = s["contrast"] or contrast_of[s["from"]]
+            if s["abstention_filter"] and contrast_of[n] != "stereotype":
+                _fail(f"sets.{n}.abstention_filter", "needs the stereotype contrast (its abstention control)")
+    return out
+
+
 def _check_ablation(cfg: dict) -> None:
     _choice(cfg["ablation"]["mode"], "ablation.mode", registry.ablations())
     _int(cfg["ablation"], "ablation", "limit", lo=1, nullable=True)
@@ -276,9 +330,10 @@ def _check_sweep(cfg: dict) -> None:
     sw = cfg["sweep"]
     grid = sw["edits"]
     if not isinstance(grid, dict) or not grid:
-        _fail("sweep.edits", f"{grid!r} is not a mapping of edit kinds ({', '.join(registry.enhancements())}) "
-              "to their settings' values")
-    sw["edits"] = {kind: _kind_grid(kind, values, cfg["identify"]["weighting"]) for kind, values in grid.items()}
+        _fail("sweep.edits", f"{grid!r} is not a mapping of edit kinds ({', '.join(registry.enhancements())}), "
+              "or KIND@SET (a set of `sets`), to their settings' values")
+    sw["edits"] = {arm: _kind_grid(arm, values, cfg["identify"]["weighting"], cfg["sets"])
+                   for arm, values in grid.items()}
     if sw["ratio"] is not None:
         sw["ratio"] = _num_list(sw["ratio"], "sweep.ratio", lo=0, hi=1, lo_open=True)
     _int(sw, "sweep", "limit", lo=1, nullable=True)
@@ -287,12 +342,15 @@ def _check_sweep(cfg: dict) -> None:
     _int(sw, "sweep", "neutral_limit", lo=1)
 
 
-def _kind_grid(kind, values, weighting: str) -> dict[str, list[float]]:
-    """One kind's sweep grid: each of its settings a list of values (a setting left out: [its default]),
-    each within the range the kind gives it, as `coco-tools bake` / `ne` would refuse: caught here,
-    not hours in."""
-    where = f"sweep.edits.{kind}"
+def _kind_grid(arm, values, weighting: str, sets: dict) -> dict[str, list[float]]:
+    """One arm's sweep grid (an edit kind, or KIND@SET: the kind on a set of `sets`): each of its
+    settings a list of values (a setting left out: [its default]), each within the range the kind
+    gives it, as `coco-tools bake` / `ne` would refuse: caught here, not hours in."""
+    where = f"sweep.edits.{arm}"
+    kind, _, on = str(arm).partition("@")
     _choice(kind, where, registry.enhancements())
+    if "@" in str(arm) and on not in sets:
+        _fail(where, f"{on!r} is not a set of `sets` ({', '.join(sets) or 'none configured'})")
     params = {p.name: p for p in registry.any_kind(kind).params}
     if values is None:
         values = {}

@@ -46,7 +46,7 @@ from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import PAIRED_CONTRASTS, PARALLEL_OPTIONS
 from vllm_coco.edit import model_card, registry
 from vllm_coco.edit.registry import label
-from vllm_coco.experiment import benchmarks, figures, report, stats
+from vllm_coco.experiment import benchmarks, figures, report, stats, versus
 from vllm_coco.experiment.benchmarks import NEUTRAL, STEREO
 from vllm_coco.experiment.report import fmt
 from vllm_coco.experiment.results import (
@@ -63,6 +63,7 @@ from vllm_coco.experiment.results import (
     ModelResults,
     ParityResult,
     ReportResult,
+    SetsResult,
     StabilityResult,
     Stage,
     SweepResult,
@@ -71,7 +72,7 @@ from vllm_coco.experiment.results import (
 from vllm_coco.experiment.sweep import admissible, candidates, choose, promote, rung_limits, shares
 from vllm_coco.tasks import results as lm_results
 
-PIPELINE_VERSION = 5  # bump when a stage's output format or meaning changes: forces a recompute
+PIPELINE_VERSION = 6  # bump when a stage's output format or meaning changes: forces a recompute
 DONE = "done.json"
 STEP = "step.json"
 LOG = "pipeline.log"
@@ -526,13 +527,56 @@ def share_sets(run: Run, ident: Stage[IdentifyResult], steps: Steps) -> None:
             steps.do(f"sets/r{r:g}", {"ratio": r}, lambda d, r=r: reselect(str(full), str(d), ratio=r))
 
 
-def candidate_neurons(run: Run, ident: Stage[IdentifyResult], sets_dir: Path, cand: Candidate) -> Path:
-    """The artifact a candidate edits: a linear kind at a share other than identify's reads that
-    share's set (share_sets, under the sweep stage's directory `sets_dir`); the NE gate takes its
-    share of q/v neurons from the identify artifact itself (ne_gate.select_ne)."""
-    if not recipe(cand).is_gate and cand.ratio is not None and cand.ratio != run.cfg["identify"]["ratio"]:
-        return sets_dir / "sets" / f"r{cand.ratio:g}"
-    return ident.dir / ident.result.neurons
+@dataclasses.dataclass(frozen=True)
+class Sources:
+    """Where a model's candidate edits take their neurons: the identify stage's set and the sets
+    stage's named ones (None: config `sets` is empty)."""
+    ident: Stage[IdentifyResult]
+    sets: Stage[SetsResult] | None
+
+    def neurons(self, run: Run, sets_dir: Path, cand: Candidate) -> Path:
+        """The artifact a candidate edits: a KIND@SET arm's set; a linear kind at a share other than
+        identify's reads that share's set (share_sets, under the sweep stage's directory `sets_dir`);
+        the NE gate takes its share of q/v neurons from the identify artifact itself (ne_gate.select_ne)."""
+        if cand.set is not None:
+            return self.sets.dir / self.sets.result.sets[cand.set].neurons
+        if not recipe(cand).is_gate and cand.ratio is not None and cand.ratio != run.cfg["identify"]["ratio"]:
+            return sets_dir / "sets" / f"r{cand.ratio:g}"
+        return self.ident.dir / self.ident.result.neurons
+
+
+def _sets(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SetsResult] | None:
+    """The config's `sets`: each identified anew with its contrast (the identify section's other
+    options), or re-selected from the identify stage's set ("coco") or an earlier set."""
+    sets = run.cfg["sets"]
+    if not sets:
+        return None
+    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
+            "identify_cfg": run.cfg["identify"], "sets": sets, "data": data_spec, "seed": run.cfg["seed"],
+            "scoring": run.cfg["eval"]["scoring"]}
+
+    def body(partial: Path, steps: Steps) -> SetsResult:
+        out = {}
+        for name, s in sets.items():
+            d = steps.do(name, s, lambda d, s=s: _make_set(run, m, ident, partial, s, d))
+            out[name] = IdentifyResult.from_meta(json.loads((d / "neurons.json").read_text(encoding="utf-8")), name)
+            gc.collect()
+        return SetsResult(sets=out)
+
+    return run.stage(root, m["name"], "sets", spec, body, SetsResult)
+
+
+def _make_set(run: Run, m: dict, ident: Stage[IdentifyResult], partial: Path, s: dict, d: Path) -> None:
+    from vllm_coco.identify.run import identify, reselect
+
+    if s["from"] is None:
+        limit = run.cfg["identify"]["limit"] if s["limit"] is None else s["limit"]
+        opts = identify_options(run.cfg, contrast=s["contrast"], limit=limit, baseline=s["baseline"],
+                                abstention_filter=bool(s["abstention_filter"]))
+        identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty())
+    else:
+        source = ident.dir / ident.result.neurons if s["from"] == "coco" else partial / s["from"]
+        reselect(str(source), str(d), baseline=s["baseline"], abstention_filter=s["abstention_filter"])
 
 
 # the parity stage's two conditions: (name, edited?); the edit is the NE gate at its defaults
@@ -556,19 +600,20 @@ def edit_condition(m: dict, neurons: Path, cand: Candidate):
     return recipe(cand).condition(neurons, m["dir"])
 
 
-def _sweep(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SweepResult]:
+def _sweep(run: Run, m: dict, root: Path, src: Sources, data_spec: dict) -> Stage[SweepResult]:
     """Successive halving over the candidates on the validate split (sweep.py): every candidate at the
     first rung's sample, the best 1/eta of each kind at the next, ...; each scored on stereo_coco
     (Δ|s_AMB|, Δ acc_disambig, Δ success rate vs the base at that rung) and on KL on neutral text."""
     sw = run.cfg["sweep"]
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash, "sweep": sw,
+    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": src.ident.hash,
+            "sets": src.sets and src.sets.hash, "sweep": sw,
             "identify_ratio": run.cfg["identify"]["ratio"], "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"], "floors": _sweep_floors()}
 
     def body(partial: Path, steps: Steps) -> SweepResult:
         cands = candidates(sw, run.cfg["identify"]["ratio"])
-        share_sets(run, ident, steps)
-        neurons = {c.key: candidate_neurons(run, ident, partial, c) for c in cands}
+        share_sets(run, src.ident, steps)
+        neurons = {c.key: src.neurons(run, partial, c) for c in cands}
         if run.in_memory:
             lm = run.lm(m["dir"])
             for c in cands:
@@ -652,27 +697,27 @@ def final_benchmarks(cfg: dict) -> dict[str, benchmarks.Benchmark]:
     return {name: benchmarks.get(name) for name in cfg["final"]["benchmarks"]}
 
 
-def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: Stage[SweepResult],
+def _final(run: Run, m: dict, root: Path, src: Sources, sweep: Stage[SweepResult],
            data_spec: dict) -> Stage[FinalResult]:
     fc, cats = run.cfg["final"], run.cfg["data"]["categories"]
     benches = final_benchmarks(run.cfg)
     limits = {name: fc["benchmarks"][name]["limit"] for name in benches}
     chosen = {e: sweep.result.chosen_row(e) for e in sweep.result.chosen}
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
-            "sweep": sweep.hash, "final": fc, "data": data_spec, "backend": run.backend,
-            "scoring": run.cfg["eval"]["scoring"]}
+    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": src.ident.hash,
+            "sets": src.sets and src.sets.hash, "sweep": sweep.hash, "final": fc, "data": data_spec,
+            "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]}
     where: dict[str, dict[str, Path]] = {}  # run -> benchmark -> evaluation directory
     metadata = {k: v for b in benches.values() for k, v in (b.metadata(cats) or {}).items()} or None
 
     def evaluate_one(name: str, cand: Candidate | None, steps: Steps, prefetch=()) -> FinalRun:
         t0 = time.time()
-        model_dir, written, condition = _final_model(run, m, ident, sweep, name, cand, steps)
+        model_dir, written, condition = _final_model(run, m, src, sweep, name, cand, steps)
         dirs: dict[str, Path] = {}
         parts = [(b.name, b.tasks(cats), limits[b.name]) for b in benches.values() if b.tasks(cats)]
         res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata,
                           condition=condition, prefetch=prefetch, dirs=dirs)  # one evaluation per distinct limit
         for b in (b for b in benches.values() if not b.tasks(cats)):  # measured on the loaded base model
-            neurons = None if cand is None else candidate_neurons(run, ident, sweep.dir, cand)
+            neurons = None if cand is None else src.neurons(run, sweep.dir, cand)
             dirs[b.name] = d = measure_step(run, m, steps, f"evals/{name}/{b.name}", b, cand, neurons, f"final-{name}",
                                             limits[b.name])
             res[b.name] = json.loads((d / "results.json").read_text(encoding="utf-8"))
@@ -686,14 +731,16 @@ def _final(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], sweep: S
         return out
 
     def body(partial: Path, steps: Steps) -> FinalResult:
-        conds = _final_conditions(run, m, ident, sweep, chosen)
+        conds = _final_conditions(run, m, src, sweep, chosen)
         base = evaluate_one("base", None, steps, prefetch=conds)
         edits = {e: evaluate_one(e, row.candidate, steps) for e, row in chosen.items() if row is not None}
+        recs = {e: STEREO.records(where[e][STEREO.name], cats) for e in edits}
+        vs = versus.compare(STEREO.records(where["base"][STEREO.name], cats), recs)
         for e, fr in edits.items():  # the chosen edits' model cards carry this run's verdicts
             verdicts = benchmarks.judge_all(fr.intervals or {}, label(e), run.cfg)
             model_card.with_verdicts(partial / fr.model / model_card.CARD,
                                      [[v.claim, f"**{v.status}**", report.evidence(v)] for v in verdicts])
-        return FinalResult(split="test", limits=limits, base=base, edits=edits)
+        return FinalResult(split="test", limits=limits, base=base, edits=edits, versus=vs)
 
     return run.stage(root, m["name"], "final", spec, body, FinalResult)
 
@@ -713,27 +760,27 @@ def measure_step(run: Run, m: dict, steps: Steps, key: str, bench, cand: Candida
     return steps.do(key, spec, fn)
 
 
-def _final_model(run: Run, m: dict, ident, sweep, name: str, cand: Candidate | None, steps: Steps):
+def _final_model(run: Run, m: dict, src: Sources, sweep, name: str, cand: Candidate | None, steps: Steps):
     """(model dir to evaluate, the written edit relative to the stage or None, in-memory condition or None).
     The chosen edits are the run's product: written even when evaluated in memory."""
     if cand is None:
         return m["dir"], None, None
     spec = {k: v for k, v in cand.spec().items() if k != "key"}
-    neurons = candidate_neurons(run, ident, sweep.dir, cand)
+    neurons = src.neurons(run, sweep.dir, cand)
     written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, d))
     if run.in_memory:
         return m["dir"], f"models/{name}", f"final-{name}"
     return written, f"models/{name}", None
 
 
-def _final_conditions(run: Run, m: dict, ident, sweep, chosen: dict) -> list[str]:
+def _final_conditions(run: Run, m: dict, src: Sources, sweep, chosen: dict) -> list[str]:
     """In memory: each chosen edit registered on the loaded base model (scored in the base's batches)."""
     if not run.in_memory:
         return []
     lm, conds = run.lm(m["dir"]), []
     for e, row in chosen.items():
         if row is not None:
-            lm.add_condition(f"final-{e}", edit_condition(m, candidate_neurons(run, ident, sweep.dir, row.candidate),
+            lm.add_condition(f"final-{e}", edit_condition(m, src.neurons(run, sweep.dir, row.candidate),
                                                            row.candidate))
             conds.append(f"final-{e}")
     return conds
@@ -846,6 +893,7 @@ def plan(cfg: dict) -> list[str]:
                      + (f"stability ({len(cfg['stability']['fractions'])} split(s)"
                         + (", 2 evals" if cfg['stability']['ablate'] else "") + ") -> "
                         if cfg["stability"]["fractions"] else "")
+                     + (f"sets ({', '.join(cfg['sets'])}) -> " if cfg["sets"] else "")
                      + f"sweep ({n_cand} candidates, {sw['rungs']} rung(s) of successive halving) "
                      f"-> final (base, {', '.join(label(e) for e in cfg['sweep']['edits'])}; benchmarks "
                      f"{', '.join(cfg['final']['benchmarks'])})")
@@ -895,10 +943,12 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
         bases = _baselines(run, m, root, ident)
         abl = _ablation(run, m, root, ident, bases, data_spec)
         stab = _stability(run, m, root, ident, abl, data_spec)
-        sweep = _sweep(run, m, root, ident, data_spec)
-        final = _final(run, m, root, ident, sweep, data_spec)
+        sets = _sets(run, m, root, ident, data_spec)
+        src = Sources(ident, sets)
+        sweep = _sweep(run, m, root, src, data_spec)
+        final = _final(run, m, root, src, sweep, data_spec)
         done_models.append(ModelResults(name=m["name"], path=m["path"], identify=ident, baselines=bases,
-                                        ablation=abl, stability=stab, sweep=sweep, final=final))
+                                        ablation=abl, stability=stab, sets=sets, sweep=sweep, final=final))
     rep = _report(run, done_models, parities)
     computed = [s for s in run.stages if s["status"] == "computed"]
     summary = ("every stage reused" if not computed else

@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.edit.registry import label
-from vllm_coco.experiment import benchmarks, stats
+from vllm_coco.experiment import benchmarks, stats, versus
 from vllm_coco.experiment.benchmarks import Benchmark
 from vllm_coco.experiment.figures import ModelFigures
 from vllm_coco.experiment.results import (
@@ -23,6 +23,7 @@ from vllm_coco.experiment.results import (
     Interval,
     ModelResults,
     ParityResult,
+    SetsResult,
     StabilityResult,
     Stage,
     SweepResult,
@@ -124,7 +125,8 @@ def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
     out = [stats.verdict_specific({LABELS[k]: iv for k, iv in (abl.specific or {}).items()})]
     for e, run in fin.edits.items():  # no candidate of an edit: nothing to judge
         out += benchmarks.judge_all(run.intervals or {}, label(e), cfg)
-    return out
+    return out + [versus.verdict(v, fin.edits[v.coco], fin.edits[v.baseline], label(v.coco), label(v.baseline))
+                  for v in fin.versus]
 
 
 def evidence(v: stats.Verdict) -> str:
@@ -166,12 +168,46 @@ def model_section(cfg: dict, m: ModelResults, fig: ModelFigures, layout: str) ->
     md = (model_intro(m) + neurons(m.identify.result, cfg["identify"], layout, fig.heatmap)
           + ablation(m.ablation.result, cats, fig.ablation)
           + (stability(m.stability.result, m.ablation.result) if m.stability is not None else [])
+          + (neuron_sets(m.sets.result) if m.sets is not None else [])
           + sweep(m.sweep.result) + figure("sweep", fig.sweep))
     for b in final.limits:
         md += benchmark(benchmarks.get(b), final, cats, fig.finals[b])
         if b == benchmarks.PRIMARY:
             md += choice_on_test(m) + figure("deltas with intervals", fig.deltas)
-    return md + edited_models(final, m.final.dir, m.sweep.result.chosen)
+    return md + side_by_side(final) + edited_models(final, m.final.dir, m.sweep.result.chosen)
+
+
+def neuron_sets(r: SetsResult) -> list[str]:
+    """The config's named sets (sets stage): how each was made and what it holds."""
+    rows = []
+    for name, s in r.sets.items():
+        sig = s.significance
+        beat = "n/a" if sig.beat_null is None else f"{sig.beat_null}/{s.count}"
+        removed = "-" if s.abstention_removed is None else str(s.abstention_removed)
+        rows.append([name, s.contrast, s.baseline, str(s.count), ", ".join(f"{p} {n}" for p, n in s.by_proj.items()),
+                     str(s.pairs or "-"), beat, removed])
+    return ["### Neuron sets edited by the sweep's KIND@SET arms", "",
+            "Each set identified anew with its own contrast (docs/METHOD.md §2.4), or re-selected from another "
+            "(the abstention filter on or off, §5.6; diffmean: the steering baseline's layer, §5.4).", "",
+            md_table(["set", "contrast", "selection", "neurons", "by projection", "pairs", "beat the null",
+                      "removed by the abstention filter"], rows), ""]
+
+
+def side_by_side(r: FinalResult) -> list[str]:
+    """COCO arms against the steering baseline, paired over the same test items (experiment/versus.py)."""
+    if not r.versus:
+        return []
+    floors = {True: "within", False: "outside", None: "n/a"}
+    rows = [[label(v.coco), label(v.baseline)]
+            + [f"{v.diffs[k].text()} (n={v.diffs[k].n})" for k in versus.METRICS]
+            + [floors[versus.within_floors(r.edits[v.coco])], floors[versus.within_floors(r.edits[v.baseline])]]
+            for v in r.versus]
+    return ["### COCO vs the steering baseline (test split)", "",
+            "Δ_COCO - Δ_steering of each metric, paired over the test items both runs share (95 % bootstrap "
+            "interval; below 0 on |s_AMB|: the COCO edit lowers BBQ's ambiguous bias score more), and whether each "
+            "keeps Δ acc_disambig and KL on neutral text within their declared floors (equal retention).", "",
+            md_table(["COCO edit", "steering edit", "Δ|s_AMB| difference", "Δ acc_disambig difference",
+                      "Δ success rate difference", "COCO floors", "steering floors"], rows), ""]
 
 
 def choice_on_test(m: ModelResults) -> list[str]:

@@ -129,6 +129,8 @@ class IdentifyResult(Json):
     significance: Significance
     per_category: dict[str, CategoryNeurons]
     timing_s: dict[str, float]
+    baseline: str = "coco"  # the selection rule (a set of the sets stage may be diffmean)
+    abstention_removed: int | None = None  # neurons the abstention filter left out (None: no filter)
 
     @classmethod
     def from_meta(cls, meta: dict, neurons: str = "neurons") -> IdentifyResult:
@@ -139,7 +141,8 @@ class IdentifyResult(Json):
         return cls(neurons=neurons, count=sel["count"], by_proj=dict(sel["by_proj"]),
                    num_neurons=meta["model"]["num_neurons"], pairs=data.get("pairs"), contrast=data["contrast"],
                    answers=data.get("answers"), significance=Significance.from_json(sig), per_category=per_cat,
-                   timing_s=dict(meta["timing_s"]))
+                   timing_s=dict(meta["timing_s"]), baseline=sel.get("baseline", "coco"),
+                   abstention_removed=sel.get("abstention_removed"))
 
 
 @dataclass(frozen=True)
@@ -154,6 +157,12 @@ class BaselineSet(Json):
 class BaselinesResult(Json):
     """The control sets by name (rand, norm, mact), in the config's order."""
     sets: dict[str, BaselineSet]
+
+
+@dataclass(frozen=True)
+class SetsResult(Json):
+    """The config's named neuron sets (stage directory / name), in its order (config `sets`)."""
+    sets: dict[str, IdentifyResult]
 
 
 # --------------------------------------------------------------------------- evaluation summaries
@@ -245,11 +254,18 @@ class StabilityResult(Json):
 class Candidate(Json):
     """One edit of the sweep grid: an edit kind and its settings (edit/registry.py; the NE gate
     included), on the top `ratio` share of neurons (a linear kind: of all q/k/v neurons by COCO loss;
-    the gate: of q and v neurons by |direction|)."""
+    the gate: of q and v neurons by |direction|) of the identify stage's set, or on a named set of the
+    sets stage (`set`, at its own share: the arm KIND@SET of sweep.edits)."""
     key: str
     edit: str
     settings: dict[str, float]
-    ratio: float | None = None  # None: the identify artifact's own share
+    ratio: float | None = None  # None: the artifact's own share
+    set: str | None = None  # None: the identify stage's set (config `sets` names the others)
+
+    @property
+    def arm(self) -> str:
+        """The sweep.edits key this candidate belongs to: its kind, or KIND@SET."""
+        return self.edit if self.set is None else f"{self.edit}@{self.set}"
 
     @property
     def params(self) -> str:
@@ -290,6 +306,10 @@ class SweepRow(Json):
         return "base" if self.candidate is None else self.candidate.edit
 
     @property
+    def arm(self) -> str:
+        return "base" if self.candidate is None else self.candidate.arm
+
+    @property
     def params(self) -> str:
         return "-" if self.candidate is None else self.candidate.params
 
@@ -308,7 +328,7 @@ class SweepRow(Json):
 
 @dataclass(frozen=True)
 class Choice(Json):
-    """The sweep's pick for one edit (key None: the grid has no candidate of that edit)."""
+    """The sweep's pick for one arm (key None: the grid has no candidate of that arm)."""
     key: str | None
     admissible: bool
     beats_base: bool
@@ -326,7 +346,7 @@ class SweepResult(Json):
     floors: dict[str, float]
     base: SweepRow
     rows: list[SweepRow]
-    chosen: dict[str, Choice]
+    chosen: dict[str, Choice]  # arm (sweep.edits key) -> its pick
 
     @property
     def limit(self) -> int | None:
@@ -360,6 +380,15 @@ class FinalRun(Json):
 
 
 @dataclass(frozen=True)
+class Versus(Json):
+    """One COCO arm against one steering arm (experiment/versus.py): (Δ_coco - Δ_steer) per metric,
+    paired over the test items all three runs share."""
+    coco: str
+    baseline: str
+    diffs: dict[str, Interval]
+
+
+@dataclass(frozen=True)
 class FinalResult(Json):
     """Base and each edit kind's chosen candidate on the test split (a kind whose sweep had no
     candidate is absent), in the sweep's order. limits: benchmark -> lm-eval documents per task, in
@@ -368,6 +397,7 @@ class FinalResult(Json):
     limits: dict[str, int | None]
     base: FinalRun
     edits: dict[str, FinalRun]
+    versus: list[Versus] = dataclasses.field(default_factory=list)  # COCO arms vs steering arms
 
     def runs(self) -> dict[str, FinalRun]:
         """base, then the edited runs present."""
@@ -413,7 +443,8 @@ class ModelResults:
     sweep: Stage[SweepResult]
     final: Stage[FinalResult]
     stability: Stage[StabilityResult] | None = None  # None: stability.fractions is empty
+    sets: Stage[SetsResult] | None = None  # None: config `sets` is empty
 
     def stages(self) -> dict[str, Stage]:
-        names = ("identify", "baselines", "ablation", "stability", "sweep", "final")
+        names = ("identify", "baselines", "ablation", "stability", "sets", "sweep", "final")
         return {s: getattr(self, s) for s in names if getattr(self, s) is not None}

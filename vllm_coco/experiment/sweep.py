@@ -10,18 +10,34 @@ from vllm_coco.edit.registry import label
 from vllm_coco.experiment.results import Candidate, Choice, SweepRow
 
 
+def split_arm(arm: str) -> tuple[str, str | None]:
+    """A sweep.edits key -> (edit kind, neuron set or None: the identify stage's set)."""
+    kind, _, where = arm.partition("@")
+    return kind, where or None
+
+
 def candidates(sw: dict, identify_ratio: float) -> list[Candidate]:
     """The config's sweep section as candidates: for each neuron share (sweep.ratio; null: the
-    identify share), each edit kind of sweep.edits in order, every combination of its settings."""
+    identify share), each edit kind of sweep.edits in order, every combination of its settings; then
+    each KIND@SET arm, on its set at the set's own share."""
     out = []
     for r in sw["ratio"] or [identify_ratio]:
-        for kind, grid in sw["edits"].items():
-            names = list(grid)
-            short = [n[0] for n in names] if len({n[0] for n in names}) == len(names) else names
-            for values in itertools.product(*grid.values()):
-                key = f"{kind}-r{r:g}" + "".join(f"-{k}{v:g}" for k, v in zip(short, values))
-                out.append(Candidate(key=key, edit=kind, settings=dict(zip(names, values)), ratio=r))
+        for arm, grid in sw["edits"].items():
+            if split_arm(arm)[1] is None:
+                out += _grid(arm, grid, f"{arm}-r{r:g}", ratio=r)
+    for arm, grid in sw["edits"].items():
+        if split_arm(arm)[1] is not None:
+            out += _grid(arm, grid, arm)
     return out
+
+
+def _grid(arm: str, grid: dict[str, list[float]], prefix: str, ratio: float | None = None) -> list[Candidate]:
+    kind, where = split_arm(arm)
+    names = list(grid)
+    short = [n[0] for n in names] if len({n[0] for n in names}) == len(names) else names
+    return [Candidate(key=prefix + "".join(f"-{k}{v:g}" for k, v in zip(short, values)), edit=kind,
+                      settings=dict(zip(names, values)), ratio=ratio, set=where)
+            for values in itertools.product(*grid.values())]
 
 
 def shares(sw: dict, identify_ratio: float) -> list[float]:
@@ -55,16 +71,17 @@ def promote(rows: list[SweepRow], eta: int) -> list[str]:
     """Successive halving: of each edit kind's rows, the best 1/eta (at least one) go to the next
     rung; admissible rows first, then by the objective."""
     keep = []
-    for edit in dict.fromkeys(r.edit for r in rows):
-        mine = sorted((r for r in rows if r.edit == edit), key=lambda r: (not r.admissible, _objective(r)))
+    for arm in dict.fromkeys(r.arm for r in rows):
+        mine = sorted((r for r in rows if r.arm == arm), key=lambda r: (not r.admissible, _objective(r)))
         keep += [r.key for r in mine[:max(1, math.ceil(len(mine) / eta))]]
     return keep
 
 
 def choose(rows: list[SweepRow], edit: str) -> Choice:
-    """The best admissible candidate of one edit kind at the last rung it reached: the lowest
-    Δ|s_AMB| on validate, ties to the lower KL. None admissible: the one with the lowest KL, flagged."""
-    mine = [r for r in rows if r.edit == edit]
+    """The best admissible candidate of one arm (an edit kind, or KIND@SET) at the last rung it
+    reached: the lowest Δ|s_AMB| on validate, ties to the lower KL. None admissible: the one with the
+    lowest KL, flagged."""
+    mine = [r for r in rows if r.arm == edit]
     if not mine:
         return Choice(key=None, admissible=False, beats_base=False, note=f"no {label(edit)} candidate")
     top = max(r.rung for r in mine)

@@ -60,8 +60,9 @@ def shift_of_text(model, conditions, tokenizer, text: str, condition: str) -> di
     ids, nbytes = tokens_and_bytes(tokenizer, text)
     x = torch.tensor([ids, ids], device=model.device)  # [2, T]: the base row, then the edited row
     with torch.no_grad(), conditions.rows(["base", condition]):
-        logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].float(), dim=-1)  # [2, T-1, vocab]
-    kl = (logp[0].exp() * (logp[0] - logp[1])).sum(-1)  # [T-1]
+        logp = torch.log_softmax(model(input_ids=x).logits[:, :-1].double(), dim=-1)  # [2, T-1, vocab]
+    # KL >= 0; an edit that barely moves the logits can round a token's sum below 0 by ~1e-9: that is 0
+    kl = (logp[0].exp() * (logp[0] - logp[1])).sum(-1).clamp_min(0.0)  # [T-1]
     nll = -logp.gather(-1, x[:, 1:, None])[..., 0].sum(-1)  # [2]
     return {"tokens": len(ids) - 1, "bytes": nbytes, "kl": float(kl.mean()),
             "bpb_base": float(nll[0]) / (math.log(2) * nbytes), "bpb": float(nll[1]) / (math.log(2) * nbytes)}
