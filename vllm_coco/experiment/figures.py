@@ -117,7 +117,7 @@ def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
         c, iv = row.candidate, row.bias
         if row.rung != 0 or iv is None or iv.delta is None or iv.lo is None:
             continue
-        name = f"{label(c.edit)} " + c.params.split(", ", 1)[-1] if c.ratio is not None else c.params
+        name = f"{label(c.arm)} " + (c.params.split(", ", 1)[-1] if c.ratio is not None else c.params)
         lines.setdefault(name, []).append((100 * (c.ratio or 0.0), iv, row.key in chosen))
     fig, ax = plt.subplots(figsize=(6.5, 4.0))
     for i, (name, pts) in enumerate(lines.items()):
@@ -133,7 +133,7 @@ def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
     if ticks and ticks[0] > 0:  # shares 0.5, 1, 2 %: evenly spaced
         ax.set_xscale("log")
         ax.minorticks_off()
-    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.set_xticks(ticks, [f"{t:g}" if t else "own set" for t in ticks])  # 0: a KIND@SET arm, at its set's share
     ax.set_xlabel("neuron share (%)")
     ax.set_ylabel("Δ|s_AMB| vs base (validate, first rung), 95 %")
     ax.set_title(f"{m.name}: sweep (lower is less bias; ringed: chosen)")

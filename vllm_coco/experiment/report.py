@@ -100,7 +100,7 @@ def sample_sizes(m: ModelResults) -> list[str]:
     for e in sw.chosen:
         row = sw.chosen_row(e)
         if row is not None:
-            add(f"sweep: chosen {label(row.edit)} vs base (validate, success rate)", row.delta, p_val)
+            add(f"sweep: chosen {label(row.arm)} vs base (validate, success rate)", row.delta, p_val)
     for e, run in fin.edits.items():
         for b, ivs in (run.intervals or {}).items():
             bench = benchmarks.get(b)
@@ -417,13 +417,13 @@ def ablation_reading(r: AblationResult) -> str:
 def sweep(r: SweepResult) -> list[str]:
     """Every rung's rows: Δ vs the base at that rung with paired intervals, KL, admissible, chosen."""
     selected = {c.key for c in r.chosen.values() if c.key is not None}
-    rows = [[label(row.edit), row.params, str(row.limit or "all"), row.bias.text() if row.bias else "n/a",
+    rows = [[label(row.arm), row.params, str(row.limit or "all"), row.bias.text() if row.bias else "n/a",
              row.acc.text() if row.acc else "n/a", row.delta.text() if row.delta else "n/a", fmt(row.kl, 4),
              "yes" if row.admissible else "no",
              "**selected**" if row.key in selected and row.rung == len(r.limits) - 1 else ""] for row in r.rows]
     return (["### Sweep (validate split): constrained, by successive halving", "",
              f"Rungs of {', '.join(str(x or 'all') for x in r.limits)} stereo_coco documents per category: every "
-             "candidate at the first, the best third of each kind (admissible first, then by Δ|s_AMB|) at the next. "
+             "candidate at the first, the best third of each arm (admissible first, then by Δ|s_AMB|) at the next. "
              f"Admissible: Δ acc_disambig >= -{r.floors['acc_disambig']:g} and KL <= {r.floors['kl']:g} nats per token "
              f"on {r.neutral_limit} validate neutral passages (point estimates); chosen: the lowest Δ|s_AMB| among "
              "the admissible at the last rung. Δ: vs the base at the same rung, paired 95 % intervals.", "",

@@ -4,8 +4,9 @@ Input JSONL, one request per line: {"prompt": "..."} or {"messages": [{"role": .
 (other keys are carried through). Output JSONL in the same order, each input object plus
 "output" (the text) and "output_tokens". NE-COCO directories work through the plugin, LE-baked
 ones as plain checkpoints, and `--lora DIR` applies an adapter to every request. With an NE
-directory a line may carry its own edit (keys coco_alpha / coco_beta / coco_lam / coco_edit, as a
-server request's vllm_xargs): such requests share batches with the others (serve/per_request.py).
+directory a line may carry its own edit (keys coco_alpha / coco_beta / coco_lam / coco_edit /
+coco_scale, as a server request's vllm_xargs): such requests share batches with the others
+(serve/per_request.py).
 """
 
 from __future__ import annotations

@@ -36,9 +36,9 @@ from vllm_coco.identify.engine_capture import RECORDER
 
 class CocoStep(nn.Module):
     """The per-token settings of the step being run, one row per token of the packed batch:
-    the gate's alpha/beta/lam `[max_tokens, 1]` and, per named edit, whether it is on
-    (`on: [max_tokens, K]`, 0 or 1). Rows past a step's tokens keep stale but finite values
-    (padding tokens' outputs are discarded)."""
+    the gate's alpha/beta/lam `[max_tokens, 1]` and, per named edit, whether it is on (`on:
+    [max_tokens, K]`: its strength, coco_scale; 0 where off). Rows past a step's tokens keep stale
+    but finite values (padding tokens' outputs are discarded)."""
 
     def __init__(self, max_tokens: int, coco: dict):
         super().__init__()
