@@ -58,12 +58,12 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
             raise KeyboardInterrupt  # as if Ctrl-C hit the run in the middle of the sweep
         return real_evaluate(*args, **kwargs)
 
-    # run 1: interrupted at the 9th evaluation (5 ablation runs, 2 stability half-set ablations, sweep base,
-    # then the first candidate)
-    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: counting(*a, fail_at=9, **k))
+    # run 1: interrupted at the 13th evaluation (9 ablation runs: base, and 4 sets under each of the 2 ablation
+    # kinds; 2 stability half-set ablations, sweep base, then the first candidate)
+    monkeypatch.setattr(pipeline, "evaluate", lambda *a, **k: counting(*a, fail_at=13, **k))
     code, stdout, err = run_cli("run", config)
     assert code == 130, err[-3000:]
-    assert calls == ["test"] * 7 + ["validate"] * 2
+    assert calls == ["test"] * 11 + ["validate"] * 2
     for stage in ("identify", "baselines", "ablation", "stability"):  # (sets: after stability, no evaluation)
         assert (out / "tiny" / stage / "done.json").is_file()
     assert not (out / "tiny" / "sweep").exists() and (out / "tiny" / ".sweep.partial").is_dir()
@@ -94,7 +94,8 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
                     if line.startswith("| tiny |")]
     # (a), then per arm: reduces bias, (b)/(c), held-out transfer, abstention, (e) jailbreak, (d) retention
     # accuracy, neutral-text shift; then each COCO arm (le, ne, le@stereo) against the steering arm
-    assert len(verdict_rows) == 1 + 7 * 4 + 3
+    assert len(verdict_rows) == 2 + 7 * 4 + 3  # (a) under each ablation kind
+    assert sum("Ablating the COCO neurons (ablate-mean) lowers" in r for r in verdict_rows) == 1
     assert sum("beats steering vector [diffmean] at equal retention" in r for r in verdict_rows) == 3
     for row in verdict_rows:
         assert re.search(r"\*\*(supported|not supported|inconclusive|at chance: no evidence)\*\*", row), row
@@ -167,7 +168,11 @@ def test_pipeline_end_to_end_and_resume(bbq_tiny_model, tmp_path, monkeypatch):
     for stage, kind in kinds.items():
         stored = done[f"tiny/{stage}"]["result"]
         assert kind.from_json(stored).to_json() == stored, stage
-    assert list(AblationResult.from_json(done["tiny/ablation"]["result"]).sets) == ["coco", "rand", "norm", "mact"]
+    abl = AblationResult.from_json(done["tiny/ablation"]["result"])
+    assert list(abl.sets) == ["coco", "rand", "norm", "mact"] and abl.mode == "ablate-zero"
+    assert list(abl.also) == ["ablate-mean"] and list(abl.also["ablate-mean"].sets) == list(abl.sets)
+    assert abl.also["ablate-mean"].sets["coco"] != abl.sets["coco"] or abl.also["ablate-mean"].intervals
+    assert "The same sets ablated by `ablate-mean`" in report
     assert (out / "tiny" / "final" / "models" / "ne" / "coco_gate.safetensors").is_file()
     assert (out / "tiny" / "final" / "models" / "le" / "coco_edit.json").is_file()
     card = (out / "tiny" / "final" / "models" / "le" / "README.md").read_text()  # a model card with the verdicts
@@ -489,6 +494,10 @@ BAD = [
     ({"data": {"chat_template": "no"}}, r"^data\.chat_template: 'no' is not true or false"),
     ({"identify": {"contrast": "answers"}}, r"^identify\.contrast: 'answers' is not one of response, behavior"),
     ({"eval": {"scoring": "mean"}}, r"^eval\.scoring: 'mean' is not one of sum, per-byte"),
+    ({"ablation": {"mode": "ablate-zero"}}, r"^ablation\.mode: was replaced by ablation\.modes \(a list"),
+    ({"ablation": {"modes": ["ablate-zero", "le"]}},
+     r"^ablation\.modes\[1\]: 'le' is not one of ablate-zero, ablate-mean"),
+    ({"ablation": {"modes": []}}, r"^ablation\.modes: \[\] is not a non-empty list of ablation kinds"),
     ({"sets": {"x": {"contrast": "bogus"}}}, r"^sets\.x\.contrast: 'bogus' is not one of response, behavior"),
     ({"sets": {"x": {"from": "y"}, "y": {"from": "x"}}}, r"^sets\.x\.from: the sets x, y are re-selected from each"),
     ({"sets": {"x": {"contrast": "response", "abstention_filter": True}}},

@@ -129,3 +129,22 @@ def test_steer_refuses_an_artifact_without_mean_differences(planted, planted_neu
     assert not (tmp_path / "o").exists()
     code, _, err = run_cli("select", old, "--out", tmp_path / "s", "--baseline", "diffmean")
     assert code == 2 and "re-run `coco-tools identify`" in err
+
+
+def test_which_architectures_can_hold_the_steering_offset_as_a_checkpoint(tmp_path):
+    """A kind that shifts outputs (steer, ablate-mean) bakes into a Llama (attention_bias switched on)
+    and into a model whose config has attention biases, not into a bias-free Mistral: the experiment
+    then runs it in memory only, or skips that arm when it must write checkpoints (vLLM backend)."""
+    import tiny
+
+    from vllm_coco.experiment.pipeline import checkpointable
+
+    llama = {"dir": tiny.random_model(tmp_path / "llama")}
+    mistral = {"dir": tiny.random_model(tmp_path / "mistral", arch="mistral")}
+    for kind in ("steer", "ablate-mean"):
+        assert checkpointable(llama, kind) and not checkpointable(mistral, kind)
+    for kind in ("le", "ablate-zero", "ne"):
+        assert checkpointable(mistral, kind)
+    cfg = json.loads((mistral["dir"] / "config.json").read_text())
+    (mistral["dir"] / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
+    assert checkpointable(mistral, "steer")

@@ -92,6 +92,14 @@ def source_layout(src: SourceTensors, model_dir: Path) -> NeuronLayout:
     return NeuronLayout(len(complete), int(q_size), int(kv_size))
 
 
+def holds_offsets(model_dir: Path) -> bool:
+    """Whether a checkpoint of this model can carry an edit that shifts q/k/v outputs (ablate-mean,
+    steer): its config says its attention has biases, or it is a Llama, whose attention_bias the bake
+    switches on (docs/METHOD.md §9.2 D6). A kind that shifts is refused by `bake` on any other."""
+    config = json.loads((Path(model_dir) / "config.json").read_text(encoding="utf-8"))
+    return config.get("model_type") == "llama" or bool(config.get("attention_bias"))
+
+
 def _bias_plan(kind: LinearKind, tables, edits, src: SourceTensors, config: dict) -> bool:
     """For an edit that shifts outputs (ablate-mean): True when zero q/k/v/o biases must be added
     (Llama's `attention_bias`). CocoError when the model has no biases and its architecture cannot

@@ -3,7 +3,7 @@
 The built-in linear kinds (edit/kinds/) come first, in the order below; `register` adds one, and
 every installed package's entry point in the group `vllm_coco.edit_kinds` (loading to a LinearKind)
 is registered when this module is first imported, so `coco-tools bake --mode KIND` and a run
-config's sweep take it. The CLI's choices (`bake --mode`, `ne --with`), the config's ablation mode and
+config's sweep take it. The CLI's choices (`bake --mode`, `ne --with`), the config's ablation modes and
 sweep grid, and the experiment's report read this list, so a registered kind is usable everywhere
 at once. The NE gate (edit/kinds/ne.py) is the one nonlinear kind: `gate()`.
 """

@@ -45,7 +45,7 @@ DEFAULTS: dict = {
     "sets": {"stereo": {"contrast": "stereotype", "limit": 30, "abstention_filter": True},
              "stereo-raw": {"from": "stereo", "abstention_filter": False},
              "diffmean": {"from": "stereo", "baseline": "diffmean"}},
-    "ablation": {"mode": "ablate-zero", "limit": 90},
+    "ablation": {"modes": ["ablate-zero", "ablate-mean"], "limit": 90},
     "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [1.0, 2.0], "beta": [N.NE_BETA],
                                                             "lam": [N.NE_LAM]},
                         "le@stereo": {"alpha": [0.5, 1.0]}, "le@stereo-raw": {"alpha": [0.5, 1.0]},
@@ -60,7 +60,8 @@ DEFAULTS: dict = {
              **{k: 1 for k in N.PARALLEL_OPTIONS}, "distributed_executor_backend": None},
 }
 # keys of earlier versions: what replaced them (the error says so instead of "unknown key")
-RENAMED = {"sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for both edits)",
+RENAMED = {"ablation.mode": "ablation.modes (a list of ablation kinds: every set is ablated by each)",
+           "sweep.ne_ratio": "sweep.ratio (a list of neuron shares, swept for both edits)",
            "sweep.retention_limit": "sweep.neutral_limit (the sweep's retention constraint is KL on neutral text)",
            "sweep.retention_floor": "the declared floors (experiment/benchmarks.py: acc_disambig, KL, retention acc)",
            **{f"sweep.{k}_{p}": f"sweep.edits.{k}.{p} (edit kind -> setting -> values)"
@@ -322,7 +323,14 @@ def _set_order(sets: dict, identify_contrast: str) -> dict:
 
 
 def _check_ablation(cfg: dict) -> None:
-    _choice(cfg["ablation"]["mode"], "ablation.mode", registry.ablations())
+    modes = cfg["ablation"]["modes"]
+    if not isinstance(modes, list) or not modes:
+        _fail("ablation.modes", f"{modes!r} is not a non-empty list of ablation kinds "
+              f"({', '.join(registry.ablations())})")
+    for i, mode in enumerate(modes):
+        _choice(mode, f"ablation.modes[{i}]", registry.ablations())
+        if mode in modes[:i]:
+            _fail(f"ablation.modes[{i}]", f"{mode} is listed twice")
     _int(cfg["ablation"], "ablation", "limit", lo=1, nullable=True)
 
 

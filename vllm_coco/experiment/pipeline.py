@@ -125,6 +125,11 @@ class Run:
         """Edits run as conditions on one loaded model (backend hf) rather than as written directories."""
         return self.backend == "hf"
 
+    def writes(self, m: dict, kind: str) -> bool:
+        """Whether the run can evaluate edit kind `kind` on model m: in memory any kind runs; written,
+        only one a checkpoint of m can hold (checkpointable)."""
+        return self.in_memory or checkpointable(m, kind)
+
     def lm(self, model_dir: Path):
         """The loaded `CocoHFLM` of model_dir, shared by every stage of that model (one in memory at a time)."""
         if self._lm is None or self._lm[0] != str(model_dir):
@@ -185,6 +190,14 @@ class Run:
         self.log(f"{tag}: done in {seconds:.1f} s{reused}")
         self.stages.append({"label": model, "stage": name, "status": "computed", "seconds": seconds})
         return Stage(result, final, h, seconds)
+
+
+def checkpointable(m: dict, kind: str) -> bool:
+    """Whether a written edit of `kind` on model m can exist: a kind that shifts outputs needs a model
+    whose checkpoint holds q/k/v biases (edit/bake.holds_offsets); the gate and gain-only kinds always."""
+    from vllm_coco.edit.bake import holds_offsets
+
+    return not getattr(registry.any_kind(kind), "shifts", False) or holds_offsets(m["dir"])
 
 
 class Steps:
@@ -371,7 +384,7 @@ def score_ablated(run: Run, m: dict, steps: Steps, name: str, neurons: Path, mod
     from vllm_coco.edit.bake import bake
 
     written = None
-    if not run.in_memory or run.cfg["keep_models"]:
+    if not run.in_memory or (run.cfg["keep_models"] and checkpointable(m, mode)):
         written = steps.do(f"models/{name}", {"neurons": str(neurons), "mode": mode},
                            lambda d: bake(str(m["dir"]), str(neurons), str(d), mode=mode))
     if run.in_memory:
@@ -383,12 +396,12 @@ def score_ablated(run: Run, m: dict, steps: Steps, name: str, neurons: Path, mod
 
 
 def score_test(run: Run, m: dict, steps: Steps, key: str, model_dir: Path, limit, where: dict[str, Path],
-               what: str, condition: str | None = None, prefetch=()) -> GroupSummary:
-    """stereo_coco on the test split for one model or in-memory condition of the ablation kind: the
-    evaluation directory goes to where[key], one log line says its success rate."""
+               what: str, condition: str | None = None, prefetch=(), mode: str | None = None) -> GroupSummary:
+    """stereo_coco on the test split for one model or in-memory condition (ablated by `mode`; None:
+    the base): the evaluation directory goes to where[key], one log line says its success rate."""
     t0, dirs, cats = time.time(), {}, run.cfg["data"]["categories"]
     res = eval_groups(run, model_dir, [("stereo", [f"stereo_coco_{c}" for c in cats], limit)], "test", steps,
-                      f"evals/{key}", {"model": key, "mode": run.cfg["ablation"]["mode"]}, condition=condition,
+                      f"evals/{key}", {"model": key, "mode": mode or "base"}, condition=condition,
                       prefetch=prefetch, dirs=dirs)["stereo"]
     where[key] = dirs["stereo"]
     out = STEREO.summarize(res, cats)
@@ -399,42 +412,65 @@ def score_test(run: Run, m: dict, steps: Steps, key: str, model_dir: Path, limit
 BASE_EVAL = Path("evals/base/eval")  # the ablation stage's base evaluation (eval_groups, one group)
 
 
+def ablated_name(name: str, mode: str, modes: list[str]) -> str:
+    """A set's key under `mode` in the ablation stage's steps: its name under the first mode (the
+    directories of earlier runs keep theirs), NAME-MODE under the others."""
+    return name if mode == modes[0] else f"{name}-{mode}"
+
+
 def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases: Stage[BaselinesResult],
               data_spec: dict) -> Stage[AblationResult]:
     ac = run.cfg["ablation"]
+    modes = ac["modes"]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
             "baselines": bases.hash, "ablation": ac, "data": data_spec, "backend": run.backend,
             "scoring": run.cfg["eval"]["scoring"]}
 
-    where: dict[str, Path] = {}  # set name -> its evaluation directory
+    where: dict[str, Path] = {}  # set (under each mode) -> its evaluation directory
 
-    def score(name: str, model_dir: Path, steps: Steps, condition=None, prefetch=()) -> GroupSummary:
-        return score_test(run, m, steps, name, model_dir, ac["limit"], where, f"ablation {LABELS.get(name, name)}",
-                          condition, prefetch)
+    def score(name: str, model_dir: Path, steps: Steps, condition=None, prefetch=(), mode=None) -> GroupSummary:
+        what = "ablation " + LABELS.get(name, name) + ("" if mode in (None, modes[0]) else f" ({mode})")
+        return score_test(run, m, steps, ablated_name(name, mode, modes) if mode else name, model_dir, ac["limit"],
+                          where, what, condition, prefetch, mode)
 
     def body(partial: Path, steps: Steps) -> AblationResult:
         sets = _neuron_sets(ident, bases)
-        if run.in_memory:  # every set ablated on the loaded base model, all scored in the base's batches
+        evaluable = [mode for mode in modes if run.writes(m, mode)] or _none_evaluable(m, modes)
+        for mode in (mode for mode in modes if mode not in evaluable):
+            run.log(f"  [{m['name']}] ablation: {mode} skipped (its checkpoint needs q/k/v biases this "
+                    "architecture lacks; eval.backend hf runs it in memory)")
+        conds = []
+        if run.in_memory:  # every set under every mode on the loaded base model, all scored in the base's batches
             from vllm_coco.edit.conditions import linear_edit
 
             lm = run.lm(m["dir"])
-            for name, neurons in sets.items():
-                lm.add_condition(f"ablate-{name}", linear_edit(neurons, ac["mode"], model_dir=m["dir"]))
-        conds = [f"ablate-{name}" for name in sets] if run.in_memory else []
+            for mode in evaluable:
+                for name, neurons in sets.items():
+                    conds.append(f"ablate-{ablated_name(name, mode, modes)}")
+                    lm.add_condition(conds[-1], linear_edit(neurons, mode, model_dir=m["dir"]))
         base = score("base", m["dir"], steps, prefetch=conds)
-        scored = {}
-        for name, neurons in sets.items():
-            scored[name] = score_ablated(run, m, steps, name, neurons, ac["mode"],
-                                         lambda d, c, name=name: score(name, d, steps, condition=c))
-        recs = {name: stats.bbq_records(d) for name, d in where.items()}
-        intervals = {name: {k: stats.compare(recs["base"], recs[name], k) for k in stats.METRIC_STATS}
-                     for name in scored}
-        specific = {name: stats.compare_diff(recs["base"], recs["coco"], recs[name])
-                    for name in scored if name != "coco" and "coco" in recs}
-        return AblationResult(mode=ac["mode"], limit=ac["limit"], split="test", base=base, sets=scored,
-                              intervals=intervals, specific=specific)
+        results = [_ablation_mode(run, m, steps, sets, mode, modes, score, where, base, ac["limit"])
+                   for mode in evaluable]
+        return dataclasses.replace(results[0], also={r.mode: r for r in results[1:]})
 
     return run.stage(root, m["name"], "ablation", spec, body, AblationResult)
+
+
+def _ablation_mode(run: Run, m: dict, steps: Steps, sets: dict[str, Path], mode: str, modes: list[str], score,
+                   where: dict[str, Path], base: GroupSummary, limit) -> AblationResult:
+    """Every set ablated by `mode`, against the stage's base evaluation: summaries, intervals, specificity."""
+    scored = {}
+    for name, neurons in sets.items():
+        key = ablated_name(name, mode, modes)
+        scored[name] = score_ablated(run, m, steps, key, neurons, mode,
+                                     lambda d, c, name=name: score(name, d, steps, condition=c, mode=mode))
+    recs = {name: stats.bbq_records(where[ablated_name(name, mode, modes)]) for name in scored}
+    base_recs = stats.bbq_records(where["base"])
+    intervals = {name: {k: stats.compare(base_recs, recs[name], k) for k in stats.METRIC_STATS} for name in scored}
+    specific = {name: stats.compare_diff(base_recs, recs["coco"], recs[name])
+                for name in scored if name != "coco" and "coco" in recs}
+    return AblationResult(mode=mode, limit=limit, split="test", base=base, sets=scored, intervals=intervals,
+                          specific=specific)
 
 
 def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl: Stage[AblationResult],
@@ -447,7 +483,7 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
         return None
     limit = ac["limit"] if sc["limit"] is None else sc["limit"]
     spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
-            "ablation": abl.hash, "stability": sc, "limit": limit, "mode": ac["mode"], "seed": run.cfg["seed"],
+            "ablation": abl.hash, "stability": sc, "limit": limit, "mode": abl.result.mode, "seed": run.cfg["seed"],
             "data": data_spec, "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]}
 
     def body(partial: Path, steps: Steps) -> StabilityResult:
@@ -492,15 +528,15 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
 
             lm = run.lm(m["dir"])
             for name, neurons in sides.items():
-                lm.add_condition(f"ablate-{name}", linear_edit(neurons, ac["mode"], model_dir=m["dir"]))
+                lm.add_condition(f"ablate-{name}", linear_edit(neurons, abl.result.mode, model_dir=m["dir"]))
         where: dict[str, Path] = {}
 
         def score(name: str, model_dir: Path, condition: str | None) -> GroupSummary:
             others = [f"ablate-{n}" for n in sides if n != name] if run.in_memory else []
             return score_test(run, m, steps, name, model_dir, limit, where, f"stability: {name} ablated", condition,
-                              others)
+                              others, abl.result.mode)
 
-        ablated = {name[-1]: score_ablated(run, m, steps, name, neurons, ac["mode"],
+        ablated = {name[-1]: score_ablated(run, m, steps, name, neurons, abl.result.mode,
                                            lambda d, c, name=name: score(name, d, c))
                    for name, neurons in sides.items()}
         base = stats.bbq_records(abl.dir / BASE_EVAL)
@@ -611,7 +647,7 @@ def _sweep(run: Run, m: dict, root: Path, src: Sources, data_spec: dict) -> Stag
             "scoring": run.cfg["eval"]["scoring"], "floors": _sweep_floors()}
 
     def body(partial: Path, steps: Steps) -> SweepResult:
-        cands = candidates(sw, run.cfg["identify"]["ratio"])
+        cands = _evaluable(run, m, candidates(sw, run.cfg["identify"]["ratio"]))
         share_sets(run, src.ident, steps)
         neurons = {c.key: src.neurons(run, partial, c) for c in cands}
         if run.in_memory:
@@ -630,6 +666,20 @@ def _sweep(run: Run, m: dict, root: Path, src: Sources, data_spec: dict) -> Stag
                            floors=_sweep_floors(), base=base, rows=rows, chosen=chosen)
 
     return run.stage(root, m["name"], "sweep", spec, body, SweepResult)
+
+
+def _evaluable(run: Run, m: dict, cands: list[Candidate]) -> list[Candidate]:
+    """The candidates the run can evaluate on m (Run.writes); the others' arms are logged as skipped."""
+    keep = [c for c in cands if run.writes(m, c.edit)]
+    for arm in dict.fromkeys(c.arm for c in cands if c not in keep):
+        run.log(f"  [{m['name']}] sweep: {label(arm)} skipped (written checkpoints of this architecture cannot "
+                "hold its offsets; eval.backend hf runs it in memory)")
+    return keep
+
+
+def _none_evaluable(m: dict, modes: list[str]):
+    raise CocoError(f"models {m['name']}: no ablation.modes kind can be written for this architecture "
+                    f"({', '.join(modes)}); add ablate-zero or use eval.backend hf")
 
 
 def _sweep_floors() -> dict[str, float]:
@@ -657,7 +707,7 @@ def _sweep_rung(run: Run, m: dict, steps: Steps, rung: int, limit, cands: list[C
     for cand in cands:
         t0 = time.time()
         if run.in_memory:
-            if run.cfg["keep_models"]:
+            if run.cfg["keep_models"] and checkpointable(m, cand.edit):
                 steps.do(f"models/{cand.key}", {"cand": cand.spec()},
                          lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
             summ, recs = score(cand.key, m["dir"], condition=f"sweep-{cand.key}")
@@ -736,7 +786,7 @@ def _final(run: Run, m: dict, root: Path, src: Sources, sweep: Stage[SweepResult
         edits = {e: evaluate_one(e, row.candidate, steps) for e, row in chosen.items() if row is not None}
         recs = {e: STEREO.records(where[e][STEREO.name], cats) for e in edits}
         vs = versus.compare(STEREO.records(where["base"][STEREO.name], cats), recs)
-        for e, fr in edits.items():  # the chosen edits' model cards carry this run's verdicts
+        for e, fr in ((e, fr) for e, fr in edits.items() if fr.model):  # written edits' cards carry the verdicts
             verdicts = benchmarks.judge_all(fr.intervals or {}, label(e), run.cfg)
             model_card.with_verdicts(partial / fr.model / model_card.CARD,
                                      [[v.claim, f"**{v.status}**", report.evidence(v)] for v in verdicts])
@@ -767,6 +817,10 @@ def _final_model(run: Run, m: dict, src: Sources, sweep, name: str, cand: Candid
         return m["dir"], None, None
     spec = {k: v for k, v in cand.spec().items() if k != "key"}
     neurons = src.neurons(run, sweep.dir, cand)
+    if not checkpointable(m, cand.edit):  # only in memory (the sweep let no other through)
+        run.log(f"  [{m['name']}] final {label(name)}: evaluated in memory, not written (a checkpoint of this "
+                "architecture cannot hold its offsets)")
+        return m["dir"], None, f"final-{name}"
     written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, d))
     if run.in_memory:
         return m["dir"], f"models/{name}", f"final-{name}"
@@ -889,7 +943,7 @@ def plan(cfg: dict) -> list[str]:
                          f"{cfg['parity']['limit']} documents per category)")
             continue
         lines.append(f"[{m['name']}] {m['path']}: identify -> baselines ({', '.join(cfg['baselines']) or 'none'}) -> "
-                     f"ablation ({1 + 1 + len(cfg['baselines'])} evals) -> "
+                     f"ablation ({1 + len(cfg['ablation']['modes']) * (1 + len(cfg['baselines']))} evals) -> "
                      + (f"stability ({len(cfg['stability']['fractions'])} split(s)"
                         + (", 2 evals" if cfg['stability']['ablate'] else "") + ") -> "
                         if cfg["stability"]["fractions"] else "")

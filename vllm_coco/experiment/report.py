@@ -122,7 +122,8 @@ def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
     """The claims, each computed from the stored intervals by stats' stated rule: specificity of the
     COCO set, then each edit's verdicts from every benchmark that judges (benchmarks.Benchmark.judge)."""
     abl, fin = m.ablation.result, m.final.result
-    out = [stats.verdict_specific({LABELS[k]: iv for k, iv in (abl.specific or {}).items()})]
+    out = [stats.verdict_specific({LABELS[k]: iv for k, iv in (r.specific or {}).items()}, r.mode)
+           for r in (abl, *abl.also.values())]
     for e, run in fin.edits.items():  # no candidate of an edit: nothing to judge
         out += benchmarks.judge_all(run.intervals or {}, label(e), cfg)
     return out + [versus.verdict(v, fin.edits[v.coco], fin.edits[v.baseline], label(v.coco), label(v.baseline))
@@ -319,16 +320,25 @@ def ablation(r: AblationResult, cats, png: Path) -> list[str]:
           f"{r.limit or 'all'} documents per category.", ""]
     if not r.baselines():
         md += ["Baselines: n/a (no RAND / NORM / MACT baseline configured in `baselines`).", ""]
+    md += ablation_tables(r, cats) + [f"Reading: {ablation_reading(r)}.", ""] + figure("ablation", png)
+    for mode, other in r.also.items():
+        md += [f"The same sets ablated by `{mode}` (against the same base evaluation):", ""]
+        md += ablation_tables(other, cats) + [f"Reading ({mode}): {ablation_reading(other)}.", ""]
+    return md
+
+
+def ablation_tables(r: AblationResult, cats) -> list[str]:
+    """One ablation kind's success rates per category, its intervals and its specificity."""
     rows = [vs_base([c], r.base.get("success_rate", c), [s.get("success_rate", c) for s in r.sets.values()])
             for c in [*cats, "all"]]
-    md += [md_table(["category", "base"] + [f"{LABELS[s]} ablated" for s in r.sets], rows), ""]
+    md = [md_table(["category", "base"] + [f"{LABELS[s]} ablated" for s in r.sets], rows), ""]
     md += intervals_table("Δ vs base with its paired 95 % interval over test items (n items)",
                           {f"{LABELS[s]} ablated": iv for s, iv in (r.intervals or {}).items()})
     if r.specific:
         md += ["Specificity, Δ_COCO - Δ_X (success rate; below 0: COCO's ablation lowers it more):", "",
                md_table(["baseline X", "Δ_COCO - Δ_X [95 %]", "n"],
                         [[LABELS[k], iv.text(), str(iv.n)] for k, iv in r.specific.items()]), ""]
-    return md + [f"Reading: {ablation_reading(r)}.", ""] + figure("ablation", png)
+    return md
 
 
 def stability(r: StabilityResult, abl: AblationResult) -> list[str]:

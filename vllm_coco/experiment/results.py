@@ -201,8 +201,9 @@ class GroupSummary(Json):
 
 @dataclass(frozen=True)
 class AblationResult(Json):
-    """stereo_coco on the test split: the base model, and each neuron set ablated. sets: COCO first,
-    then the baselines in the config's order."""
+    """stereo_coco on the test split: the base model, and each neuron set ablated by `mode` (the first
+    of config ablation.modes; `also`: the others). sets: COCO first, then the baselines in the
+    config's order."""
     mode: str
     limit: int | None
     split: str
@@ -212,6 +213,8 @@ class AblationResult(Json):
     intervals: dict[str, dict[str, Interval]] | None = None
     # baseline -> interval of Δ_COCO - Δ_baseline (success rate): the specificity claim
     specific: dict[str, Interval] | None = None
+    # every further ablation kind of config ablation.modes -> the same check under it (same base)
+    also: dict[str, AblationResult] = dataclasses.field(default_factory=dict)
 
     @property
     def coco(self) -> GroupSummary:

@@ -406,14 +406,16 @@ def _status(supported: bool, refuted: bool) -> str:
     return NOT_SUPPORTED if refuted else SUPPORTED if supported else INCONCLUSIVE
 
 
-def verdict_specific(diffs: dict[str, Interval]) -> Verdict:
+def verdict_specific(diffs: dict[str, Interval], mode: str | None = None) -> Verdict:
     """Claim (a): ablating COCO lowers the success rate more than ablating each same-size baseline.
-    diffs: baseline label -> diff_interval(base, coco, baseline) of success_rate."""
+    diffs: baseline label -> diff_interval(base, coco, baseline) of success_rate; mode: the ablation
+    kind (named in the claim)."""
     rule = ("supported if the 95 % interval of Δ_COCO - Δ_X lies below 0 for every baseline X; "
             "not supported if it lies above 0 for any X; else inconclusive")
     refuted = any(_above(iv, 0.0) for iv in diffs.values())
     supported = bool(diffs) and all(_below(iv, 0.0) for iv in diffs.values())
-    return Verdict(claim="Ablating the COCO neurons lowers the success rate more than ablating each same-size "
+    how = f" ({mode})" if mode else ""
+    return Verdict(claim=f"Ablating the COCO neurons{how} lowers the success rate more than ablating each same-size "
                    "baseline set", status=_status(supported, refuted), rule=rule, evidence=dict(diffs))
 
 
