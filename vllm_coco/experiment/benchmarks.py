@@ -51,13 +51,15 @@ class Benchmark:
 
     metrics[0] is the headline: the one shown per group and drawn. limit: lm-eval documents per task
     in the final stage (the config's `final.benchmarks.<name>.limit` overrides it; None: all).
-    judge: its verdict rule (None: reported, not judged)."""
+    judge: its verdict rule (None: reported, not judged). in_default: the embedded default run
+    (configs/default.yaml) runs it; configs/full.yaml runs every one."""
     name: str
     title: str
     about: str
     metrics: tuple[Metric, ...]
     limit: int | None
     judge: Judge | None = None
+    in_default: bool = True
 
     def metric(self, key: str) -> Metric:
         """A declared metric; "base_<key>": the base model's own value of <key> (DocBenchmark's chance check)."""
@@ -267,7 +269,7 @@ STEREO = BbqBenchmark(
             "acc_disambig_inconsistent", "disambig_gap"),
     per_group=("success_rate", "acc_disambig", "bias_ambig", "bias_disambig"))
 HELDOUT = BbqBenchmark(
-    name="heldout", title="BBQ, held-out categories", limit=120, judge=_judge_heldout,
+    name="heldout", title="BBQ, held-out categories", limit=60, judge=_judge_heldout,
     about="The intersectional categories Race_x_SES and Race_x_gender, never used by identify or the sweep: does "
           "the effect transfer? Same metrics as the run's categories.",
     metrics=STEREO.metrics, fixed_groups=("Race_x_SES", "Race_x_gender"), pooled=STEREO.pooled,
@@ -280,6 +282,7 @@ JAILBREAK = BbqBenchmark(
     run=("stereo_coco_jailbreak",), per_group=("success_rate",), needs_categories=True)
 RETENTION = DocBenchmark(
     name="retention", title="Retention (offline subsets)", limit=40, judge=_judge_retention,
+    in_default=False,  # the demo model answers its accuracy tasks at chance: no evidence at that size
     about="General ability the edit must keep: accuracy is compared over the accuracy tasks' documents pooled.",
     metrics=(Metric("acc", "accuracy", floor=0.02),
              Metric("ref_bits_per_byte", "reference answer, bits per byte (lower is better)", lower_is_better=True,

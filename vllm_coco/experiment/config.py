@@ -35,25 +35,22 @@ DEFAULTS: dict = {
     "keep_models": False,
     "data": {"source": "bbq", "categories": list(N.DEFAULT_CATEGORIES), "chat_template": False},
     "models": None,  # required
-    "identify": {"contrast": N.CONTRASTS[0], "limit": 60, "ratio": N.RATIO, "weighting": N.WEIGHTINGS[0],
+    "identify": {"contrast": N.CONTRASTS[0], "limit": 48, "ratio": N.RATIO, "weighting": N.WEIGHTINGS[0],
                  "tau": N.TAU, "null_rounds": 1, "batch_size": N.BATCH_SIZE, "dtype": N.DTYPES[0],
                  "device": "cpu", "device_map": None, "backend": N.IDENTIFY_BACKENDS[0]},
-    "baselines": list(N.CONTROL_BASELINES),
+    "baselines": ["rand"],
     # more neuron sets, edited by the sweep's KIND@SET arms (docs/METHOD.md §2.4, §5.4, §5.6): a set is
     # identified anew (its own contrast; the identify section's other options) or re-selected `from` an
     # earlier one (or from "coco", the identify stage's set)
-    "sets": {"stereo": {"contrast": "stereotype", "limit": 30, "abstention_filter": True},
-             "stereo-raw": {"from": "stereo", "abstention_filter": False},
+    "sets": {"stereo": {"contrast": "stereotype", "limit": 24, "abstention_filter": True},
              "diffmean": {"from": "stereo", "baseline": "diffmean"}},
-    "ablation": {"modes": ["ablate-zero", "ablate-mean"], "limit": 90},
-    "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [1.0, 2.0], "beta": [N.NE_BETA],
-                                                            "lam": [N.NE_LAM]},
-                        "le@stereo": {"alpha": [0.5, 1.0]}, "le@stereo-raw": {"alpha": [0.5, 1.0]},
-                        "steer@diffmean": {"alpha": [1.0, 4.0, 16.0]}},
-              "ratio": [0.01, 0.02], "limit": 48, "rungs": 2, "eta": 3, "neutral_limit": 10},
+    "ablation": {"modes": ["ablate-zero", "ablate-mean"], "limit": 72},
+    "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "le@stereo": {"alpha": [0.5, 1.0]},
+                        "steer@diffmean": {"alpha": [1.0, 2.0, 4.0]}},
+              "ratio": [0.01], "limit": 48, "rungs": 2, "eta": 3, "neutral_limit": 10},
     "stability": {"fractions": [0.5, 0.25], "ablate": False, "limit": None},
     # benchmark (experiment/benchmarks.py) -> its settings; the built-in ones at their declared sizes
-    "final": {"benchmarks": {b.name: {"limit": b.limit} for b in benchmarks.BUILT_IN}},
+    "final": {"benchmarks": {b.name: {"limit": b.limit} for b in benchmarks.BUILT_IN if b.in_default}},
     "parity": {"identify_limit": 4, "limit": 6, "tolerance": 1e-4},
     "eval": {"backend": "hf", "batch_size": N.BATCH_SIZE, "device": "cpu", "max_model_len": N.MAX_MODEL_LEN,
              "scoring": "per-byte", "dtype": N.EVAL_DTYPES[0],

@@ -721,7 +721,7 @@ def _sweep_rung(run: Run, m: dict, steps: Steps, rung: int, limit, cands: list[C
         row = SweepRow.score(cand, rung, limit, summ, _sweep_kl(run, m, steps, cand, neurons[cand.key]), deltas)
         row = dataclasses.replace(row, admissible=admissible(row, **_floor_args()))
         rows.append(row)
-        run.log(f"  [{m['name']}] sweep {label(cand.edit)} {row.params} @{limit or 'all'}: Δ|s_AMB| "
+        run.log(f"  [{m['name']}] sweep {label(cand.arm)} {row.params} @{limit or 'all'}: Δ|s_AMB| "
                 f"{row.bias.text() if row.bias else 'n/a'}, Δ acc_disambig {fmt(row.acc.delta if row.acc else None)}, "
                 f"KL {fmt(row.kl, 4)}{'' if row.admissible else ' (outside the floors)'} ({time.time() - t0:.0f} s)")
     return base, rows
