@@ -198,6 +198,10 @@ def test_identify_stereotype_with_the_filter_then_select_without_it(tmp_path):
     assert code == 0, err
     plain = json.loads((tmp_path / "plain" / "neurons.json").read_text())
     assert plain["selection"]["abstention_filter"] is False and plain["selection"]["abstention_removed"] is None
+    code, _, err = run_cli("select", out, "--out", tmp_path / "steer", "--baseline", "diffmean")
+    assert code == 0, err
+    steer = json.loads((tmp_path / "steer" / "neurons.json").read_text())["selection"]
+    assert steer["baseline"] == "diffmean" and steer["abstention_removed"] is None  # not read off the COCO ranking
     explained = arrays["abstention_loss"] <= arrays["loss"]
     flat = [NeuronLayout(meta["model"]["num_layers"], meta["model"]["q_size"], meta["model"]["kv_size"])
             .flat(n["layer"], n["proj"], n["index"]) for n in meta["neurons"]]

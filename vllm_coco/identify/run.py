@@ -281,7 +281,8 @@ def select_from_arrays(arrays: dict, categories, nulls: dict, sizes: dict, opts:
                       "count": int(len(sel)), "by_proj": {p: int(np.sum(proj[sel] == i)) for i, p in enumerate(PROJS)},
                       "tau": opts.tau, "k_negatives": opts.k_negatives, "seed": opts.seed,
                       "abstention_filter": opts.abstention_filter,
-                      "abstention_removed": None if explained is None else
+                      # what the filter took out of the COCO ranking (a set not read off it: not applicable)
+                      "abstention_removed": None if explained is None or opts.baseline not in ("coco", "rand") else
                       int(explained[_select(score, loss, total, opts)].sum()),
                       "combined": "mean of per-category scores"},
         "significance": {"null": NULLS[opts.contrast], "rounds": opts.null_rounds,
