@@ -435,7 +435,10 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
 
     def body(partial: Path, steps: Steps) -> AblationResult:
         sets = _neuron_sets(ident, bases)
-        evaluable = [mode for mode in modes if run.writes(m, mode)] or _none_evaluable(m, modes)
+        evaluable = [mode for mode in modes if run.writes(m, mode)]
+        if not evaluable:
+            raise CocoError(f"models {m['name']}: no ablation.modes kind can be written for this architecture "
+                            f"({', '.join(modes)}); add ablate-zero or use eval.backend hf")
         for mode in (mode for mode in modes if mode not in evaluable):
             run.log(f"  [{m['name']}] ablation: {mode} skipped (its checkpoint needs q/k/v biases this "
                     "architecture lacks; eval.backend hf runs it in memory)")
@@ -449,7 +452,8 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
                     conds.append(f"ablate-{ablated_name(name, mode, modes)}")
                     lm.add_condition(conds[-1], linear_edit(neurons, mode, model_dir=m["dir"]))
         base = score("base", m["dir"], steps, prefetch=conds)
-        results = [_ablation_mode(run, m, steps, sets, mode, modes, score, where, base, ac["limit"])
+        base_recs = stats.bbq_records(where["base"])  # read once: every ablation kind is compared with it
+        results = [_ablation_mode(run, m, steps, sets, mode, modes, score, where, (base, base_recs), ac["limit"])
                    for mode in evaluable]
         return dataclasses.replace(results[0], also={r.mode: r for r in results[1:]})
 
@@ -457,15 +461,16 @@ def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases
 
 
 def _ablation_mode(run: Run, m: dict, steps: Steps, sets: dict[str, Path], mode: str, modes: list[str], score,
-                   where: dict[str, Path], base: GroupSummary, limit) -> AblationResult:
-    """Every set ablated by `mode`, against the stage's base evaluation: summaries, intervals, specificity."""
+                   where: dict[str, Path], base: tuple[GroupSummary, list[dict]], limit) -> AblationResult:
+    """Every set ablated by `mode`, against the stage's base evaluation (its summary and records):
+    summaries, intervals, specificity."""
+    base, base_recs = base
     scored = {}
     for name, neurons in sets.items():
         key = ablated_name(name, mode, modes)
         scored[name] = score_ablated(run, m, steps, key, neurons, mode,
                                      lambda d, c, name=name: score(name, d, steps, condition=c, mode=mode))
     recs = {name: stats.bbq_records(where[ablated_name(name, mode, modes)]) for name in scored}
-    base_recs = stats.bbq_records(where["base"])
     intervals = {name: {k: stats.compare(base_recs, recs[name], k) for k in stats.METRIC_STATS} for name in scored}
     specific = {name: stats.compare_diff(base_recs, recs["coco"], recs[name])
                 for name in scored if name != "coco" and "coco" in recs}
@@ -675,11 +680,6 @@ def _evaluable(run: Run, m: dict, cands: list[Candidate]) -> list[Candidate]:
         run.log(f"  [{m['name']}] sweep: {label(arm)} skipped (written checkpoints of this architecture cannot "
                 "hold its offsets; eval.backend hf runs it in memory)")
     return keep
-
-
-def _none_evaluable(m: dict, modes: list[str]):
-    raise CocoError(f"models {m['name']}: no ablation.modes kind can be written for this architecture "
-                    f"({', '.join(modes)}); add ablate-zero or use eval.backend hf")
 
 
 def _sweep_floors() -> dict[str, float]:

@@ -54,11 +54,15 @@ def rung_limits(sw: dict) -> list[int | None]:
     return limits
 
 
+def within_floors(acc_delta: float | None, kl: float | None, acc_floor: float, kl_floor: float) -> bool:
+    """Disambiguated accuracy within `acc_floor` of the base's and KL on neutral text within
+    `kl_floor` (point estimates; docs/METHOD.md §8.9-§8.10); False where either is unmeasured."""
+    return acc_delta is not None and acc_delta >= -acc_floor - 1e-12 and kl is not None and kl <= kl_floor + 1e-12
+
+
 def admissible(row: SweepRow, acc_floor: float, kl_floor: float) -> bool:
-    """A candidate keeps disambiguated accuracy within `acc_floor` of the base's and its KL on
-    neutral text within `kl_floor` (point estimates on validate; docs/METHOD.md §8.9)."""
-    acc = None if row.acc is None else row.acc.delta
-    return (acc is not None and acc >= -acc_floor - 1e-12 and row.kl is not None and row.kl <= kl_floor + 1e-12)
+    """A candidate keeps both within their floors on validate (within_floors)."""
+    return within_floors(None if row.acc is None else row.acc.delta, row.kl, acc_floor, kl_floor)
 
 
 def _objective(row: SweepRow) -> tuple:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from vllm_coco.experiment import stats
 from vllm_coco.experiment.benchmarks import NEUTRAL, STEREO
 from vllm_coco.experiment.results import FinalRun, Versus
+from vllm_coco.experiment.sweep import within_floors as _within
 
 STEERING_KIND = "steer"
 METRICS = ("abs_bias_ambig", "acc_disambig", "success_rate")  # the first decides; the others are shown
@@ -39,7 +40,7 @@ def within_floors(run: FinalRun) -> bool | None:
     acc, kl = run.interval(STEREO.name, "acc_disambig"), run.interval(NEUTRAL.name, "kl")
     if acc is None or kl is None or acc.delta is None or kl.delta is None:
         return None
-    return acc.delta >= -STEREO.metric("acc_disambig").floor and kl.delta <= NEUTRAL.metric("kl").floor
+    return _within(acc.delta, kl.delta, STEREO.metric("acc_disambig").floor, NEUTRAL.metric("kl").floor)
 
 
 def verdict(v: Versus, coco: FinalRun, steer: FinalRun, coco_label: str, steer_label: str) -> stats.Verdict:

@@ -133,7 +133,7 @@ def mean_diff_coef(row_cat: np.ndarray, row_label: np.ndarray, n_categories: int
     the diff-in-means steering vector (docs/METHOD.md §1.4). Other labels weigh 0."""
     coef = np.zeros((n_categories, len(row_cat)))
     for c in range(n_categories):
-        for label, sign in ((1, 1.0), (0, -1.0)):
+        for label, sign in ((N.ROW_UNBIASED, 1.0), (N.ROW_BIASED, -1.0)):
             rows = (row_cat == c) & (row_label == label)
             coef[c, rows] = sign / max(int(rows.sum()), 1)
     return coef
@@ -383,9 +383,7 @@ def rescore(neurons_dir: str, out: str, rows: np.ndarray, note: str, force: bool
     new_arrays["rows"] = np.sort(np.flatnonzero(keep)).astype(np.int64)  # [subset rows] into the source matrix
     for key in [k for k in new_arrays if k.split(".")[0] == "mean_diff"]:  # the matrix holds |h| only:
         del new_arrays[key]  # a subset's signed means are not in it, and the source's are not the subset's
-    if abstention is not None:  # the subset's own abstention control (stability keeps an item's rows together)
-        new_arrays["abstention_loss"] = np.mean(list(abstention.values()), axis=0)
-        new_arrays.update({f"abstention_loss.{c}": loss for c, loss in abstention.items()})
+    new_arrays.update(abstention_arrays(abstention))  # the subset's own control (stability keeps an item's rows)
     sizes = {c: res[c]["sizes"] for c in categories}
     nulls = {"combined": None, **{c: None for c in categories}}
     new = {**meta, **select_from_arrays(new_arrays, categories, nulls, sizes, opts),
@@ -506,6 +504,15 @@ def abstention_losses(matrix, row_cat: np.ndarray, row_label: np.ndarray, catego
     return {c: res[c]["loss"] for c in categories}
 
 
+def abstention_arrays(abstention: dict[str, np.ndarray] | None) -> dict[str, np.ndarray]:
+    """neurons.safetensors' abstention-control arrays: combined (the mean over categories, as §5.2
+    combines the contrast's losses) and per category; none without a control."""
+    if abstention is None:
+        return {}
+    return {"abstention_loss": np.mean(list(abstention.values()), axis=0),
+            **{f"abstention_loss.{c}": loss for c, loss in abstention.items()}}
+
+
 def _per_neuron_arrays(cap, weight_norm, res, abstention, categories, row_cat, row_label) -> dict[str, np.ndarray]:
     """neurons.safetensors' arrays (core/artifact.py) from the capture and the scores."""
     la = cap.layout.arrays()
@@ -525,10 +532,7 @@ def _per_neuron_arrays(cap, weight_norm, res, abstention, categories, row_cat, r
         for key in ("direction", "mean_intensity"):
             arrays[f"{key}.{cat}"] = res[cat][key].astype(np.float32)
         arrays[f"mean_diff.{cat}"] = cap.contrast[ci].astype(np.float32)
-    if abstention is not None:
-        arrays["abstention_loss"] = np.mean(list(abstention.values()), axis=0)
-        arrays.update({f"abstention_loss.{c}": loss for c, loss in abstention.items()})
-    return arrays
+    return arrays | abstention_arrays(abstention)
 
 
 def identify(model: str, out: str, opts: IdentifyOptions, force: bool = False, progress: bool = True) -> dict:

@@ -50,10 +50,9 @@ def steering_layer(arrays: dict[str, np.ndarray], suffix: str = "") -> np.ndarra
                         "re-run `coco-tools identify`")
     diff, scale = arrays["mean_diff" + suffix].astype(np.float64), arrays["calib_mean"].astype(np.float64)
     v = arrays["proj"] == Proj.v
-    layers = np.unique(arrays["layer"][v])
-    ratio = [np.linalg.norm(diff[v & (arrays["layer"] == l)]) / max(np.linalg.norm(scale[v & (arrays["layer"] == l)]),
-                                                                     1e-12) for l in layers]
-    return np.flatnonzero(v & (arrays["layer"] == layers[int(np.argmax(ratio))]))
+    by_layer = [v & (arrays["layer"] == layer) for layer in np.unique(arrays["layer"][v])]  # [N] masks
+    ratio = [np.linalg.norm(diff[m]) / max(np.linalg.norm(scale[m]), 1e-12) for m in by_layer]
+    return np.flatnonzero(by_layer[int(np.argmax(ratio))])
 
 
 def baseline(kind: str, coco_selected: np.ndarray, arrays: dict[str, np.ndarray], seed: int, suffix: str = ""):

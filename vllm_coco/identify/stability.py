@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from vllm_coco.core.names import ROW_BIASED, ROW_NAMED, ROW_UNBIASED, ROW_UNKNOWN
+
 MIN_UNITS = 2  # a side of a category needs >= 2 rows for the COCO score's positives (a derangement)
 
 
@@ -35,9 +37,10 @@ def split_halves(row_cat: np.ndarray, row_label: np.ndarray, paired: bool, seed:
     rng = np.random.default_rng(seed)
     halves: tuple[list, list] = ([], [])
     for c in np.unique(row_cat):
-        ra = np.flatnonzero((row_cat == c) & (row_label == 0))  # [nA] biased rows, in pair order
-        rb = np.flatnonzero((row_cat == c) & (row_label == 1))  # [nB]
-        control = [np.flatnonzero((row_cat == c) & (row_label == label)) for label in (2, 3)]  # [nA] each or empty
+        ra = np.flatnonzero((row_cat == c) & (row_label == ROW_BIASED))  # [nA] biased rows, in pair order
+        rb = np.flatnonzero((row_cat == c) & (row_label == ROW_UNBIASED))  # [nB]
+        control = [np.flatnonzero((row_cat == c) & (row_label == label))  # [nA] each, or empty
+                   for label in (ROW_NAMED, ROW_UNKNOWN)]
         with_control = paired and len(control[0]) == len(ra)
         sides = ([np.stack([ra, rb, *control] if with_control else [ra, rb], 1)] if paired
                  else [ra[:, None], rb[:, None]])  # [units, rows per unit]
