@@ -282,7 +282,7 @@ def test_nan_in_run_config_is_refused(tmp_path, planted):
     cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
     cfg["models"] = [{"path": str(planted[0]), "name": "tiny"}]
     cfg["out"] = str(tmp_path / "out")
-    cfg["sweep"]["edits"]["le"]["alpha"] = [0.5, float("nan")]
+    cfg["sweep"]["edits"]["le@stereo"]["alpha"] = [0.5, float("nan")]
     config = tmp_path / "c.yaml"
     config.write_text(yaml.safe_dump(cfg, sort_keys=False))
     expect_bad(tmp_path, "run", config, match="finite")

@@ -1,5 +1,6 @@
 """`coco-tools run`: the whole experiment on a tiny model, its resumability, and config validation."""
 
+import copy
 import dataclasses
 import json
 import os
@@ -14,9 +15,22 @@ ROOT = Path(__file__).resolve().parent.parent
 STAGES = ("identify", "baselines", "ablation", "stability", "sets", "sweep", "final")
 
 
+# What the tests add to configs/tiny.yaml (which the README's fresh-clone test runs on the demo model
+# as shipped): every control, both ablation kinds, every edit kind on each set, two shares, the
+# stability stage's ablations.
+EVERY_STAGE = {
+    "baselines": ["rand", "norm", "mact"],
+    "ablation": {"modes": ["ablate-zero", "ablate-mean"], "limit": 3},
+    "stability": {"fractions": [0.5, 0.25], "ablate": True, "limit": None},
+    "sweep": {"edits": {"le": {"alpha": [0.5, 1.0]}, "ne": {"alpha": [1.0], "beta": [2.0], "lam": [0.5]},
+                        "le@stereo": {"alpha": [1.0]}, "steer@diffmean": {"alpha": [4.0]}},
+              "ratio": [0.01, 0.02], "limit": 12, "rungs": 2, "eta": 3, "neutral_limit": 2},
+}
+
+
 def _tiny_config(tmp_path: Path, model: Path, **changes) -> Path:
-    """configs/tiny.yaml with the tiny model and an output under tmp_path."""
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    """configs/tiny.yaml plus EVERY_STAGE, with the tiny model and an output under tmp_path."""
+    cfg = {**yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text()), **copy.deepcopy(EVERY_STAGE)}
     cfg["models"] = [{"path": str(model), "name": "tiny"}]
     cfg["out"] = str(tmp_path / "out")
     for key, value in changes.items():
@@ -511,7 +525,7 @@ BAD = [
 
 @pytest.mark.parametrize("change,message", BAD, ids=[m.split(":")[0].strip("^\\") for _, m in BAD])
 def test_bad_config_exits_2_naming_the_key(tmp_path, bbq_tiny_model, change, message):
-    cfg = yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text())
+    cfg = {**yaml.safe_load((ROOT / "configs" / "tiny.yaml").read_text()), **copy.deepcopy(EVERY_STAGE)}
     cfg["out"] = str(tmp_path / "out")
     cfg["models"] = [{"path": str(bbq_tiny_model)}]
     for key, value in change.items():
