@@ -186,20 +186,20 @@ def test_registered_kind_joins_the_experiments_sweep_grid(toy):
     """The config's sweep.edits takes any registered kind (its settings checked by name); the grid, the
     candidates' keys and the report's label derive from the registry."""
     from vllm_coco.core.errors import CocoError
-    from vllm_coco.experiment.config import DEFAULTS, _check_sweep
+    from vllm_coco.experiment.config import validate
     from vllm_coco.experiment.sweep import candidates
 
-    cfg = {"identify": {"weighting": "magnitude"}, "sets": {},
-           "sweep": {**DEFAULTS["sweep"], "edits": {"toy-offset": {"value": [0.1, 0.2]}, "le": None}, "ratio": None}}
-    _check_sweep(cfg)
-    assert cfg["sweep"]["edits"] == {"toy-offset": {"value": [0.1, 0.2]}, "le": {"alpha": [1.0]}}
-    got = [(c.key, c.edit, c.settings) for c in candidates(cfg["sweep"], 0.01)]
+    def config(edits):
+        return validate({"models": ["org/stand-in"], "sets": {}, "sweep": {"edits": edits, "ratio": None}})
+
+    cfg = config({"toy-offset": {"value": [0.1, 0.2]}, "le": None})
+    assert cfg.sweep.edits == {"toy-offset": {"value": [0.1, 0.2]}, "le": {"alpha": [1.0]}}
+    got = [(c.key, c.edit, c.settings) for c in candidates(cfg.sweep, 0.01)]
     assert got == [("toy-offset-r0.01-v0.1", "toy-offset", {"value": 0.1}),
                    ("toy-offset-r0.01-v0.2", "toy-offset", {"value": 0.2}), ("le-r0.01-a1", "le", {"alpha": 1.0})]
     assert registry.label("toy-offset") == "toy offset"
-    cfg["sweep"]["edits"] = {"toy-offset": {"alpha": [1.0]}}
     with pytest.raises(CocoError, match=r"^sweep\.edits\.toy-offset\.alpha: toy-offset takes no setting alpha"):
-        _check_sweep(cfg)
+        config({"toy-offset": {"alpha": [1.0]}})
 
 
 def _installed(monkeypatch, group: str, name: str) -> None:
@@ -285,14 +285,14 @@ def test_a_registered_benchmark_gets_its_report_section_and_verdict(toy_benchmar
 def test_benchmark_registry_refuses_bad_declarations_and_loads_entry_points(monkeypatch, capsys):
     from vllm_coco.core.errors import CocoError
     from vllm_coco.experiment import benchmarks
-    from vllm_coco.experiment.config import _check_final
+    from vllm_coco.experiment.config import validate
 
     with pytest.raises(ValueError, match="registered already"):
         benchmarks.register(benchmarks.STEREO)
     with pytest.raises(ValueError, match="built in"):
         benchmarks.unregister("stereo")
     with pytest.raises(CocoError, match=r"^final\.benchmarks\.toy-boolq: 'toy-boolq' is not one of stereo, "):
-        _check_final({"final": {"benchmarks": {"stereo": None, "toy-boolq": None}}})
+        validate({"models": ["org/stand-in"], "final": {"benchmarks": {"stereo": None, "toy-boolq": None}}})
     _installed(monkeypatch, benchmarks.ENTRY_POINTS, "TOY_BENCHMARK")
     try:
         benchmarks.load_entry_points()

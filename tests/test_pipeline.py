@@ -272,12 +272,13 @@ def test_choose_the_most_bias_reducing_candidate_within_the_floors():
 
 
 def test_rung_limits():
+    from vllm_coco.experiment.config import Sweep
     from vllm_coco.experiment.sweep import rung_limits
 
-    assert rung_limits({"limit": 60, "rungs": 2, "eta": 3}) == [20, 60]
-    assert rung_limits({"limit": 60, "rungs": 3, "eta": 3}) == [6, 20, 60]
-    assert rung_limits({"limit": None, "rungs": 2, "eta": 3}) == [None, None]
-    assert rung_limits({"limit": 60, "rungs": 1, "eta": 3}) == [60]
+    assert rung_limits(Sweep(limit=60, rungs=2, eta=3)) == [20, 60]
+    assert rung_limits(Sweep(limit=60, rungs=3, eta=3)) == [6, 20, 60]
+    assert rung_limits(Sweep(limit=None, rungs=2, eta=3)) == [None, None]
+    assert rung_limits(Sweep(limit=60, rungs=1, eta=3)) == [60]
 
 
 # --------------------------------------------------------------------------- typed results, report
@@ -396,10 +397,11 @@ def test_report_from_typed_results_without_baselines_or_ne(tmp_path):
     m = ModelResults(name="tiny", path="models/tiny", **stages)
     figs = ModelFigures(*(tmp_path / f"tiny-{n}.png" for n in ("neurons-heatmap", "ablation", "deltas", "sweep")),
                         finals={b: tmp_path / f"tiny-{b}.png" for b in ("stereo", "jailbreak", "retention")})
-    cfg = {"_config_path": "c.yaml", "seed": 0, "eval": {"scoring": "per-byte"}, "sweep": {"retention_floor": 0.02},
-           "data": {"source": "bbq", "categories": ["Religion", "Age"], "chat_template": False},
-           "identify": {"ratio": 0.01, "limit": 4}}
-    text = report.render(cfg, tmp_path, "hf", [m], {"tiny": figs}, {"tiny": "layer q k v"})
+    from vllm_coco.experiment import config
+
+    cfg = config.validate({"models": ["org/stand-in"], "data": {"categories": ["Religion", "Age"]},
+                           "identify": {"limit": 4}})
+    text = report.render(cfg, "c.yaml", tmp_path, "hf", [m], {"tiny": figs}, {"tiny": "layer q k v"})
     assert "Baselines: n/a" in text and "RAND ablated" not in text
     assert "| tiny | 0.625 | 0.625 (+0.000) [alpha=0.5] | n/a (no candidate) | 0.625 (+0.000) |" in text
     assert "No final evaluation for NE-COCO: no such candidate in the sweep." in text
@@ -563,15 +565,15 @@ def test_shipped_configs_validate(monkeypatch, tmp_path):
 
     monkeypatch.chdir(ROOT)
     full = config.load("configs/full.yaml")
-    assert [m["path"] for m in full["models"]] == ["meta-llama/Meta-Llama-3-8B-Instruct",
-                                                  "mistralai/Mistral-7B-Instruct-v0.3"]
-    assert full["eval"]["backend"] == "vllm" and full["identify"]["dtype"] == "bfloat16"
+    assert [m.path for m in full.models] == ["meta-llama/Meta-Llama-3-8B-Instruct",
+                                             "mistralai/Mistral-7B-Instruct-v0.3"]
+    assert full.eval.backend == "vllm" and full.identify.dtype == "bfloat16"
     for name in ("default", "tiny"):
         raw = yaml.safe_load((ROOT / "configs" / f"{name}.yaml").read_text())
         raw["models"] = [{"path": "org/stand-in", "name": m.get("name")} for m in raw["models"]] \
             if not all(Path(m["path"]).is_dir() for m in raw["models"]) else raw["models"]
         cfg = config.validate(raw)
-        assert cfg["eval"]["backend"] in ("hf", "vllm", "auto")
+        assert cfg.eval.backend in ("hf", "vllm", "auto")
 
 
 def test_default_config_file_is_the_builtin_default():
@@ -582,7 +584,7 @@ def test_default_config_file_is_the_builtin_default():
     raw = yaml.safe_load((ROOT / "configs" / "default.yaml").read_text())
     models = [{"path": "org/stand-in", "name": m.get("name")} for m in raw["models"]]
     assert config.validate({**raw, "models": models}) == config.validate({"models": models})
-    assert set(raw) == set(config.DEFAULTS)
+    assert list(raw) == list(config.RunConfig.model_fields)
 
 
 @pytest.mark.slow

@@ -53,7 +53,7 @@ def test_config_parallel_keys(tmp_path, tiny_model):
     base = {"models": [{"path": str(tiny_model)}], "out": str(tmp_path / "o")}
     cfg = config.validate({**base, "eval": {"backend": "vllm", "tensor_parallel_size": 2,
                                             "distributed_executor_backend": "mp"}})
-    assert cfg["eval"]["tensor_parallel_size"] == 2 and cfg["eval"]["pipeline_parallel_size"] == 1
+    assert cfg.eval.tensor_parallel_size == 2 and cfg.eval.pipeline_parallel_size == 1
     with pytest.raises(CocoError, match=r"^eval\.tensor_parallel_size: 2 applies to backend vllm only"):
         config.validate({**base, "eval": {"backend": "hf", "tensor_parallel_size": 2}})
     with pytest.raises(CocoError, match=r"^eval\.distributed_executor_backend: 'slurm' is not one of"):
@@ -65,7 +65,7 @@ def test_config_parallel_keys(tmp_path, tiny_model):
     # the pipeline's evaluations carry them with backend vllm, and so does identify inside vLLM
     from vllm_coco.experiment.pipeline import Run, _engine_parallel, eval_options
 
-    assert _engine_parallel(cfg["eval"]) == {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
+    assert _engine_parallel(cfg.eval) == {"tensor_parallel_size": 2, "distributed_executor_backend": "mp"}
 
     run = Run(cfg, tmp_path, echo=lambda _: None)
     run.backend = "vllm"

@@ -30,7 +30,7 @@ from vllm_coco.experiment.results import GroupSummary, Interval
 from vllm_coco.experiment.stats import Verdict
 
 # A benchmark's verdict rule: (its intervals, the edit's report label, the run config) -> verdicts
-Judge = Callable[[dict[str, Interval], str, dict], list[Verdict]]
+Judge = Callable[[dict[str, Interval], str, object], list[Verdict]]  # (intervals, edit label, config.RunConfig)
 
 
 @dataclass(frozen=True)
@@ -97,7 +97,7 @@ class Benchmark:
     def summarize(self, results: dict, categories) -> GroupSummary:
         return GroupSummary.from_lm(results, self.groups(categories), [m.key for m in self.metrics])
 
-    def verdicts(self, intervals: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+    def verdicts(self, intervals: dict[str, Interval], edit: str, cfg) -> list[Verdict]:
         return [] if self.judge is None else self.judge(intervals, edit, cfg)
 
 
@@ -213,7 +213,7 @@ class ShiftBenchmark(Benchmark):
 
 # --------------------------------------------------------------------------- the built-in declarations
 
-def _judge_stereo(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+def _judge_stereo(iv: dict[str, Interval], edit: str, cfg) -> list[Verdict]:
     def get(k):
         return iv.get(k, stats.NO_ITEMS)  # a comparison the stage could not make reads as "inconclusive"
 
@@ -223,25 +223,25 @@ def _judge_stereo(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict
             stats.verdict_edit(get("success_rate"), get("acc_disambig"), edit=edit)]
 
 
-def _judge_heldout(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+def _judge_heldout(iv: dict[str, Interval], edit: str, cfg) -> list[Verdict]:
     (v,) = _judge_stereo(iv, edit, cfg)[:1]
     return [dataclasses.replace(v, claim=f"{edit}'s bias reduction transfers to held-out categories "
                                          "(Race_x_SES, Race_x_gender)")]
 
 
-def _judge_jailbreak(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+def _judge_jailbreak(iv: dict[str, Interval], edit: str, cfg) -> list[Verdict]:
     return [stats.verdict_jailbreak({k.split(":", 1)[1]: v for k, v in iv.items() if ":" in k}, edit=edit)]
 
 
-def _judge_retention(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+def _judge_retention(iv: dict[str, Interval], edit: str, cfg) -> list[Verdict]:
     return [stats.verdict_retention(iv.get("acc"), RETENTION.metric("acc").floor, edit=edit)]
 
 
-def _judge_abstain(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+def _judge_abstain(iv: dict[str, Interval], edit: str, cfg) -> list[Verdict]:
     return [stats.verdict_abstention(iv.get("abstain", stats.NO_ITEMS), ABSTAIN.metric("abstain").floor, edit=edit)]
 
 
-def _judge_shift(iv: dict[str, Interval], edit: str, cfg: dict) -> list[Verdict]:
+def _judge_shift(iv: dict[str, Interval], edit: str, cfg) -> list[Verdict]:
     kl, bpb = NEUTRAL.metric("kl"), NEUTRAL.metric("bpb")
     return [stats.verdict_shift(iv.get("kl", stats.NO_ITEMS), iv.get("bpb", stats.NO_ITEMS), kl.floor, bpb.floor,
                                 edit=edit)]
@@ -342,7 +342,7 @@ def names() -> tuple[str, ...]:
     return tuple(_BENCHMARKS)
 
 
-def judge_all(intervals: dict[str, dict[str, Interval]], edit: str, cfg: dict) -> list[Verdict]:
+def judge_all(intervals: dict[str, dict[str, Interval]], edit: str, cfg) -> list[Verdict]:
     """Every verdict one edit's final intervals give (benchmark -> its intervals), in benchmark order."""
     return [v for b, ivs in intervals.items() for v in get(b).verdicts(ivs, edit, cfg)]
 

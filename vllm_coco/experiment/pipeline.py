@@ -40,6 +40,8 @@ import time
 from pathlib import Path
 from typing import TypeVar
 
+from pydantic import BaseModel
+
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core.atomic import check_output_dir, plain_mode, remove_tree, swap_in, write_text
 from vllm_coco.core.errors import CocoError
@@ -48,6 +50,7 @@ from vllm_coco.edit import model_card, registry
 from vllm_coco.edit.registry import label
 from vllm_coco.experiment import benchmarks, figures, report, stats, versus
 from vllm_coco.experiment.benchmarks import NEUTRAL, STEREO
+from vllm_coco.experiment.config import Eval, NeuronSet, RunConfig
 from vllm_coco.experiment.report import fmt
 from vllm_coco.experiment.results import (
     LABELS,
@@ -82,14 +85,19 @@ T = TypeVar("T")
 
 # --------------------------------------------------------------------------- small helpers
 
+def _plain(value):
+    """JSON for what json cannot write itself: a config section as its keys (as written in a file)."""
+    return value.model_dump(by_alias=True) if isinstance(value, BaseModel) else str(value)
+
+
 def spec_hash(spec) -> str:
-    blob = json.dumps(spec, sort_keys=True, default=str).encode()
+    blob = json.dumps(spec, sort_keys=True, default=_plain).encode()
     return "sha256:" + hashlib.sha256(blob).hexdigest()
 
 
 def _write_json(path: Path, data) -> None:
     """Write JSON atomically (temp file + rename)."""
-    write_text(path, json.dumps(data, indent=1, default=str) + "\n")
+    write_text(path, json.dumps(data, indent=1, default=_plain) + "\n")
 
 
 def _read_json(path: Path):
@@ -108,11 +116,22 @@ def model_stamp(model_dir: Path) -> list:
 
 # --------------------------------------------------------------------------- context and stages
 
+@dataclasses.dataclass(frozen=True)
+class RunModel:
+    """A model of the config (config.ModelEntry) with its directory resolved (a hub id fetched)."""
+
+    name: str
+    path: str
+    parity_of: str | None
+    dir: Path
+
+
 class Run:
     """One invocation: the resolved config, the output root, the log."""
 
-    def __init__(self, cfg: dict, out: Path, echo=print):
+    def __init__(self, cfg: RunConfig, out: Path, echo=print, config_path: str = ""):
         self.cfg = cfg
+        self.config_path = config_path
         self.out = out
         self.echo = echo
         self.backend = None  # resolved eval backend
@@ -125,7 +144,7 @@ class Run:
         """Edits run as conditions on one loaded model (backend hf) rather than as written directories."""
         return self.backend == "hf"
 
-    def writes(self, m: dict, kind: str) -> bool:
+    def writes(self, m: RunModel, kind: str) -> bool:
         """Whether the run can evaluate edit kind `kind` on model m: in memory any kind runs; written,
         only one a checkpoint of m can hold (checkpointable)."""
         return self.in_memory or checkpointable(m, kind)
@@ -192,12 +211,12 @@ class Run:
         return Stage(result, final, h, seconds)
 
 
-def checkpointable(m: dict, kind: str) -> bool:
+def checkpointable(m: RunModel, kind: str) -> bool:
     """Whether a written edit of `kind` on model m can exist: a kind that shifts outputs needs a model
     whose checkpoint holds q/k/v biases (edit/bake.holds_offsets); the gate and gain-only kinds always."""
     from vllm_coco.edit.bake import holds_offsets
 
-    return not getattr(registry.any_kind(kind), "shifts", False) or holds_offsets(m["dir"])
+    return not getattr(registry.any_kind(kind), "shifts", False) or holds_offsets(m.dir)
 
 
 class Steps:
@@ -255,12 +274,12 @@ def eval_in_subprocess(model_dir: Path, opts, out: Path) -> None:
 def eval_options(run: Run, tasks, split: str, limit, metadata=None, log_samples: bool = False):
     from vllm_coco.tasks.evaluate import EvalOptions
 
-    ev = run.cfg["eval"]
-    return EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev["batch_size"],
-                       device=ev["device"], max_model_len=ev["max_model_len"], split=split, metadata=metadata,
-                       chat=run.cfg["data"]["chat_template"], scoring=ev["scoring"], log_samples=log_samples,
-                       dtype=ev["dtype"] if run.backend == "hf" else "float32",
-                       **({k: ev[k] for k in (*PARALLEL_OPTIONS, "distributed_executor_backend")}
+    ev = run.cfg.eval
+    return EvalOptions(tasks=tuple(tasks), backend=run.backend, limit=limit, batch_size=ev.batch_size,
+                       device=ev.device, max_model_len=ev.max_model_len, split=split, metadata=metadata,
+                       chat=run.cfg.data.chat_template, scoring=ev.scoring, log_samples=log_samples,
+                       dtype=ev.dtype if run.backend == "hf" else "float32",
+                       **({k: getattr(ev, k) for k in (*PARALLEL_OPTIONS, "distributed_executor_backend")}
                           if run.backend == "vllm" else {}))
 
 
@@ -299,7 +318,7 @@ def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]]
         tasks = [t for _, ts in group for t in ts]
         sub = f"{key}/eval{i}" if len(by_limit) > 1 else f"{key}/eval"
         d = steps.do(sub, {**spec, "tasks": tasks, "limit": limit, "split": split, "metadata": metadata,
-                           "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]},
+                           "backend": run.backend, "scoring": run.cfg.eval.scoring},
                      lambda d, tasks=tasks, limit=limit: evaluate(run, model_dir, tasks, split, limit, d, metadata,
                                                                   condition, prefetch, log_samples=True))
         res = json.loads((d / "results.json").read_text(encoding="utf-8"))
@@ -312,60 +331,58 @@ def eval_groups(run: Run, model_dir: Path, parts: list[tuple[str, list, object]]
 
 # --------------------------------------------------------------------------- the stages
 
-def _engine_parallel(ev: dict) -> dict:
+def _engine_parallel(ev: Eval) -> dict:
     """The eval section's vLLM parallelism that one identify engine takes (not data parallelism)."""
     keys = ("tensor_parallel_size", "pipeline_parallel_size", "distributed_executor_backend")
-    return {k: ev[k] for k in keys if ev.get(k) not in (None, 1)}
+    return {k: getattr(ev, k) for k in keys if getattr(ev, k) not in (None, 1)}
 
 
-def identify_options(cfg: dict, **extra):
+def identify_options(cfg: RunConfig, **extra):
     """The run config's identify settings as `coco-tools identify` takes them (IdentifyOptions), on the
     identify split; `extra` adds or overrides options (the parity stage: a smaller limit)."""
     from vllm_coco.identify.run import IdentifyOptions
 
-    ic = cfg["identify"]
+    # the section's keys are IdentifyOptions' names; the spread over devices is the identify stage's own
     return IdentifyOptions(**{
-        "data": cfg["data"]["source"], "categories": tuple(cfg["data"]["categories"]), "split": "identify",
-        "limit": ic["limit"], "ratio": ic["ratio"], "weighting": ic["weighting"], "tau": ic["tau"],
-        "null_rounds": ic["null_rounds"], "seed": cfg["seed"], "batch_size": ic["batch_size"], "dtype": ic["dtype"],
-        "device": ic["device"], "chat": cfg["data"]["chat_template"], "contrast": ic["contrast"],
-        "scoring": cfg["eval"]["scoring"], **extra})
+        **cfg.identify.model_dump(exclude={"device_map", "backend"}), "split": "identify", "seed": cfg.seed,
+        "data": cfg.data.source, "categories": tuple(cfg.data.categories), "chat": cfg.data.chat_template,
+        "scoring": cfg.eval.scoring, **extra})
 
 
-def _identify(run: Run, m: dict, root: Path, data_spec: dict) -> Stage[IdentifyResult]:
+def _identify(run: Run, m: RunModel, root: Path, data_spec: dict) -> Stage[IdentifyResult]:
     from vllm_coco.identify.run import identify
 
-    ic = run.cfg["identify"]
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "data": data_spec,
-            "identify": ic, "seed": run.cfg["seed"],
+    ic = run.cfg.identify
+    spec = {"model": str(m.dir), "model_stamp": model_stamp(m.dir), "data": data_spec,
+            "identify": ic, "seed": run.cfg.seed,
             # behavior mode picks the model's answers the way the evaluation scores them
-            "scoring": run.cfg["eval"]["scoring"] if ic["contrast"] == "behavior" else None}
+            "scoring": run.cfg.eval.scoring if ic.contrast == "behavior" else None}
 
     def body(partial: Path, steps: Steps) -> IdentifyResult:
         # inside vLLM, the engine spreads as the evaluation's does
-        parallel = _engine_parallel(run.cfg["eval"]) if ic["backend"] == "vllm" else {}
-        opts = identify_options(run.cfg, device_map=ic["device_map"], backend=ic["backend"], **parallel)
-        d = steps.do("neurons", {}, lambda d: identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty()))
+        parallel = _engine_parallel(run.cfg.eval) if ic.backend == "vllm" else {}
+        opts = identify_options(run.cfg, device_map=ic.device_map, backend=ic.backend, **parallel)
+        d = steps.do("neurons", {}, lambda d: identify(str(m.dir), str(d), opts, progress=sys.stderr.isatty()))
         gc.collect()
         return IdentifyResult.from_meta(json.loads((d / "neurons.json").read_text(encoding="utf-8")), "neurons")
 
-    return run.stage(root, m["name"], "identify", spec, body, IdentifyResult)
+    return run.stage(root, m.name, "identify", spec, body, IdentifyResult)
 
 
-def _baselines(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult]) -> Stage[BaselinesResult]:
+def _baselines(run: Run, m: RunModel, root: Path, ident: Stage[IdentifyResult]) -> Stage[BaselinesResult]:
     from vllm_coco.identify.run import reselect
 
-    spec = {"identify": ident.hash, "baselines": run.cfg["baselines"]}
+    spec = {"identify": ident.hash, "baselines": run.cfg.baselines}
 
     def body(partial: Path, steps: Steps) -> BaselinesResult:
         sets = {}
-        for b in run.cfg["baselines"]:
+        for b in run.cfg.baselines:
             d = steps.do(b, {}, lambda d, b=b: reselect(str(ident.dir / ident.result.neurons), str(d), baseline=b))
             sel = json.loads((d / "neurons.json").read_text(encoding="utf-8"))["selection"]
             sets[b] = BaselineSet(neurons=b, count=sel["count"], by_proj=dict(sel["by_proj"]))
         return BaselinesResult(sets=sets)
 
-    return run.stage(root, m["name"], "baselines", spec, body, BaselinesResult)
+    return run.stage(root, m.name, "baselines", spec, body, BaselinesResult)
 
 
 def _neuron_sets(ident: Stage[IdentifyResult], bases: Stage[BaselinesResult]) -> dict[str, Path]:
@@ -376,7 +393,7 @@ def _neuron_sets(ident: Stage[IdentifyResult], bases: Stage[BaselinesResult]) ->
     return sets
 
 
-def score_ablated(run: Run, m: dict, steps: Steps, name: str, neurons: Path, mode: str, score):
+def score_ablated(run: Run, m: RunModel, steps: Steps, name: str, neurons: Path, mode: str, score):
     """Evaluate neuron set `name` ablated: `score(model dir, condition)` with the in-memory condition
     ablate-<name> on the base model (backend hf; registered by the caller), or on a baked copy
     (other backends) whose weights go after scoring unless keep_models. keep_models writes the copy
@@ -384,28 +401,28 @@ def score_ablated(run: Run, m: dict, steps: Steps, name: str, neurons: Path, mod
     from vllm_coco.edit.bake import bake
 
     written = None
-    if not run.in_memory or (run.cfg["keep_models"] and checkpointable(m, mode)):
+    if not run.in_memory or (run.cfg.keep_models and checkpointable(m, mode)):
         written = steps.do(f"models/{name}", {"neurons": str(neurons), "mode": mode},
-                           lambda d: bake(str(m["dir"]), str(neurons), str(d), mode=mode))
+                           lambda d: bake(str(m.dir), str(neurons), str(d), mode=mode))
     if run.in_memory:
-        return score(m["dir"], f"ablate-{name}")
+        return score(m.dir, f"ablate-{name}")
     out = score(written, None)
-    if not run.cfg["keep_models"]:
+    if not run.cfg.keep_models:
         _drop_weights(written)
     return out
 
 
-def score_test(run: Run, m: dict, steps: Steps, key: str, model_dir: Path, limit, where: dict[str, Path],
+def score_test(run: Run, m: RunModel, steps: Steps, key: str, model_dir: Path, limit, where: dict[str, Path],
                what: str, condition: str | None = None, prefetch=(), mode: str | None = None) -> GroupSummary:
     """stereo_coco on the test split for one model or in-memory condition (ablated by `mode`; None:
     the base): the evaluation directory goes to where[key], one log line says its success rate."""
-    t0, dirs, cats = time.time(), {}, run.cfg["data"]["categories"]
+    t0, dirs, cats = time.time(), {}, run.cfg.data.categories
     res = eval_groups(run, model_dir, [("stereo", [f"stereo_coco_{c}" for c in cats], limit)], "test", steps,
                       f"evals/{key}", {"model": key, "mode": mode or "base"}, condition=condition,
                       prefetch=prefetch, dirs=dirs)["stereo"]
     where[key] = dirs["stereo"]
     out = STEREO.summarize(res, cats)
-    run.log(f"  [{m['name']}] {what}: success_rate {fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
+    run.log(f"  [{m.name}] {what}: success_rate {fmt(out.get('success_rate'))} ({time.time() - t0:.0f} s)")
     return out
 
 
@@ -418,49 +435,49 @@ def ablated_name(name: str, mode: str, modes: list[str]) -> str:
     return name if mode == modes[0] else f"{name}-{mode}"
 
 
-def _ablation(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], bases: Stage[BaselinesResult],
+def _ablation(run: Run, m: RunModel, root: Path, ident: Stage[IdentifyResult], bases: Stage[BaselinesResult],
               data_spec: dict) -> Stage[AblationResult]:
-    ac = run.cfg["ablation"]
-    modes = ac["modes"]
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
+    ac = run.cfg.ablation
+    modes = ac.modes
+    spec = {"model": str(m.dir), "model_stamp": model_stamp(m.dir), "identify": ident.hash,
             "baselines": bases.hash, "ablation": ac, "data": data_spec, "backend": run.backend,
-            "scoring": run.cfg["eval"]["scoring"]}
+            "scoring": run.cfg.eval.scoring}
 
     where: dict[str, Path] = {}  # set (under each mode) -> its evaluation directory
 
     def score(name: str, model_dir: Path, steps: Steps, condition=None, prefetch=(), mode=None) -> GroupSummary:
         what = "ablation " + LABELS.get(name, name) + ("" if mode in (None, modes[0]) else f" ({mode})")
-        return score_test(run, m, steps, ablated_name(name, mode, modes) if mode else name, model_dir, ac["limit"],
+        return score_test(run, m, steps, ablated_name(name, mode, modes) if mode else name, model_dir, ac.limit,
                           where, what, condition, prefetch, mode)
 
     def body(partial: Path, steps: Steps) -> AblationResult:
         sets = _neuron_sets(ident, bases)
         evaluable = [mode for mode in modes if run.writes(m, mode)]
         if not evaluable:
-            raise CocoError(f"models {m['name']}: no ablation.modes kind can be written for this architecture "
+            raise CocoError(f"models {m.name}: no ablation.modes kind can be written for this architecture "
                             f"({', '.join(modes)}); add ablate-zero or use eval.backend hf")
         for mode in (mode for mode in modes if mode not in evaluable):
-            run.log(f"  [{m['name']}] ablation: {mode} skipped (its checkpoint needs q/k/v biases this "
+            run.log(f"  [{m.name}] ablation: {mode} skipped (its checkpoint needs q/k/v biases this "
                     "architecture lacks; eval.backend hf runs it in memory)")
         conds = []
         if run.in_memory:  # every set under every mode on the loaded base model, all scored in the base's batches
             from vllm_coco.edit.conditions import linear_edit
 
-            lm = run.lm(m["dir"])
+            lm = run.lm(m.dir)
             for mode in evaluable:
                 for name, neurons in sets.items():
                     conds.append(f"ablate-{ablated_name(name, mode, modes)}")
-                    lm.add_condition(conds[-1], linear_edit(neurons, mode, model_dir=m["dir"]))
-        base = score("base", m["dir"], steps, prefetch=conds)
+                    lm.add_condition(conds[-1], linear_edit(neurons, mode, model_dir=m.dir))
+        base = score("base", m.dir, steps, prefetch=conds)
         base_recs = stats.bbq_records(where["base"])  # read once: every ablation kind is compared with it
-        results = [_ablation_mode(run, m, steps, sets, mode, modes, score, where, (base, base_recs), ac["limit"])
+        results = [_ablation_mode(run, m, steps, sets, mode, modes, score, where, (base, base_recs), ac.limit)
                    for mode in evaluable]
         return dataclasses.replace(results[0], also={r.mode: r for r in results[1:]})
 
-    return run.stage(root, m["name"], "ablation", spec, body, AblationResult)
+    return run.stage(root, m.name, "ablation", spec, body, AblationResult)
 
 
-def _ablation_mode(run: Run, m: dict, steps: Steps, sets: dict[str, Path], mode: str, modes: list[str], score,
+def _ablation_mode(run: Run, m: RunModel, steps: Steps, sets: dict[str, Path], mode: str, modes: list[str], score,
                    where: dict[str, Path], base: tuple[GroupSummary, list[dict]], limit) -> AblationResult:
     """Every set ablated by `mode`, against the stage's base evaluation (its summary and records):
     summaries, intervals, specificity."""
@@ -478,18 +495,18 @@ def _ablation_mode(run: Run, m: dict, steps: Steps, sets: dict[str, Path], mode:
                           specific=specific)
 
 
-def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl: Stage[AblationResult],
+def _stability(run: Run, m: RunModel, root: Path, ident: Stage[IdentifyResult], abl: Stage[AblationResult],
                data_spec: dict) -> Stage[StabilityResult] | None:
     """Split-half stability (identify/stability.py): the identify data's halves (and smaller nested
     subsets) scored and selected alone from the stored intensities, their overlap; with `ablate`,
     each half's set ablated on the test split like the ablation stage's sets, against its base."""
-    sc, ac = run.cfg["stability"], run.cfg["ablation"]
-    if not sc["fractions"]:
+    sc, ac = run.cfg.stability, run.cfg.ablation
+    if not sc.fractions:
         return None
-    limit = ac["limit"] if sc["limit"] is None else sc["limit"]
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
-            "ablation": abl.hash, "stability": sc, "limit": limit, "mode": abl.result.mode, "seed": run.cfg["seed"],
-            "data": data_spec, "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]}
+    limit = ac.limit if sc.limit is None else sc.limit
+    spec = {"model": str(m.dir), "model_stamp": model_stamp(m.dir), "identify": ident.hash,
+            "ablation": abl.hash, "stability": sc, "limit": limit, "mode": abl.result.mode, "seed": run.cfg.seed,
+            "data": data_spec, "backend": run.backend, "scoring": run.cfg.eval.scoring}
 
     def body(partial: Path, steps: Steps) -> StabilityResult:
         import numpy as np
@@ -501,13 +518,13 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
         full = ident.dir / ident.result.neurons
         meta, arrays = Artifact.read(full)
         row_cat, row_label = arrays["row_category"], arrays["row_label"]
-        paired, seed = meta["data"].get("contrast", "response") in PAIRED_CONTRASTS, run.cfg["seed"]
+        paired, seed = meta["data"].get("contrast", "response") in PAIRED_CONTRASTS, run.cfg.seed
         count, total = len(arrays["selected"]), len(arrays["loss"])
         splits = []
-        for fraction in sorted(sc["fractions"], reverse=True):
+        for fraction in sorted(sc.fractions, reverse=True):
             halves = st.split_halves(row_cat, row_label, paired, seed, fraction)
             if halves is None:
-                run.log(f"  [{m['name']}] stability: {fraction:g} of the identify data leaves a category fewer "
+                run.log(f"  [{m.name}] stability: {fraction:g} of the identify data leaves a category fewer "
                         f"than {st.MIN_UNITS} pairs per side; skipped")
                 continue
             dirs = [steps.do(f"sets/f{fraction:g}-{side}", {"fraction": fraction, "side": side, "seed": seed},
@@ -520,20 +537,20 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
                               jaccard=st.jaccard(*sels), jaccard_full=[st.jaccard(x, arrays["selected"]) for x in sels],
                               neurons=[str(d.relative_to(partial)) for d in dirs])
             splits.append(split)
-            run.log(f"  [{m['name']}] stability: {split.pairs} pairs per category per subset: Jaccard "
+            run.log(f"  [{m.name}] stability: {split.pairs} pairs per category per subset: Jaccard "
                     f"{split.jaccard:.3f} (vs the full set {split.jaccard_full[0]:.3f} / {split.jaccard_full[1]:.3f}; "
                     f"chance {st.chance_jaccard(count, total):.3f})")
         res = {"count": count, "total": total, "chance": st.chance_jaccard(count, total), "splits": splits,
                "pairs": st.units_per_category(np.arange(len(row_cat)), row_cat, row_label)}
-        if not (sc["ablate"] and splits):
+        if not (sc.ablate and splits):
             return StabilityResult(**res)
         sides = {f"half-{side}": partial / rel for side, rel in zip("ab", splits[0].neurons)}
         if run.in_memory:
             from vllm_coco.edit.conditions import linear_edit
 
-            lm = run.lm(m["dir"])
+            lm = run.lm(m.dir)
             for name, neurons in sides.items():
-                lm.add_condition(f"ablate-{name}", linear_edit(neurons, abl.result.mode, model_dir=m["dir"]))
+                lm.add_condition(f"ablate-{name}", linear_edit(neurons, abl.result.mode, model_dir=m.dir))
         where: dict[str, Path] = {}
 
         def score(name: str, model_dir: Path, condition: str | None) -> GroupSummary:
@@ -548,7 +565,7 @@ def _stability(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], abl:
         intervals = {name[-1]: stats.compare(base, stats.bbq_records(d), "success_rate") for name, d in where.items()}
         return StabilityResult(**res, limit=limit, ablated=ablated, intervals=intervals)
 
-    return run.stage(root, m["name"], "stability", spec, body, StabilityResult)
+    return run.stage(root, m.name, "stability", spec, body, StabilityResult)
 
 
 def _drop_weights(model_dir: Path) -> None:
@@ -563,8 +580,8 @@ def share_sets(run: Run, ident: Stage[IdentifyResult], steps: Steps) -> None:
     from vllm_coco.identify.run import reselect
 
     full = ident.dir / ident.result.neurons
-    for r in shares(run.cfg["sweep"], run.cfg["identify"]["ratio"]):
-        if r != run.cfg["identify"]["ratio"]:
+    for r in shares(run.cfg.sweep, run.cfg.identify.ratio):
+        if r != run.cfg.identify.ratio:
             steps.do(f"sets/r{r:g}", {"ratio": r}, lambda d, r=r: reselect(str(full), str(d), ratio=r))
 
 
@@ -581,20 +598,20 @@ class Sources:
         the NE gate takes its share of q/v neurons from the identify artifact itself (ne_gate.select_ne)."""
         if cand.set is not None:
             return self.sets.dir / self.sets.result.sets[cand.set].neurons
-        if not recipe(cand).is_gate and cand.ratio is not None and cand.ratio != run.cfg["identify"]["ratio"]:
+        if not recipe(cand).is_gate and cand.ratio is not None and cand.ratio != run.cfg.identify.ratio:
             return sets_dir / "sets" / f"r{cand.ratio:g}"
         return self.ident.dir / self.ident.result.neurons
 
 
-def _sets(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SetsResult] | None:
+def _sets(run: Run, m: RunModel, root: Path, ident: Stage[IdentifyResult], data_spec: dict) -> Stage[SetsResult] | None:
     """The config's `sets`: each identified anew with its contrast (the identify section's other
     options), or re-selected from the identify stage's set ("coco") or an earlier set."""
-    sets = run.cfg["sets"]
+    sets = run.cfg.sets
     if not sets:
         return None
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": ident.hash,
-            "identify_cfg": run.cfg["identify"], "sets": sets, "data": data_spec, "seed": run.cfg["seed"],
-            "scoring": run.cfg["eval"]["scoring"]}
+    spec = {"model": str(m.dir), "model_stamp": model_stamp(m.dir), "identify": ident.hash,
+            "identify_cfg": run.cfg.identify, "sets": sets, "data": data_spec, "seed": run.cfg.seed,
+            "scoring": run.cfg.eval.scoring}
 
     def body(partial: Path, steps: Steps) -> SetsResult:
         out = {}
@@ -604,20 +621,20 @@ def _sets(run: Run, m: dict, root: Path, ident: Stage[IdentifyResult], data_spec
             gc.collect()
         return SetsResult(sets=out)
 
-    return run.stage(root, m["name"], "sets", spec, body, SetsResult)
+    return run.stage(root, m.name, "sets", spec, body, SetsResult)
 
 
-def _make_set(run: Run, m: dict, ident: Stage[IdentifyResult], partial: Path, s: dict, d: Path) -> None:
+def _make_set(run: Run, m: RunModel, ident: Stage[IdentifyResult], partial: Path, s: NeuronSet, d: Path) -> None:
     from vllm_coco.identify.run import identify, reselect
 
-    if s["from"] is None:
-        limit = run.cfg["identify"]["limit"] if s["limit"] is None else s["limit"]
-        opts = identify_options(run.cfg, contrast=s["contrast"], limit=limit, baseline=s["baseline"],
-                                abstention_filter=bool(s["abstention_filter"]))
-        identify(str(m["dir"]), str(d), opts, progress=sys.stderr.isatty())
+    if s.from_ is None:
+        limit = run.cfg.identify.limit if s.limit is None else s.limit
+        opts = identify_options(run.cfg, contrast=s.contrast, limit=limit, baseline=s.baseline,
+                                abstention_filter=bool(s.abstention_filter))
+        identify(str(m.dir), str(d), opts, progress=sys.stderr.isatty())
     else:
-        source = ident.dir / ident.result.neurons if s["from"] == "coco" else partial / s["from"]
-        reselect(str(source), str(d), baseline=s["baseline"], abstention_filter=s["abstention_filter"])
+        source = ident.dir / ident.result.neurons if s.from_ == "coco" else partial / s.from_
+        reselect(str(source), str(d), baseline=s.baseline, abstention_filter=s.abstention_filter)
 
 
 # the parity stage's two conditions: (name, edited?); the edit is the NE gate at its defaults
@@ -632,52 +649,52 @@ def recipe(cand: Candidate):
     return Recipe(cand.edit, dict(cand.settings), cand.ratio)
 
 
-def _make_edit(m: dict, neurons: Path, cand: Candidate, out: Path) -> None:
-    recipe(cand).write(m["dir"], neurons, out)
+def _make_edit(m: RunModel, neurons: Path, cand: Candidate, out: Path) -> None:
+    recipe(cand).write(m.dir, neurons, out)
 
 
-def edit_condition(m: dict, neurons: Path, cand: Candidate):
+def edit_condition(m: RunModel, neurons: Path, cand: Candidate):
     """A sweep candidate as an in-memory edit: the same numbers as the directory `_make_edit` writes."""
-    return recipe(cand).condition(neurons, m["dir"])
+    return recipe(cand).condition(neurons, m.dir)
 
 
-def _sweep(run: Run, m: dict, root: Path, src: Sources, data_spec: dict) -> Stage[SweepResult]:
+def _sweep(run: Run, m: RunModel, root: Path, src: Sources, data_spec: dict) -> Stage[SweepResult]:
     """Successive halving over the candidates on the validate split (sweep.py): every candidate at the
     first rung's sample, the best 1/eta of each kind at the next, ...; each scored on stereo_coco
     (Δ|s_AMB|, Δ acc_disambig, Δ success rate vs the base at that rung) and on KL on neutral text."""
-    sw = run.cfg["sweep"]
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": src.ident.hash,
+    sw = run.cfg.sweep
+    spec = {"model": str(m.dir), "model_stamp": model_stamp(m.dir), "identify": src.ident.hash,
             "sets": src.sets and src.sets.hash, "sweep": sw,
-            "identify_ratio": run.cfg["identify"]["ratio"], "data": data_spec, "backend": run.backend,
-            "scoring": run.cfg["eval"]["scoring"], "floors": _sweep_floors()}
+            "identify_ratio": run.cfg.identify.ratio, "data": data_spec, "backend": run.backend,
+            "scoring": run.cfg.eval.scoring, "floors": _sweep_floors()}
 
     def body(partial: Path, steps: Steps) -> SweepResult:
-        cands = _evaluable(run, m, candidates(sw, run.cfg["identify"]["ratio"]))
+        cands = _evaluable(run, m, candidates(sw, run.cfg.identify.ratio))
         share_sets(run, src.ident, steps)
         neurons = {c.key: src.neurons(run, partial, c) for c in cands}
         if run.in_memory:
-            lm = run.lm(m["dir"])
+            lm = run.lm(m.dir)
             for c in cands:
                 lm.add_condition(f"sweep-{c.key}", edit_condition(m, neurons[c.key], c))
         rows, alive, base = [], cands, None
         for rung, limit in enumerate(rung_limits(sw)):
             base, scored = _sweep_rung(run, m, steps, rung, limit, alive, neurons)
             rows += scored
-            alive = [c for c in alive if c.key in promote(scored, sw["eta"])]
-        chosen = {e: choose(rows, e) for e in sw["edits"]}
+            alive = [c for c in alive if c.key in promote(scored, sw.eta)]
+        chosen = {e: choose(rows, e) for e in sw.edits}
         for c in chosen.values():
-            run.log(f"  [{m['name']}] sweep: {c.note}")
-        return SweepResult(split="validate", limits=rung_limits(sw), neutral_limit=sw["neutral_limit"],
+            run.log(f"  [{m.name}] sweep: {c.note}")
+        return SweepResult(split="validate", limits=rung_limits(sw), neutral_limit=sw.neutral_limit,
                            floors=_sweep_floors(), base=base, rows=rows, chosen=chosen)
 
-    return run.stage(root, m["name"], "sweep", spec, body, SweepResult)
+    return run.stage(root, m.name, "sweep", spec, body, SweepResult)
 
 
-def _evaluable(run: Run, m: dict, cands: list[Candidate]) -> list[Candidate]:
+def _evaluable(run: Run, m: RunModel, cands: list[Candidate]) -> list[Candidate]:
     """The candidates the run can evaluate on m (Run.writes); the others' arms are logged as skipped."""
     keep = [c for c in cands if run.writes(m, c.edit)]
     for arm in dict.fromkeys(c.arm for c in cands if c not in keep):
-        run.log(f"  [{m['name']}] sweep: {label(arm)} skipped (written checkpoints of this architecture cannot "
+        run.log(f"  [{m.name}] sweep: {label(arm)} skipped (written checkpoints of this architecture cannot "
                 "hold its offsets; eval.backend hf runs it in memory)")
     return keep
 
@@ -687,9 +704,9 @@ def _sweep_floors() -> dict[str, float]:
     return {"acc_disambig": STEREO.metric("acc_disambig").floor, "kl": NEUTRAL.metric("kl").floor}
 
 
-def _sweep_rung(run: Run, m: dict, steps: Steps, rung: int, limit, cands: list[Candidate], neurons: dict):
+def _sweep_rung(run: Run, m: RunModel, steps: Steps, rung: int, limit, cands: list[Candidate], neurons: dict):
     """One rung: the base and `cands` on `limit` validate documents per category -> (base row, rows)."""
-    cats = run.cfg["data"]["categories"]
+    cats = run.cfg.data.categories
     tasks = [f"stereo_coco_{c}" for c in cats]
     t0, tag = time.time(), f"rung {rung + 1} ({limit or 'all'} documents per category, {len(cands)} candidates)"
 
@@ -699,29 +716,29 @@ def _sweep_rung(run: Run, m: dict, steps: Steps, rung: int, limit, cands: list[C
                           {"model": key}, condition=condition, prefetch=prefetch, dirs=dirs)
         return STEREO.summarize(res["stereo"], cats), stats.bbq_records(dirs["stereo"])
 
-    base_sum, base_recs = score("base", m["dir"], prefetch=[f"sweep-{c.key}" for c in cands] if run.in_memory else ())
+    base_sum, base_recs = score("base", m.dir, prefetch=[f"sweep-{c.key}" for c in cands] if run.in_memory else ())
     base = SweepRow.score(None, rung, limit, base_sum, 0.0)
-    run.log(f"  [{m['name']}] sweep {tag}: base success_rate {fmt(base.success_rate)}, |s_AMB| "
+    run.log(f"  [{m.name}] sweep {tag}: base success_rate {fmt(base.success_rate)}, |s_AMB| "
             f"{fmt(base.abs_bias_ambig)} ({time.time() - t0:.0f} s)")
     rows = []
     for cand in cands:
         t0 = time.time()
         if run.in_memory:
-            if run.cfg["keep_models"] and checkpointable(m, cand.edit):
+            if run.cfg.keep_models and checkpointable(m, cand.edit):
                 steps.do(f"models/{cand.key}", {"cand": cand.spec()},
                          lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
-            summ, recs = score(cand.key, m["dir"], condition=f"sweep-{cand.key}")
+            summ, recs = score(cand.key, m.dir, condition=f"sweep-{cand.key}")
         else:
             d = steps.do(f"models/{cand.key}", {"cand": cand.spec()},
                          lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
             summ, recs = score(cand.key, d)
-            if not run.cfg["keep_models"]:
+            if not run.cfg.keep_models:
                 _drop_weights(d)
         deltas = {k: stats.compare(base_recs, recs, k) for k in ("success_rate", "abs_bias_ambig", "acc_disambig")}
         row = SweepRow.score(cand, rung, limit, summ, _sweep_kl(run, m, steps, cand, neurons[cand.key]), deltas)
         row = dataclasses.replace(row, admissible=admissible(row, **_floor_args()))
         rows.append(row)
-        run.log(f"  [{m['name']}] sweep {label(cand.arm)} {row.params} @{limit or 'all'}: Δ|s_AMB| "
+        run.log(f"  [{m.name}] sweep {label(cand.arm)} {row.params} @{limit or 'all'}: Δ|s_AMB| "
                 f"{row.bias.text() if row.bias else 'n/a'}, Δ acc_disambig {fmt(row.acc.delta if row.acc else None)}, "
                 f"KL {fmt(row.kl, 4)}{'' if row.admissible else ' (outside the floors)'} ({time.time() - t0:.0f} s)")
     return base, rows
@@ -732,30 +749,30 @@ def _floor_args() -> dict[str, float]:
     return {"acc_floor": floors["acc_disambig"], "kl_floor": floors["kl"]}
 
 
-def _sweep_kl(run: Run, m: dict, steps: Steps, cand: Candidate, neurons: Path) -> float:
+def _sweep_kl(run: Run, m: RunModel, steps: Steps, cand: Candidate, neurons: Path) -> float:
     """The candidate's mean KL per token on the validate neutral passages (measured once per candidate)."""
     d = measure_step(run, m, steps, f"evals/{cand.key}/neutral", NEUTRAL, cand, neurons, f"sweep-{cand.key}",
-                     run.cfg["sweep"]["neutral_limit"], split="validate")
+                     run.cfg.sweep.neutral_limit, split="validate")
     res = json.loads((d / "results.json").read_text(encoding="utf-8"))
     return lm_results.metric(res, NEUTRAL.name, "kl")
 
 
 
 
-def final_benchmarks(cfg: dict) -> dict[str, benchmarks.Benchmark]:
+def final_benchmarks(cfg: RunConfig) -> dict[str, benchmarks.Benchmark]:
     """The benchmarks the final stage runs (config `final.benchmarks`), in order."""
-    return {name: benchmarks.get(name) for name in cfg["final"]["benchmarks"]}
+    return {name: benchmarks.get(name) for name in cfg.final.benchmarks}
 
 
-def _final(run: Run, m: dict, root: Path, src: Sources, sweep: Stage[SweepResult],
+def _final(run: Run, m: RunModel, root: Path, src: Sources, sweep: Stage[SweepResult],
            data_spec: dict) -> Stage[FinalResult]:
-    fc, cats = run.cfg["final"], run.cfg["data"]["categories"]
+    fc, cats = run.cfg.final, run.cfg.data.categories
     benches = final_benchmarks(run.cfg)
-    limits = {name: fc["benchmarks"][name]["limit"] for name in benches}
+    limits = {name: fc.benchmarks[name].limit for name in benches}
     chosen = {e: sweep.result.chosen_row(e) for e in sweep.result.chosen}
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "identify": src.ident.hash,
+    spec = {"model": str(m.dir), "model_stamp": model_stamp(m.dir), "identify": src.ident.hash,
             "sets": src.sets and src.sets.hash, "sweep": sweep.hash, "final": fc, "data": data_spec,
-            "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]}
+            "backend": run.backend, "scoring": run.cfg.eval.scoring}
     where: dict[str, dict[str, Path]] = {}  # run -> benchmark -> evaluation directory
     metadata = {k: v for b in benches.values() for k, v in (b.metadata(cats) or {}).items()} or None
 
@@ -776,7 +793,7 @@ def _final(run: Run, m: dict, root: Path, src: Sources, sweep: Stage[SweepResult
                        summaries={b.name: b.summarize(res[b.name], cats) for b in benches.values()},
                        intervals=None if cand is None else {
                            b.name: b.intervals(where["base"][b.name], dirs[b.name], cats) for b in benches.values()})
-        run.log(f"  [{m['name']}] final {label(name)}: success_rate "
+        run.log(f"  [{m.name}] final {label(name)}: success_rate "
                 f"{fmt(out.stereo.get('success_rate'))} ({time.time() - t0:.0f} s)")
         return out
 
@@ -792,16 +809,16 @@ def _final(run: Run, m: dict, root: Path, src: Sources, sweep: Stage[SweepResult
                                      [[v.claim, f"**{v.status}**", report.evidence(v)] for v in verdicts])
         return FinalResult(split="test", limits=limits, base=base, edits=edits, versus=vs)
 
-    return run.stage(root, m["name"], "final", spec, body, FinalResult)
+    return run.stage(root, m.name, "final", spec, body, FinalResult)
 
 
-def measure_step(run: Run, m: dict, steps: Steps, key: str, bench, cand: Candidate | None, neurons: Path | None,
+def measure_step(run: Run, m: RunModel, steps: Steps, key: str, bench, cand: Candidate | None, neurons: Path | None,
                  condition: str, limit, split: str = "test") -> Path:
     """`bench.measure` (a benchmark that is not an lm-eval task) of the base model (cand None) or of a
     candidate registered as `condition`, in memory on the base model whatever the eval backend (the
     condition equals the written directory); a finished step is reused. Returns its directory."""
     def fn(d: Path):
-        lm = run.lm(m["dir"])
+        lm = run.lm(m.dir)
         if cand is not None:
             lm.add_condition(condition, edit_condition(m, neurons, cand))
         bench.measure(lm, "base" if cand is None else condition, d, limit, split=split)
@@ -810,28 +827,28 @@ def measure_step(run: Run, m: dict, steps: Steps, key: str, bench, cand: Candida
     return steps.do(key, spec, fn)
 
 
-def _final_model(run: Run, m: dict, src: Sources, sweep, name: str, cand: Candidate | None, steps: Steps):
+def _final_model(run: Run, m: RunModel, src: Sources, sweep, name: str, cand: Candidate | None, steps: Steps):
     """(model dir to evaluate, the written edit relative to the stage or None, in-memory condition or None).
     The chosen edits are the run's product: written even when evaluated in memory."""
     if cand is None:
-        return m["dir"], None, None
+        return m.dir, None, None
     spec = {k: v for k, v in cand.spec().items() if k != "key"}
     neurons = src.neurons(run, sweep.dir, cand)
     if not checkpointable(m, cand.edit):  # only in memory (the sweep let no other through)
-        run.log(f"  [{m['name']}] final {label(name)}: evaluated in memory, not written (a checkpoint of this "
+        run.log(f"  [{m.name}] final {label(name)}: evaluated in memory, not written (a checkpoint of this "
                 "architecture cannot hold its offsets)")
-        return m["dir"], None, f"final-{name}"
+        return m.dir, None, f"final-{name}"
     written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, d))
     if run.in_memory:
-        return m["dir"], f"models/{name}", f"final-{name}"
+        return m.dir, f"models/{name}", f"final-{name}"
     return written, f"models/{name}", None
 
 
-def _final_conditions(run: Run, m: dict, src: Sources, sweep, chosen: dict) -> list[str]:
+def _final_conditions(run: Run, m: RunModel, src: Sources, sweep, chosen: dict) -> list[str]:
     """In memory: each chosen edit registered on the loaded base model (scored in the base's batches)."""
     if not run.in_memory:
         return []
-    lm, conds = run.lm(m["dir"]), []
+    lm, conds = run.lm(m.dir), []
     for e, row in chosen.items():
         if row is not None:
             lm.add_condition(f"final-{e}", edit_condition(m, src.neurons(run, sweep.dir, row.candidate),
@@ -853,57 +870,57 @@ def _max_loglik_diff(a: Path, b: Path, tasks) -> tuple[float, int]:
     return worst, docs
 
 
-def _parity(run: Run, m: dict, ref: dict, root: Path, data_spec: dict) -> Stage[ParityResult]:
+def _parity(run: Run, m: RunModel, ref: RunModel, root: Path, data_spec: dict) -> Stage[ParityResult]:
     """Identify both models at a small size and evaluate base and NE-COCO on a small sample: a twin
     must reproduce its reference to `parity.tolerance` (CocoError otherwise: a code-path bug)."""
     from vllm_coco.core.artifact import Artifact
     from vllm_coco.identify.run import identify
 
-    pc, ic = run.cfg["parity"], run.cfg["identify"]
-    cats = run.cfg["data"]["categories"]
+    pc, ic = run.cfg.parity, run.cfg.identify
+    cats = run.cfg.data.categories
     tasks = [f"stereo_coco_{c}" for c in cats]
-    spec = {"model": str(m["dir"]), "model_stamp": model_stamp(m["dir"]), "reference": str(ref["dir"]),
-            "reference_stamp": model_stamp(ref["dir"]), "parity": pc, "data": data_spec, "identify": ic,
-            "seed": run.cfg["seed"], "backend": run.backend, "scoring": run.cfg["eval"]["scoring"]}
+    spec = {"model": str(m.dir), "model_stamp": model_stamp(m.dir), "reference": str(ref.dir),
+            "reference_stamp": model_stamp(ref.dir), "parity": pc, "data": data_spec, "identify": ic,
+            "seed": run.cfg.seed, "backend": run.backend, "scoring": run.cfg.eval.scoring}
 
     def body(partial: Path, steps: Steps) -> ParityResult:
-        opts = identify_options(run.cfg, limit=pc["identify_limit"], null_rounds=0)
+        opts = identify_options(run.cfg, limit=pc.identify_limit, null_rounds=0)
         evals = {}
         for x in (ref, m):
             neurons = steps.do(f"neurons/{x['name']}", {},
-                               lambda d, x=x: identify(str(x["dir"]), str(d), opts, progress=False))
+                               lambda d, x=x: identify(str(x.dir), str(d), opts, progress=False))
             for cond, edit in PARITY:
-                model_dir, condition, prefetch = x["dir"], None, ()
+                model_dir, condition, prefetch = x.dir, None, ()
                 if run.in_memory:
-                    lm = run.lm(x["dir"])
-                    lm.add_condition("parity-ne", recipe(PARITY_GATE).condition(neurons, x["dir"]))
+                    lm = run.lm(x.dir)
+                    lm.add_condition("parity-ne", recipe(PARITY_GATE).condition(neurons, x.dir))
                     condition, prefetch = ("parity-ne", ()) if edit else (None, ("parity-ne",))
                 elif edit:
                     model_dir = steps.do(f"models/{x['name']}-{cond}", {},
-                                         lambda d, x=x, n=neurons: recipe(PARITY_GATE).write(x["dir"], n, d))
-                evals[(x["name"], cond)] = steps.do(
-                    f"evals/{x['name']}-{cond}", {"limit": pc["limit"]},
-                    lambda d, md=model_dir, c=condition, p=prefetch: evaluate(run, md, tasks, "test", pc["limit"], d,
+                                         lambda d, x=x, n=neurons: recipe(PARITY_GATE).write(x.dir, n, d))
+                evals[(x.name, cond)] = steps.do(
+                    f"evals/{x['name']}-{cond}", {"limit": pc.limit},
+                    lambda d, md=model_dir, c=condition, p=prefetch: evaluate(run, md, tasks, "test", pc.limit, d,
                                                                               condition=c, prefetch=p,
                                                                               log_samples=True))
         (ma, aa), (mb, ab) = (Artifact.read(partial / f"neurons/{x['name']}") for x in (ref, m))
-        diffs = {c: _max_loglik_diff(evals[(ref["name"], c)], evals[(m["name"], c)], tasks) for c, _ in PARITY}
-        res = ParityResult(reference=ref["name"], identify_limit=pc["identify_limit"], limit=pc["limit"],
-                           tolerance=pc["tolerance"],
+        diffs = {c: _max_loglik_diff(evals[(ref.name, c)], evals[(m.name, c)], tasks) for c, _ in PARITY}
+        res = ParityResult(reference=ref.name, identify_limit=pc.identify_limit, limit=pc.limit,
+                           tolerance=pc.tolerance,
                            max_abs_score=float(abs(aa["score"].astype(float) - ab["score"].astype(float)).max()),
                            same_selection=sorted(aa["selected"].tolist()) == sorted(ab["selected"].tolist()),
                            selected=len(ab["selected"]), docs=diffs["base"][1],
                            max_abs_loglik={c: d[0] for c, d in diffs.items()})
-        run.log(f"  [{m['name']}] parity with {ref['name']}: identical {'yes' if res.identical else 'NO'} (max |Δ| "
+        run.log(f"  [{m.name}] parity with {ref['name']}: identical {'yes' if res.identical else 'NO'} (max |Δ| "
                 f"score {res.max_abs_score:.2g}, log-likelihood base {diffs['base'][0]:.2g} / NE {diffs['ne'][0]:.2g} "
                 f"over {res.docs} documents; same selection: {'yes' if res.same_selection else 'no'})")
         if not res.identical:
-            raise CocoError(f"parity: {m['name']} does not reproduce {ref['name']} within {pc['tolerance']:g} (max |Δ| "
+            raise CocoError(f"parity: {m.name} does not reproduce {ref['name']} within {pc.tolerance:g} (max |Δ| "
                             f"score {res.max_abs_score:.3g}, log-likelihood {res.max_abs_loglik}, same selection "
-                            f"{res.same_selection}): the {m['name']} code path differs; see {partial}")
+                            f"{res.same_selection}): the {m.name} code path differs; see {partial}")
         return res
 
-    return run.stage(root, m["name"], "parity", spec, body, ParityResult)
+    return run.stage(root, m.name, "parity", spec, body, ParityResult)
 
 
 # --------------------------------------------------------------------------- report
@@ -911,15 +928,15 @@ def _parity(run: Run, m: dict, ref: dict, root: Path, data_spec: dict) -> Stage[
 def _report(run: Run, models: list[ModelResults], parities: dict[str, Stage[ParityResult]]) -> Stage[ReportResult]:
     spec = {"models": {m.name: {s: stage.hash for s, stage in m.stages().items()} for m in models},
             "parity": {name: stage.hash for name, stage in parities.items()},
-            "config": run.cfg["_config_path"]}
-    cats = run.cfg["data"]["categories"]
+            "config": run.config_path}
+    cats = run.cfg.data.categories
 
     def body(partial: Path, steps: Steps) -> ReportResult:
         figs = {m.name: figures.draw(m, cats, partial) for m in models}
         for png in (p for f in figs.values() for p in f.paths()):
             plain_mode(png)
         layouts = {m.name: report.neuron_layout(m.identify) for m in models}
-        text = report.render(run.cfg, run.out, run.backend, models, figs, layouts,
+        text = report.render(run.cfg, run.config_path, run.out, run.backend, models, figs, layouts,
                              {name: stage.result for name, stage in parities.items()})
         (partial / REPORT).write_text(text, encoding="utf-8")
         return ReportResult(report=REPORT, figures=sorted(p.name for f in figs.values() for p in f.paths()))
@@ -932,25 +949,25 @@ def _report(run: Run, models: list[ModelResults], parities: dict[str, Stage[Pari
 
 # --------------------------------------------------------------------------- entry point
 
-def plan(cfg: dict) -> list[str]:
-    sw = cfg["sweep"]
-    n_cand = len(candidates(sw, cfg["identify"]["ratio"]))
-    lines = [f"output: {cfg['out']}"]
-    for m in cfg["models"]:
-        if m["parity_of"] is not None:
-            lines.append(f"[{m['name']}] {m['path']}: parity with {m['parity_of']} (identify "
-                         f"{cfg['parity']['identify_limit']} pairs per category, base + NE-COCO on "
-                         f"{cfg['parity']['limit']} documents per category)")
+def plan(cfg: RunConfig) -> list[str]:
+    sw = cfg.sweep
+    n_cand = len(candidates(sw, cfg.identify.ratio))
+    lines = [f"output: {cfg.out}"]
+    for m in cfg.models:
+        if m.parity_of is not None:
+            lines.append(f"[{m.name}] {m.path}: parity with {m.parity_of} (identify "
+                         f"{cfg.parity.identify_limit} pairs per category, base + NE-COCO on "
+                         f"{cfg.parity.limit} documents per category)")
             continue
-        lines.append(f"[{m['name']}] {m['path']}: identify -> baselines ({', '.join(cfg['baselines']) or 'none'}) -> "
-                     f"ablation ({1 + len(cfg['ablation']['modes']) * (1 + len(cfg['baselines']))} evals) -> "
-                     + (f"stability ({len(cfg['stability']['fractions'])} split(s)"
-                        + (", 2 evals" if cfg['stability']['ablate'] else "") + ") -> "
-                        if cfg["stability"]["fractions"] else "")
-                     + (f"sets ({', '.join(cfg['sets'])}) -> " if cfg["sets"] else "")
-                     + f"sweep ({n_cand} candidates, {sw['rungs']} rung(s) of successive halving) "
-                     f"-> final (base, {', '.join(label(e) for e in cfg['sweep']['edits'])}; benchmarks "
-                     f"{', '.join(cfg['final']['benchmarks'])})")
+        lines.append(f"[{m.name}] {m.path}: identify -> baselines ({', '.join(cfg.baselines) or 'none'}) -> "
+                     f"ablation ({1 + len(cfg.ablation.modes) * (1 + len(cfg.baselines))} evals) -> "
+                     + (f"stability ({len(cfg.stability.fractions)} split(s)"
+                        + (", 2 evals" if cfg.stability.ablate else "") + ") -> "
+                        if cfg.stability.fractions else "")
+                     + (f"sets ({', '.join(cfg.sets)}) -> " if cfg.sets else "")
+                     + f"sweep ({n_cand} candidates, {sw.rungs} rung(s) of successive halving) "
+                     f"-> final (base, {', '.join(label(e) for e in cfg.sweep.edits)}; benchmarks "
+                     f"{', '.join(cfg.final.benchmarks)})")
     lines.append("report: OUT/REPORT.md")
     return lines
 
@@ -961,37 +978,36 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
     from vllm_coco.experiment import config as config_mod
 
     cfg = config_mod.load(config_path, overrides={"out": out} if out is not None else None)
-    cfg["_config_path"] = str(config_path)
     if check:  # the output rule against the local inputs too (hub models are not fetched for a check)
-        local = [Path(m["path"]).expanduser() for m in cfg["models"] if Path(m["path"]).expanduser().exists()]
-        check_output_dir(cfg["out"], force=False, sources=tuple(local), what="out:", merge=True)
+        local = [Path(m.path).expanduser() for m in cfg.models if Path(m.path).expanduser().exists()]
+        check_output_dir(cfg.out, force=False, sources=tuple(local), what="out:", merge=True)
         for line in plan(cfg):
             echo(line)
         return {"report": None, "stages": []}
-    check_device(cfg["identify"]["device"], "identify.device:")
-    if cfg["eval"]["device"] is not None:
-        check_device(cfg["eval"]["device"], "eval.device:")
-    models = [{**m, "dir": resolve_model_dir(m["path"])} for m in cfg["models"]]  # hub ids are fetched here
-    src = cfg["data"]["source"]
-    inputs = [m["dir"] for m in models] + ([Path(src).expanduser()] if Path(src).expanduser().is_dir() else [])
+    check_device(cfg.identify.device, "identify.device:")
+    if cfg.eval.device is not None:
+        check_device(cfg.eval.device, "eval.device:")
+    models = [RunModel(m.name, m.path, m.parity_of, resolve_model_dir(m.path)) for m in cfg.models]  # hub ids: fetched
+    src = cfg.data.source
+    inputs = [m.dir for m in models] + ([Path(src).expanduser()] if Path(src).expanduser().is_dir() else [])
     # a run resumes by writing into an existing out; out may never overlap an input
-    out_dir = check_output_dir(cfg["out"], force=False, sources=tuple(inputs), what="out:", merge=True)
+    out_dir = check_output_dir(cfg.out, force=False, sources=tuple(inputs), what="out:", merge=True)
     out_dir.mkdir(parents=True, exist_ok=True)
     import logging
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the stage lines
-    run = Run(cfg, out_dir, echo)
-    run.backend = config_mod.resolve_backend(cfg["eval"]["backend"])
+    run = Run(cfg, out_dir, echo, config_path=str(config_path))
+    run.backend = config_mod.resolve_backend(cfg.eval.backend)
     t0 = time.time()
     run.log(f"coco-tools run {config_path}: {len(models)} model(s), eval backend {run.backend}, output {out_dir}")
-    data_spec = {"source": cfg["data"]["source"], "categories": cfg["data"]["categories"],
-                 "chat_template": cfg["data"]["chat_template"]}
+    data_spec = {"source": cfg.data.source, "categories": cfg.data.categories,
+                 "chat_template": cfg.data.chat_template}
     done_models, parities = [], {}
     for m in models:
-        root = out_dir / m["name"]
-        if m["parity_of"] is not None:
-            ref = next(x for x in models if x["name"] == m["parity_of"])
-            parities[m["name"]] = _parity(run, m, ref, root, data_spec)
+        root = out_dir / m.name
+        if m.parity_of is not None:
+            ref = next(x for x in models if x.name == m.parity_of)
+            parities[m.name] = _parity(run, m, ref, root, data_spec)
             continue
         ident = _identify(run, m, root, data_spec)
         bases = _baselines(run, m, root, ident)
@@ -1001,7 +1017,7 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
         src = Sources(ident, sets)
         sweep = _sweep(run, m, root, src, data_spec)
         final = _final(run, m, root, src, sweep, data_spec)
-        done_models.append(ModelResults(name=m["name"], path=m["path"], identify=ident, baselines=bases,
+        done_models.append(ModelResults(name=m.name, path=m.path, identify=ident, baselines=bases,
                                         ablation=abl, stability=stab, sets=sets, sweep=sweep, final=final))
     rep = _report(run, done_models, parities)
     computed = [s for s in run.stages if s["status"] == "computed"]

@@ -14,6 +14,7 @@ from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.edit.registry import label
 from vllm_coco.experiment import benchmarks, stats, versus
 from vllm_coco.experiment.benchmarks import Benchmark
+from vllm_coco.experiment.config import Identify, RunConfig
 from vllm_coco.experiment.figures import ModelFigures
 from vllm_coco.experiment.results import (
     LABELS,
@@ -68,10 +69,11 @@ def figure(alt: str, png: Path) -> list[str]:
 
 # --------------------------------------------------------------------------- the whole report
 
-def render(cfg: dict, out: Path, backend: str, models: list[ModelResults], figs: dict[str, ModelFigures],
-           layouts: dict[str, str], parities: dict[str, ParityResult] | None = None) -> str:
+def render(cfg: RunConfig, config_path: str, out: Path, backend: str, models: list[ModelResults],
+           figs: dict[str, ModelFigures], layouts: dict[str, str],
+           parities: dict[str, ParityResult] | None = None) -> str:
     """REPORT.md: header, summary, parity twins, then one section per model. figs / layouts: by model name."""
-    md = (header(cfg, out, backend) + verdicts(cfg, models) + [x for m in models for x in sample_sizes(m)]
+    md = (header(cfg, config_path, out, backend) + verdicts(cfg, models) + [x for m in models for x in sample_sizes(m)]
           + summary(models) + parity(parities or {}))
     for m in models:
         md += model_section(cfg, m, figs[m.name], layouts[m.name])
@@ -118,7 +120,7 @@ def sample_sizes(m: ModelResults) -> list[str]:
             "would take.", "", md_table(["comparison", "n", "± measured", "± expected", "n for ±0.05"], rows), ""]
 
 
-def model_verdicts(cfg: dict, m: ModelResults) -> list[stats.Verdict]:
+def model_verdicts(cfg: RunConfig, m: ModelResults) -> list[stats.Verdict]:
     """The claims, each computed from the stored intervals by stats' stated rule: specificity of the
     COCO set, then each edit's verdicts from every benchmark that judges (benchmarks.Benchmark.judge)."""
     abl, fin = m.ablation.result, m.final.result
@@ -134,7 +136,7 @@ def evidence(v: stats.Verdict) -> str:
     return "; ".join(f"{k}: {iv.text()} (n={iv.n})" for k, iv in v.evidence.items()) or "n/a"
 
 
-def verdicts(cfg: dict, models: list[ModelResults]) -> list[str]:
+def verdicts(cfg: RunConfig, models: list[ModelResults]) -> list[str]:
     """The verdicts section: claim, status, the intervals it read; then every rule once."""
     rows, rules = [], {}
     for m in models:
@@ -164,9 +166,9 @@ def parity(parities: dict[str, ParityResult]) -> list[str]:
                           "max |Δ loglik| base", "max |Δ loglik| NE", "documents"], rows), ""]
 
 
-def model_section(cfg: dict, m: ModelResults, fig: ModelFigures, layout: str) -> list[str]:
-    cats, final = cfg["data"]["categories"], m.final.result
-    md = (model_intro(m) + neurons(m.identify.result, cfg["identify"], layout, fig.heatmap)
+def model_section(cfg: RunConfig, m: ModelResults, fig: ModelFigures, layout: str) -> list[str]:
+    cats, final = cfg.data.categories, m.final.result
+    md = (model_intro(m) + neurons(m.identify.result, cfg.identify, layout, fig.heatmap)
           + ablation(m.ablation.result, cats, fig.ablation)
           + (stability(m.stability.result, m.ablation.result) if m.stability is not None else [])
           + (neuron_sets(m.sets.result) if m.sets is not None else [])
@@ -243,14 +245,14 @@ def neuron_layout(ident: Stage[IdentifyResult]) -> str:
 
 # --------------------------------------------------------------------------- sections
 
-def header(cfg: dict, out: Path, backend: str) -> list[str]:
-    cats, data = cfg["data"]["categories"], cfg["data"]
+def header(cfg: RunConfig, config_path: str, out: Path, backend: str) -> list[str]:
+    cats, data = cfg.data.categories, cfg.data
     return ["# COCO experiment report", "",
-            f"Config: `{cfg['_config_path']}` · output: `{out}` · tool: vllm-coco {__version__} "
-            f"({METHOD_VERSION}) · eval backend: {backend} · data: {data['source']}, "
-            f"{len(cats)} categories ({', '.join(cats)}) · seed {cfg['seed']} · prompts: "
-            f"{'chat template' if data['chat_template'] else 'plain (no chat template)'} · option scoring: "
-            f"{'summed log-likelihood' if cfg['eval']['scoring'] == 'sum' else 'log-likelihood per byte'}", "",
+            f"Config: `{config_path}` · output: `{out}` · tool: vllm-coco {__version__} "
+            f"({METHOD_VERSION}) · eval backend: {backend} · data: {data.source}, "
+            f"{len(cats)} categories ({', '.join(cats)}) · seed {cfg.seed} · prompts: "
+            f"{'chat template' if data.chat_template else 'plain (no chat template)'} · option scoring: "
+            f"{'summed log-likelihood' if cfg.eval.scoring == 'sum' else 'log-likelihood per byte'}", "",
             "Success rate = share of ambiguous BBQ answers that pick the \"unknown\" option, averaged over the "
             "three cyclic option orders (higher is better). Sweep numbers are on the **validate** split, "
             "ablation and final numbers on the held-out **test** split; neurons were identified on the "
@@ -289,11 +291,11 @@ def contrast_source(r: IdentifyResult, limit) -> str:
             f"identify split, up to {per_cat} per category).")
 
 
-def neurons(r: IdentifyResult, ic: dict, layout: str, heatmap: Path) -> list[str]:
+def neurons(r: IdentifyResult, ic: Identify, layout: str, heatmap: Path) -> list[str]:
     """Count, significance, and where the neurons sit (ic: the config's identify section)."""
     return (["### Neurons: count, significance, where they sit", "",
-             f"{r.count} of {r.num_neurons} q/k/v neurons selected (ratio {ic['ratio']}, {r.by_proj}) "
-             + contrast_source(r, ic["limit"]), ""]
+             f"{r.count} of {r.num_neurons} q/k/v neurons selected (ratio {ic.ratio}, {r.by_proj}) "
+             + contrast_source(r, ic.limit), ""]
             + significance(r)
             + ["Selected neurons per layer and projection (combined set):", "", "```", layout, "```", ""]
             + figure("neuron heatmap", heatmap))

@@ -7,6 +7,7 @@ import itertools
 import math
 
 from vllm_coco.edit.registry import label
+from vllm_coco.experiment.config import Sweep
 from vllm_coco.experiment.results import Candidate, Choice, SweepRow
 
 
@@ -16,16 +17,16 @@ def split_arm(arm: str) -> tuple[str, str | None]:
     return kind, where or None
 
 
-def candidates(sw: dict, identify_ratio: float) -> list[Candidate]:
+def candidates(sw: Sweep, identify_ratio: float) -> list[Candidate]:
     """The config's sweep section as candidates: for each neuron share (sweep.ratio; null: the
     identify share), each edit kind of sweep.edits in order, every combination of its settings; then
     each KIND@SET arm, on its set at the set's own share."""
     out = []
-    for r in sw["ratio"] or [identify_ratio]:
-        for arm, grid in sw["edits"].items():
+    for r in sw.ratio or [identify_ratio]:
+        for arm, grid in sw.edits.items():
             if split_arm(arm)[1] is None:
                 out += _grid(arm, grid, f"{arm}-r{r:g}", ratio=r)
-    for arm, grid in sw["edits"].items():
+    for arm, grid in sw.edits.items():
         if split_arm(arm)[1] is not None:
             out += _grid(arm, grid, arm)
     return out
@@ -40,17 +41,17 @@ def _grid(arm: str, grid: dict[str, list[float]], prefix: str, ratio: float | No
             for values in itertools.product(*grid.values())]
 
 
-def shares(sw: dict, identify_ratio: float) -> list[float]:
+def shares(sw: Sweep, identify_ratio: float) -> list[float]:
     """The neuron shares the sweep covers."""
-    return list(sw["ratio"] or [identify_ratio])
+    return list(sw.ratio or [identify_ratio])
 
 
-def rung_limits(sw: dict) -> list[int | None]:
+def rung_limits(sw: Sweep) -> list[int | None]:
     """The validate documents per category of each rung of the successive halving: the last rung is
     sweep.limit, each earlier one 1/eta of the next (at least 6: one item of each condition)."""
-    limits = [sw["limit"]]
-    for _ in range(sw["rungs"] - 1):
-        limits.insert(0, None if limits[0] is None else max(6, limits[0] // sw["eta"]))
+    limits = [sw.limit]
+    for _ in range(sw.rungs - 1):
+        limits.insert(0, None if limits[0] is None else max(6, limits[0] // sw.eta))
     return limits
 
 
