@@ -3,6 +3,7 @@ so `coco-tools --help` is instant."""
 
 from __future__ import annotations
 
+# Lazy imports: each command imports what it needs inside its function, so `--help` and plugin loading stay fast.
 import os
 import sys
 

@@ -19,6 +19,8 @@ DIR/intensities.safetensors the [rows, N] float16 intensity matrix (NE-COCO comp
 
 from __future__ import annotations
 
+# Lazy imports: safetensors, numpy are imported inside the functions that use them (directly or
+# through the modules they import), so importing this module stays light.
 import hashlib
 import json
 from dataclasses import dataclass
@@ -29,7 +31,7 @@ import numpy as np
 from vllm_coco import METHOD_VERSION
 from vllm_coco.core.checks import finite_array
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.json_file import read_json
+from vllm_coco.core.json_file import read_config, read_json
 from vllm_coco.core.names import WEIGHTINGS
 
 JSON_NAME = "neurons.json"
@@ -274,7 +276,6 @@ def check_model_matches(meta: dict, model_dir, force: bool = False, layout=None)
     is derived from config.json. Returns the model's fingerprint. A fingerprint mismatch is refused
     unless `force`; a layout mismatch always is (neuron addresses would point at other channels).
     """
-    from vllm_coco.core.json_file import read_config
     from vllm_coco.core.models import NeuronLayout, fingerprint
 
     if layout is None:

@@ -21,6 +21,8 @@ fix.
 
 from __future__ import annotations
 
+# Lazy imports: matplotlib is imported inside the functions that use it (directly or through the
+# modules they import), so importing this module stays light.
 import contextlib
 import ctypes
 import errno

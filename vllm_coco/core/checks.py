@@ -4,6 +4,8 @@ and the fix, so nothing non-finite ever reaches a model or a file."""
 
 from __future__ import annotations
 
+# Lazy imports: torch is imported inside the functions that use it (directly or through the modules
+# they import), so importing this module stays light.
 import math
 
 import numpy as np

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import contextlib
+import io
+import logging
+import sys
 
 
 class CocoError(Exception):
@@ -13,8 +16,6 @@ class CocoError(Exception):
 
 def _stream_handlers() -> list:
     """Every logging.StreamHandler on any logger (transformers installs its own)."""
-    import logging
-
     loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
                                        if isinstance(lg, logging.Logger)]
     return [h for lg in loggers for h in lg.handlers if isinstance(h, logging.StreamHandler)]
@@ -22,9 +23,6 @@ def _stream_handlers() -> list:
 
 def _stderr_handlers() -> list:
     """The stream handlers that write to this process's stderr (not files: FileHandler is a subclass)."""
-    import logging
-    import sys
-
     return [h for h in _stream_handlers() if type(h) is logging.StreamHandler
             and h.stream in (sys.stderr, sys.__stderr__)]
 
@@ -34,9 +32,6 @@ def held_stderr():
     """Hold what libraries write to stderr inside the block (a warning at import, argparse's usage
     text, transformers' load report): dropped when the block raises CocoError, whose one line is then
     all the user sees; written out as it was when the block ends in any other way."""
-    import io
-    import sys
-
     held = buffer = io.StringIO()
     real = sys.stderr
     handlers = _stderr_handlers()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Lazy imports: torch, transformers, safetensors, huggingface_hub are imported inside the functions
+# that use them (directly or through the modules they import), so importing this module stays light.
 import functools
 import hashlib
 import re

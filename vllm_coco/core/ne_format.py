@@ -26,12 +26,15 @@ are unknown to plain transformers on purpose: the gate can never be silently dro
 
 from __future__ import annotations
 
+# Lazy imports: safetensors is imported inside the functions that use it (directly or through the
+# modules they import), so importing this module stays light.
 import json
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from vllm_coco import METHOD_VERSION
 from vllm_coco.core.architectures import ARCHITECTURES
 from vllm_coco.core.checks import finite, ne_gate, ne_hyper, tensors_finite
 from vllm_coco.core.errors import CocoError
@@ -221,7 +224,6 @@ def write(tmp: Path, base_config: dict, coco: dict, gate: dict[int, dict],
     base is sharded) and the NE config.json."""
     from safetensors.numpy import save_file
 
-    from vllm_coco import METHOD_VERSION
 
     tensors = {f"{gate_prefix(l)}.{k}": np.ascontiguousarray(g[k]) for l, g in gate.items() for k in GATE_KEYS}
     for name, layers in (edits or {}).items():

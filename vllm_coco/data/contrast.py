@@ -15,6 +15,8 @@ BBQ items are split into identify / validate / test by `question_index` within a
 
 from __future__ import annotations
 
+# Lazy imports: datasets is imported inside the functions that use it (directly or through the
+# modules they import), so importing this module stays light.
 import importlib.util
 import json
 import random

@@ -3,6 +3,8 @@ materialized as a safetensors Hugging Face directory (Llama, or its Mistral twin
 
 from __future__ import annotations
 
+# Lazy imports: torch, transformers are imported inside the functions that use them (directly or
+# through the modules they import), so importing this module stays light.
 import importlib.util
 from pathlib import Path
 

@@ -18,6 +18,8 @@ The source directory is only read. Inputs are JSON and safetensors: nothing is u
 
 from __future__ import annotations
 
+# Lazy imports: torch, safetensors are imported inside the functions that use them (directly or
+# through the modules they import), so importing this module stays light.
 import json
 import re
 import shutil

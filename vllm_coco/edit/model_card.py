@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from vllm_coco import METHOD_VERSION, __version__
+from vllm_coco.core.atomic import write_text
 
 CARD = "README.md"
 VERDICTS = "## Verdicts of the run that chose this edit"
@@ -89,8 +90,6 @@ def write(out: Path, model_dir: Path, config: dict, meta: dict, neurons_hash: st
 
 def with_verdicts(card_path: Path, rows: list[list[str]]) -> None:
     """Replace the card's evaluation section with a verdict table (claim, verdict, evidence); atomic."""
-    from vllm_coco.core.atomic import write_text
-
     text = Path(card_path).read_text(encoding="utf-8").split("## Evaluation", 1)[0]
     table = ["| claim | verdict | evidence: Δ [95 % interval] (n) |", "|---|---|---|"]
     table += ["| " + " | ".join(c.replace("|", "\\|") for c in r) + " |" for r in rows]

@@ -16,6 +16,8 @@ package's entry point in the group `vllm_coco.benchmarks`).
 
 from __future__ import annotations
 
+# Lazy imports: torch is imported inside the functions that use it (directly or through the modules
+# they import), so importing this module stays light.
 import dataclasses
 import math
 import re

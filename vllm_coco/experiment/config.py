@@ -11,6 +11,9 @@ current directory, as for every other coco-tools command.
 
 from __future__ import annotations
 
+# Lazy imports: numpy, PyYAML are imported inside the functions that use them (directly or through
+# the modules they import), so importing this module stays light.
+import importlib.util
 import os
 import re
 from pathlib import Path
@@ -558,6 +561,5 @@ def resolve_backend(backend: str) -> str:
     """auto -> vllm when it can be imported, else hf."""
     if backend != "auto":
         return backend
-    import importlib.util
 
     return "vllm" if importlib.util.find_spec("vllm") is not None else "hf"

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+# Lazy imports: numpy, matplotlib are imported inside the functions that use them (directly or
+# through the modules they import), so importing this module stays light.
 from dataclasses import dataclass
 from pathlib import Path
 
+from vllm_coco.core.atomic import save_figure
 from vllm_coco.edit.registry import label
 from vllm_coco.experiment import benchmarks
 from vllm_coco.experiment.results import LABELS, AblationResult, FinalResult, ModelResults
+from vllm_coco.tasks.compare import bar_chart
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,6 @@ def neuron_heatmap(m: ModelResults, out_dir: Path) -> Path:
 
 def ablation_chart(name: str, r: AblationResult, categories, out_dir: Path) -> Path:
     """Success rate per category: the base model, then each neuron set ablated."""
-    from vllm_coco.tasks.compare import bar_chart
-
     runs = [r.base, *r.sets.values()]
     png = out_dir / f"{name}-ablation.png"
     bar_chart([(c, [s.get("success_rate", c) for s in runs]) for c in [*categories, "all"]],
@@ -59,8 +61,6 @@ def ablation_chart(name: str, r: AblationResult, categories, out_dir: Path) -> P
 
 def benchmark_chart(name: str, bench, r: FinalResult, categories, out_dir: Path) -> Path:
     """A benchmark's headline metric per group (and over all): base and the chosen edits."""
-    from vllm_coco.tasks.compare import bar_chart
-
     runs, head = r.runs(), bench.metrics[0]
     png = out_dir / f"{name}-{bench.name}.png"
     bar_chart([(g, [x.summaries[bench.name].get(head.key, g) for x in runs.values()])
@@ -77,7 +77,6 @@ def delta_chart(m: ModelResults, out_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vllm_coco.core.atomic import save_figure
 
     abl, fin = m.ablation.result, m.final.result
     rows = [(f"{LABELS[k]} ablated", (abl.intervals or {}).get(k, {}).get("success_rate")) for k in abl.sets]
@@ -108,7 +107,6 @@ def sweep_chart(m: ModelResults, out_dir: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from vllm_coco.core.atomic import save_figure
 
     r = m.sweep.result
     chosen = {c.key for c in r.chosen.values() if c.key is not None}

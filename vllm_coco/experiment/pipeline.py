@@ -28,11 +28,14 @@ an interrupted run resumes where it stopped. Every line of progress also goes to
 
 from __future__ import annotations
 
+# Lazy imports: torch, numpy, pydantic, PyYAML are imported inside the functions that use them
+# (directly or through the modules they import), so importing this module stays light.
 import dataclasses
 import datetime
 import gc
 import hashlib
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -993,7 +996,6 @@ def run_pipeline(config_path: str, out: str | None = None, check: bool = False, 
     # a run resumes by writing into an existing out; out may never overlap an input
     out_dir = check_output_dir(cfg.out, force=False, sources=tuple(inputs), what="out:", merge=True)
     out_dir.mkdir(parents=True, exist_ok=True)
-    import logging
 
     logging.getLogger("lm_eval").setLevel(logging.WARNING)  # its per-task INFO lines drown the stage lines
     run = Run(cfg, out_dir, echo, config_path=str(config_path))

@@ -15,12 +15,17 @@ log-likelihood of the option's tokens, or per UTF-8 byte of its text), on the sa
 
 from __future__ import annotations
 
+# Lazy imports: torch is imported inside the functions that use it (directly or through the modules
+# they import), so importing this module stays light.
 from collections import Counter
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import SCORING, SCORINGS
+from vllm_coco.core.pick import best_option
+from vllm_coco.data.contrast import encode_example
 from vllm_coco.identify.capture import Span, _batches, _collate
 
 MIN_PER_SET = 10  # docs/METHOD.md §2.4: refuse a category with fewer biased or fewer "unknown" answers
@@ -28,8 +33,6 @@ MIN_PER_SET = 10  # docs/METHOD.md §2.4: refuse a category with fewer biased or
 
 def option_spans(tokenizer, items, chat: bool = True) -> list[Span]:
     """Three spans per item (its options in BBQ order): prompt + option, pooled over the option."""
-    from vllm_coco.data.contrast import encode_example
-
     spans = []
     for it in items:
         for option in it.answers:
@@ -42,7 +45,6 @@ def option_logliks(model, spans: list[Span], batch_size: int = 8, pad_id: int = 
                    progress: bool = False) -> np.ndarray:
     """Summed log-likelihood of each span's tokens given what precedes them: [spans] float64."""
     import torch
-    from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     out = np.zeros(len(spans), dtype=np.float64)
@@ -65,8 +67,6 @@ def choose(items, logliks: np.ndarray, scoring: str = SCORING) -> list[int]:
     """The option each item's answer is (original index), from its three log-likelihoods
     (logliks: [items * 3], item-major), by the evaluation's rule (`vllm_coco.core.pick`: summed
     or per UTF-8 byte of the option text; ties go to the first option)."""
-    from vllm_coco.core.pick import best_option
-
     if scoring not in SCORINGS:
         raise CocoError(f"scoring {scoring} is not one of {', '.join(SCORINGS)}")
     ll = np.asarray(logliks, dtype=np.float64).reshape(len(items), 3)  # [items, options]
@@ -114,8 +114,6 @@ def check_sets(counts: dict, split: str, minimum: int | None = None, chat: bool 
 
 def decision_spans(tokenizer, items, chat: bool = True) -> list[Span]:
     """One span per item: its prompt, pooled over the last prompt token only (the decision point)."""
-    from vllm_coco.data.contrast import encode_example
-
     spans = []
     for it in items:
         ids, start = encode_example(tokenizer, it.user_message(), it.answers[it.unknown], chat=chat)

@@ -9,15 +9,20 @@ stays at one batch however large the data set is. The calibration statistics (me
 
 from __future__ import annotations
 
+# Lazy imports: torch is imported inside the functions that use it (directly or through the modules
+# they import), so importing this module stays light.
 import json
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
+from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import NeuronLayout, attention_layers, layout_of
 from vllm_coco.core.names import PROJS
+from vllm_coco.data.contrast import encode_example
 
 MATRIX_NAME = "intensities"
 
@@ -39,8 +44,6 @@ def open_matrix(path: Path) -> np.memmap:
     """Read-only memmap of a matrix written by `create_matrix` (or any 2-D F16 safetensors).
     CocoError naming the file when its header is not that: another dtype (a float32 matrix read
     as float16 would be silently misread), another rank, or data the file does not hold."""
-    from vllm_coco.core.errors import CocoError
-
     def bad(problem: str):
         return CocoError(f"{path}: {problem}; re-run `coco-tools identify` to rewrite it")
 
@@ -221,7 +224,6 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
     next batch runs.
     """
     import torch
-    from tqdm.auto import tqdm
 
     _check_spans(spans)
     layout = layout_of(model)
@@ -274,8 +276,6 @@ def capture(model, spans: list[Span], matrix_path: Path, batch_size: int = 8, pa
 def response_spans(tokenizer, pairs, chat: bool = True) -> list[Span]:
     """Two spans per pair, biased then unbiased (rows 2i and 2i+1), pooled over the response;
     `chat`: render the prompt with the tokenizer's chat template when it has one."""
-    from vllm_coco.data.contrast import encode_example
-
     spans = []
     for p in pairs:
         for response in (p.biased, p.unbiased):

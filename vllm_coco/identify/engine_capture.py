@@ -22,13 +22,17 @@ Three parts, one per process role:
 
 from __future__ import annotations
 
+# Lazy imports: vLLM, torch, safetensors, numpy are imported inside the functions that use them
+# (directly or through the modules they import), so importing this module stays light.
 import math
 import os
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from vllm_coco.core import names as N
+from vllm_coco.core.engine import shutdown
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.models import NeuronLayout
 from vllm_coco.core.ne_format import BASE_TO_NE_ARCH
@@ -222,8 +226,6 @@ class EngineCapture:
 
     def close(self) -> None:
         """Stop the engine (its workers and their memory); idempotent."""
-        from vllm_coco.core.engine import shutdown
-
         if self.llm is not None:
             shutdown(self.llm)  # the engine process, its workers and client threads, now
             self.llm = None
@@ -275,7 +277,6 @@ class EngineCapture:
                 row_coef: np.ndarray | None = None) -> CaptureResult:
         """Run every span through the engine and write intensities row by row (row i = spans[i]),
         as `capture.capture` does (spans end at their prompt's last token; `row_coef` as there)."""
-        from tqdm.auto import tqdm
         from vllm import SamplingParams
 
         _check_spans(spans)

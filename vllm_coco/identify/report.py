@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+# Lazy imports: matplotlib is imported inside the functions that use it (directly or through the
+# modules they import), so importing this module stays light.
 from pathlib import Path
 
 import numpy as np

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+# Lazy imports: torch, numpy are imported inside the functions that use them (directly or through
+# the modules they import), so importing this module stays light.
+import shutil
 import time
 from contextlib import closing
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+from tqdm.auto import tqdm
 
 from vllm_coco import METHOD_VERSION, __version__
 from vllm_coco.core import artifact
@@ -18,6 +22,7 @@ from vllm_coco.core.errors import CocoError
 from vllm_coco.core.json_file import read_config
 from vllm_coco.core.models import PROJS, fingerprint, load_model, resolve_model_dir
 from vllm_coco.core.names import CONTRASTS, SCORINGS  # noqa: F401 (CONTRASTS re-exported)
+from vllm_coco.data import contrast
 from vllm_coco.identify import scoring, selection
 
 # Neurons per block when scoring: one [rows, block] float64 slice of the matrix is in memory.
@@ -161,7 +166,6 @@ def score_matrix(matrix, row_cat: np.ndarray, row_label: np.ndarray, categories,
     in behavior mode the sets are unpaired (the null shuffles across them).
     """
     import torch
-    from tqdm.auto import tqdm
 
     n = matrix.shape[1]
     res = {}
@@ -318,8 +322,6 @@ def reselect(neurons_dir: str, out: str, baseline: str = "coco", ratio: float | 
     """A new artifact from an existing one with another selection (baseline, ratio, threshold,
     weighting, abstention filter on or off; None: the source's): no model run, the per-neuron arrays
     and intensity matrix are reused."""
-    import shutil
-
     meta, arrays = artifact.load(neurons_dir)
     sources = (Path(neurons_dir),)
     check_output_dir(out, force, sources)
@@ -464,8 +466,6 @@ def _runner(model_dir: Path, opts: IdentifyOptions):
 
 def _load_data(opts: IdentifyOptions):
     """(items for behavior mode, or (pairs, abstention-control pairs), data info)."""
-    from vllm_coco.data import contrast
-
     if opts.contrast == "behavior":
         return contrast.load_items(opts.data, opts.categories, opts.split, opts.limit, opts.seed)
     if opts.contrast == "stereotype":

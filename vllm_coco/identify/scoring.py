@@ -11,6 +11,8 @@ Ranks use L (float64): near the top S = log(1+K) - L loses the digits L keeps.
 
 from __future__ import annotations
 
+# Lazy imports: torch is imported inside the functions that use it (directly or through the modules
+# they import), so importing this module stays light.
 import math
 from dataclasses import dataclass
 

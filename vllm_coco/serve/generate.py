@@ -11,6 +11,8 @@ coco_scale, as a server request's vllm_xargs): such requests share batches with 
 
 from __future__ import annotations
 
+# Lazy imports: vLLM, numpy are imported inside the functions that use them (directly or through the
+# modules they import), so importing this module stays light.
 import contextlib
 import io
 import json
@@ -18,7 +20,14 @@ import os
 import time
 from pathlib import Path
 
+from vllm_coco.core.atomic import check_output_file, made_parents, write_text
+from vllm_coco.core.engine import shutdown
 from vllm_coco.core.errors import CocoError, held_stderr
+from vllm_coco.core.json_file import read_config
+from vllm_coco.core.names import NE_EDIT, XARG_ALPHA, XARG_EDIT
+from vllm_coco.data.contrast import read_jsonl
+from vllm_coco.serve.launch import engine_kwargs as per_request_kwargs
+from vllm_coco.serve.request_settings import Menu, looks_coco
 
 
 def _is_request(obj) -> bool:
@@ -37,7 +46,6 @@ def read_requests(path: Path) -> tuple[list[dict], list[int]]:
     validated before any engine starts."""
     if not Path(path).is_file():
         raise CocoError(f"prompts file {path} does not exist; pass a JSONL file with one {{\"prompt\": ...}} per line")
-    from vllm_coco.data.contrast import read_jsonl
 
     requests, lines = [], []
     for lineno, obj in read_jsonl(path):
@@ -75,19 +83,14 @@ def request_settings(model_dir: Path, requests: list[dict], prompts, alpha: floa
                      lines: list[int] | None = None) -> list[dict] | None:
     """Each request's coco_* settings (with `alpha` as the gate strength of lines that set none),
     all checked before any engine starts; None when no line and no --alpha asks for any."""
-    from vllm_coco.core.names import NE_EDIT, XARG_ALPHA, XARG_EDIT
-    from vllm_coco.serve.request_settings import looks_coco
-
     per_line = [{k: v for k, v in r.items() if looks_coco(k)} for r in requests]  # COCO_ALPHA too: refused
     if alpha is None and not any(per_line):
         return None
-    from vllm_coco.core.json_file import read_config
     from vllm_coco.core.ne_format import is_ne
 
     if not is_ne(read_config(model_dir)):
         raise CocoError(f"per-request NE-COCO settings (--alpha, coco_* keys) need an NE-COCO directory and "
                         f"{model_dir} is not one; export one with `coco-tools ne`, or drop them")
-    from vllm_coco.serve.request_settings import Menu
 
     menu = Menu.read(model_dir)
     for lineno, args in zip(lines or range(1, len(per_line) + 1), per_line):
@@ -158,8 +161,6 @@ def _rope_factor(cfg: dict) -> float:
 def _config_context(model_dir: Path) -> tuple[int, str] | None:
     """(tokens, where from) of the context vLLM derives from config.json, or an upper bound of it
     (vLLM may lower it further, e.g. by the tokenizer's model_max_length); None: config.json names none."""
-    from vllm_coco.core.json_file import read_config
-
     cfg = read_config(model_dir)
     given = {k: cfg[k] for k in (*_CONTEXT_KEYS, "model_max_length")
              if isinstance(cfg.get(k), int) and not isinstance(cfg.get(k), bool) and cfg[k] > 0}
@@ -198,7 +199,6 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
              dtype: str = "auto", max_model_len: int | None = None, extra: list[str] = (),
              force: bool = False, alpha: float | None = None) -> dict:
     """Generate for every request in `prompts`, write `out` atomically; returns throughput figures."""
-    from vllm_coco.core.atomic import check_output_file
     from vllm_coco.core.checks import finite
     from vllm_coco.core.models import resolve_model_dir
 
@@ -213,8 +213,6 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
         settings = request_settings(model_dir, requests, prompts, alpha, lines)
         kwargs = engine_kwargs(str(model_dir), list(extra))
         if settings is not None:
-            from vllm_coco.serve.launch import engine_kwargs as per_request_kwargs
-
             kwargs.update({k: v for k, v in per_request_kwargs(model_dir).items() if k != "model"})
         if kwargs.get("tokenizer_mode", "auto") in ("auto", "hf", "slow"):  # a tokenizer transformers loads
             check_prompts(Path(kwargs.get("tokenizer") or model_dir), requests, [f"{prompts}:{n}" for n in lines],
@@ -251,13 +249,10 @@ def generate(model: str, prompts: str, out: str, *, max_tokens: int = 256, tempe
         t0 = time.perf_counter()
         results = llm.generate(inputs, params, use_tqdm=True, lora_request=lora_req)  # order preserved
     finally:
-        from vllm_coco.core.engine import shutdown
-
         shutdown(llm)  # now, not in the interpreter's teardown (core/engine.py)
     wall = time.perf_counter() - t0
     n_out = sum(len(r.outputs[0].token_ids) for r in results)
     n_in = sum(len(r.prompt_token_ids) for r in results)
-    from vllm_coco.core.atomic import made_parents, write_text
 
     with made_parents(out_path):
         write_text(out_path, "".join(json.dumps({**req, "output": res.outputs[0].text,

@@ -10,6 +10,8 @@ per-request settings do; `scaled_condition` adds a named edit at another strengt
 
 from __future__ import annotations
 
+# Lazy imports: torch, transformers, numpy are imported inside the functions that use them (directly
+# or through the modules they import), so importing this module stays light.
 import torch
 
 from vllm_coco.core.errors import CocoError

@@ -5,12 +5,15 @@ serve/per_request.py and are named here by their dotted paths, which vLLM import
 
 from __future__ import annotations
 
+# Lazy imports: vLLM, numpy are imported inside the functions that use them (directly or through the
+# modules they import), so importing this module stays light.
 import os
 import sys
 from pathlib import Path
 
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import PER_REQUEST_ENV
+from vllm_coco.serve import request_settings
 
 _CLASSES = "vllm_coco.serve.per_request"
 WORKER_CLS = f"{_CLASSES}.CocoWorker"
@@ -36,13 +39,12 @@ def scheduler_cls() -> str:
 
 def _check(ne_dir) -> str:
     from vllm_coco.core.ne_format import NEDirectory
-    from vllm_coco.serve.request_settings import menu_of
 
     path = os.path.abspath(ne_dir)
     ne = NEDirectory.read(path)  # CocoError unless it is an NE directory whose tensors read back whole
     ne.gates()
     ne.named_edits()
-    menu_of(path)
+    request_settings.menu_of(path)
     return path
 
 

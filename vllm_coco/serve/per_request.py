@@ -19,6 +19,8 @@ Settings are parsed and named in serve/request_settings.py.
 
 from __future__ import annotations
 
+# Lazy imports: vLLM is imported inside the functions that use it (directly or through the modules
+# they import), so importing this module stays light.
 from functools import cache
 
 import numpy as np

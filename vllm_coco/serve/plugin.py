@@ -5,6 +5,8 @@ registered as lazy "module:Class" strings (core/architectures.py's table), so no
 imported here.
 """
 
+# Lazy imports: vLLM and the config classes load inside register(), which vLLM calls in each process.
+
 from vllm_coco.core.architectures import ARCHITECTURES
 
 

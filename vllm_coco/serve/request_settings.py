@@ -19,15 +19,19 @@ validate, the scheduler to salt, the model runner to fill its per-token buffers.
 
 from __future__ import annotations
 
+# Lazy imports: numpy is imported inside the functions that use it (directly or through the modules
+# they import), so importing this module stays light.
 import hashlib
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 from vllm_coco.core import names as N
+from vllm_coco.core.errors import CocoError
 from vllm_coco.core.names import BASE_EDIT, NE_EDIT, SALT_PREFIX, XARG_ALPHA, XARG_BETA, XARG_EDIT, XARG_LAM, XARGS
 
 
@@ -102,7 +106,6 @@ class Menu:
         alpha, beta, lam = (_number(args, k, d) for k, d in ((XARG_ALPHA, self.alpha), (XARG_BETA, self.beta),
                                                              (XARG_LAM, self.lam)))
         from vllm_coco.core.checks import ne_hyper
-        from vllm_coco.core.errors import CocoError
 
         try:
             ne_hyper(alpha, beta, lam, self.w_min, (XARG_ALPHA, XARG_BETA, XARG_LAM), w_max=self.w_max)
@@ -188,6 +191,4 @@ def _scale(args: dict) -> float:
 
 def _f32(x: float) -> str:
     """The float32 the model computes with, spelled exactly: 0.1 and 0.10000000001 salt alike."""
-    import struct
-
     return struct.pack("<f", x).hex()

@@ -14,6 +14,7 @@ import json
 import os
 
 from vllm_coco.core.names import PER_REQUEST_ENV
+from vllm_coco.serve import request_settings
 
 
 def refusal(body: bytes) -> str | None:
@@ -26,10 +27,9 @@ def refusal(body: bytes) -> str | None:
     ne_dir = os.environ.get(PER_REQUEST_ENV)
     if not isinstance(xargs, dict) or not ne_dir:
         return None
-    from vllm_coco.serve.request_settings import menu_of
 
     try:
-        menu_of(ne_dir).parse(xargs)
+        request_settings.menu_of(ne_dir).parse(xargs)
     except ValueError as exc:
         return str(exc)
     return None

@@ -14,7 +14,13 @@ import functools
 import os
 import random
 
-from vllm_coco.core.names import EVAL_SPLITS, SCORING, SCORINGS  # never "identify": the neurons were found on it
+from vllm_coco.core.names import (  # never "identify": the neurons were found on it
+    EVAL_SPLITS,
+    SCORING,
+    SCORINGS,
+    SPLIT_SEED,
+)
+from vllm_coco.data.contrast import bbq_items
 from vllm_coco.tasks import custom_dataset
 
 ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1))  # cyclic: every option visits every position once
@@ -52,9 +58,6 @@ def coco_scoring(kwargs) -> str:
 def split_items(source: str, category: str, condition: str | None, split: str = "test") -> tuple:
     """BBQ items of one category in one evaluation split (test or validate), through the project's
     single BBQ loader (cached: the jailbreak families and the gen tasks read the same categories again)."""
-    from vllm_coco.core.names import SPLIT_SEED
-    from vllm_coco.data.contrast import bbq_items
-
     if split not in EVAL_SPLITS:
         raise ValueError(f"split {split!r} is not one of {', '.join(EVAL_SPLITS)}")
     items, _ = bbq_items(source, [category], split=split, condition=condition, seed=SPLIT_SEED)

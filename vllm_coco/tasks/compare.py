@@ -7,6 +7,8 @@ metric with its difference to the first run (the baseline). Also a grouped bar c
 
 from __future__ import annotations
 
+# Lazy imports: numpy, matplotlib, PyYAML are imported inside the functions that use them (directly
+# or through the modules they import), so importing this module stays light.
 import math
 import os
 import sys

@@ -7,6 +7,9 @@ a datasets.DatasetDict; our documents are plain dicts built in Python, put in a 
 
 from __future__ import annotations
 
+# Lazy imports: datasets is imported inside the functions that use it (directly or through the
+# modules they import), so importing this module stays light.
+
 
 def max_items(kwargs) -> int | None:
     """Task metadata `max_items` (a cap on items; None, "" or "none": no cap)."""

@@ -15,6 +15,8 @@ and options), and with --log-samples OUT/samples_<task>.jsonl; written atomicall
 
 from __future__ import annotations
 
+# Lazy imports: torch, transformers, lm-eval, numpy are imported inside the functions that use them
+# (directly or through the modules they import), so importing this module stays light.
 import json
 import logging
 import os
@@ -24,8 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vllm_coco.core import ne_format
+from vllm_coco.core.atomic import atomic_output_dir, check_output_dir
+from vllm_coco.core.engine import shutdown
 from vllm_coco.core.errors import CocoError
-from vllm_coco.core.json_file import read_json
+from vllm_coco.core.json_file import read_config, read_json
 
 RESULTS_FILE = "results.json"
 # passed to the BBQ tasks as metadata `coco_split` / `coco_scoring`
@@ -154,8 +158,6 @@ def _has_chat_template(model_dir: Path) -> bool:
 
 
 def _is_ne_dir(model_dir: Path) -> bool:
-    from vllm_coco.core.json_file import read_config
-
     return ne_format.is_ne(read_config(model_dir))
 
 
@@ -181,7 +183,6 @@ def served_model(url: str) -> str:
 
 def check_options(model: str, opts: EvalOptions, out: str | None, force: bool):
     """Validate everything before any model loads; returns (model_dir, out_path)."""
-    from vllm_coco.core.atomic import check_output_dir
     from vllm_coco.core.models import resolve_model_dir
 
     if opts.limit is not None and opts.limit < 1:
@@ -341,8 +342,6 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
                                   bootstrap_iters=1000)
     finally:
         if owned and opts.backend == "vllm":
-            from vllm_coco.core.engine import shutdown
-
             shutdown(getattr(lm, "model", None))  # before exit, not in the interpreter's teardown
     if opts.backend == "vllm":  # as lm-eval records a model it builds from a name
         results.get("config", {}).update(model="vllm", model_args=model_args)
@@ -352,7 +351,6 @@ def run_eval(model: str, opts: EvalOptions, out: str | None = None, force: bool 
                        "max_items": opts.max_items, "split": opts.split, "chat_template": chat, "scoring": opts.scoring,
                        "dtype": opts.dtype, "condition": condition,
                        "evals_dir": str(evals_dir())}
-    from vllm_coco.core.atomic import atomic_output_dir
 
     with atomic_output_dir(out_path, force) as tmp:
         (tmp / RESULTS_FILE).write_text(json.dumps(results, indent=2, default=handle_non_serializable,

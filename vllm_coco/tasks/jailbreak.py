@@ -9,6 +9,8 @@ evals/stereo_coco_jailbreak/templates.json). Docs follow `vllm_coco.tasks.bbq_do
 
 from __future__ import annotations
 
+# Lazy imports: PyYAML is imported inside the functions that use it (directly or through the modules
+# they import), so importing this module stays light.
 import importlib.util
 import json
 import random
@@ -16,6 +18,7 @@ import re
 from pathlib import Path
 
 from vllm_coco.core.names import SCORING
+from vllm_coco.data.contrast import DEFAULT_CATEGORIES
 from vllm_coco.tasks import custom_dataset
 from vllm_coco.tasks.bbq_docs import (
     DATA_SEED,
@@ -136,8 +139,6 @@ def jailbreak_docs(family: str, categories, source: str = "bbq", max_items: int 
 def load_jailbreak(**kwargs):
     """custom_dataset of stereo_coco_jailbreak_<family> (metadata: family, optional categories,
     source, max_items, coco_split, coco_scoring)."""
-    from vllm_coco.data.contrast import DEFAULT_CATEGORIES
-
     cats = kwargs.get("categories") or DEFAULT_CATEGORIES
     if isinstance(cats, str):
         cats = [c.strip() for c in cats.split(",") if c.strip()]

@@ -29,6 +29,8 @@ requests are answered without a forward.
 
 from __future__ import annotations
 
+# Lazy imports: torch, numpy are imported inside the functions that use them (directly or through
+# the modules they import), so importing this module stays light.
 import logging
 from pathlib import Path
 
@@ -38,6 +40,7 @@ from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.json_file import read_config
 from vllm_coco.edit import conditions as cond
 from vllm_coco.tasks.packed_forward import layer_kinds, packed_forward
 from vllm_coco.tasks.prefix_schedule import Schedule
@@ -83,7 +86,6 @@ class CocoHFLM(HFLM):
         self._ne_dir = None
         if isinstance(pretrained, (str, Path)):
             from vllm_coco.core import ne_format
-            from vllm_coco.core.json_file import read_config
 
             if ne_format.is_ne(read_config(Path(pretrained))):
                 from vllm_coco.serve.hf_reference import load_ne_model
