@@ -645,3 +645,27 @@ def test_readme_main_job_runs_on_a_fresh_clone(tmp_path):
     report = (clone / "runs" / "fresh" / "a" / "b" / "REPORT.md").read_text()
     assert "## Verdicts" in report and re.search(r"\*\*(supported|not supported|inconclusive)\*\*", report)
     assert (clone / "models" / "smollm2" / "config.json").is_file()
+
+
+def test_identify_section_is_the_identify_commands_options_by_name():
+    """One name per option end to end: every key of the config's identify section is an IdentifyOptions
+    field and a `coco-tools identify` flag of the same name, with the same choices and the same default
+    (the run's budget aside: it samples 48 pairs where the command takes all, and draws one null round)."""
+    import click
+    from click.core import UNSET
+
+    from vllm_coco.cli import identify
+    from vllm_coco.experiment.config import Identify
+    from vllm_coco.identify.run import IdentifyOptions
+
+    flags = {p.name: p for p in identify.params}
+    for key, field in Identify.model_fields.items():
+        assert key in IdentifyOptions.__dataclass_fields__, key
+        assert key in flags, key
+        if key not in ("limit", "null_rounds"):
+            flag_default = None if flags[key].default is UNSET else flags[key].default  # a flag without one: None
+            assert flag_default == field.default == IdentifyOptions.__dataclass_fields__[key].default, key
+        if isinstance(flags[key].type, click.Choice):
+            assert Identify.model_validate({key: flags[key].type.choices[-1]}), key
+            with pytest.raises(Exception, match="is not one of"):
+                Identify.model_validate({key: "no-such-choice"})
