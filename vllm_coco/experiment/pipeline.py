@@ -890,7 +890,7 @@ def _parity(run: Run, m: RunModel, ref: RunModel, root: Path, data_spec: dict) -
         opts = identify_options(run.cfg, limit=pc.identify_limit, null_rounds=0)
         evals = {}
         for x in (ref, m):
-            neurons = steps.do(f"neurons/{x['name']}", {},
+            neurons = steps.do(f"neurons/{x.name}", {},
                                lambda d, x=x: identify(str(x.dir), str(d), opts, progress=False))
             for cond, edit in PARITY:
                 model_dir, condition, prefetch = x.dir, None, ()
@@ -899,14 +899,14 @@ def _parity(run: Run, m: RunModel, ref: RunModel, root: Path, data_spec: dict) -
                     lm.add_condition("parity-ne", recipe(PARITY_GATE).condition(neurons, x.dir))
                     condition, prefetch = ("parity-ne", ()) if edit else (None, ("parity-ne",))
                 elif edit:
-                    model_dir = steps.do(f"models/{x['name']}-{cond}", {},
+                    model_dir = steps.do(f"models/{x.name}-{cond}", {},
                                          lambda d, x=x, n=neurons: recipe(PARITY_GATE).write(x.dir, n, d))
                 evals[(x.name, cond)] = steps.do(
-                    f"evals/{x['name']}-{cond}", {"limit": pc.limit},
+                    f"evals/{x.name}-{cond}", {"limit": pc.limit},
                     lambda d, md=model_dir, c=condition, p=prefetch: evaluate(run, md, tasks, "test", pc.limit, d,
                                                                               condition=c, prefetch=p,
                                                                               log_samples=True))
-        (ma, aa), (mb, ab) = (Artifact.read(partial / f"neurons/{x['name']}") for x in (ref, m))
+        (ma, aa), (mb, ab) = (Artifact.read(partial / f"neurons/{x.name}") for x in (ref, m))
         diffs = {c: _max_loglik_diff(evals[(ref.name, c)], evals[(m.name, c)], tasks) for c, _ in PARITY}
         res = ParityResult(reference=ref.name, identify_limit=pc.identify_limit, limit=pc.limit,
                            tolerance=pc.tolerance,
@@ -914,11 +914,11 @@ def _parity(run: Run, m: RunModel, ref: RunModel, root: Path, data_spec: dict) -
                            same_selection=sorted(aa["selected"].tolist()) == sorted(ab["selected"].tolist()),
                            selected=len(ab["selected"]), docs=diffs["base"][1],
                            max_abs_loglik={c: d[0] for c, d in diffs.items()})
-        run.log(f"  [{m.name}] parity with {ref['name']}: identical {'yes' if res.identical else 'NO'} (max |Δ| "
+        run.log(f"  [{m.name}] parity with {ref.name}: identical {'yes' if res.identical else 'NO'} (max |Δ| "
                 f"score {res.max_abs_score:.2g}, log-likelihood base {diffs['base'][0]:.2g} / NE {diffs['ne'][0]:.2g} "
                 f"over {res.docs} documents; same selection: {'yes' if res.same_selection else 'no'})")
         if not res.identical:
-            raise CocoError(f"parity: {m.name} does not reproduce {ref['name']} within {pc.tolerance:g} (max |Δ| "
+            raise CocoError(f"parity: {m.name} does not reproduce {ref.name} within {pc.tolerance:g} (max |Δ| "
                             f"score {res.max_abs_score:.3g}, log-likelihood {res.max_abs_loglik}, same selection "
                             f"{res.same_selection}): the {m.name} code path differs; see {partial}")
         return res
