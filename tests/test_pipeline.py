@@ -669,3 +669,58 @@ def test_identify_section_is_the_identify_commands_options_by_name():
             assert Identify.model_validate({key: flags[key].type.choices[-1]}), key
             with pytest.raises(Exception, match="is not one of"):
                 Identify.model_validate({key: "no-such-choice"})
+
+
+def test_edits_are_conditions_in_memory_and_directories_otherwise(tmp_path):
+    """experiment/edits.py, the one place the stages' two backends part: in memory an edit is a condition
+    of the loaded model (written too only where the user keeps it and a checkpoint can hold it); for an
+    engine it is a directory, written once per spec and stripped of its weights after its evaluation."""
+    import tiny
+
+    from vllm_coco.experiment.edits import Edits
+    from vllm_coco.experiment.pipeline import Steps
+
+    mistral = tiny.random_model(tmp_path / "mistral", arch="mistral")  # no q/k/v biases: steer is not writable
+    writes = []
+
+    @dataclasses.dataclass(frozen=True)
+    class Kind:  # a Recipe as Edits uses one: its kind, its condition, its writer
+        kind: str
+
+        def condition(self, neurons, model_dir):
+            return ("condition", self.kind, neurons)
+
+        def write(self, model_dir, neurons, out):
+            writes.append(out.name)
+            out.mkdir(parents=True)
+            (out / "model.safetensors").write_bytes(b"w")
+
+    class Loaded:
+        def __init__(self):
+            self.conditions = {}
+
+        def add_condition(self, name, edit):
+            self.conditions[name] = edit
+
+    for keep in (False, True):
+        lm, steps = Loaded(), Steps(tmp_path / f"memory-{keep}")
+        edits = Edits(mistral, steps, lm, keep_models=keep)
+        edits.add("sweep-le", Kind("le"), Path("n"))
+        edits.add("sweep-steer", Kind("steer"), Path("n"))
+        assert lm.conditions == {"sweep-le": ("condition", "le", Path("n")),
+                                 "sweep-steer": ("condition", "steer", Path("n"))}
+        assert edits.alongside() == ["sweep-le", "sweep-steer"] and edits.alongside({"sweep-le"}) == ["sweep-le"]
+        le = edits.model("sweep-le", "models/le", {"a": 1})
+        assert (le.dir, le.condition) == (mistral, "sweep-le") and (le.written is not None) == keep
+        steer = edits.model("sweep-steer", "models/steer", {"a": 1}, product=True)
+        assert (steer.dir, steer.condition, steer.written) == (mistral, "sweep-steer", None)  # cannot be written
+        assert edits.model("sweep-le", "models/final-le", {}, product=True).written is not None  # the product
+    writes.clear()
+    edits = Edits(mistral, Steps(tmp_path / "engine"), None)
+    edits.add("ablate-coco", Kind("ablate-zero"), Path("n"))
+    assert edits.alongside() == []
+    first = edits.model("ablate-coco", "models/coco", {"mode": "ablate-zero"})
+    assert first.condition is None and first.dir == first.written == tmp_path / "engine" / "models" / "coco"
+    assert edits.model("ablate-coco", "models/coco", {"mode": "ablate-zero"}) == first and writes == ["coco"]  # reused
+    edits.release(first)
+    assert not list(first.dir.glob("*.safetensors"))

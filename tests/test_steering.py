@@ -137,14 +137,14 @@ def test_which_architectures_can_hold_the_steering_offset_as_a_checkpoint(tmp_pa
     then runs it in memory only, or skips that arm when it must write checkpoints (vLLM backend)."""
     import tiny
 
-    from vllm_coco.experiment.pipeline import RunModel, checkpointable
+    from vllm_coco.experiment.edits import checkpointable
 
-    llama = RunModel("llama", "llama", None, tiny.random_model(tmp_path / "llama"))
-    mistral = RunModel("mistral", "mistral", None, tiny.random_model(tmp_path / "mistral", arch="mistral"))
+    llama = tiny.random_model(tmp_path / "llama")
+    mistral = tiny.random_model(tmp_path / "mistral", arch="mistral")
     for kind in ("steer", "ablate-mean"):
         assert checkpointable(llama, kind) and not checkpointable(mistral, kind)
     for kind in ("le", "ablate-zero", "ne"):
         assert checkpointable(mistral, kind)
-    cfg = json.loads((mistral.dir / "config.json").read_text())
-    (mistral.dir / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
+    cfg = json.loads((mistral / "config.json").read_text())
+    (mistral / "config.json").write_text(json.dumps({**cfg, "attention_bias": True}))
     assert checkpointable(mistral, "steer")

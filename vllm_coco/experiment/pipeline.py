@@ -54,6 +54,7 @@ from vllm_coco.edit.registry import label
 from vllm_coco.experiment import benchmarks, figures, report, stats, versus
 from vllm_coco.experiment.benchmarks import NEUTRAL, STEREO
 from vllm_coco.experiment.config import Eval, NeuronSet, RunConfig
+from vllm_coco.experiment.edits import Edits, checkpointable
 from vllm_coco.experiment.report import fmt
 from vllm_coco.experiment.results import (
     LABELS,
@@ -150,7 +151,11 @@ class Run:
     def writes(self, m: RunModel, kind: str) -> bool:
         """Whether the run can evaluate edit kind `kind` on model m: in memory any kind runs; written,
         only one a checkpoint of m can hold (checkpointable)."""
-        return self.in_memory or checkpointable(m, kind)
+        return self.in_memory or checkpointable(m.dir, kind)
+
+    def edits(self, m: RunModel, steps: Steps) -> Edits:
+        """The edits a stage evaluates on m, in memory (backend hf: on the loaded model) or written."""
+        return Edits(m.dir, steps, self.lm(m.dir) if self.in_memory else None, self.cfg.keep_models)
 
     def lm(self, model_dir: Path):
         """The loaded `CocoHFLM` of model_dir, shared by every stage of that model (one in memory at a time)."""
@@ -212,14 +217,6 @@ class Run:
         self.log(f"{tag}: done in {seconds:.1f} s{reused}")
         self.stages.append({"label": model, "stage": name, "status": "computed", "seconds": seconds})
         return Stage(result, final, h, seconds)
-
-
-def checkpointable(m: RunModel, kind: str) -> bool:
-    """Whether a written edit of `kind` on model m can exist: a kind that shifts outputs needs a model
-    whose checkpoint holds q/k/v biases (edit/bake.holds_offsets); the gate and gain-only kinds always."""
-    from vllm_coco.edit.bake import holds_offsets
-
-    return not getattr(registry.any_kind(kind), "shifts", False) or holds_offsets(m.dir)
 
 
 class Steps:
@@ -396,25 +393,6 @@ def _neuron_sets(ident: Stage[IdentifyResult], bases: Stage[BaselinesResult]) ->
     return sets
 
 
-def score_ablated(run: Run, m: RunModel, steps: Steps, name: str, neurons: Path, mode: str, score):
-    """Evaluate neuron set `name` ablated: `score(model dir, condition)` with the in-memory condition
-    ablate-<name> on the base model (backend hf; registered by the caller), or on a baked copy
-    (other backends) whose weights go after scoring unless keep_models. keep_models writes the copy
-    for the user in memory mode too; the numbers still come from memory."""
-    from vllm_coco.edit.bake import bake
-
-    written = None
-    if not run.in_memory or (run.cfg.keep_models and checkpointable(m, mode)):
-        written = steps.do(f"models/{name}", {"neurons": str(neurons), "mode": mode},
-                           lambda d: bake(str(m.dir), str(neurons), str(d), mode=mode))
-    if run.in_memory:
-        return score(m.dir, f"ablate-{name}")
-    out = score(written, None)
-    if not run.cfg.keep_models:
-        _drop_weights(written)
-    return out
-
-
 def score_test(run: Run, m: RunModel, steps: Steps, key: str, model_dir: Path, limit, where: dict[str, Path],
                what: str, condition: str | None = None, prefetch=(), mode: str | None = None) -> GroupSummary:
     """stereo_coco on the test split for one model or in-memory condition (ablated by `mode`; None:
@@ -462,25 +440,22 @@ def _ablation(run: Run, m: RunModel, root: Path, ident: Stage[IdentifyResult], b
         for mode in (mode for mode in modes if mode not in evaluable):
             run.log(f"  [{m.name}] ablation: {mode} skipped (its checkpoint needs q/k/v biases this "
                     "architecture lacks; eval.backend hf runs it in memory)")
-        conds = []
-        if run.in_memory:  # every set under every mode on the loaded base model, all scored in the base's batches
-            from vllm_coco.edit.conditions import linear_edit
+        from vllm_coco.edit.recipe import Recipe
 
-            lm = run.lm(m.dir)
-            for mode in evaluable:
-                for name, neurons in sets.items():
-                    conds.append(f"ablate-{ablated_name(name, mode, modes)}")
-                    lm.add_condition(conds[-1], linear_edit(neurons, mode, model_dir=m.dir))
-        base = score("base", m.dir, steps, prefetch=conds)
+        edits = run.edits(m, steps)  # every set under every mode, scored in the base's batches in memory
+        for mode in evaluable:
+            for name, neurons in sets.items():
+                edits.add(f"ablate-{ablated_name(name, mode, modes)}", Recipe(mode), neurons)
+        base = score("base", m.dir, steps, prefetch=edits.alongside())
         base_recs = stats.bbq_records(where["base"])  # read once: every ablation kind is compared with it
-        results = [_ablation_mode(run, m, steps, sets, mode, modes, score, where, (base, base_recs), ac.limit)
+        results = [_ablation_mode(edits, steps, sets, mode, modes, score, where, (base, base_recs), ac.limit)
                    for mode in evaluable]
         return dataclasses.replace(results[0], also={r.mode: r for r in results[1:]})
 
     return run.stage(root, m.name, "ablation", spec, body, AblationResult)
 
 
-def _ablation_mode(run: Run, m: RunModel, steps: Steps, sets: dict[str, Path], mode: str, modes: list[str], score,
+def _ablation_mode(edits: Edits, steps: Steps, sets: dict[str, Path], mode: str, modes: list[str], score,
                    where: dict[str, Path], base: tuple[GroupSummary, list[dict]], limit) -> AblationResult:
     """Every set ablated by `mode`, against the stage's base evaluation (its summary and records):
     summaries, intervals, specificity."""
@@ -488,8 +463,9 @@ def _ablation_mode(run: Run, m: RunModel, steps: Steps, sets: dict[str, Path], m
     scored = {}
     for name, neurons in sets.items():
         key = ablated_name(name, mode, modes)
-        scored[name] = score_ablated(run, m, steps, key, neurons, mode,
-                                     lambda d, c, name=name: score(name, d, steps, condition=c, mode=mode))
+        edited = edits.model(f"ablate-{key}", f"models/{key}", {"neurons": str(neurons), "mode": mode})
+        scored[name] = score(name, edited.dir, steps, condition=edited.condition, mode=mode)
+        edits.release(edited)
     recs = {name: stats.bbq_records(where[ablated_name(name, mode, modes)]) for name in scored}
     intervals = {name: {k: stats.compare(base_recs, recs[name], k) for k in stats.METRIC_STATS} for name in scored}
     specific = {name: stats.compare_diff(base_recs, recs["coco"], recs[name])
@@ -547,34 +523,28 @@ def _stability(run: Run, m: RunModel, root: Path, ident: Stage[IdentifyResult], 
                "pairs": st.units_per_category(np.arange(len(row_cat)), row_cat, row_label)}
         if not (sc.ablate and splits):
             return StabilityResult(**res)
-        sides = {f"half-{side}": partial / rel for side, rel in zip("ab", splits[0].neurons)}
-        if run.in_memory:
-            from vllm_coco.edit.conditions import linear_edit
+        from vllm_coco.edit.recipe import Recipe
 
-            lm = run.lm(m.dir)
-            for name, neurons in sides.items():
-                lm.add_condition(f"ablate-{name}", linear_edit(neurons, abl.result.mode, model_dir=m.dir))
+        sides = {f"half-{side}": partial / rel for side, rel in zip("ab", splits[0].neurons)}
+        edits, mode = run.edits(m, steps), abl.result.mode
+        for name, neurons in sides.items():
+            edits.add(f"ablate-{name}", Recipe(mode), neurons)
         where: dict[str, Path] = {}
 
-        def score(name: str, model_dir: Path, condition: str | None) -> GroupSummary:
-            others = [f"ablate-{n}" for n in sides if n != name] if run.in_memory else []
-            return score_test(run, m, steps, name, model_dir, limit, where, f"stability: {name} ablated", condition,
-                              others, abl.result.mode)
+        def score(name: str, neurons: Path) -> GroupSummary:
+            edited = edits.model(f"ablate-{name}", f"models/{name}", {"neurons": str(neurons), "mode": mode})
+            others = [c for c in edits.alongside() if c != edited.condition]
+            out = score_test(run, m, steps, name, edited.dir, limit, where, f"stability: {name} ablated",
+                             edited.condition, others, mode)
+            edits.release(edited)
+            return out
 
-        ablated = {name[-1]: score_ablated(run, m, steps, name, neurons, abl.result.mode,
-                                           lambda d, c, name=name: score(name, d, c))
-                   for name, neurons in sides.items()}
+        ablated = {name[-1]: score(name, neurons) for name, neurons in sides.items()}
         base = stats.bbq_records(abl.dir / BASE_EVAL)
         intervals = {name[-1]: stats.compare(base, stats.bbq_records(d), "success_rate") for name, d in where.items()}
         return StabilityResult(**res, limit=limit, ablated=ablated, intervals=intervals)
 
     return run.stage(root, m.name, "stability", spec, body, StabilityResult)
-
-
-def _drop_weights(model_dir: Path) -> None:
-    """Free the disk of an evaluated candidate: its weights go, its coco_edit.json / config stay."""
-    for f in model_dir.glob("*.safetensors"):
-        f.unlink()
 
 
 def share_sets(run: Run, ident: Stage[IdentifyResult], steps: Steps) -> None:
@@ -652,15 +622,6 @@ def recipe(cand: Candidate):
     return Recipe(cand.edit, dict(cand.settings), cand.ratio)
 
 
-def _make_edit(m: RunModel, neurons: Path, cand: Candidate, out: Path) -> None:
-    recipe(cand).write(m.dir, neurons, out)
-
-
-def edit_condition(m: RunModel, neurons: Path, cand: Candidate):
-    """A sweep candidate as an in-memory edit: the same numbers as the directory `_make_edit` writes."""
-    return recipe(cand).condition(neurons, m.dir)
-
-
 def _sweep(run: Run, m: RunModel, root: Path, src: Sources, data_spec: dict) -> Stage[SweepResult]:
     """Successive halving over the candidates on the validate split (sweep.py): every candidate at the
     first rung's sample, the best 1/eta of each kind at the next, ...; each scored on stereo_coco
@@ -675,13 +636,12 @@ def _sweep(run: Run, m: RunModel, root: Path, src: Sources, data_spec: dict) -> 
         cands = _evaluable(run, m, candidates(sw, run.cfg.identify.ratio))
         share_sets(run, src.ident, steps)
         neurons = {c.key: src.neurons(run, partial, c) for c in cands}
-        if run.in_memory:
-            lm = run.lm(m.dir)
-            for c in cands:
-                lm.add_condition(f"sweep-{c.key}", edit_condition(m, neurons[c.key], c))
+        edits = run.edits(m, steps)
+        for c in cands:
+            edits.add(f"sweep-{c.key}", recipe(c), neurons[c.key])
         rows, alive, base = [], cands, None
         for rung, limit in enumerate(rung_limits(sw)):
-            base, scored = _sweep_rung(run, m, steps, rung, limit, alive, neurons)
+            base, scored = _sweep_rung(run, m, steps, rung, limit, alive, edits)
             rows += scored
             alive = [c for c in alive if c.key in promote(scored, sw.eta)]
         chosen = {e: choose(rows, e) for e in sw.edits}
@@ -707,7 +667,7 @@ def _sweep_floors() -> dict[str, float]:
     return {"acc_disambig": STEREO.metric("acc_disambig").floor, "kl": NEUTRAL.metric("kl").floor}
 
 
-def _sweep_rung(run: Run, m: RunModel, steps: Steps, rung: int, limit, cands: list[Candidate], neurons: dict):
+def _sweep_rung(run: Run, m: RunModel, steps: Steps, rung: int, limit, cands: list[Candidate], edits: Edits):
     """One rung: the base and `cands` on `limit` validate documents per category -> (base row, rows)."""
     cats = run.cfg.data.categories
     tasks = [f"stereo_coco_{c}" for c in cats]
@@ -719,26 +679,19 @@ def _sweep_rung(run: Run, m: RunModel, steps: Steps, rung: int, limit, cands: li
                           {"model": key}, condition=condition, prefetch=prefetch, dirs=dirs)
         return STEREO.summarize(res["stereo"], cats), stats.bbq_records(dirs["stereo"])
 
-    base_sum, base_recs = score("base", m.dir, prefetch=[f"sweep-{c.key}" for c in cands] if run.in_memory else ())
+    base_sum, base_recs = score("base", m.dir, prefetch=edits.alongside({f"sweep-{c.key}" for c in cands}))
     base = SweepRow.score(None, rung, limit, base_sum, 0.0)
     run.log(f"  [{m.name}] sweep {tag}: base success_rate {fmt(base.success_rate)}, |s_AMB| "
             f"{fmt(base.abs_bias_ambig)} ({time.time() - t0:.0f} s)")
     rows = []
     for cand in cands:
         t0 = time.time()
-        if run.in_memory:
-            if run.cfg.keep_models and checkpointable(m, cand.edit):
-                steps.do(f"models/{cand.key}", {"cand": cand.spec()},
-                         lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
-            summ, recs = score(cand.key, m.dir, condition=f"sweep-{cand.key}")
-        else:
-            d = steps.do(f"models/{cand.key}", {"cand": cand.spec()},
-                         lambda d, c=cand: _make_edit(m, neurons[c.key], c, d))
-            summ, recs = score(cand.key, d)
-            if not run.cfg.keep_models:
-                _drop_weights(d)
+        edited = edits.model(f"sweep-{cand.key}", f"models/{cand.key}", {"cand": cand.spec()})
+        summ, recs = score(cand.key, edited.dir, condition=edited.condition)
+        edits.release(edited)
         deltas = {k: stats.compare(base_recs, recs, k) for k in ("success_rate", "abs_bias_ambig", "acc_disambig")}
-        row = SweepRow.score(cand, rung, limit, summ, _sweep_kl(run, m, steps, cand, neurons[cand.key]), deltas)
+        kl = _sweep_kl(run, m, steps, cand, edits.recipes[f"sweep-{cand.key}"][1])
+        row = SweepRow.score(cand, rung, limit, summ, kl, deltas)
         row = dataclasses.replace(row, admissible=admissible(row, **_floor_args()))
         rows.append(row)
         run.log(f"  [{m.name}] sweep {label(cand.arm)} {row.params} @{limit or 'all'}: Δ|s_AMB| "
@@ -779,9 +732,9 @@ def _final(run: Run, m: RunModel, root: Path, src: Sources, sweep: Stage[SweepRe
     where: dict[str, dict[str, Path]] = {}  # run -> benchmark -> evaluation directory
     metadata = {k: v for b in benches.values() for k, v in (b.metadata(cats) or {}).items()} or None
 
-    def evaluate_one(name: str, cand: Candidate | None, steps: Steps, prefetch=()) -> FinalRun:
+    def evaluate_one(name: str, cand: Candidate | None, edits: Edits, steps: Steps, prefetch=()) -> FinalRun:
         t0 = time.time()
-        model_dir, written, condition = _final_model(run, m, src, sweep, name, cand, steps)
+        model_dir, written, condition = _final_model(run, m, name, cand, edits)
         dirs: dict[str, Path] = {}
         parts = [(b.name, b.tasks(cats), limits[b.name]) for b in benches.values() if b.tasks(cats)]
         res = eval_groups(run, model_dir, parts, "test", steps, f"evals/{name}", {"model": name}, metadata,
@@ -801,9 +754,11 @@ def _final(run: Run, m: RunModel, root: Path, src: Sources, sweep: Stage[SweepRe
         return out
 
     def body(partial: Path, steps: Steps) -> FinalResult:
-        conds = _final_conditions(run, m, src, sweep, chosen)
-        base = evaluate_one("base", None, steps, prefetch=conds)
-        edits = {e: evaluate_one(e, row.candidate, steps) for e, row in chosen.items() if row is not None}
+        edits = run.edits(m, steps)  # in memory, scored in the base's batches
+        for e, row in ((e, row) for e, row in chosen.items() if row is not None):
+            edits.add(f"final-{e}", recipe(row.candidate), src.neurons(run, sweep.dir, row.candidate))
+        base = evaluate_one("base", None, edits, steps, prefetch=edits.alongside())
+        edits = {e: evaluate_one(e, row.candidate, edits, steps) for e, row in chosen.items() if row is not None}
         recs = {e: STEREO.records(where[e][STEREO.name], cats) for e in edits}
         vs = versus.compare(STEREO.records(where["base"][STEREO.name], cats), recs)
         for e, fr in ((e, fr) for e, fr in edits.items() if fr.model):  # written edits' cards carry the verdicts
@@ -823,41 +778,25 @@ def measure_step(run: Run, m: RunModel, steps: Steps, key: str, bench, cand: Can
     def fn(d: Path):
         lm = run.lm(m.dir)
         if cand is not None:
-            lm.add_condition(condition, edit_condition(m, neurons, cand))
+            lm.add_condition(condition, recipe(cand).condition(neurons, m.dir))
         bench.measure(lm, "base" if cand is None else condition, d, limit, split=split)
 
     spec = {"cand": None if cand is None else cand.spec(), "limit": limit, "bench": bench.name, "split": split}
     return steps.do(key, spec, fn)
 
 
-def _final_model(run: Run, m: RunModel, src: Sources, sweep, name: str, cand: Candidate | None, steps: Steps):
+def _final_model(run: Run, m: RunModel, name: str, cand: Candidate | None, edits: Edits):
     """(model dir to evaluate, the written edit relative to the stage or None, in-memory condition or None).
-    The chosen edits are the run's product: written even when evaluated in memory."""
+    The chosen edits are the run's product: written even when evaluated in memory, where a checkpoint
+    of this architecture can hold them."""
     if cand is None:
         return m.dir, None, None
     spec = {k: v for k, v in cand.spec().items() if k != "key"}
-    neurons = src.neurons(run, sweep.dir, cand)
-    if not checkpointable(m, cand.edit):  # only in memory (the sweep let no other through)
+    edited = edits.model(f"final-{name}", f"models/{name}", {"cand": spec}, product=True)
+    if edited.written is None:  # only in memory (the sweep let no other through)
         run.log(f"  [{m.name}] final {label(name)}: evaluated in memory, not written (a checkpoint of this "
                 "architecture cannot hold its offsets)")
-        return m.dir, None, f"final-{name}"
-    written = steps.do(f"models/{name}", {"cand": spec}, lambda d: _make_edit(m, neurons, cand, d))
-    if run.in_memory:
-        return m.dir, f"models/{name}", f"final-{name}"
-    return written, f"models/{name}", None
-
-
-def _final_conditions(run: Run, m: RunModel, src: Sources, sweep, chosen: dict) -> list[str]:
-    """In memory: each chosen edit registered on the loaded base model (scored in the base's batches)."""
-    if not run.in_memory:
-        return []
-    lm, conds = run.lm(m.dir), []
-    for e, row in chosen.items():
-        if row is not None:
-            lm.add_condition(f"final-{e}", edit_condition(m, src.neurons(run, sweep.dir, row.candidate),
-                                                           row.candidate))
-            conds.append(f"final-{e}")
-    return conds
+    return edited.dir, edited.written and f"models/{name}", edited.condition
 
 
 def _max_loglik_diff(a: Path, b: Path, tasks) -> tuple[float, int]:
@@ -892,15 +831,13 @@ def _parity(run: Run, m: RunModel, ref: RunModel, root: Path, data_spec: dict) -
         for x in (ref, m):
             neurons = steps.do(f"neurons/{x.name}", {},
                                lambda d, x=x: identify(str(x.dir), str(d), opts, progress=False))
+            edits = run.edits(x, steps)
+            edits.add(PARITY_GATE.key, recipe(PARITY_GATE), neurons)
             for cond, edit in PARITY:
-                model_dir, condition, prefetch = x.dir, None, ()
-                if run.in_memory:
-                    lm = run.lm(x.dir)
-                    lm.add_condition("parity-ne", recipe(PARITY_GATE).condition(neurons, x.dir))
-                    condition, prefetch = ("parity-ne", ()) if edit else (None, ("parity-ne",))
-                elif edit:
-                    model_dir = steps.do(f"models/{x.name}-{cond}", {},
-                                         lambda d, x=x, n=neurons: recipe(PARITY_GATE).write(x.dir, n, d))
+                model_dir, condition, prefetch = x.dir, None, edits.alongside()
+                if edit:
+                    edited = edits.model(PARITY_GATE.key, f"models/{x.name}-{cond}", {})
+                    model_dir, condition, prefetch = edited.dir, edited.condition, ()
                 evals[(x.name, cond)] = steps.do(
                     f"evals/{x.name}-{cond}", {"limit": pc.limit},
                     lambda d, md=model_dir, c=condition, p=prefetch: evaluate(run, md, tasks, "test", pc.limit, d,
