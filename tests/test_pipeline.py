@@ -648,23 +648,27 @@ def test_readme_main_job_runs_on_a_fresh_clone(tmp_path):
 
 
 def test_identify_section_is_the_identify_commands_options_by_name():
-    """One name per option end to end: every key of the config's identify section is an IdentifyOptions
-    field and a `coco-tools identify` flag of the same name, with the same choices and the same default
-    (the run's budget aside: it samples 48 pairs where the command takes all, and draws one null round)."""
+    """One declaration per option end to end (identify/settings.py): the config's identify section and
+    `coco-tools identify`'s flags are its fields, of the same names, help and choices; IdentifyOptions
+    takes them by name with the same defaults; the config differs only in the run's budget (it samples
+    48 pairs where the command takes all, and draws one null round)."""
     import click
     from click.core import UNSET
 
     from vllm_coco.cli import identify
     from vllm_coco.experiment.config import Identify
     from vllm_coco.identify.run import IdentifyOptions
+    from vllm_coco.identify.settings import IdentifySettings
 
     flags = {p.name: p for p in identify.params}
-    for key, field in Identify.model_fields.items():
+    assert issubclass(Identify, IdentifySettings) and list(Identify.model_fields) == list(IdentifySettings.model_fields)
+    for key, field in IdentifySettings.model_fields.items():
         assert key in IdentifyOptions.__dataclass_fields__, key
-        assert key in flags, key
+        assert flags[key].opts == [f"--{key.replace('_', '-')}"] and flags[key].help == field.description, key
+        flag_default = None if flags[key].default is UNSET else flags[key].default  # a flag without one: None
+        assert flag_default == field.default == IdentifyOptions.__dataclass_fields__[key].default, key
         if key not in ("limit", "null_rounds"):
-            flag_default = None if flags[key].default is UNSET else flags[key].default  # a flag without one: None
-            assert flag_default == field.default == IdentifyOptions.__dataclass_fields__[key].default, key
+            assert Identify.model_fields[key].default == field.default, key
         if isinstance(flags[key].type, click.Choice):
             assert Identify.model_validate({key: flags[key].type.choices[-1]}), key
             with pytest.raises(Exception, match="is not one of"):

@@ -10,8 +10,10 @@ import sys
 import click
 
 from vllm_coco.core import names as N
+from vllm_coco.core.schema import click_options
 from vllm_coco.edit import registry
 from vllm_coco.edit.kinds import le as le_kind
+from vllm_coco.identify.settings import IdentifySettings
 
 EXIT_CODES = """\b
 Exit codes:
@@ -140,16 +142,6 @@ def demo_model(out, arch, dtype, force):
 @click.option("--categories", callback=_split_csv, help=CATEGORY_HELP)
 @click.option("--split", type=click.Choice(N.SPLITS_OR_ALL), default="identify",
               show_default=True, help="Which seeded split of question templates to use.")
-@click.option("--limit", type=click.IntRange(min=1), help="At most N contrast pairs per category (seeded sample); with "
-                                        "--contrast behavior, N ambiguous items per category for the model to answer; "
-                                        "with --contrast stereotype, N // 3 items (three pairs each).")
-@click.option("--contrast", type=click.Choice(N.CONTRASTS), default=N.CONTRASTS[0], show_default=True,
-              help="response: biased vs unbiased answer teacher-forced, intensities over the answer tokens. "
-                   "behavior: the model answers each ambiguous item itself; items answered with the biased option "
-                   "vs with \"unknown\", intensities at the last prompt token (needs >= 10 of each per category). "
-                   "stereotype: options lettered A-C in three cyclic orders, the answer letter teacher-forced; "
-                   "the correct option's letter vs the stereotype-consistent option's, ambiguous and disambiguated "
-                   "items (those whose correct answer is the stereotype-consistent one are left out).")
 @click.option("--abstention-filter", is_flag=True,
               help="--contrast stereotype: also record an abstention control (the \"unknown\" letter vs a named "
                    "option's, same items) and leave out of every set the neurons it separates at least as well "
@@ -157,40 +149,24 @@ def demo_model(out, arch, dtype, force):
 @click.option("--scoring", type=click.Choice(N.SCORINGS), default=N.SCORINGS[0], show_default=True,
               help="--contrast behavior: the model's answer is the option with the largest summed log-likelihood "
                    "or the largest per byte of its text (as `coco-tools eval --scoring`).")
-@click.option("--ratio", type=float, default=N.RATIO, show_default=True, help="Keep this share of all q/k/v neurons.")
 @click.option("--threshold", type=float, help="Keep neurons with score >= T instead of a ratio.")
 @click.option("--baseline", type=click.Choice(N.BASELINES), default=N.BASELINES[0], show_default=True,
               help="Select by COCO score, or a baseline with the same count: random (same per-projection "
                    "counts), largest weight norm, largest mean activation; or diffmean: every v channel of the "
                    "layer with the largest unbiased-minus-biased mean difference (the steering baseline, "
                    "edited with --mode steer).")
-@click.option("--weighting", type=click.Choice(N.WEIGHTINGS), default=N.WEIGHTINGS[0], show_default=True,
-              help="Edit weights: |d|/max|d| or d/max|d|.")
-@click.option("--tau", type=float, default=N.TAU, show_default=True, help="InfoNCE temperature.")
-@click.option("--null-rounds", type=click.IntRange(min=0), default=N.NULL_ROUNDS, show_default=True,
-              help="Label-permutation rounds for the significance null (0 to skip).")
 @click.option("--seed", type=click.IntRange(min=0), default=N.SEED, show_default=True,
               help="Seed for sampling (--limit) and RAND. The identify/validate/test split of question "
                    "templates is fixed, so no seed lets identify see an evaluation template.")
-@click.option("--batch-size", type=click.IntRange(min=1), default=N.BATCH_SIZE, show_default=True)
-@click.option("--dtype", type=click.Choice(N.DTYPES), default=N.DTYPES[0], show_default=True)
-@click.option("--device", default="cpu", show_default=True, help="torch device, e.g. cpu, cuda, cuda:1.")
-@click.option("--device-map", type=click.Choice(N.DEVICE_MAPS),
-              help="Spread a model larger than one device over every visible GPU (and the CPU) with accelerate; "
-                   "intensities are gathered on the first layer's device, scoring runs on --device.")
 @click.option("--chat/--no-chat", default=True, show_default=True,
               help="Render prompts with the model's chat template, when it has one (evaluate the same way: "
                    "`coco-tools eval --chat/--no-chat`).")
-@click.option("--backend", type=click.Choice(N.IDENTIFY_BACKENDS), default=N.IDENTIFY_BACKENDS[0], show_default=True,
-              help="Where the intensities are recorded: a transformers forward (hf), or inside a vLLM engine "
-                   "(vllm: the plugin's attention layers record them, on every tensor / pipeline rank; eager). "
-                   "Same artifact either way.")
+@click_options(IdentifySettings)  # contrast, limit, ratio, ..., backend: identify/settings.py
 @parallel_options
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
-def identify(model, out, data, categories, split, limit, ratio, threshold, baseline, weighting, tau,
-             null_rounds, seed, batch_size, dtype, device, device_map, chat, contrast, abstention_filter, scoring,
-             backend, force, quiet, **parallel):
+def identify(model, out, data, categories, split, threshold, baseline, seed, chat, abstention_filter, scoring,
+             force, quiet, **options):
     """Score every q/k/v neuron of MODEL (a Hugging Face directory) with the COCO contrastive
     score on biased vs unbiased responses (or, with --contrast behavior, on the items the model
     itself answers with the biased option vs "unknown"), and write the selected ~1% to an artifact:
@@ -213,11 +189,8 @@ def identify(model, out, data, categories, split, limit, ratio, threshold, basel
     from vllm_coco.identify.run import IdentifyOptions
     from vllm_coco.identify.run import identify as run
 
-    opts = IdentifyOptions(data=data, categories=categories, split=split, limit=limit, ratio=ratio,
-                           threshold=threshold, baseline=baseline, weighting=weighting, tau=tau,
-                           null_rounds=null_rounds, seed=seed, batch_size=batch_size, dtype=dtype, device=device,
-                           device_map=device_map, chat=chat, contrast=contrast, abstention_filter=abstention_filter,
-                           scoring=scoring, backend=backend, **parallel)
+    opts = IdentifyOptions(data=data, categories=categories, split=split, threshold=threshold, baseline=baseline,
+                           seed=seed, chat=chat, abstention_filter=abstention_filter, scoring=scoring, **options)
     meta = run(model, out, opts, force=force, progress=not quiet)
     sig = meta["significance"]
     d = meta["data"]

@@ -4,18 +4,22 @@ file, a section of one) into it, and the first problem becomes one CocoError lin
 path, e.g. `sweep.ratio[1]: 0.01 is listed twice` (the CLI turns that into exit 2).
 
 The field types below (`Int`, `Num`, `Choice`, ...) check a value the way every coco-tools option
-is checked (core/checks.py's number rules; choices listed in the message), so a config key and the
-CLI flag of the same option refuse a bad value with the same words.
+is checked (core/checks.py's number rules; choices listed in the message), and carry what a command
+line needs (`Spec`): `click_options` turns a section's fields into a command's flags of the same
+names, defaults and help, so an option shared by a config file and a command is declared once.
 """
 
 from __future__ import annotations
 
+# Lazy imports: core/checks.py (numpy) loads inside the function that uses it, so the CLI's `--help`,
+# which reads the sections' fields, stays light.
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
 
+import click
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, model_validator
 
-from vllm_coco.core.checks import finite
 from vllm_coco.core.errors import CocoError
 
 
@@ -77,8 +81,17 @@ def parse(model: type[BaseModel], raw, where: str = ""):
 
 # --------------------------------------------------------------------------- field types
 
-def _checked(check: Callable, py_type) -> Any:
-    return Annotated[py_type, BeforeValidator(check)]
+@dataclass(frozen=True)
+class Spec:
+    """What a field type accepts, for the command line: "int" (>= lo), "num", "choice" or "text"."""
+
+    kind: str
+    lo: float | None = None
+    choices: Any = None  # a sequence, or a function giving one
+
+
+def _checked(check: Callable, py_type, spec: Spec | None = None) -> Any:
+    return Annotated[(py_type, BeforeValidator(check)) + ((spec,) if spec else ())]
 
 
 def _is_int(v) -> bool:
@@ -95,12 +108,14 @@ def Int(lo: int | None = None, *, null: bool = False) -> Any:  # noqa: N802 (a t
         if lo is not None and v < lo:
             raise Invalid(f"{v} must be at least {lo}")
         return v
-    return _checked(check, int | None if null else int)
+    return _checked(check, int | None if null else int, Spec("int", lo=lo))
 
 
 def _number(v, lo=None, hi=None, lo_open=False) -> float:
     if not isinstance(v, (int, float)) or isinstance(v, bool):
         raise Invalid(f"{v!r} is not a number")
+    from vllm_coco.core.checks import finite
+
     try:
         return finite(v, "", lo=lo, hi=hi, lo_open=lo_open)  # the one number validation (core/checks.py)
     except CocoError as exc:
@@ -109,7 +124,7 @@ def _number(v, lo=None, hi=None, lo_open=False) -> float:
 
 def Num(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:  # noqa: N802
     """A finite number within [lo, hi] ((lo, hi] when `lo_open`)."""
-    return _checked(lambda v: _number(v, lo, hi, lo_open), float)
+    return _checked(lambda v: _number(v, lo, hi, lo_open), float, Spec("num"))
 
 
 def Nums(lo: float | None = None, hi: float | None = None, *, lo_open: bool = False) -> Any:  # noqa: N802
@@ -147,7 +162,8 @@ def choice(v, choices) -> str:
 def Choice(choices, *, null: bool = False) -> Any:  # noqa: N802
     """One of `choices` (or None, when `null`); a function giving them is asked when validating
     (registries that plugins extend)."""
-    return _checked(lambda v: None if v is None and null else choice(v, choices), str | None if null else str)
+    return _checked(lambda v: None if v is None and null else choice(v, choices), str | None if null else str,
+                    Spec("choice", choices=choices))
 
 
 def Choices(choices, *, empty: bool = False, what: str = "") -> Any:  # noqa: N802
@@ -186,4 +202,27 @@ def Text(what: str, *, null: bool = False) -> Any:  # noqa: N802
         if not isinstance(v, str) or not v:
             raise Invalid(f"{v!r} is not {what}")
         return v
-    return _checked(check, str | None if null else str)
+    return _checked(check, str | None if null else str, Spec("text"))
+
+
+# --------------------------------------------------------------------------- the command line
+
+def _click_type(spec: Spec):
+    if spec.kind == "int":
+        return click.IntRange(min=spec.lo) if spec.lo is not None else int
+    if spec.kind == "choice":
+        return click.Choice(_choices(spec.choices))
+    return float if spec.kind == "num" else str
+
+
+def click_options(model: type[BaseModel], only: Iterable[str] | None = None):
+    """A decorator adding one flag per field of `model` (or of `only`): --name-with-dashes, the field's
+    type (Spec), default and description as the help. The command receives them under the field names."""
+    def decorate(command):
+        for name in reversed(list(only or model.model_fields)):
+            field = model.model_fields[name]
+            spec = next(m for m in field.metadata if isinstance(m, Spec))
+            command = click.option(f"--{name.replace('_', '-')}", name, type=_click_type(spec), default=field.default,
+                                   show_default=field.default is not None, help=field.description)(command)
+        return command
+    return decorate

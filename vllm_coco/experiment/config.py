@@ -42,6 +42,7 @@ from vllm_coco.core.schema import (
 )
 from vllm_coco.edit import registry
 from vllm_coco.experiment import benchmarks
+from vllm_coco.identify.settings import IdentifySettings
 
 # The schema: a section per key of CONFIG.yaml (core/schema.py's Section: unknown keys refused, types
 # and ranges checked by name); every field's default is the embedded default run's. configs/default.yaml
@@ -138,38 +139,33 @@ class ModelEntry(Section):
         return self
 
 
-def _device(v):
+def _device(v, at: tuple = ()):
     from vllm_coco.core.models import check_device
 
     if v is not None:
-        check_device(v, "", here=False)  # run_pipeline checks it exists here
+        try:
+            check_device(v, "", here=False)  # run_pipeline checks it exists here
+        except CocoError as exc:
+            raise Invalid(str(exc).strip(), at) from None
     return v
 
 
 Device = Annotated[Text("a torch device name (cpu, cuda, cuda:1)", null=True), AfterValidator(_device)]
 
 
-class Identify(Section):
-    """The identify stage: `coco-tools identify`'s options of the same names (identify/run.py
-    IdentifyOptions), on the identify split; data, categories, seed, chat and scoring come from the
-    run's own sections."""
+class Identify(IdentifySettings):
+    """The identify stage: `coco-tools identify`'s options of the same names (identify/settings.py), on
+    the identify split, with the run's budget as defaults; data, categories, seed, chat and scoring
+    come from the run's own sections."""
 
-    contrast: Choice(N.CONTRASTS) = N.CONTRASTS[0]
     limit: Int(lo=2, null=True) = 48
-    ratio: Num(lo=0, hi=1, lo_open=True) = N.RATIO
-    weighting: Choice(N.WEIGHTINGS) = N.WEIGHTINGS[0]
-    tau: Num(lo=N.TAU_RANGE[0], hi=N.TAU_RANGE[1]) = N.TAU
     null_rounds: Int(lo=0) = 1
-    batch_size: Int(lo=1) = N.BATCH_SIZE
-    dtype: Choice(N.DTYPES) = N.DTYPES[0]
-    device: Device = "cpu"
-    device_map: Choice(N.DEVICE_MAPS, null=True) = None
-    backend: Choice(N.IDENTIFY_BACKENDS) = N.IDENTIFY_BACKENDS[0]
 
     @model_validator(mode="after")
-    def _behavior_limit(self):
+    def _run_checks(self):
         from vllm_coco.identify.behavior import MIN_PER_SET
 
+        _device(self.device, ("device",))
         # behavior mode: at least MIN_PER_SET biased and MIN_PER_SET "unknown" answers per category
         if self.contrast == "behavior" and self.limit is not None and self.limit < 2 * MIN_PER_SET:
             raise Invalid(f"{self.limit} must be at least {2 * MIN_PER_SET}", ("limit",))
