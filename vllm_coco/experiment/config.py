@@ -1,4 +1,5 @@
-"""The schema of `coco-tools run CONFIG.yaml`: defaults, validation, and the resolved config.
+"""The schema of `coco-tools run CONFIG.yaml`: RunConfig, one typed Section per key (core/schema.py),
+with the embedded default run's values as defaults; the experiment reads `cfg.<section>.<key>`.
 
 Every key is checked before any work starts: an unknown key (at any level), a wrong type or a
 value out of range raises CocoError with one line naming the key path, e.g.
@@ -11,8 +12,8 @@ current directory, as for every other coco-tools command.
 
 from __future__ import annotations
 
-# Lazy imports: numpy, PyYAML are imported inside the functions that use them (directly or through
-# the modules they import), so importing this module stays light.
+# Lazy imports: core/models.py, identify/behavior.py and tasks/task_folder.py (numpy, the task folder's
+# YAML) load inside the validators that need them, so importing the schema stays light.
 import importlib.util
 import os
 import re

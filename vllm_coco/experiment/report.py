@@ -7,8 +7,8 @@ neuron section prints. tests/test_pipeline.py keeps every function here under 40
 
 from __future__ import annotations
 
-# Lazy imports: numpy is imported inside the functions that use it (directly or through the modules
-# they import), so importing this module stays light.
+# Lazy imports: the neuron artifact and its table (numpy) load inside the one section that reads them,
+# so rendering from stored results stays light.
 import math
 from pathlib import Path
 

@@ -19,8 +19,8 @@ Settings are parsed and named in serve/request_settings.py.
 
 from __future__ import annotations
 
-# Lazy imports: vLLM is imported inside the functions that use it (directly or through the modules
-# they import), so importing this module stays light.
+# Lazy imports: the worker class of the platform in use (vLLM's cpu_worker or gpu_worker) loads inside
+# the function that picks it; the other platform's module is never imported.
 from functools import cache
 
 import numpy as np

@@ -15,8 +15,6 @@ read the new values without any Python running inside them; a forward nobody fil
 
 from __future__ import annotations
 
-# Lazy imports: numpy is imported inside the functions that use it (directly or through the modules
-# they import), so importing this module stays light.
 import os
 
 import numpy as np
@@ -34,6 +32,7 @@ from vllm.model_executor.models.utils import extract_layer_index
 from vllm.model_executor.utils import set_weight_attrs
 
 from vllm_coco.core.errors import CocoError
+from vllm_coco.core.ne_format import NEDirectory
 from vllm_coco.core.sharding import HeadLayout, shard_plan
 from vllm_coco.edit.gate import apply_gate
 from vllm_coco.identify.engine_capture import RECORDER
@@ -264,8 +263,6 @@ def _check_directory(model: str) -> None:
     """The NE directory passes the checks every other reader applies (core/ne_format.py: settings in
     range, gate tensors finite float32 of the right shapes), so plain `vllm serve DIR` refuses a
     damaged one at load, naming the problem, instead of serving NaN."""
-    from vllm_coco.core.ne_format import NEDirectory
-
     if not os.path.isdir(model):  # a hub id: its files are vLLM's to fetch and check
         return
     try:

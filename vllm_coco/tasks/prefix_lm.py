@@ -29,8 +29,6 @@ requests are answered without a forward.
 
 from __future__ import annotations
 
-# Lazy imports: torch, numpy are imported inside the functions that use them (directly or through
-# the modules they import), so importing this module stays light.
 import logging
 from pathlib import Path
 
@@ -39,9 +37,11 @@ from lm_eval.api.registry import register_model
 from lm_eval.models.huggingface import HFLM
 from tqdm import tqdm
 
+from vllm_coco.core import ne_format
 from vllm_coco.core.errors import CocoError
 from vllm_coco.core.json_file import read_config
 from vllm_coco.edit import conditions as cond
+from vllm_coco.serve.hf_reference import load_ne_model
 from vllm_coco.tasks.packed_forward import layer_kinds, packed_forward
 from vllm_coco.tasks.prefix_schedule import Schedule
 
@@ -85,11 +85,7 @@ class CocoHFLM(HFLM):
         torch_dtype = dtype if isinstance(dtype, torch.dtype) else check_dtype(str(dtype), str(device))
         self._ne_dir = None
         if isinstance(pretrained, (str, Path)):
-            from vllm_coco.core import ne_format
-
             if ne_format.is_ne(read_config(Path(pretrained))):
-                from vllm_coco.serve.hf_reference import load_ne_model
-
                 self._ne_dir = Path(pretrained)
                 pretrained, tokenizer = load_ne_model(pretrained, dtype=torch_dtype, device=str(device))
         quiet = logging.getLogger("lm_eval.models.huggingface")
