@@ -28,8 +28,8 @@ an interrupted run resumes where it stopped. Every line of progress also goes to
 
 from __future__ import annotations
 
-# Lazy imports: torch, numpy, pydantic, PyYAML are imported inside the functions that use them
-# (directly or through the modules they import), so importing this module stays light.
+# Lazy imports: identify/run.py, tasks/evaluate.py and the edit recipes (torch, transformers, lm-eval)
+# load inside the stages that run them, so `coco-tools run --check` stays light.
 import dataclasses
 import datetime
 import gc
