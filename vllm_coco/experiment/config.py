@@ -117,16 +117,9 @@ class ModelEntry(Section):
     another architecture class): it gets the parity stage (identify + one evaluation, compared number
     by number) instead of a full run."""
 
-    path: Annotated[str, BeforeValidator(_model_path)]
+    path: Annotated[str, BeforeValidator(_model_path)] = Field(None, validate_default=True)  # required
     name: Text("a usable directory name (letters, digits, . _ -)", null=True) = None
     parity_of: Text("the name of an earlier model", null=True) = None
-
-    @model_validator(mode="before")
-    @classmethod
-    def _path_given(cls, data):
-        if isinstance(data, dict) and data.get("path") is None:
-            raise Invalid("missing: the model directory or hub id (org/name)", ("path",))
-        return data
 
     @model_validator(mode="after")
     def _name(self):
@@ -324,7 +317,7 @@ class RunConfig(Section):
     seed: Int(lo=0) = N.SEED
     keep_models: Flag() = False
     data: Data = Data()
-    models: Annotated[list[ModelEntry], BeforeValidator(_models)] = None  # required
+    models: Annotated[list[ModelEntry], BeforeValidator(_models)] = Field(None, validate_default=True)  # required
     identify: Identify = Identify()
     baselines: Choices(CONTROL_BASELINES, empty=True, what="rand, norm, mact") = ["rand"]
     # name -> NeuronSet; given, it replaces the default as a whole; stored with each set after its source
@@ -340,10 +333,8 @@ class RunConfig(Section):
 
     @model_validator(mode="before")
     @classmethod
-    def _required(cls, data):
-        if isinstance(data, dict) and data.get("models") is None:
-            raise Invalid("missing: list at least one model, e.g. models: [{path: models/smollm2}]", ("models",))
-        if isinstance(data, dict) and data.get("sets") is None and "sets" in data:
+    def _no_sets(cls, data):
+        if isinstance(data, dict) and "sets" in data and data["sets"] is None:  # null: no sets
             data = {**data, "sets": {}}
         return data
 
